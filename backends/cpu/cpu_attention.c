@@ -1,0 +1,522 @@
+/*
+ * CPU flash attention: tiled, online softmax, O(tile) extra memory per thread.
+ *
+ * One work item is (batch, q head, tile of CPU_QT query rows); items run in
+ * parallel (OpenMP). Each item walks key tiles of CPU_KT keys:
+ *   S = Q K^T        4-row x 64-key register blocks, vectorized over keys
+ *   online softmax   exp2 of log2e-scaled scores, vectorized polynomial
+ *   O = a*O + P V    4-row x 64-channel register blocks, vectorized over D
+ * Vectors are GCC vector extensions (16 floats); target_clones builds the hot
+ * functions for AVX-512, AVX2+FMA and baseline x86-64 and picks one at load.
+ *
+ * The quantized modes run the same loops on the reference-quantized
+ * workspace (src/quant.c), reproducing the GPU formats exactly:
+ *   INT8 Q.K: int8 products summed in fp32 are exact (|sum| <= 127^2 * 256 < 2^24)
+ *   FP8 P.V:  products of two E4M3 values are exact in fp32
+ *   F16ACC:   exact sums over pv_f16_chunk keys, accumulated with fp16 rounding
+ *             over each 64-key block, then added to the fp32 output.
+ */
+#include "cpu_backend.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#include <string.h>
+
+#include "numeric.h"
+
+#define VW 16                  /* floats per vector */
+#define CPU_KT 64              /* keys per tile: 4 vectors */
+#define F16ACC_BLOCK 64        /* keys per fp16 accumulation block (the 448*2.25*64 bound) */
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+typedef int8_t vb __attribute__((vector_size(VW)));
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(QATTN_NO_MULTIVERSION)
+#define HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HOT
+#endif
+
+static inline __attribute__((always_inline)) vf vload(const float *p)
+{
+    vf v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline __attribute__((always_inline)) void vstore(float *p, vf v) { memcpy(p, &v, sizeof(v)); }
+
+static inline __attribute__((always_inline)) vf vsplat(float x) { return (vf){0} + x; }
+
+static inline __attribute__((always_inline)) vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+static inline __attribute__((always_inline)) vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+
+/* 2^x for x <= 0 (any x >= -126 is accurate to ~2 ulp; below that: 0). */
+static inline __attribute__((always_inline)) vf vexp2(vf x)
+{
+    vi tiny = x < -126.0f;
+    x = vmax(x, vsplat(-126.0f));
+    vf t = x + 0.5f;
+    vi n = __builtin_convertvector(t, vi);
+    n += (vi)(__builtin_convertvector(n, vf) > t); /* truncation -> floor (mask is -1) */
+    vf f = x - __builtin_convertvector(n, vf);       /* [-0.5, 0.5] */
+    vf p = vsplat(1.535336188319500e-4f);
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    vf scale = (vf)((n + 127) << 23);
+    return (vf)((vi)(p * scale) & ~tiny);
+}
+
+static inline __attribute__((always_inline)) float hmax(vf v)
+{
+    float m = v[0];
+    for (int i = 1; i < VW; i++)
+        m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+static inline __attribute__((always_inline)) float hsum(vf v)
+{
+    float s = 0.f;
+    for (int i = 0; i < VW; i++)
+        s += v[i];
+    return s;
+}
+
+/* 16 fp16 values to fp32: move exponent+mantissa into place and rescale by
+ * 2^112 (exact for normals and subnormals); inf/nan keep an all-ones exponent. */
+static inline __attribute__((always_inline)) vf vf16_to_f32(vh h16)
+{
+    vi h = __builtin_convertvector(h16, vi);
+    vi sign = (h & 0x8000) << 16;
+    vi em = (h & 0x7fff) << 13;
+    vf mag = (vf)em * qattn_bits_f32(0x77800000u); /* 2^112 */
+    vi special = (h & 0x7c00) == 0x7c00;
+    vi bits = ((vi)mag & ~special) | ((em | 0x7f800000) & special);
+    return (vf)(bits | sign);
+}
+
+/* dst[0..n) = src[0..n) * scale for a f32/f16/bf16 row; n is a multiple of 16. */
+HOT static void convert_row(float *restrict dst, const void *restrict src, qattn_dtype dt, int n, float scale)
+{
+    for (int i = 0; i < n; i += VW) {
+        vf v;
+        if (dt == QATTN_DTYPE_F32) {
+            v = vload((const float *)src + i);
+        } else {
+            vh h;
+            memcpy(&h, (const uint16_t *)src + i, sizeof(h));
+            v = dt == QATTN_DTYPE_F16 ? vf16_to_f32(h) : (vf)(__builtin_convertvector(h, vi) << 16);
+        }
+        vstore(dst + i, v * scale);
+    }
+}
+
+/* dst[0..n) = int8 src[0..n) as floats; n is a multiple of 16. */
+HOT static void convert_row_i8(float *restrict dst, const int8_t *restrict src, int n)
+{
+    for (int i = 0; i < n; i += VW) {
+        vb b;
+        memcpy(&b, src + i, sizeof(b));
+        vstore(dst + i, __builtin_convertvector(__builtin_convertvector(b, vi), vf));
+    }
+}
+
+/* S[r][0..64) = sum_d Q[r][d] * Kt[d][0..64), rows r < rows. Q rows are ldq apart. */
+HOT static void qk_tile(const float *restrict Q, int ldq, const float *restrict Kt, int D, float *restrict S, int rows)
+{
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        vf acc[4][4];
+        memset(acc, 0, sizeof(acc));
+        const float *q0 = Q + (size_t)r * ldq;
+        for (int d = 0; d < D; d++) {
+            const float *kr = Kt + (size_t)d * CPU_KT;
+            vf k0 = vload(kr), k1 = vload(kr + 16), k2 = vload(kr + 32), k3 = vload(kr + 48);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                vf qb = vsplat(q0[(size_t)i * ldq + d]);
+                acc[i][0] += qb * k0;
+                acc[i][1] += qb * k1;
+                acc[i][2] += qb * k2;
+                acc[i][3] += qb * k3;
+            }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++)
+                vstore(S + (size_t)(r + i) * CPU_KT + c * VW, acc[i][c]);
+    }
+    for (; r < rows; r++) {
+        vf acc[4];
+        memset(acc, 0, sizeof(acc));
+        for (int d = 0; d < D; d++) {
+            vf qb = vsplat(Q[(size_t)r * ldq + d]);
+            const float *kr = Kt + (size_t)d * CPU_KT;
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++)
+                acc[c] += qb * vload(kr + c * VW);
+        }
+        for (int c = 0; c < 4; c++)
+            vstore(S + (size_t)r * CPU_KT + c * VW, acc[c]);
+    }
+}
+
+/* O[r][0..D) += sum_{j<keys} P[r][j] * V[j][0..D). P rows are CPU_KT apart, O rows D apart. */
+HOT static void pv_tile(const float *restrict P, const float *restrict V, int keys, int D, float *restrict O,
+                        int rows)
+{
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        int c0 = 0;
+        for (; c0 + 64 <= D; c0 += 64) {
+            vf acc[4][4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++)
+                    acc[i][c] = vload(O + (size_t)(r + i) * D + c0 + c * VW);
+            for (int j = 0; j < keys; j++) {
+                const float *vr = V + (size_t)j * D + c0;
+                vf v0 = vload(vr), v1 = vload(vr + 16), v2 = vload(vr + 32), v3 = vload(vr + 48);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    vf pb = vsplat(P[(size_t)(r + i) * CPU_KT + j]);
+                    acc[i][0] += pb * v0;
+                    acc[i][1] += pb * v1;
+                    acc[i][2] += pb * v2;
+                    acc[i][3] += pb * v3;
+                }
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++)
+                    vstore(O + (size_t)(r + i) * D + c0 + c * VW, acc[i][c]);
+        }
+        for (; c0 < D; c0 += VW) { /* D % 64 remainder, one vector at a time */
+            vf acc[4];
+            for (int i = 0; i < 4; i++)
+                acc[i] = vload(O + (size_t)(r + i) * D + c0);
+            for (int j = 0; j < keys; j++) {
+                vf vv = vload(V + (size_t)j * D + c0);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++)
+                    acc[i] += vsplat(P[(size_t)(r + i) * CPU_KT + j]) * vv;
+            }
+            for (int i = 0; i < 4; i++)
+                vstore(O + (size_t)(r + i) * D + c0, acc[i]);
+        }
+    }
+    for (; r < rows; r++)
+        for (int c0 = 0; c0 < D; c0 += VW) {
+            vf acc = vload(O + (size_t)r * D + c0);
+            for (int j = 0; j < keys; j++)
+                acc += vsplat(P[(size_t)r * CPU_KT + j]) * vload(V + (size_t)j * D + c0);
+            vstore(O + (size_t)r * D + c0, acc);
+        }
+}
+
+/*
+ * Online softmax on one score tile (log2 domain, masked entries -inf).
+ * Updates m, l; writes P (the probabilities, unquantized) and each row's
+ * rescale factor alpha for the previous output.
+ */
+HOT static void softmax_tile(float *restrict S, int rows, float *restrict m, float *restrict l,
+                             float *restrict alpha)
+{
+    for (int r = 0; r < rows; r++) {
+        float *s = S + (size_t)r * CPU_KT;
+        vf s0 = vload(s), s1 = vload(s + 16), s2 = vload(s + 32), s3 = vload(s + 48);
+        float tile_max = hmax(vmax(vmax(s0, s1), vmax(s2, s3)));
+        float m_new = tile_max > m[r] ? tile_max : m[r];
+        if (m_new == -INFINITY) { /* every key so far masked: nothing to add */
+            alpha[r] = 1.f;
+            memset(s, 0, CPU_KT * sizeof(float));
+            continue;
+        }
+        alpha[r] = m[r] == -INFINITY ? 0.f : exp2f(m[r] - m_new);
+        vf mb = vsplat(m_new);
+        s0 = vexp2(s0 - mb);
+        s1 = vexp2(s1 - mb);
+        s2 = vexp2(s2 - mb);
+        s3 = vexp2(s3 - mb);
+        vstore(s, s0);
+        vstore(s + 16, s1);
+        vstore(s + 32, s2);
+        vstore(s + 48, s3);
+        l[r] = l[r] * alpha[r] + hsum(s0 + s1 + s2 + s3);
+        m[r] = m_new;
+    }
+}
+
+static void scale_rows(float *O, int rows, int D, const float *alpha)
+{
+    for (int r = 0; r < rows; r++) {
+        if (alpha[r] == 1.f)
+            continue;
+        vf a = vsplat(alpha[r]);
+        for (int c = 0; c < D; c += VW)
+            vstore(O + (size_t)r * D + c, vload(O + (size_t)r * D + c) * a);
+    }
+}
+
+/* Per-thread scratch, sized for CPU_QT rows, CPU_KT keys and head dim D. */
+typedef struct scratch {
+    float *Q, *Kt, *V, *S, *O, *acc16, *part, *row;
+    float m[CPU_QT], l[CPU_QT], alpha[CPU_QT], qscale[CPU_QT];
+    float kscale[CPU_KT];
+} scratch;
+
+static void scratch_free(scratch *sc)
+{
+    free(sc->Q);
+    free(sc->Kt);
+    free(sc->V);
+    free(sc->S);
+    free(sc->O);
+    free(sc->acc16);
+    free(sc->part);
+    free(sc->row);
+}
+
+static bool scratch_alloc(scratch *sc, int D)
+{
+    memset(sc, 0, sizeof(*sc));
+    size_t qd = (size_t)CPU_QT * D * sizeof(float), kd = (size_t)CPU_KT * D * sizeof(float);
+    sc->Q = aligned_alloc(64, qd);
+    sc->Kt = aligned_alloc(64, kd);
+    sc->V = aligned_alloc(64, kd);
+    sc->S = aligned_alloc(64, (size_t)CPU_QT * CPU_KT * sizeof(float));
+    sc->O = aligned_alloc(64, qd);
+    sc->acc16 = aligned_alloc(64, qd);
+    sc->part = aligned_alloc(64, qd);
+    sc->row = aligned_alloc(64, (size_t)D * sizeof(float));
+    if (!sc->Q || !sc->Kt || !sc->V || !sc->S || !sc->O || !sc->acc16 || !sc->part || !sc->row) {
+        scratch_free(sc);
+        return false;
+    }
+    return true;
+}
+
+static float e4m3_table[256];
+
+static void init_tables(void)
+{
+    for (int i = 0; i < 256; i++)
+        e4m3_table[i] = qattn_e4m3_to_f32((uint8_t)i);
+}
+
+/* Computes one (b, h, query tile) work item. */
+static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, scratch *sc)
+{
+    const qattn_plan *plan = job->plan;
+    const qattn_problem *p = &plan->problem;
+    const qattn_workspace_layout *L = &plan->ws;
+    const qattn_quant_params *qp = &plan->quant;
+    const int D = (int)p->head_dim;
+    const int rows = (int)(p->seq_q - i0 < CPU_QT ? p->seq_q - i0 : CPU_QT);
+    const int64_t hk = h / p->group;
+    const int64_t bhq = b * p->heads_q + h, bhk = b * p->heads_kv + hk;
+    const qattn_precision prec = plan->precision;
+    const bool quant = prec != QATTN_PRECISION_EXACT;
+    const bool fp8 = prec == QATTN_PRECISION_INT8_FP8 || prec == QATTN_PRECISION_INT8_FP8_F16ACC;
+    const size_t es = qattn_dtype_size(p->in_dtype);
+    const float qk_to_log2 = p->sm_scale * LOG2E;
+
+    /* Q tile: values pre-scaled into the log2 domain (exact), or int8 codes + row scales. */
+    for (int r = 0; r < rows; r++) {
+        int64_t i = i0 + r;
+        float *dst = sc->Q + (size_t)r * D;
+        if (quant) {
+            convert_row_i8(dst, (const int8_t *)(job->ws + L->q_i8) + (bhq * p->seq_q + i) * D, D);
+            const float *qs = (const float *)(job->ws + L->q_scale) + bhq * L->q_groups;
+            sc->qscale[r] = qs[qattn_quant_group_of(i, qp->q_block, qp->q_interleave)] * qk_to_log2;
+        } else {
+            const char *src = job->q + (size_t)(b * p->q_stride[0] + h * p->q_stride[1] + i * p->q_stride[2]) * es;
+            convert_row(dst, src, p->in_dtype, D, qk_to_log2);
+        }
+        sc->m[r] = -INFINITY;
+        sc->l[r] = 0.f;
+    }
+    memset(sc->O, 0, (size_t)rows * D * sizeof(float));
+
+    int64_t key_end = qattn_causal_key_end(p, i0 + rows - 1); /* the last row sees the most keys */
+    for (int64_t j0 = 0; j0 < key_end; j0 += CPU_KT) {
+        const int keys = (int)(p->seq_k - j0 < CPU_KT ? p->seq_k - j0 : CPU_KT);
+
+        /* K tile, transposed to [D][CPU_KT], zero past the last key. */
+        if (keys < CPU_KT)
+            memset(sc->Kt, 0, (size_t)D * CPU_KT * sizeof(float));
+        for (int j = 0; j < keys; j++) {
+            int64_t t = j0 + j;
+            if (quant) {
+                convert_row_i8(sc->row, (const int8_t *)(job->ws + L->k_i8) + (bhk * p->seq_k + t) * D, D);
+                const float *ks = (const float *)(job->ws + L->k_scale) + bhk * L->k_groups;
+                sc->kscale[j] = ks[qattn_quant_group_of(t, qp->k_block, qp->k_interleave)];
+            } else {
+                const char *src =
+                    job->k + (size_t)(b * p->k_stride[0] + hk * p->k_stride[1] + t * p->k_stride[2]) * es;
+                convert_row(sc->row, src, p->in_dtype, D, 1.f);
+            }
+            for (int d = 0; d < D; d++)
+                sc->Kt[(size_t)d * CPU_KT + j] = sc->row[d];
+        }
+        for (int j = keys; j < CPU_KT; j++)
+            sc->kscale[j] = 0.f;
+
+        /* V tile [keys][D]: values, fp16 codes, or FP8 codes (stored [d][t] in the workspace). */
+        for (int j = 0; j < keys; j++) {
+            int64_t t = j0 + j;
+            float *dst = sc->V + (size_t)j * D;
+            if (fp8) {
+                const uint8_t *src = job->ws + L->v_q + (size_t)(bhk * D) * L->v_keys_padded + t;
+                for (int d = 0; d < D; d++)
+                    dst[d] = e4m3_table[src[(size_t)d * L->v_keys_padded]];
+            } else if (quant) {
+                convert_row(dst, (const uint16_t *)(job->ws + L->v_q) + (bhk * p->seq_k + t) * D, QATTN_DTYPE_F16, D,
+                            1.f);
+            } else {
+                const char *src =
+                    job->v + (size_t)(b * p->v_stride[0] + hk * p->v_stride[1] + t * p->v_stride[2]) * es;
+                convert_row(dst, src, p->in_dtype, D, 1.f);
+            }
+        }
+
+        qk_tile(sc->Q, D, sc->Kt, D, sc->S, rows);
+
+        /* Dequantize scores, then mask: causal (bottom-right) and keys past Nk. */
+        for (int r = 0; r < rows; r++) {
+            float *s = sc->S + (size_t)r * CPU_KT;
+            if (quant) {
+                vf qs = vsplat(sc->qscale[r]);
+                for (int c = 0; c < CPU_KT; c += VW)
+                    vstore(s + c, vload(s + c) * qs * vload(sc->kscale + c));
+            }
+            int64_t visible = qattn_causal_key_end(p, i0 + r) - j0;
+            for (int64_t j = visible < 0 ? 0 : visible; j < CPU_KT; j++)
+                s[j] = -INFINITY;
+        }
+
+        softmax_tile(sc->S, rows, sc->m, sc->l, sc->alpha);
+        scale_rows(sc->O, rows, D, sc->alpha);
+
+        if (prec == QATTN_PRECISION_INT8_FP16) {
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < keys; j++)
+                    sc->S[(size_t)r * CPU_KT + j] = qattn_round_f16(sc->S[(size_t)r * CPU_KT + j]);
+        } else if (fp8) {
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < keys; j++) {
+                    float *pp = &sc->S[(size_t)r * CPU_KT + j];
+                    *pp = e4m3_table[qattn_f32_to_e4m3(*pp * qp->p_fp8_scale)];
+                }
+        }
+
+        if (prec == QATTN_PRECISION_INT8_FP8_F16ACC) {
+            /* fp16 accumulation inside each 64-key block: exact chunk sums, rounded adds. */
+            const int chunk = qp->pv_f16_chunk;
+            for (int blk = 0; blk < keys; blk += F16ACC_BLOCK) {
+                memset(sc->acc16, 0, (size_t)rows * D * sizeof(float));
+                int blk_end = blk + F16ACC_BLOCK < keys ? blk + F16ACC_BLOCK : keys;
+                for (int c0 = blk; c0 < blk_end; c0 += chunk) {
+                    int n = c0 + chunk < blk_end ? chunk : blk_end - c0;
+                    memset(sc->part, 0, (size_t)rows * D * sizeof(float));
+                    pv_tile(sc->S + c0, sc->V + (size_t)c0 * D, n, D, sc->part, rows);
+                    for (size_t e = 0; e < (size_t)rows * D; e++)
+                        sc->acc16[e] = qattn_round_f16(sc->acc16[e] + sc->part[e]);
+                }
+                for (size_t e = 0; e < (size_t)rows * D; e++)
+                    sc->O[e] += sc->acc16[e];
+            }
+        } else {
+            pv_tile(sc->S, sc->V, keys, D, sc->O, rows);
+        }
+    }
+
+    /* Normalize and store. FP8 modes undo P's x448 and V's per-channel scale. */
+    const float *vscale = fp8 ? (const float *)(job->ws + L->v_scale) + bhk * D : NULL;
+    size_t os = qattn_dtype_size(p->out_dtype);
+    for (int r = 0; r < rows; r++) {
+        int64_t i = i0 + r;
+        char *dst = job->o + (size_t)(b * p->o_stride[0] + h * p->o_stride[1] + i * p->o_stride[2]) * os;
+        float inv = sc->l[r] > 0.f ? 1.f / sc->l[r] : 0.f;
+        if (fp8)
+            inv /= qp->p_fp8_scale;
+        for (int d = 0; d < D; d++) {
+            float val = sc->O[(size_t)r * D + d] * inv;
+            if (vscale)
+                val *= vscale[d];
+            qattn_store_f(dst, p->out_dtype, d, val);
+        }
+        if (job->lse) {
+            float lse = -INFINITY;
+            if (sc->l[r] > 0.f) {
+                lse = (float)((double)sc->m[r] * LN2 + log((double)sc->l[r]));
+                if (quant && qp->smooth_k)
+                    lse += ((const float *)(job->ws + L->q_kmean))[bhq * p->seq_q + i];
+            }
+            job->lse[bhq * p->seq_q + i] = lse;
+        }
+    }
+}
+
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
+
+qattn_status cpu_attention(const cpu_job *job, int threads)
+{
+    pthread_once(&tables_once, init_tables);
+    const qattn_problem *p = &job->plan->problem;
+    const int64_t tiles = (p->seq_q + CPU_QT - 1) / CPU_QT;
+    const int64_t items = p->batch * p->heads_q * tiles;
+#if !defined(_OPENMP)
+    threads = 1;
+#endif
+    if (threads > items)
+        threads = (int)items;
+
+    /* All scratch up front: a failure leaves the outputs untouched. */
+    scratch *sc = calloc((size_t)threads, sizeof(*sc));
+    if (!sc)
+        return QATTN_ERR_OUT_OF_MEMORY;
+    for (int t = 0; t < threads; t++)
+        if (!scratch_alloc(&sc[t], (int)p->head_dim)) {
+            for (int u = 0; u < t; u++)
+                scratch_free(&sc[u]);
+            free(sc);
+            return QATTN_ERR_OUT_OF_MEMORY;
+        }
+
+    /* Causal: tiles late in the sequence cost most; hand them out first. */
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#endif
+    for (int64_t it = 0; it < items; it++) {
+        int64_t heads = p->batch * p->heads_q;
+        int64_t tile = tiles - 1 - it / heads, bh = it % heads;
+#if defined(_OPENMP)
+        scratch *mine = &sc[omp_get_thread_num()];
+#else
+        scratch *mine = &sc[0];
+#endif
+        attend_tile(job, bh / p->heads_q, bh % p->heads_q, tile * CPU_QT, mine);
+    }
+    for (int t = 0; t < threads; t++)
+        scratch_free(&sc[t]);
+    free(sc);
+    return QATTN_OK;
+}

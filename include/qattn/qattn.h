@@ -1,0 +1,318 @@
+/*
+ * qattn: fast, accurate attention kernels for GPUs of every vendor.
+ *
+ * The whole public API. C11; every object is opaque and comes in a
+ * create/destroy pair; destroy functions accept NULL.
+ *
+ * Flow:
+ *   qattn_ctx_create      pick a backend and device (explicit, else QATTN_BACKEND, else auto)
+ *   qattn_buffer_create   device memory owned by the backend (or qattn_buffer_wrap: yours)
+ *   qattn_plan_create     validate an attention problem once, choose kernels and tiles
+ *   qattn_run             execute the plan on buffers, as often as you like
+ *
+ * Ownership and threads:
+ *   - A qattn_ctx owns its buffers and plans: destroy them before the context.
+ *     A context may be used from several threads; calls that enqueue work
+ *     (qattn_run, uploads, downloads) are serialized per context by the caller's
+ *     choice of stream (see qattn_run_args.stream). The last-error message is
+ *     kept per context and per thread.
+ *   - A qattn_plan is immutable after creation: it may be run concurrently from
+ *     several threads as long as each run uses its own workspace and outputs.
+ *   - A qattn_buffer is not synchronized: do not write one buffer from two
+ *     calls in flight at once.
+ *
+ * Numerics:
+ *   - Scores are s[i][j] = sm_scale * dot(q[i], k[j]); softmax over j.
+ *   - LSE is the natural logarithm of sum_j exp(s[i][j]) over the keys row i
+ *     may see, stored as fp32 [B, Hq, Nq] contiguous. A row that sees no key
+ *     (causal with Nq > Nk) has output 0 and LSE = -INFINITY.
+ *   - Causal masks are aligned bottom-right (as FlashAttention >= 2.1):
+ *     query i sees key j iff j <= i + (Nk - Nq).
+ */
+#ifndef QATTN_QATTN_H
+#define QATTN_QATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qattn/qattn_config.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(QATTN_BUILDING)
+#define QATTN_API __declspec(dllexport)
+#elif defined(_WIN32)
+#define QATTN_API __declspec(dllimport)
+#elif defined(QATTN_BUILDING)
+#define QATTN_API __attribute__((visibility("default")))
+#else
+#define QATTN_API
+#endif
+
+/* ---------------------------------------------------------------- version */
+
+#define QATTN_VERSION_MAJOR 0
+#define QATTN_VERSION_MINOR 1
+#define QATTN_VERSION_PATCH 0
+#define QATTN_VERSION_NUMBER (QATTN_VERSION_MAJOR * 10000 + QATTN_VERSION_MINOR * 100 + QATTN_VERSION_PATCH)
+
+/* "MAJOR.MINOR.PATCH" of the library actually loaded. */
+QATTN_API const char *qattn_version(void);
+QATTN_API unsigned qattn_version_number(void);
+
+/* ----------------------------------------------------------------- status */
+
+typedef enum qattn_status {
+    QATTN_OK = 0,
+    QATTN_ERR_INVALID_ARGUMENT = 1, /* NULL, zero/overflowing size, bad shape/stride/dtype */
+    QATTN_ERR_UNSUPPORTED = 2,      /* valid request this backend/device cannot run */
+    QATTN_ERR_OUT_OF_MEMORY = 3,    /* host or device allocation failed */
+    QATTN_ERR_BACKEND = 4,          /* the driver/runtime reported an error */
+    QATTN_ERR_DEVICE_LOST = 5,      /* the device is gone; the context is unusable */
+    QATTN_ERR_NOT_FOUND = 6,        /* unknown backend name, no such device */
+    QATTN_ERR_UNAVAILABLE = 7,      /* backend known but not built, or not usable here */
+    QATTN_ERR_NONFINITE_INPUT = 8,  /* NaN or Inf in Q, K or V; outputs untouched */
+    QATTN_ERR_INTERNAL = 9          /* a bug in qattn: please report */
+} qattn_status;
+
+/* Static, never NULL: "QATTN_OK", "QATTN_ERR_INVALID_ARGUMENT", ... */
+QATTN_API const char *qattn_status_str(qattn_status status);
+
+typedef struct qattn_ctx qattn_ctx;
+typedef struct qattn_buffer qattn_buffer;
+typedef struct qattn_plan qattn_plan;
+
+/*
+ * The message of the last failed call: on ctx when ctx is not NULL, else of
+ * the calling thread (covers failures that have no context, such as
+ * qattn_ctx_create). Names the offending argument. Valid until the next
+ * failing call on the same context/thread. Never NULL ("" when none).
+ */
+QATTN_API const char *qattn_last_error(const qattn_ctx *ctx);
+
+/* ------------------------------------------------------------------ dtypes */
+
+typedef enum qattn_dtype {
+    QATTN_DTYPE_F32 = 0,
+    QATTN_DTYPE_F16 = 1,
+    QATTN_DTYPE_BF16 = 2,
+    QATTN_DTYPE_I8 = 3,
+    QATTN_DTYPE_FP8_E4M3 = 4
+} qattn_dtype;
+#define QATTN_DTYPE_COUNT 5
+
+/* Bytes per element; 0 for an unknown dtype. */
+QATTN_API size_t qattn_dtype_size(qattn_dtype dtype);
+/* "f32", "f16", "bf16", "i8", "fp8e4m3"; "?" for an unknown dtype. */
+QATTN_API const char *qattn_dtype_name(qattn_dtype dtype);
+
+/* ------------------------------------------------- backends and devices */
+
+#define QATTN_NAME_MAX 256
+
+typedef struct qattn_backend_info {
+    const char *name;   /* "cpu", "cuda", "vulkan", "opencl" (static) */
+    int built;          /* compiled into this library */
+    int usable;         /* built and at least one device answered here */
+    int device_count;
+    char reason[QATTN_NAME_MAX]; /* why not usable; "" when usable */
+} qattn_backend_info;
+
+/* Capability bits of qattn_device_info.caps. */
+#define QATTN_CAP_FP16 (1u << 0)          /* fp16 arithmetic */
+#define QATTN_CAP_BF16 (1u << 1)          /* bf16 storage/arithmetic */
+#define QATTN_CAP_INT8_DOT (1u << 2)      /* int8 dot products / int8 matrix units */
+#define QATTN_CAP_FP8 (1u << 3)           /* FP8 E4M3 matrix units */
+#define QATTN_CAP_MATRIX_UNITS (1u << 4)  /* tensor cores / cooperative matrix */
+#define QATTN_CAP_SUBGROUPS (1u << 5)     /* subgroup / warp operations */
+#define QATTN_CAP_UNIFIED_MEMORY (1u << 6) /* buffers are host memory */
+
+typedef struct qattn_device_info {
+    char name[QATTN_NAME_MAX];
+    char vendor[64];
+    char driver[128];
+    int compute_units;          /* SMs, CUs, EUs, or CPU threads */
+    uint64_t memory_bytes;      /* device memory (host RAM for the CPU) */
+    uint64_t max_buffer_bytes;  /* largest single buffer the backend accepts */
+    uint32_t caps;              /* QATTN_CAP_* */
+    uint32_t precisions;        /* bit (1u << qattn_precision) per mode it runs */
+    char details[2048];         /* backend-specific lines: limits, subgroup sizes, shapes */
+} qattn_device_info;
+
+/* Known backends, built or not, in a fixed order (index 0 is "cpu"). */
+QATTN_API int qattn_backend_count(void);
+/* Probes the backend (loads its driver if needed). */
+QATTN_API qattn_status qattn_backend_query(int index, qattn_backend_info *info);
+QATTN_API qattn_status qattn_device_query(const char *backend, int device, qattn_device_info *info);
+
+/* --------------------------------------------------------------- context */
+
+typedef struct qattn_ctx_params {
+    /* "cpu" | "cuda" | "vulkan" | "opencl" | "auto". NULL: $QATTN_BACKEND, else "auto".
+     * "auto" takes the usable backend with the best score (cuda > vulkan > opencl > cpu).
+     * A named backend that is not usable is an error (QATTN_ERR_UNAVAILABLE), never a switch. */
+    const char *backend;
+    /* Device index ("0") or a case-insensitive substring of its name.
+     * NULL: $QATTN_DEVICE, else device 0. */
+    const char *device;
+    /* CPU backend worker threads. 0: $QATTN_NUM_THREADS, else one per core. */
+    int num_threads;
+} qattn_ctx_params;
+
+/* params may be NULL (all defaults). */
+QATTN_API qattn_status qattn_ctx_create(const qattn_ctx_params *params, qattn_ctx **out);
+QATTN_API void qattn_ctx_destroy(qattn_ctx *ctx);
+/* "cpu", "cuda", ... */
+QATTN_API const char *qattn_ctx_backend(const qattn_ctx *ctx);
+QATTN_API qattn_status qattn_ctx_device_info(const qattn_ctx *ctx, qattn_device_info *info);
+/* Waits for all work the context enqueued (on every stream it was given). */
+QATTN_API qattn_status qattn_ctx_synchronize(qattn_ctx *ctx);
+
+/* ---------------------------------------------------------------- buffers */
+
+/* Device memory owned by the backend. Contents are undefined until written. */
+QATTN_API qattn_status qattn_buffer_create(qattn_ctx *ctx, size_t bytes, qattn_buffer **out);
+/*
+ * Wraps memory the caller owns and keeps owning (it must outlive the buffer):
+ * CPU: a host pointer; CUDA: a device pointer; Vulkan: a VkBuffer handle;
+ * OpenCL: a cl_mem. Backends that cannot wrap return QATTN_ERR_UNSUPPORTED.
+ */
+QATTN_API qattn_status qattn_buffer_wrap(qattn_ctx *ctx, void *native, size_t bytes, qattn_buffer **out);
+QATTN_API void qattn_buffer_destroy(qattn_buffer *buf);
+QATTN_API size_t qattn_buffer_size(const qattn_buffer *buf);
+/* Host <-> buffer copies. Synchronous: they return when the copy is complete,
+ * after all work previously enqueued on the context's default stream. */
+QATTN_API qattn_status qattn_buffer_upload(qattn_buffer *buf, size_t offset, const void *src, size_t bytes);
+QATTN_API qattn_status qattn_buffer_download(const qattn_buffer *buf, size_t offset, void *dst, size_t bytes);
+/* Sets bytes to value (synchronous). */
+QATTN_API qattn_status qattn_buffer_fill(qattn_buffer *buf, size_t offset, size_t bytes, uint8_t value);
+
+/* ---------------------------------------------------------------- tensors */
+
+/*
+ * A 4-D tensor [B, H, N, D] (batch, heads, tokens, head dim) with element
+ * strides, so both HND ([B, H, N, D] in memory) and NHD ([B, N, H, D] in
+ * memory) layouts and padded rows work. The head dim must be contiguous
+ * (stride[3] == 1); other strides must be positive.
+ */
+typedef struct qattn_tensor_desc {
+    qattn_dtype dtype;
+    int64_t shape[4];
+    int64_t stride[4];
+} qattn_tensor_desc;
+
+/* Contiguous [B, H, N, D] in memory. */
+QATTN_API qattn_tensor_desc qattn_tensor_hnd(qattn_dtype dtype, int64_t b, int64_t h, int64_t n, int64_t d);
+/* Contiguous [B, N, H, D] in memory (described as [B, H, N, D] with strides). */
+QATTN_API qattn_tensor_desc qattn_tensor_nhd(qattn_dtype dtype, int64_t b, int64_t h, int64_t n, int64_t d);
+/* Bytes spanned from the first to one past the last element (0 if invalid). */
+QATTN_API size_t qattn_tensor_bytes(const qattn_tensor_desc *t);
+
+/* ----------------------------------------------------- attention and plans */
+
+typedef enum qattn_precision {
+    /* The fastest mode this backend and device run at the quantized accuracy
+     * bar; the plan reports which it chose (qattn_plan_info.precision). */
+    QATTN_PRECISION_AUTO = 0,
+    /* fp32/fp16/bf16 inputs, QK and PV with fp32 accumulation. */
+    QATTN_PRECISION_EXACT = 1,
+    /* SageAttention: INT8 Q/K (smoothed K), FP16 P and V, fp32 accumulation. */
+    QATTN_PRECISION_INT8_FP16 = 2,
+    /* SageAttention2: INT8 Q/K, FP8 E4M3 P (scaled by 448) and V (per-channel
+     * scale), P.V accumulated per key block then summed in fp32 (two-level). */
+    QATTN_PRECISION_INT8_FP8 = 3,
+    /* SageAttention2++: as INT8_FP8, but P.V accumulated in fp16 over one key
+     * block; V scaled into [-2.25, 2.25] so 448 * 2.25 * 64 < 65504. */
+    QATTN_PRECISION_INT8_FP8_F16ACC = 4
+} qattn_precision;
+#define QATTN_PRECISION_COUNT 5
+QATTN_API const char *qattn_precision_name(qattn_precision p); /* "auto", "exact", "int8_fp16", "int8_fp8", "int8_fp8_f16acc" */
+
+typedef enum qattn_granularity {
+    QATTN_GRANULARITY_DEFAULT = 0,   /* the backend's preference (reported by the plan) */
+    QATTN_GRANULARITY_PER_BLOCK = 1, /* one INT8 scale per block of tokens (Q block, K block) */
+    QATTN_GRANULARITY_PER_WARP = 2,  /* Q: one scale per warp's rows; K: per block */
+    QATTN_GRANULARITY_PER_THREAD = 3 /* Q and K: per group of tokens one thread holds in the MMA layout */
+} qattn_granularity;
+QATTN_API const char *qattn_granularity_name(qattn_granularity g);
+
+typedef enum qattn_toggle {
+    QATTN_DEFAULT = 0,
+    QATTN_ON = 1,
+    QATTN_OFF = 2
+} qattn_toggle;
+
+/* qattn_attention_desc.flags */
+/* Skip the NaN/Inf scan of Q, K, V. Without the scan, qattn_run needs no
+ * host synchronization (required for CUDA graph capture), and non-finite
+ * inputs give unspecified (typically NaN) outputs. */
+#define QATTN_FLAG_NO_FINITE_CHECK (1u << 0)
+
+typedef struct qattn_attention_desc {
+    /* Q [B, Hq, Nq, D], K [B, Hkv, Nk, D], V [B, Hkv, Nk, D], O [B, Hq, Nq, D].
+     * Hq must be a multiple of Hkv (GQA; Hkv == 1 is MQA). Q, K, V share a
+     * dtype; O has the dtype of Q unless set to f32. */
+    qattn_tensor_desc q, k, v, o;
+    int causal;            /* bottom-right aligned, see the top of this file */
+    int return_lse;        /* write LSE, fp32 [B, Hq, Nq] contiguous */
+    float sm_scale;        /* 0: 1/sqrt(D) */
+    qattn_precision precision;
+    qattn_granularity granularity; /* quantized modes only */
+    qattn_toggle smooth_k;  /* quantized modes only; default on */
+    uint32_t flags;         /* QATTN_FLAG_* */
+} qattn_attention_desc;
+
+/* Validates desc and chooses a kernel. Expensive (may compile shaders);
+ * reuse the plan. Unsupported requests return QATTN_ERR_UNSUPPORTED with a
+ * message naming what is unsupported. */
+QATTN_API qattn_status qattn_plan_create(qattn_ctx *ctx, const qattn_attention_desc *desc, qattn_plan **out);
+QATTN_API void qattn_plan_destroy(qattn_plan *plan);
+
+typedef struct qattn_plan_info {
+    qattn_precision precision;     /* chosen (never AUTO) */
+    qattn_granularity granularity; /* chosen (never DEFAULT for quantized modes) */
+    int smooth_k;
+    int q_tile, kv_tile;           /* rows of Q and K per work tile */
+    /* INT8 scale groups: token t of a block of `block` tokens belongs to group
+     * (t / block, t % interleave); one scale per group per head. */
+    int q_quant_block, q_quant_interleave;
+    int k_quant_block, k_quant_interleave;
+    float v_fp8_max;               /* V is scaled so |V| <= this before FP8 (448 or 2.25) */
+    float p_fp8_scale;             /* P is multiplied by this before FP8 (448) */
+    int pv_f16_chunk;              /* F16ACC: keys summed exactly before each fp16 accumulation */
+    size_t workspace_bytes;
+    char kernel[128];              /* the kernel variant's name */
+} qattn_plan_info;
+
+QATTN_API qattn_status qattn_plan_get_info(const qattn_plan *plan, qattn_plan_info *info);
+/* Bytes of scratch qattn_run needs (0 if none). */
+QATTN_API size_t qattn_plan_workspace_size(const qattn_plan *plan);
+/* A human-readable account: variant, tiles, quantization, and why. Writes at
+ * most len bytes including the terminating NUL; returns the full length. */
+QATTN_API size_t qattn_plan_describe(const qattn_plan *plan, char *buf, size_t len);
+
+typedef struct qattn_run_args {
+    qattn_buffer *q, *k, *v, *o;
+    qattn_buffer *lse;        /* required iff desc.return_lse */
+    qattn_buffer *workspace;  /* >= qattn_plan_workspace_size bytes; NULL when 0 */
+    /* Byte offsets of each tensor's first element inside its buffer. */
+    size_t q_offset, k_offset, v_offset, o_offset, lse_offset, workspace_offset;
+    /* CUDA: a cudaStream_t to run on (NULL: the context's default stream). Other
+     * backends: must be NULL. */
+    void *stream;
+} qattn_run_args;
+
+/*
+ * Runs the plan. On GPU backends the work is asynchronous on the stream
+ * unless the finite check is on (the default), which waits for the result of
+ * the scan. Allocates no device memory. On error, outputs are untouched.
+ */
+QATTN_API qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QATTN_QATTN_H */

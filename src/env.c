@@ -1,0 +1,55 @@
+/* The one place that reads the environment. Keep README.md's table in step. */
+#include "env.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char *nonempty(const char *name)
+{
+    const char *v = getenv(name);
+    return (v && *v) ? v : NULL;
+}
+
+void qattn_env_read(qattn_env *env, const char **bad)
+{
+    memset(env, 0, sizeof(*env));
+    env->log = QATTN_LOG_WARN;
+    env->vulkan_coopmat = true;
+    if (bad)
+        *bad = NULL;
+
+    env->backend = nonempty("QATTN_BACKEND");
+    env->device = nonempty("QATTN_DEVICE");
+    env->opencl_cache = nonempty("QATTN_OPENCL_CACHE");
+
+    const char *log = nonempty("QATTN_LOG");
+    if (log) {
+        static const char *const levels[] = {"error", "warn", "info", "debug"};
+        bool found = false;
+        for (int i = 0; i < 4; i++)
+            if (strcmp(log, levels[i]) == 0) {
+                env->log = (qattn_log_level)i;
+                found = true;
+            }
+        if (!found && bad)
+            *bad = "QATTN_LOG";
+    }
+
+    const char *threads = nonempty("QATTN_NUM_THREADS");
+    if (threads) {
+        char *end = NULL;
+        long n = strtol(threads, &end, 10);
+        if (end && *end == '\0' && n > 0 && n <= 4096)
+            env->num_threads = (int)n;
+        else if (bad)
+            *bad = "QATTN_NUM_THREADS";
+    }
+
+    const char *coopmat = nonempty("QATTN_VULKAN_COOPMAT");
+    if (coopmat) {
+        if (strcmp(coopmat, "0") == 0)
+            env->vulkan_coopmat = false;
+        else if (strcmp(coopmat, "1") != 0 && bad)
+            *bad = "QATTN_VULKAN_COOPMAT";
+    }
+}

@@ -1,0 +1,22 @@
+/* Every environment variable qattn reads, parsed in one place (env.c). */
+#ifndef QATTN_ENV_H
+#define QATTN_ENV_H
+
+#include <stdbool.h>
+
+#include "internal.h"
+
+typedef struct qattn_env {
+    const char *backend;     /* QATTN_BACKEND: cpu|cuda|vulkan|opencl|auto (NULL: unset) */
+    const char *device;      /* QATTN_DEVICE: index or name substring (NULL: unset) */
+    qattn_log_level log;     /* QATTN_LOG: error|warn|info|debug (default warn) */
+    int num_threads;         /* QATTN_NUM_THREADS: CPU workers (0: unset) */
+    bool vulkan_coopmat;     /* QATTN_VULKAN_COOPMAT=0 turns the cooperative-matrix variant off */
+    const char *opencl_cache;/* QATTN_OPENCL_CACHE: program-binary cache folder (NULL: none) */
+} qattn_env;
+
+/* Reads the environment now (it may change between calls). Invalid values are
+ * reported through *bad (the variable's name) and left at their default. */
+void qattn_env_read(qattn_env *env, const char **bad);
+
+#endif

@@ -1,0 +1,227 @@
+/*
+ * qattn internals shared by the core and the backends. Not installed.
+ *
+ * The core validates every request before a backend sees it: a backend's
+ * plan_init receives a problem whose shapes, strides, dtypes and sizes are
+ * consistent and whose byte extents fit in size_t; its run receives buffers
+ * whose extents were checked against the plan.
+ */
+#ifndef QATTN_INTERNAL_H
+#define QATTN_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qattn/qattn.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QATTN_BACKEND_API_VERSION 1
+#define QATTN_ERROR_MAX 2048
+#define QATTN_WS_ALIGN 256 /* every workspace region starts on this boundary */
+#define QATTN_WS_ABSENT SIZE_MAX
+
+/* --------------------------------------------------------------- problem */
+
+/* A validated attention problem. Strides are in elements, [b, h, n, d]. */
+typedef struct qattn_problem {
+    int64_t batch, heads_q, heads_kv, seq_q, seq_k, head_dim;
+    int64_t group; /* heads_q / heads_kv */
+    qattn_dtype in_dtype, out_dtype;
+    int64_t q_stride[4], k_stride[4], v_stride[4], o_stride[4];
+    size_t q_bytes, k_bytes, v_bytes, o_bytes, lse_bytes; /* extents from the first element */
+    bool causal, return_lse, check_finite;
+    float sm_scale;
+} qattn_problem;
+
+/* First key index that query row i may NOT see (exclusive end) under the
+ * bottom-right causal mask; seq_k when not causal. May be <= 0. */
+static inline int64_t qattn_causal_key_end(const qattn_problem *p, int64_t i)
+{
+    if (!p->causal)
+        return p->seq_k;
+    int64_t end = i + 1 + (p->seq_k - p->seq_q);
+    return end < p->seq_k ? end : p->seq_k;
+}
+
+/* Quantization geometry, see qattn_plan_info. */
+typedef struct qattn_quant_params {
+    int q_block, q_interleave;
+    int k_block, k_interleave;
+    float v_fp8_max;   /* 448 (INT8_FP8) or 2.25 (F16ACC) */
+    float p_fp8_scale; /* 448 */
+    int pv_f16_chunk;  /* F16ACC: keys per exact partial sum before fp16 accumulation */
+    bool smooth_k;
+} qattn_quant_params;
+
+/* Number of INT8 scale groups per head for n tokens. */
+static inline int64_t qattn_quant_groups(int64_t n, int block, int interleave)
+{
+    return ((n + block - 1) / block) * interleave;
+}
+/* Scale-group index of token t. */
+static inline int64_t qattn_quant_group_of(int64_t t, int block, int interleave)
+{
+    return (t / block) * interleave + (t % block) % interleave;
+}
+
+/*
+ * Workspace layout of the quantized modes, byte offsets from the workspace
+ * start (QATTN_WS_ABSENT when a region is not used). All regions are dense:
+ *   q_i8     int8  [B, Hq,  Nq, D]
+ *   k_i8     int8  [B, Hkv, Nk, D]
+ *   v_q      INT8_FP8*: fp8 codes [B, Hkv, D, Nk_pad] (transposed, keys padded to
+ *            v_key_pad so P.V tiles load whole rows); INT8_FP16: fp16 [B, Hkv, Nk, D]
+ *   q_scale  f32   [B, Hq,  q_groups]
+ *   k_scale  f32   [B, Hkv, k_groups]
+ *   v_scale  f32   [B, Hkv, D]        (FP8 modes)
+ *   k_mean   f32   [B, Hkv, D]        (smooth K)
+ *   q_kmean  f32   [B, Hq,  Nq]       sm_scale * dot(q_i, mean_k): the LSE correction
+ *   status   u32   [4]                finite-check flag and spare words
+ *   backend  extra bytes the backend asked for
+ */
+typedef struct qattn_workspace_layout {
+    size_t q_i8, k_i8, v_q, q_scale, k_scale, v_scale, k_mean, q_kmean, status, backend;
+    size_t total;
+    int64_t q_groups, k_groups, v_key_pad, v_keys_padded;
+} qattn_workspace_layout;
+
+/* ----------------------------------------------------------------- objects */
+
+typedef struct qattn_backend_iface qattn_backend_iface;
+
+struct qattn_ctx {
+    const qattn_backend_iface *backend;
+    void *impl;          /* the backend's context */
+    int device;
+    int num_threads;
+    qattn_device_info device_info;
+    void *error_lock;    /* mtx_t*, owned by the core */
+    char error[QATTN_ERROR_MAX];
+};
+
+struct qattn_buffer {
+    qattn_ctx *ctx;
+    size_t size;
+    void *impl;          /* the backend's handle */
+    void *host;          /* host address when the memory is host memory, else NULL */
+    bool wrapped;
+};
+
+struct qattn_plan {
+    qattn_ctx *ctx;
+    qattn_problem problem;
+    qattn_precision precision;
+    qattn_granularity granularity;
+    qattn_quant_params quant;
+    int q_tile, kv_tile;
+    size_t backend_workspace; /* extra workspace the backend asked for */
+    bool status_word;         /* the backend wants a device status word (finite check) */
+    qattn_workspace_layout ws;
+    char kernel[128];
+    char why[512];
+    void *impl;          /* the backend's plan */
+};
+
+/* A run whose buffers the core has checked against the plan. */
+typedef struct qattn_run_bound {
+    qattn_buffer *q, *k, *v, *o, *lse, *workspace; /* lse, workspace may be NULL */
+    size_t q_offset, k_offset, v_offset, o_offset, lse_offset, workspace_offset;
+    void *stream;
+} qattn_run_bound;
+
+/* ----------------------------------------------------------------- vtable */
+
+/*
+ * One backend. Every slot is required unless marked optional. Functions
+ * that fail set the context's error with qattn_set_error() and return its
+ * status; the core adds nothing to a backend's message.
+ */
+struct qattn_backend_iface {
+    int api_version; /* QATTN_BACKEND_API_VERSION */
+    const char *name;
+    int score;       /* auto picks the usable backend with the highest score */
+
+    /* Whether the backend can run here. Fills device_count, or reason. */
+    qattn_status (*probe)(int *device_count, char *reason, size_t reason_len);
+    qattn_status (*device_info)(int device, qattn_device_info *info, char *reason, size_t reason_len);
+
+    qattn_status (*ctx_init)(qattn_ctx *ctx);    /* sets ctx->impl */
+    void (*ctx_release)(qattn_ctx *ctx);
+    qattn_status (*synchronize)(qattn_ctx *ctx);
+
+    qattn_status (*buffer_alloc)(qattn_ctx *ctx, qattn_buffer *buf);               /* sets impl (and host) */
+    qattn_status (*buffer_wrap)(qattn_ctx *ctx, qattn_buffer *buf, void *native); /* optional */
+    void (*buffer_release)(qattn_ctx *ctx, qattn_buffer *buf);
+    qattn_status (*buffer_upload)(qattn_ctx *ctx, qattn_buffer *buf, size_t offset, const void *src, size_t bytes);
+    qattn_status (*buffer_download)(qattn_ctx *ctx, const qattn_buffer *buf, size_t offset, void *dst, size_t bytes);
+    qattn_status (*buffer_fill)(qattn_ctx *ctx, qattn_buffer *buf, size_t offset, size_t bytes, uint8_t value);
+
+    /*
+     * Chooses the kernel for a validated problem. On entry plan->precision is
+     * the requested mode (maybe AUTO) and plan->granularity the requested one
+     * (maybe DEFAULT); the backend resolves both (AUTO and DEFAULT never leave
+     * here), fills quant (qattn_quant_defaults helps), tiles, kernel, why and
+     * backend_workspace, and may set impl. Unsupported: QATTN_ERR_UNSUPPORTED
+     * with a message. The core lays out the workspace afterwards.
+     */
+    qattn_status (*plan_init)(qattn_ctx *ctx, qattn_plan *plan);
+    void (*plan_release)(qattn_ctx *ctx, qattn_plan *plan); /* optional */
+
+    qattn_status (*run)(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run);
+
+    /* Required byte alignment of tensor bases and of row strides*elem size. */
+    size_t tensor_alignment;
+};
+
+/* Backends compiled in (NULL when not built). */
+extern const qattn_backend_iface qattn_backend_cpu;
+#if QATTN_WITH_CUDA
+extern const qattn_backend_iface qattn_backend_cuda;
+#endif
+#if QATTN_WITH_VULKAN
+extern const qattn_backend_iface qattn_backend_vulkan;
+#endif
+#if QATTN_WITH_OPENCL
+extern const qattn_backend_iface qattn_backend_opencl;
+#endif
+
+/* ----------------------------------------------------------------- helpers */
+
+/* Records a formatted message for ctx (and the calling thread); returns status. */
+qattn_status qattn_set_error(qattn_ctx *ctx, qattn_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+qattn_status qattn_set_errorv(qattn_ctx *ctx, qattn_status status, const char *fmt, va_list ap);
+void qattn_clear_error(qattn_ctx *ctx);
+
+/* Logging to stderr, filtered by QATTN_LOG (error|warn|info|debug). */
+typedef enum qattn_log_level { QATTN_LOG_ERROR = 0, QATTN_LOG_WARN, QATTN_LOG_INFO, QATTN_LOG_DEBUG } qattn_log_level;
+void qattn_log(qattn_log_level level, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* Fills quant with the standard geometry for precision and granularity:
+ * q_block rows per block, q_warp rows per warp, k_block keys per block. */
+void qattn_quant_defaults(qattn_quant_params *quant, qattn_precision precision, qattn_granularity granularity,
+                          int q_block, int q_warp, int k_block, bool smooth_k);
+
+/* True when every element of the tensor is finite (f32/f16/bf16 host data). */
+bool qattn_host_tensor_is_finite(const void *base, qattn_dtype dtype, const int64_t shape[4], const int64_t stride[4]);
+
+/* Number of hardware threads of this machine (>= 1). */
+int qattn_host_cpu_count(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QATTN_INTERNAL_H */

@@ -9,15 +9,27 @@
 
 static const char *const dim_names[4] = {"B", "H", "N", "D"};
 
+/* a * b, saturated to INT64_MAX so that impossible shapes fail validation
+ * ("spans more bytes than size_t holds") instead of wrapping around. */
+static int64_t mul_sat(int64_t a, int64_t b)
+{
+    int64_t r;
+    return __builtin_mul_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
 qattn_tensor_desc qattn_tensor_hnd(qattn_dtype dtype, int64_t b, int64_t h, int64_t n, int64_t d)
 {
-    qattn_tensor_desc t = {.dtype = dtype, .shape = {b, h, n, d}, .stride = {h * n * d, n * d, d, 1}};
+    qattn_tensor_desc t = {.dtype = dtype,
+                           .shape = {b, h, n, d},
+                           .stride = {mul_sat(mul_sat(h, n), d), mul_sat(n, d), d, 1}};
     return t;
 }
 
 qattn_tensor_desc qattn_tensor_nhd(qattn_dtype dtype, int64_t b, int64_t h, int64_t n, int64_t d)
 {
-    qattn_tensor_desc t = {.dtype = dtype, .shape = {b, h, n, d}, .stride = {n * h * d, d, h * d, 1}};
+    qattn_tensor_desc t = {.dtype = dtype,
+                           .shape = {b, h, n, d},
+                           .stride = {mul_sat(mul_sat(n, h), d), d, mul_sat(h, d), 1}};
     return t;
 }
 

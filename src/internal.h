@@ -112,8 +112,33 @@ struct qattn_buffer {
     bool wrapped;
 };
 
+/* A validated paged-attention problem (see qattn_paged_desc). */
+typedef struct qattn_paged_problem {
+    qattn_kv_cache_desc cache;
+    qattn_kv_cache_sizes sizes;
+    qattn_page_table_kind table;
+    int64_t batch, max_pages_per_seq, total_q, max_q_len, heads_q, group;
+    qattn_dtype q_dtype;
+    int64_t q_stride[2], o_stride[2];
+    size_t q_bytes, o_bytes, lse_bytes;
+    bool causal, return_lse, check;
+    float sm_scale;
+    int num_splits;  /* requested (0: decide); the backend stores its choice */
+} qattn_paged_problem;
+
+/* Key range of split s (of n) over a sequence bound of max_keys, in whole
+ * pages so a split never straddles one: [begin, end). */
+static inline void qattn_split_range(int64_t max_pages, int64_t page_size, int s, int n, int64_t *begin, int64_t *end)
+{
+    int64_t per = (max_pages + n - 1) / n;
+    *begin = (int64_t)s * per * page_size;
+    *end = ((int64_t)s + 1) * per * page_size;
+}
+
 struct qattn_plan {
     qattn_ctx *ctx;
+    bool paged;                 /* a qattn_paged_plan_create plan: `pp` is set, `problem` is not */
+    qattn_paged_problem pp;
     qattn_problem problem;
     qattn_precision precision;
     qattn_granularity granularity;
@@ -176,6 +201,13 @@ struct qattn_backend_iface {
 
     /* Required byte alignment of tensor bases and of row strides*elem size. */
     size_t tensor_alignment;
+
+    /* Optional (NULL: QATTN_ERR_UNSUPPORTED): the paged KV cache. Arguments
+     * arrive validated (src/paged.c). */
+    qattn_status (*kv_append)(qattn_ctx *ctx, const qattn_kv_append_args *args, const qattn_kv_cache_sizes *sizes);
+    qattn_status (*paged_plan_init)(qattn_ctx *ctx, qattn_plan *plan); /* sets num_splits, tiles, kernel, ... */
+    qattn_status (*paged_run)(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args);
+    qattn_status (*merge_states)(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
 };
 
 /* Backends compiled in (NULL when not built). */
@@ -216,6 +248,17 @@ void qattn_quant_defaults(qattn_quant_params *quant, qattn_precision precision, 
 
 /* True when every element of the tensor is finite (f32/f16/bf16 host data). */
 bool qattn_host_tensor_is_finite(const void *base, qattn_dtype dtype, const int64_t shape[4], const int64_t stride[4]);
+
+/* Validates a tensor descriptor (shape, strides, no aliasing, byte span) and
+ * returns its byte span; messages name the tensor. */
+qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const qattn_tensor_desc *t, size_t *bytes);
+/* [offset, offset + bytes) lies inside buf (no overflow). */
+bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes);
+/* Two byte ranges of the same buffer object overlap. */
+bool qattn_buffer_ranges_overlap(const qattn_buffer *a, size_t ao, size_t an, const qattn_buffer *b, size_t bo,
+                                 size_t bn);
+/* Validates a KV-cache description and computes its sizes. */
+qattn_status qattn_kv_cache_validate(qattn_ctx *ctx, const qattn_kv_cache_desc *desc, qattn_kv_cache_sizes *sizes);
 
 /* Number of hardware threads of this machine (>= 1). */
 int qattn_host_cpu_count(void);

@@ -64,7 +64,7 @@ size_t qattn_tensor_bytes(const qattn_tensor_desc *t)
     return n * es;
 }
 
-static qattn_status check_tensor(qattn_ctx *ctx, const char *name, const qattn_tensor_desc *t, size_t *bytes)
+qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const qattn_tensor_desc *t, size_t *bytes)
 {
     if ((unsigned)t->dtype >= QATTN_DTYPE_COUNT)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "%s.dtype=%d is not a qattn_dtype", name, (int)t->dtype);
@@ -117,8 +117,8 @@ static qattn_status validate(qattn_ctx *ctx, const qattn_attention_desc *d, qatt
 {
     qattn_status s;
     memset(p, 0, sizeof(*p));
-    if ((s = check_tensor(ctx, "q", &d->q, &p->q_bytes)) || (s = check_tensor(ctx, "k", &d->k, &p->k_bytes)) ||
-        (s = check_tensor(ctx, "v", &d->v, &p->v_bytes)) || (s = check_tensor(ctx, "o", &d->o, &p->o_bytes)))
+    if ((s = qattn_check_tensor(ctx, "q", &d->q, &p->q_bytes)) || (s = qattn_check_tensor(ctx, "k", &d->k, &p->k_bytes)) ||
+        (s = qattn_check_tensor(ctx, "v", &d->v, &p->v_bytes)) || (s = qattn_check_tensor(ctx, "o", &d->o, &p->o_bytes)))
         return s;
 
     if (d->q.dtype != QATTN_DTYPE_F32 && d->q.dtype != QATTN_DTYPE_F16 && d->q.dtype != QATTN_DTYPE_BF16)
@@ -330,6 +330,18 @@ size_t qattn_plan_describe(const qattn_plan *plan, char *buf, size_t len)
     int n;
     if (!plan) {
         n = snprintf(text, sizeof(text), "(no plan)");
+    } else if (plan->paged) {
+        const qattn_paged_problem *pp = &plan->pp;
+        n = snprintf(text, sizeof(text),
+                     "backend %s, kernel %s: paged attention over %s pages of %lld tokens (%s, %lld pages), "
+                     "B=%lld Hq=%lld Hkv=%lld D=%lld, %lld query rows (<= %lld per sequence) %s%s, %s tables; "
+                     "%d split(s); workspace %zu bytes. %s",
+                     plan->ctx->backend->name, plan->kernel, qattn_dtype_name(pp->cache.dtype),
+                     (long long)pp->cache.page_size, pp->cache.layout == QATTN_KV_NHD ? "NHD" : "HND",
+                     (long long)pp->cache.num_pages, (long long)pp->batch, (long long)pp->heads_q,
+                     (long long)pp->cache.heads_kv, (long long)pp->cache.head_dim, (long long)pp->total_q,
+                     (long long)pp->max_q_len, pp->causal ? "causal" : "full", pp->return_lse ? " +LSE" : "",
+                     pp->table == QATTN_PAGES_DENSE ? "dense" : "CSR", pp->num_splits, plan->ws.total, plan->why);
     } else {
         const qattn_problem *p = &plan->problem;
         char quant[512] = "";
@@ -361,12 +373,12 @@ size_t qattn_plan_describe(const qattn_plan *plan, char *buf, size_t len)
 }
 
 /* [offset, offset + bytes) inside buf, without overflow. */
-static bool fits(const qattn_buffer *buf, size_t offset, size_t bytes)
+bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes)
 {
     return offset <= buf->size && bytes <= buf->size - offset;
 }
 
-static bool overlaps(const qattn_buffer *a, size_t ao, size_t an, const qattn_buffer *b, size_t bo, size_t bn)
+bool qattn_buffer_ranges_overlap(const qattn_buffer *a, size_t ao, size_t an, const qattn_buffer *b, size_t bo, size_t bn)
 {
     if (!a || !b || a != b)
         return false; /* distinct buffer objects may still alias when wrapped; callers own that */
@@ -378,6 +390,8 @@ qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args)
     if (!plan)
         return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT, "plan is NULL");
     qattn_ctx *ctx = plan->ctx;
+    if (plan->paged)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "a paged plan runs with qattn_paged_run");
     if (!args)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args is NULL");
     const qattn_problem *p = &plan->problem;
@@ -407,7 +421,7 @@ qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args)
         if (t[i].buf->ctx != ctx)
             return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
                                    "args.%s belongs to another context than the plan", t[i].name);
-        if (!fits(t[i].buf, t[i].offset, t[i].bytes))
+        if (!qattn_buffer_fits(t[i].buf, t[i].offset, t[i].bytes))
             return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
                                    "args.%s: %zu bytes at offset %zu do not fit in its %zu-byte buffer", t[i].name,
                                    t[i].bytes, t[i].offset, t[i].buf->size);
@@ -426,7 +440,7 @@ qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args)
         for (int other = 0; other < 6; other++) {
             if (other == out || !t[other].buf || (other == 4 && !p->return_lse) || (other == 5 && !plan->ws.total))
                 continue;
-            if (overlaps(t[out].buf, t[out].offset, t[out].bytes, t[other].buf, t[other].offset, t[other].bytes))
+            if (qattn_buffer_ranges_overlap(t[out].buf, t[out].offset, t[out].bytes, t[other].buf, t[other].offset, t[other].bytes))
                 return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.%s overlaps args.%s in the same buffer",
                                        t[out].name, t[other].name);
         }

@@ -17,6 +17,7 @@
  *             over each 64-key block, then added to the fp32 output.
  */
 #include "cpu_backend.h"
+#include "cpu_flash.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -29,7 +30,6 @@
 #include "numeric.h"
 
 #define VW 16                  /* floats per vector */
-#define CPU_KT 64              /* keys per tile: 4 vectors */
 #define F16ACC_BLOCK 64        /* keys per fp16 accumulation block (the 448*2.25*64 bound) */
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453
@@ -110,7 +110,7 @@ static inline __attribute__((always_inline)) vf vf16_to_f32(vh h16)
 }
 
 /* dst[0..n) = src[0..n) * scale for a f32/f16/bf16 row; n is a multiple of 16. */
-HOT static void convert_row(float *restrict dst, const void *restrict src, qattn_dtype dt, int n, float scale)
+HOT void cpu_convert_row(float *restrict dst, const void *restrict src, qattn_dtype dt, int n, float scale)
 {
     for (int i = 0; i < n; i += VW) {
         vf v;
@@ -126,7 +126,7 @@ HOT static void convert_row(float *restrict dst, const void *restrict src, qattn
 }
 
 /* dst[0..n) = int8 src[0..n) as floats; n is a multiple of 16. */
-HOT static void convert_row_i8(float *restrict dst, const int8_t *restrict src, int n)
+HOT void cpu_convert_row_i8(float *restrict dst, const int8_t *restrict src, int n)
 {
     for (int i = 0; i < n; i += VW) {
         vb b;
@@ -275,14 +275,7 @@ static void scale_rows(float *O, int rows, int D, const float *alpha)
     }
 }
 
-/* Per-thread scratch, sized for CPU_QT rows, CPU_KT keys and head dim D. */
-typedef struct scratch {
-    float *Q, *Kt, *V, *S, *O, *acc16, *part, *row;
-    float m[CPU_QT], l[CPU_QT], alpha[CPU_QT], qscale[CPU_QT];
-    float kscale[CPU_KT];
-} scratch;
-
-static void scratch_free(scratch *sc)
+void cpu_scratch_free(cpu_scratch *sc)
 {
     free(sc->Q);
     free(sc->Kt);
@@ -294,7 +287,7 @@ static void scratch_free(scratch *sc)
     free(sc->row);
 }
 
-static bool scratch_alloc(scratch *sc, int D)
+bool cpu_scratch_alloc(cpu_scratch *sc, int D)
 {
     memset(sc, 0, sizeof(*sc));
     size_t qd = (size_t)CPU_QT * D * sizeof(float), kd = (size_t)CPU_KT * D * sizeof(float);
@@ -307,13 +300,36 @@ static bool scratch_alloc(scratch *sc, int D)
     sc->part = aligned_alloc(64, qd);
     sc->row = aligned_alloc(64, (size_t)D * sizeof(float));
     if (!sc->Q || !sc->Kt || !sc->V || !sc->S || !sc->O || !sc->acc16 || !sc->part || !sc->row) {
-        scratch_free(sc);
+        cpu_scratch_free(sc);
         return false;
     }
     return true;
 }
 
+cpu_scratch *cpu_scratch_array(int count, int D)
+{
+    cpu_scratch *sc = calloc((size_t)count, sizeof(*sc));
+    if (!sc)
+        return NULL;
+    for (int t = 0; t < count; t++)
+        if (!cpu_scratch_alloc(&sc[t], D)) {
+            for (int u = 0; u < t; u++)
+                cpu_scratch_free(&sc[u]);
+            free(sc);
+            return NULL;
+        }
+    return sc;
+}
+
+void cpu_scratch_array_free(cpu_scratch *sc, int count)
+{
+    for (int t = 0; sc && t < count; t++)
+        cpu_scratch_free(&sc[t]);
+    free(sc);
+}
+
 static float e4m3_table[256];
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
 static void init_tables(void)
 {
@@ -321,85 +337,39 @@ static void init_tables(void)
         e4m3_table[i] = qattn_e4m3_to_f32((uint8_t)i);
 }
 
-/* Computes one (b, h, query tile) work item. */
-static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, scratch *sc)
+const float *cpu_e4m3_table(void)
 {
-    const qattn_plan *plan = job->plan;
-    const qattn_problem *p = &plan->problem;
-    const qattn_workspace_layout *L = &plan->ws;
-    const qattn_quant_params *qp = &plan->quant;
-    const int D = (int)p->head_dim;
-    const int rows = (int)(p->seq_q - i0 < CPU_QT ? p->seq_q - i0 : CPU_QT);
-    const int64_t hk = h / p->group;
-    const int64_t bhq = b * p->heads_q + h, bhk = b * p->heads_kv + hk;
-    const qattn_precision prec = plan->precision;
+    pthread_once(&tables_once, init_tables);
+    return e4m3_table;
+}
+
+void cpu_flash_loop(cpu_scratch *sc, int rows, const cpu_flash_params *fp, int64_t key_begin, int64_t key_end,
+                    cpu_kv_loader load, const void *loader_ctx)
+{
+    const int D = fp->head_dim;
+    const qattn_precision prec = fp->precision;
     const bool quant = prec != QATTN_PRECISION_EXACT;
     const bool fp8 = prec == QATTN_PRECISION_INT8_FP8 || prec == QATTN_PRECISION_INT8_FP8_F16ACC;
-    const size_t es = qattn_dtype_size(p->in_dtype);
-    const float qk_to_log2 = p->sm_scale * LOG2E;
+    const float *e4m3 = cpu_e4m3_table();
 
-    /* Q tile: values pre-scaled into the log2 domain (exact), or int8 codes + row scales. */
     for (int r = 0; r < rows; r++) {
-        int64_t i = i0 + r;
-        float *dst = sc->Q + (size_t)r * D;
-        if (quant) {
-            convert_row_i8(dst, (const int8_t *)(job->ws + L->q_i8) + (bhq * p->seq_q + i) * D, D);
-            const float *qs = (const float *)(job->ws + L->q_scale) + bhq * L->q_groups;
-            sc->qscale[r] = qs[qattn_quant_group_of(i, qp->q_block, qp->q_interleave)] * qk_to_log2;
-        } else {
-            const char *src = job->q + (size_t)(b * p->q_stride[0] + h * p->q_stride[1] + i * p->q_stride[2]) * es;
-            convert_row(dst, src, p->in_dtype, D, qk_to_log2);
-        }
         sc->m[r] = -INFINITY;
         sc->l[r] = 0.f;
     }
     memset(sc->O, 0, (size_t)rows * D * sizeof(float));
 
-    int64_t key_end = qattn_causal_key_end(p, i0 + rows - 1); /* the last row sees the most keys */
-    for (int64_t j0 = 0; j0 < key_end; j0 += CPU_KT) {
-        const int keys = (int)(p->seq_k - j0 < CPU_KT ? p->seq_k - j0 : CPU_KT);
-
-        /* K tile, transposed to [D][CPU_KT], zero past the last key. */
-        if (keys < CPU_KT)
-            memset(sc->Kt, 0, (size_t)D * CPU_KT * sizeof(float));
-        for (int j = 0; j < keys; j++) {
-            int64_t t = j0 + j;
-            if (quant) {
-                convert_row_i8(sc->row, (const int8_t *)(job->ws + L->k_i8) + (bhk * p->seq_k + t) * D, D);
-                const float *ks = (const float *)(job->ws + L->k_scale) + bhk * L->k_groups;
-                sc->kscale[j] = ks[qattn_quant_group_of(t, qp->k_block, qp->k_interleave)];
-            } else {
-                const char *src =
-                    job->k + (size_t)(b * p->k_stride[0] + hk * p->k_stride[1] + t * p->k_stride[2]) * es;
-                convert_row(sc->row, src, p->in_dtype, D, 1.f);
-            }
-            for (int d = 0; d < D; d++)
-                sc->Kt[(size_t)d * CPU_KT + j] = sc->row[d];
-        }
-        for (int j = keys; j < CPU_KT; j++)
-            sc->kscale[j] = 0.f;
-
-        /* V tile [keys][D]: values, fp16 codes, or FP8 codes (stored [d][t] in the workspace). */
-        for (int j = 0; j < keys; j++) {
-            int64_t t = j0 + j;
-            float *dst = sc->V + (size_t)j * D;
-            if (fp8) {
-                const uint8_t *src = job->ws + L->v_q + (size_t)(bhk * D) * L->v_keys_padded + t;
-                for (int d = 0; d < D; d++)
-                    dst[d] = e4m3_table[src[(size_t)d * L->v_keys_padded]];
-            } else if (quant) {
-                convert_row(dst, (const uint16_t *)(job->ws + L->v_q) + (bhk * p->seq_k + t) * D, QATTN_DTYPE_F16, D,
-                            1.f);
-            } else {
-                const char *src =
-                    job->v + (size_t)(b * p->v_stride[0] + hk * p->v_stride[1] + t * p->v_stride[2]) * es;
-                convert_row(dst, src, p->in_dtype, D, 1.f);
-            }
-        }
+    int64_t last = key_begin; /* one past the last key any row sees */
+    for (int r = 0; r < rows; r++)
+        last = sc->key_end[r] > last ? sc->key_end[r] : last;
+    if (last > key_end)
+        last = key_end;
+    for (int64_t j0 = key_begin; j0 < last; j0 += CPU_KT) {
+        const int keys = (int)(last - j0 < CPU_KT ? last - j0 : CPU_KT);
+        load(loader_ctx, j0, keys, sc); /* Kt [D][CPU_KT] zero past `keys`, V [keys][D], kscale */
 
         qk_tile(sc->Q, D, sc->Kt, D, sc->S, rows);
 
-        /* Dequantize scores, then mask: causal (bottom-right) and keys past Nk. */
+        /* Dequantize scores, then mask keys each row may not see. */
         for (int r = 0; r < rows; r++) {
             float *s = sc->S + (size_t)r * CPU_KT;
             if (quant) {
@@ -407,7 +377,9 @@ static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, sc
                 for (int c = 0; c < CPU_KT; c += VW)
                     vstore(s + c, vload(s + c) * qs * vload(sc->kscale + c));
             }
-            int64_t visible = qattn_causal_key_end(p, i0 + r) - j0;
+            int64_t visible = sc->key_end[r] - j0;
+            if (visible > keys)
+                visible = keys;
             for (int64_t j = visible < 0 ? 0 : visible; j < CPU_KT; j++)
                 s[j] = -INFINITY;
         }
@@ -423,13 +395,13 @@ static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, sc
             for (int r = 0; r < rows; r++)
                 for (int j = 0; j < keys; j++) {
                     float *pp = &sc->S[(size_t)r * CPU_KT + j];
-                    *pp = e4m3_table[qattn_f32_to_e4m3(*pp * qp->p_fp8_scale)];
+                    *pp = e4m3[qattn_f32_to_e4m3(*pp * fp->quant->p_fp8_scale)];
                 }
         }
 
         if (prec == QATTN_PRECISION_INT8_FP8_F16ACC) {
             /* fp16 accumulation inside each 64-key block: exact chunk sums, rounded adds. */
-            const int chunk = qp->pv_f16_chunk;
+            const int chunk = fp->quant->pv_f16_chunk;
             for (int blk = 0; blk < keys; blk += F16ACC_BLOCK) {
                 memset(sc->acc16, 0, (size_t)rows * D * sizeof(float));
                 int blk_end = blk + F16ACC_BLOCK < keys ? blk + F16ACC_BLOCK : keys;
@@ -447,6 +419,101 @@ static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, sc
             pv_tile(sc->S, sc->V, keys, D, sc->O, rows);
         }
     }
+}
+
+/* ---------------------------------------------------------- dense attention */
+
+typedef struct dense_loader {
+    const cpu_job *job;
+    int64_t b, hk;
+} dense_loader;
+
+/* K tile transposed to [D][CPU_KT] (zero past the last key) and V [keys][D]:
+ * input values, or the quantized workspace's codes. */
+static void load_dense_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc)
+{
+    const dense_loader *dl = ctx;
+    const cpu_job *job = dl->job;
+    const qattn_plan *plan = job->plan;
+    const qattn_problem *p = &plan->problem;
+    const qattn_workspace_layout *L = &plan->ws;
+    const qattn_quant_params *qp = &plan->quant;
+    const int D = (int)p->head_dim;
+    const int64_t b = dl->b, hk = dl->hk, bhk = b * p->heads_kv + hk;
+    const bool quant = plan->precision != QATTN_PRECISION_EXACT;
+    const bool fp8 = quant && plan->precision != QATTN_PRECISION_INT8_FP16;
+    const size_t es = qattn_dtype_size(p->in_dtype);
+    const float *e4m3 = cpu_e4m3_table();
+
+    if (keys < CPU_KT)
+        memset(sc->Kt, 0, (size_t)D * CPU_KT * sizeof(float));
+    for (int j = 0; j < keys; j++) {
+        int64_t t = j0 + j;
+        if (quant) {
+            cpu_convert_row_i8(sc->row, (const int8_t *)(job->ws + L->k_i8) + (bhk * p->seq_k + t) * D, D);
+            const float *ks = (const float *)(job->ws + L->k_scale) + bhk * L->k_groups;
+            sc->kscale[j] = ks[qattn_quant_group_of(t, qp->k_block, qp->k_interleave)];
+        } else {
+            const char *src = job->k + (size_t)(b * p->k_stride[0] + hk * p->k_stride[1] + t * p->k_stride[2]) * es;
+            cpu_convert_row(sc->row, src, p->in_dtype, D, 1.f);
+        }
+        for (int d = 0; d < D; d++)
+            sc->Kt[(size_t)d * CPU_KT + j] = sc->row[d];
+    }
+    for (int j = keys; j < CPU_KT; j++)
+        sc->kscale[j] = 0.f;
+
+    for (int j = 0; j < keys; j++) {
+        int64_t t = j0 + j;
+        float *dst = sc->V + (size_t)j * D;
+        if (fp8) {
+            const uint8_t *src = job->ws + L->v_q + (size_t)(bhk * D) * L->v_keys_padded + t;
+            for (int d = 0; d < D; d++)
+                dst[d] = e4m3[src[(size_t)d * L->v_keys_padded]];
+        } else if (quant) {
+            cpu_convert_row(dst, (const uint16_t *)(job->ws + L->v_q) + (bhk * p->seq_k + t) * D, QATTN_DTYPE_F16, D,
+                            1.f);
+        } else {
+            const char *src = job->v + (size_t)(b * p->v_stride[0] + hk * p->v_stride[1] + t * p->v_stride[2]) * es;
+            cpu_convert_row(dst, src, p->in_dtype, D, 1.f);
+        }
+    }
+}
+
+/* Computes one (b, h, query tile) work item. */
+static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, cpu_scratch *sc)
+{
+    const qattn_plan *plan = job->plan;
+    const qattn_problem *p = &plan->problem;
+    const qattn_workspace_layout *L = &plan->ws;
+    const qattn_quant_params *qp = &plan->quant;
+    const int D = (int)p->head_dim;
+    const int rows = (int)(p->seq_q - i0 < CPU_QT ? p->seq_q - i0 : CPU_QT);
+    const int64_t hk = h / p->group;
+    const int64_t bhq = b * p->heads_q + h, bhk = b * p->heads_kv + hk;
+    const bool quant = plan->precision != QATTN_PRECISION_EXACT;
+    const bool fp8 = quant && plan->precision != QATTN_PRECISION_INT8_FP16;
+    const size_t es = qattn_dtype_size(p->in_dtype);
+    const float qk_to_log2 = p->sm_scale * LOG2E;
+
+    /* Q tile: values pre-scaled into the log2 domain (exact), or int8 codes + row scales. */
+    for (int r = 0; r < rows; r++) {
+        int64_t i = i0 + r;
+        float *dst = sc->Q + (size_t)r * D;
+        if (quant) {
+            cpu_convert_row_i8(dst, (const int8_t *)(job->ws + L->q_i8) + (bhq * p->seq_q + i) * D, D);
+            const float *qs = (const float *)(job->ws + L->q_scale) + bhq * L->q_groups;
+            sc->qscale[r] = qs[qattn_quant_group_of(i, qp->q_block, qp->q_interleave)] * qk_to_log2;
+        } else {
+            const char *src = job->q + (size_t)(b * p->q_stride[0] + h * p->q_stride[1] + i * p->q_stride[2]) * es;
+            cpu_convert_row(dst, src, p->in_dtype, D, qk_to_log2);
+        }
+        sc->key_end[r] = qattn_causal_key_end(p, i);
+    }
+
+    cpu_flash_params fp = {.head_dim = D, .precision = plan->precision, .quant = qp};
+    dense_loader dl = {.job = job, .b = b, .hk = hk};
+    cpu_flash_loop(sc, rows, &fp, 0, p->seq_k, load_dense_kv, &dl);
 
     /* Normalize and store. FP8 modes undo P's x448 and V's per-channel scale. */
     const float *vscale = fp8 ? (const float *)(job->ws + L->v_scale) + bhk * D : NULL;
@@ -464,59 +531,59 @@ static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, sc
             qattn_store_f(dst, p->out_dtype, d, val);
         }
         if (job->lse) {
-            float lse = -INFINITY;
-            if (sc->l[r] > 0.f) {
-                lse = (float)((double)sc->m[r] * LN2 + log((double)sc->l[r]));
-                if (quant && qp->smooth_k)
-                    lse += ((const float *)(job->ws + L->q_kmean))[bhq * p->seq_q + i];
-            }
+            float lse = cpu_row_lse(sc->m[r], sc->l[r]);
+            if (sc->l[r] > 0.f && quant && qp->smooth_k)
+                lse += ((const float *)(job->ws + L->q_kmean))[bhq * p->seq_q + i];
             job->lse[bhq * p->seq_q + i] = lse;
         }
     }
 }
 
-static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
-
-qattn_status cpu_attention(const cpu_job *job, int threads)
+float cpu_row_lse(float m, float l)
 {
-    pthread_once(&tables_once, init_tables);
-    const qattn_problem *p = &job->plan->problem;
-    const int64_t tiles = (p->seq_q + CPU_QT - 1) / CPU_QT;
-    const int64_t items = p->batch * p->heads_q * tiles;
+    return l > 0.f ? (float)((double)m * LN2 + log((double)l)) : -INFINITY;
+}
+
+int cpu_worker_count(int threads, int64_t items)
+{
 #if !defined(_OPENMP)
     threads = 1;
 #endif
     if (threads > items)
-        threads = (int)items;
+        threads = (int)(items > 0 ? items : 1);
+    return threads;
+}
+
+int cpu_thread_index(void)
+{
+#if defined(_OPENMP)
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+qattn_status cpu_attention(const cpu_job *job, int threads)
+{
+    const qattn_problem *p = &job->plan->problem;
+    const int64_t tiles = (p->seq_q + CPU_QT - 1) / CPU_QT;
+    const int64_t heads = p->batch * p->heads_q;
+    const int64_t items = heads * tiles;
+    threads = cpu_worker_count(threads, items);
 
     /* All scratch up front: a failure leaves the outputs untouched. */
-    scratch *sc = calloc((size_t)threads, sizeof(*sc));
+    cpu_scratch *sc = cpu_scratch_array(threads, (int)p->head_dim);
     if (!sc)
         return QATTN_ERR_OUT_OF_MEMORY;
-    for (int t = 0; t < threads; t++)
-        if (!scratch_alloc(&sc[t], (int)p->head_dim)) {
-            for (int u = 0; u < t; u++)
-                scratch_free(&sc[u]);
-            free(sc);
-            return QATTN_ERR_OUT_OF_MEMORY;
-        }
 
     /* Causal: tiles late in the sequence cost most; hand them out first. */
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
 #endif
     for (int64_t it = 0; it < items; it++) {
-        int64_t heads = p->batch * p->heads_q;
         int64_t tile = tiles - 1 - it / heads, bh = it % heads;
-#if defined(_OPENMP)
-        scratch *mine = &sc[omp_get_thread_num()];
-#else
-        scratch *mine = &sc[0];
-#endif
-        attend_tile(job, bh / p->heads_q, bh % p->heads_q, tile * CPU_QT, mine);
+        attend_tile(job, bh / p->heads_q, bh % p->heads_q, tile * CPU_QT, &sc[cpu_thread_index()]);
     }
-    for (int t = 0; t < threads; t++)
-        scratch_free(&sc[t]);
-    free(sc);
+    cpu_scratch_array_free(sc, threads);
     return QATTN_OK;
 }

@@ -224,4 +224,8 @@ const qattn_backend_iface qattn_backend_cpu = {
     .plan_release = NULL,
     .run = cpu_run,
     .tensor_alignment = 1,
+    .kv_append = cpu_kv_append,
+    .paged_plan_init = cpu_paged_plan_init,
+    .paged_run = cpu_paged_run,
+    .merge_states = cpu_merge_states,
 };

@@ -311,6 +311,190 @@ typedef struct qattn_run_args {
  */
 QATTN_API qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args);
 
+/* --------------------------------------------------------- paged KV cache */
+
+/*
+ * A KV cache in fixed-size pages (vLLM's PagedAttention, FlashInfer). K and V
+ * live in two buffers of num_pages pages each; a page holds page_size tokens
+ * of every KV head:
+ *   QATTN_KV_NHD: page [page_size, Hkv, D]     (vLLM / FlashInfer "NHD")
+ *   QATTN_KV_HND: page [Hkv, page_size, D]     (FlashInfer "HND")
+ * Quantized pages store E4M3 or INT8 codes; the real value is code * scale:
+ *   FP8 E4M3: one scale per KV head, given by the caller (static, as vLLM's
+ *             k_scale/v_scale): fp32 [Hkv] buffers for K and V.
+ *   INT8:     per KV head (static, as above) or per page row (one scale per
+ *             token and head, computed when the token is appended): fp32
+ *             [num_pages, page_size, Hkv] buffers for K and V.
+ * The library does not own the cache: the caller allocates the buffers
+ * (qattn_kv_cache_bytes tells the sizes) and decides which pages hold what.
+ */
+typedef enum qattn_kv_layout {
+    QATTN_KV_NHD = 0,
+    QATTN_KV_HND = 1
+} qattn_kv_layout;
+
+typedef enum qattn_kv_scales {
+    QATTN_KV_SCALES_NONE = 0,     /* fp16/bf16 pages */
+    QATTN_KV_SCALES_PER_HEAD = 1, /* fp8 or int8 pages, static scale per KV head */
+    QATTN_KV_SCALES_PER_ROW = 2   /* int8 pages, a scale per (token, head), set on append */
+} qattn_kv_scales;
+
+typedef struct qattn_kv_cache_desc {
+    int64_t num_pages;
+    int64_t page_size;   /* tokens per page, >= 1 (16 is common) */
+    int64_t heads_kv;
+    int64_t head_dim;
+    qattn_dtype dtype;   /* f16, bf16, fp8e4m3 or i8 */
+    qattn_kv_layout layout;
+    qattn_kv_scales scales;
+} qattn_kv_cache_desc;
+
+typedef struct qattn_kv_cache_sizes {
+    size_t page_bytes;   /* one page of K (or of V) */
+    size_t cache_bytes;  /* num_pages pages: the size of the K buffer and of the V buffer */
+    size_t scale_bytes;  /* each of the K and V scale buffers (0 when unscaled) */
+} qattn_kv_cache_sizes;
+
+/* Validates desc and reports the buffer sizes it needs. */
+QATTN_API qattn_status qattn_kv_cache_bytes(qattn_ctx *ctx, const qattn_kv_cache_desc *desc,
+                                            qattn_kv_cache_sizes *sizes);
+
+/* The cache's buffers as given to qattn_kv_append and qattn_paged_run. */
+typedef struct qattn_kv_cache_buffers {
+    qattn_buffer *k, *v;             /* cache_bytes each */
+    qattn_buffer *k_scale, *v_scale; /* scale_bytes each; NULL for unscaled pages */
+} qattn_kv_cache_buffers;
+
+/*
+ * Writes new tokens into the cache (vLLM's reshape_and_cache): token t of
+ * k_new/v_new ([T, Hkv, D], f16/bf16/f32, element strides for token and head,
+ * head dim contiguous) goes to slot slot_mapping[t] = page * page_size +
+ * offset (int64 buffer [T]); a negative slot skips the token (padding).
+ * FP8 and INT8 pages are quantized on the way in (per-head scales are read,
+ * per-row scales are written). Slots must be distinct. Synchronous on
+ * backends without streams; on CUDA it runs on args->stream.
+ */
+typedef struct qattn_kv_append_args {
+    const qattn_kv_cache_desc *cache;
+    const qattn_kv_cache_buffers *buffers;
+    int64_t num_tokens;
+    qattn_dtype new_dtype;
+    int64_t new_stride[2];           /* elements between tokens, between heads */
+    qattn_buffer *k_new, *v_new, *slot_mapping;
+    size_t k_new_offset, v_new_offset, slot_mapping_offset;
+    uint32_t flags;                  /* QATTN_FLAG_NO_FINITE_CHECK skips the NaN/Inf and slot checks */
+    void *stream;
+} qattn_kv_append_args;
+
+QATTN_API qattn_status qattn_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *args);
+
+/* Page tables, in both common encodings (int32 buffers):
+ *   DENSE (vLLM, FlashAttention): block_table [B, max_pages_per_seq] and
+ *     seq_lens [B] (tokens in the cache for each sequence).
+ *   CSR (FlashInfer): indptr [B + 1], indices [indptr[B]] (the pages of
+ *     sequence b are indices[indptr[b] .. indptr[b+1])), last_page_len [B]
+ *     (tokens in the last page, 1..page_size; a sequence has >= 1 page). */
+typedef enum qattn_page_table_kind {
+    QATTN_PAGES_DENSE = 0,
+    QATTN_PAGES_CSR = 1
+} qattn_page_table_kind;
+
+/*
+ * Attention of ragged queries over a paged KV cache: decode (one or a few
+ * query tokens per sequence) and prefill / chunked prefill (many, causal
+ * against the cached prefix). Queries and outputs are [total_q, Hq, D] with
+ * token and head strides; sequence b owns query rows qo_indptr[b] ..
+ * qo_indptr[b+1] (int32 buffer [B + 1]), which are its last tokens: with
+ * causal, query i of a sequence with q_len queries and kv_len cached tokens
+ * sees keys j <= i + kv_len - q_len (the cache already holds the queries' own
+ * K/V). LSE (optional) is fp32 [total_q, Hq].
+ * The planner splits long sequences over several work items when batch x
+ * heads would not fill the device (split-KV) and merges the partial results
+ * exactly through their LSE.
+ */
+typedef struct qattn_paged_desc {
+    qattn_kv_cache_desc cache;
+    qattn_page_table_kind table;
+    int64_t batch;
+    int64_t max_pages_per_seq;  /* DENSE: block_table's row length; CSR: bound used for planning */
+    int64_t total_q;            /* rows of Q and O */
+    int64_t max_q_len;          /* bound on any sequence's query count (1 for pure decode) */
+    int64_t heads_q;            /* multiple of cache.heads_kv */
+    qattn_dtype q_dtype;        /* f16, bf16 or f32; O has the same dtype */
+    int64_t q_stride[2];        /* elements between tokens, between heads (head dim contiguous) */
+    int64_t o_stride[2];
+    int causal;
+    int return_lse;
+    float sm_scale;             /* 0: 1/sqrt(D) */
+    int num_splits;             /* 0: the planner decides; >= 1 forces */
+    /* QATTN_FLAG_NO_FINITE_CHECK skips the NaN/Inf scan of Q and the check of
+     * the page tables (out-of-range pages and lengths). Without the check,
+     * bad tables give unspecified outputs, but never a read outside the cache. */
+    uint32_t flags;
+} qattn_paged_desc;
+
+typedef struct qattn_paged_args {
+    const qattn_kv_cache_buffers *cache;
+    qattn_buffer *q, *o, *lse;
+    qattn_buffer *qo_indptr;
+    qattn_buffer *block_table, *seq_lens;                /* DENSE */
+    qattn_buffer *indptr, *indices, *last_page_len;      /* CSR */
+    qattn_buffer *workspace;
+    size_t q_offset, o_offset, lse_offset, workspace_offset;
+    void *stream;
+} qattn_paged_args;
+
+QATTN_API qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *desc, qattn_plan **out);
+/* qattn_plan_destroy, qattn_plan_workspace_size, qattn_plan_describe and
+ * qattn_plan_get_info (q_tile: query rows per item; kv_tile: keys per split
+ * chunk, 0 when unsplit) apply to paged plans too. */
+QATTN_API qattn_status qattn_paged_run(const qattn_plan *plan, const qattn_paged_args *args);
+
+/*
+ * Merges attention states computed over disjoint key sets (split-KV,
+ * cascades, context parallelism): for each row r and head h,
+ *   lse = log(sum_s exp(lse_s)),  o = sum_s exp(lse_s - lse) * o_s.
+ * States whose LSE is -inf contribute nothing; if all are, o = 0, lse = -inf.
+ * v: [S, R, H, D] (f32/f16/bf16, strides in elements, head dim contiguous),
+ * s: fp32 [S, R, H] with strides; o: [R, H, D] (dtype, strides), lse: fp32 [R, H]
+ * contiguous (optional).
+ */
+typedef struct qattn_merge_desc {
+    int64_t num_states, rows, heads, head_dim;
+    qattn_dtype v_dtype, o_dtype;
+    int64_t v_stride[3];   /* state, row, head */
+    int64_t s_stride[3];   /* state, row, head */
+    int64_t o_stride[2];   /* row, head */
+} qattn_merge_desc;
+
+typedef struct qattn_merge_args {
+    qattn_buffer *v, *s, *o, *lse; /* lse may be NULL */
+    size_t v_offset, s_offset, o_offset, lse_offset;
+    void *stream;
+} qattn_merge_args;
+
+QATTN_API qattn_status qattn_merge_states(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
+
+/* A small host-side page allocator an engine may use or ignore: pages are
+ * handed out lowest-free-first; not thread-safe (one per engine thread). */
+typedef struct qattn_page_pool qattn_page_pool;
+QATTN_API qattn_status qattn_page_pool_create(int64_t num_pages, qattn_page_pool **out);
+QATTN_API void qattn_page_pool_destroy(qattn_page_pool *pool);
+/* Takes n free pages into pages[0..n); all or nothing (QATTN_ERR_OUT_OF_MEMORY when fewer are free). */
+QATTN_API qattn_status qattn_page_pool_alloc(qattn_page_pool *pool, int64_t n, int32_t *pages);
+/* Returns pages; freeing a page that is not allocated is QATTN_ERR_INVALID_ARGUMENT (nothing changes). */
+QATTN_API qattn_status qattn_page_pool_free(qattn_page_pool *pool, int64_t n, const int32_t *pages);
+QATTN_API int64_t qattn_page_pool_free_count(const qattn_page_pool *pool);
+/*
+ * Builds a dense block table row and the CSR arrays for sequences whose pages
+ * are given as lists: seq_pages[b] has pages_per_seq[b] entries. block_table
+ * is [batch, max_pages_per_seq] (unused entries -1); indptr [batch + 1];
+ * indices [sum]. Any output pointer may be NULL.
+ */
+QATTN_API qattn_status qattn_page_tables_build(int64_t batch, const int32_t *const *seq_pages,
+                                               const int64_t *pages_per_seq, int64_t max_pages_per_seq,
+                                               int32_t *block_table, int32_t *indptr, int32_t *indices);
+
 #ifdef __cplusplus
 }
 #endif

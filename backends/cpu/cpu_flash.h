@@ -1,0 +1,53 @@
+/* The CPU flash engine shared by dense and paged attention (cpu_attention.c). */
+#ifndef QATTN_CPU_FLASH_H
+#define QATTN_CPU_FLASH_H
+
+#include "cpu_backend.h"
+
+#define CPU_KT 64 /* keys per tile */
+
+/* Per-thread scratch, sized for CPU_QT rows, CPU_KT keys and head dim D. */
+typedef struct cpu_scratch {
+    float *Q;      /* [CPU_QT][D] query rows in the log2 domain (or INT8 codes) */
+    float *Kt;     /* [D][CPU_KT] keys, transposed */
+    float *V;      /* [CPU_KT][D] */
+    float *S, *O, *acc16, *part, *row;
+    float m[CPU_QT], l[CPU_QT], alpha[CPU_QT];
+    float qscale[CPU_QT];   /* quantized modes: INT8 Q scale x sm_scale x log2(e) */
+    float kscale[CPU_KT];   /* quantized modes: INT8 K scale per key */
+    int64_t key_end[CPU_QT]; /* keys each row may see: [0, key_end) */
+} cpu_scratch;
+
+bool cpu_scratch_alloc(cpu_scratch *sc, int D);
+void cpu_scratch_free(cpu_scratch *sc);
+/* count scratches, all or nothing (NULL on failure). */
+cpu_scratch *cpu_scratch_array(int count, int D);
+void cpu_scratch_array_free(cpu_scratch *sc, int count);
+
+/* Fills sc->Kt (zero past `keys`), sc->V and (quantized) sc->kscale for keys [j0, j0 + keys). */
+typedef void (*cpu_kv_loader)(const void *ctx, int64_t j0, int keys, cpu_scratch *sc);
+
+typedef struct cpu_flash_params {
+    int head_dim;
+    qattn_precision precision;
+    const qattn_quant_params *quant; /* quantized modes */
+} cpu_flash_params;
+
+/* Online softmax over keys [key_begin, key_end) for `rows` rows prepared in
+ * sc->Q / sc->qscale / sc->key_end. Leaves the unnormalized output in sc->O
+ * and the running max (log2 domain) and sum in sc->m, sc->l. */
+void cpu_flash_loop(cpu_scratch *sc, int rows, const cpu_flash_params *fp, int64_t key_begin, int64_t key_end,
+                    cpu_kv_loader load, const void *loader_ctx);
+
+/* LSE (natural log) of a row from its log2-domain max and sum; -inf when empty. */
+float cpu_row_lse(float m, float l);
+
+void cpu_convert_row(float *dst, const void *src, qattn_dtype dt, int n, float scale);
+void cpu_convert_row_i8(float *dst, const int8_t *src, int n);
+const float *cpu_e4m3_table(void);
+
+/* Workers for `items` work items (1 without OpenMP) and the caller's index. */
+int cpu_worker_count(int threads, int64_t items);
+int cpu_thread_index(void);
+
+#endif

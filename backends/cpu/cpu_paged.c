@@ -1,0 +1,442 @@
+/*
+ * CPU paged KV cache: append with quantization, paged attention (decode and
+ * prefill) on the shared flash engine, split-KV with an exact LSE merge, and
+ * qattn_merge_states. The query heads of a GQA group are packed into one
+ * work item so they share every K/V row the item dequantizes.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_backend.h"
+#include "cpu_flash.h"
+#include "numeric.h"
+
+#define LOG2E 1.4426950408889634f
+
+static void *host_at(const qattn_buffer *b, size_t offset) { return b ? (char *)b->host + offset : NULL; }
+
+/* Element index of (page, offset in page, head)'s first value. */
+static int64_t cache_row(const qattn_kv_cache_desc *c, int64_t page, int64_t off, int64_t h)
+{
+    int64_t page_elems = c->page_size * c->heads_kv * c->head_dim;
+    int64_t within = c->layout == QATTN_KV_NHD ? (off * c->heads_kv + h) : (h * c->page_size + off);
+    return page * page_elems + within * c->head_dim;
+}
+
+/* Dequantizes one cached row into dst[D]. */
+static void load_cache_row(const qattn_kv_cache_desc *c, const void *cache, const float *scales, int64_t page,
+                           int64_t off, int64_t h, float *dst)
+{
+    const int D = (int)c->head_dim;
+    int64_t at = cache_row(c, page, off, h);
+    if (c->dtype == QATTN_DTYPE_F16 || c->dtype == QATTN_DTYPE_BF16) {
+        cpu_convert_row(dst, (const uint16_t *)cache + at, c->dtype, D, 1.f);
+        return;
+    }
+    float scale = c->scales == QATTN_KV_SCALES_PER_ROW ? scales[(page * c->page_size + off) * c->heads_kv + h]
+                                                       : scales[h];
+    if (c->dtype == QATTN_DTYPE_FP8_E4M3) {
+        const float *e4m3 = cpu_e4m3_table();
+        const uint8_t *src = (const uint8_t *)cache + at;
+        for (int d = 0; d < D; d++)
+            dst[d] = e4m3[src[d]] * scale;
+    } else {
+        cpu_convert_row_i8(dst, (const int8_t *)cache + at, D);
+        for (int d = 0; d < D; d++)
+            dst[d] *= scale;
+    }
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+qattn_status cpu_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const qattn_kv_cache_sizes *sizes)
+{
+    (void)sizes;
+    const qattn_kv_cache_desc *c = a->cache;
+    const int64_t T = a->num_tokens, H = c->heads_kv, D = c->head_dim;
+    const int64_t capacity = c->num_pages * c->page_size;
+    const int64_t *slots = host_at(a->slot_mapping, a->slot_mapping_offset);
+    const char *k_new = host_at(a->k_new, a->k_new_offset), *v_new = host_at(a->v_new, a->v_new_offset);
+    const size_t es = qattn_dtype_size(a->new_dtype);
+    const bool check = !(a->flags & QATTN_FLAG_NO_FINITE_CHECK);
+    float *k_scale = host_at(a->buffers->k_scale, 0), *v_scale = host_at(a->buffers->v_scale, 0);
+
+    if (check) {
+        int64_t *sorted = malloc((size_t)T * sizeof(int64_t));
+        if (!sorted)
+            return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory checking the slot mapping");
+        int64_t used = 0;
+        for (int64_t t = 0; t < T; t++) {
+            if (slots[t] >= capacity) {
+                free(sorted);
+                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                       "slot_mapping[%lld]=%lld is outside the cache's %lld slots", (long long)t,
+                                       (long long)slots[t], (long long)capacity);
+            }
+            if (slots[t] >= 0)
+                sorted[used++] = slots[t];
+        }
+        qsort(sorted, (size_t)used, sizeof(int64_t), cmp_i64);
+        for (int64_t i = 1; i < used; i++)
+            if (sorted[i] == sorted[i - 1]) {
+                int64_t dup = sorted[i];
+                free(sorted);
+                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "slot %lld appears twice in slot_mapping",
+                                       (long long)dup);
+            }
+        free(sorted);
+        int64_t shape[4] = {1, H, T, D}, stride[4] = {1, a->new_stride[1], a->new_stride[0], 1};
+        if (!qattn_host_tensor_is_finite(k_new, a->new_dtype, shape, stride) ||
+            !qattn_host_tensor_is_finite(v_new, a->new_dtype, shape, stride))
+            return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
+                                   "k_new or v_new contains NaN or Inf; the cache was not written");
+        if (c->scales == QATTN_KV_SCALES_PER_HEAD)
+            for (int64_t h = 0; h < H; h++)
+                if (!(k_scale[h] > 0.f && isfinite(k_scale[h])) || !(v_scale[h] > 0.f && isfinite(v_scale[h])))
+                    return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                           "per-head scale of head %lld must be finite and > 0", (long long)h);
+    }
+
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(cpu_worker_count(ctx->num_threads, T))
+#endif
+    for (int64_t t = 0; t < T; t++) {
+        int64_t slot = slots[t];
+        if (slot < 0 || slot >= capacity) /* padding; out of range only when unchecked */
+            continue;
+        int64_t page = slot / c->page_size, off = slot % c->page_size;
+        for (int64_t h = 0; h < H; h++)
+            for (int which = 0; which < 2; which++) {
+                const char *src = (which ? v_new : k_new) + (size_t)(t * a->new_stride[0] + h * a->new_stride[1]) * es;
+                void *cache = which ? a->buffers->v->host : a->buffers->k->host;
+                float *scales = which ? v_scale : k_scale;
+                int64_t at = cache_row(c, page, off, h);
+                if (c->dtype == QATTN_DTYPE_F16 || c->dtype == QATTN_DTYPE_BF16) {
+                    for (int64_t d = 0; d < D; d++)
+                        qattn_store_f(cache, c->dtype, at + d, qattn_load_f(src, a->new_dtype, d));
+                    continue;
+                }
+                float inv;
+                if (c->scales == QATTN_KV_SCALES_PER_ROW) { /* int8: amax of this row */
+                    float amax = 0.f;
+                    for (int64_t d = 0; d < D; d++)
+                        amax = fmaxf(amax, fabsf(qattn_load_f(src, a->new_dtype, d)));
+                    scales[(page * c->page_size + off) * H + h] = amax / 127.f;
+                    inv = amax > 0.f ? 127.f / amax : 0.f;
+                } else {
+                    inv = scales[h] > 0.f ? 1.f / scales[h] : 0.f;
+                }
+                for (int64_t d = 0; d < D; d++) {
+                    float x = qattn_load_f(src, a->new_dtype, d) * inv;
+                    if (c->dtype == QATTN_DTYPE_FP8_E4M3) {
+                        ((uint8_t *)cache)[at + d] = qattn_f32_to_e4m3(x);
+                    } else {
+                        float r = nearbyintf(x);
+                        ((int8_t *)cache)[at + d] = (int8_t)(r > 127.f ? 127.f : r < -127.f ? -127.f : r);
+                    }
+                }
+            }
+    }
+    return QATTN_OK;
+}
+
+qattn_status cpu_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
+{
+    qattn_paged_problem *pp = &plan->pp;
+    const int64_t D = pp->cache.head_dim;
+    if (D % 16 != 0 || D > 256)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "head dim %lld is not supported by the cpu backend (multiples of 16 up to 256)",
+                               (long long)D);
+    const int64_t tiles = (pp->group * pp->max_q_len + CPU_QT - 1) / CPU_QT;
+    const int64_t items = pp->batch * pp->cache.heads_kv * tiles;
+    const int threads = ctx->num_threads;
+    if (pp->num_splits == 0) {
+        /* Split the keys only when sequences x heads x tiles leave threads idle. */
+        int64_t splits = items >= threads ? 1 : (threads + items - 1) / items;
+        if (splits > pp->max_pages_per_seq)
+            splits = pp->max_pages_per_seq;
+        pp->num_splits = (int)splits;
+        snprintf(plan->why, sizeof(plan->why), "%lld work items for %d threads: %d split(s) of the keys.",
+                 (long long)items, threads, pp->num_splits);
+    } else {
+        snprintf(plan->why, sizeof(plan->why), "%d split(s) of the keys, as requested.", pp->num_splits);
+    }
+    plan->backend_workspace = 0;
+    if (pp->num_splits > 1) { /* partial O [splits, total_q, Hq, D] and LSE [splits, total_q, Hq], fp32 */
+        size_t rows = (size_t)pp->num_splits * (size_t)pp->total_q * (size_t)pp->heads_q;
+        plan->backend_workspace = rows * ((size_t)D + 1) * sizeof(float);
+    }
+    int64_t per = (pp->max_pages_per_seq + pp->num_splits - 1) / pp->num_splits;
+    plan->q_tile = CPU_QT;
+    plan->kv_tile = pp->num_splits > 1 ? (int)(per * pp->cache.page_size) : 0;
+    plan->status_word = false;
+    snprintf(plan->kernel, sizeof(plan->kernel), "cpu_paged_%s_d%lld", qattn_dtype_name(pp->cache.dtype),
+             (long long)D);
+    return QATTN_OK;
+}
+
+/* The host view of a run's page tables, checked. */
+typedef struct page_view {
+    const qattn_paged_problem *pp;
+    const int32_t *qo_indptr, *block_table, *seq_lens, *indptr, *indices, *last_page_len;
+} page_view;
+
+static int64_t view_kv_len(const page_view *v, int64_t b)
+{
+    if (v->pp->table == QATTN_PAGES_DENSE)
+        return v->seq_lens[b];
+    int64_t pages = v->indptr[b + 1] - v->indptr[b];
+    return pages == 0 ? 0 : (pages - 1) * v->pp->cache.page_size + v->last_page_len[b];
+}
+
+static int64_t view_page(const page_view *v, int64_t b, int64_t i)
+{
+    return v->pp->table == QATTN_PAGES_DENSE ? v->block_table[b * v->pp->max_pages_per_seq + i]
+                                             : v->indices[v->indptr[b] + i];
+}
+
+static qattn_status check_tables(qattn_ctx *ctx, const page_view *v, size_t indices_bytes)
+{
+    const qattn_paged_problem *pp = v->pp;
+    const int64_t P = pp->cache.page_size;
+    if (v->qo_indptr[0] < 0)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "qo_indptr[0]=%d is negative", v->qo_indptr[0]);
+    for (int64_t b = 0; b < pp->batch; b++) {
+        int64_t q_len = (int64_t)v->qo_indptr[b + 1] - v->qo_indptr[b];
+        if (q_len < 0 || q_len > pp->max_q_len || v->qo_indptr[b + 1] > pp->total_q)
+            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                   "qo_indptr[%lld..%lld] = %d..%d: query counts must be in [0, max_q_len=%lld] "
+                                   "and rows below total_q=%lld",
+                                   (long long)b, (long long)b + 1, v->qo_indptr[b], v->qo_indptr[b + 1],
+                                   (long long)pp->max_q_len, (long long)pp->total_q);
+        int64_t pages;
+        if (pp->table == QATTN_PAGES_DENSE) {
+            if (v->seq_lens[b] < 0 || v->seq_lens[b] > pp->max_pages_per_seq * P)
+                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                       "seq_lens[%lld]=%d must be in [0, max_pages_per_seq * page_size = %lld]",
+                                       (long long)b, v->seq_lens[b], (long long)(pp->max_pages_per_seq * P));
+            pages = (v->seq_lens[b] + P - 1) / P;
+        } else {
+            if (v->indptr[0] < 0 || v->indptr[b + 1] < v->indptr[b] ||
+                (size_t)v->indptr[b + 1] * 4 > indices_bytes)
+                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                       "indptr[%lld..%lld] = %d..%d must be non-decreasing, from >= 0, and inside "
+                                       "the %zu-byte indices buffer",
+                                       (long long)b, (long long)b + 1, v->indptr[b], v->indptr[b + 1], indices_bytes);
+            pages = v->indptr[b + 1] - v->indptr[b];
+            if (pages > 0 && (v->last_page_len[b] < 1 || v->last_page_len[b] > P))
+                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                       "last_page_len[%lld]=%d must be in [1, page_size=%lld]", (long long)b,
+                                       v->last_page_len[b], (long long)P);
+        }
+        for (int64_t i = 0; i < pages; i++) {
+            int64_t page = view_page(v, b, i);
+            if (page < 0 || page >= pp->cache.num_pages)
+                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                       "sequence %lld's page %lld is %lld, outside the cache's %lld pages",
+                                       (long long)b, (long long)i, (long long)page, (long long)pp->cache.num_pages);
+        }
+    }
+    return QATTN_OK;
+}
+
+typedef struct paged_loader {
+    const page_view *view;
+    const qattn_kv_cache_buffers *cache;
+    int64_t b, hk;
+} paged_loader;
+
+static void load_paged_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc)
+{
+    const paged_loader *pl = ctx;
+    const qattn_kv_cache_desc *c = &pl->view->pp->cache;
+    const int D = (int)c->head_dim;
+    const float *ks = pl->cache->k_scale ? pl->cache->k_scale->host : NULL;
+    const float *vs = pl->cache->v_scale ? pl->cache->v_scale->host : NULL;
+    if (keys < CPU_KT)
+        memset(sc->Kt, 0, (size_t)D * CPU_KT * sizeof(float));
+    for (int j = 0; j < keys; j++) {
+        int64_t t = j0 + j, page = view_page(pl->view, pl->b, t / c->page_size), off = t % c->page_size;
+        load_cache_row(c, pl->cache->k->host, ks, page, off, pl->hk, sc->row);
+        for (int d = 0; d < D; d++)
+            sc->Kt[(size_t)d * CPU_KT + j] = sc->row[d];
+        load_cache_row(c, pl->cache->v->host, vs, page, off, pl->hk, sc->V + (size_t)j * D);
+    }
+}
+
+/* Merges S states of one (row, head): values at v[s * vs] (dtype vdt), LSEs at
+ * lse[s * ls]; writes out[D] (fp32) and returns the merged LSE. */
+static float merge_one(int64_t S, int D, const void *v, qattn_dtype vdt, int64_t vs, const float *lse, int64_t ls,
+                       float *out)
+{
+    float m = -INFINITY;
+    for (int64_t s = 0; s < S; s++)
+        m = lse[s * ls] > m ? lse[s * ls] : m;
+    for (int d = 0; d < D; d++)
+        out[d] = 0.f;
+    if (m == -INFINITY)
+        return -INFINITY;
+    double total = 0.0;
+    for (int64_t s = 0; s < S; s++) {
+        if (lse[s * ls] == -INFINITY)
+            continue;
+        float w = expf(lse[s * ls] - m);
+        total += w;
+        for (int d = 0; d < D; d++)
+            out[d] += w * qattn_load_f(v, vdt, s * vs + d);
+    }
+    for (int d = 0; d < D; d++)
+        out[d] = (float)(out[d] / total);
+    return (float)(m + log(total));
+}
+
+qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a)
+{
+    const qattn_paged_problem *pp = &plan->pp;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the cpu backend");
+    page_view view = {
+        .pp = pp,
+        .qo_indptr = a->qo_indptr->host,
+        .block_table = a->block_table ? a->block_table->host : NULL,
+        .seq_lens = a->seq_lens ? a->seq_lens->host : NULL,
+        .indptr = a->indptr ? a->indptr->host : NULL,
+        .indices = a->indices ? a->indices->host : NULL,
+        .last_page_len = a->last_page_len ? a->last_page_len->host : NULL,
+    };
+    /* Host tables are cheap to check: the CPU always does, so it never reads outside the cache. */
+    qattn_status s = check_tables(ctx, &view, a->indices ? a->indices->size : 0);
+    if (s)
+        return s;
+    const char *q = host_at(a->q, a->q_offset);
+    const int64_t D = pp->cache.head_dim, Hq = pp->heads_q, Hkv = pp->cache.heads_kv, G = pp->group;
+    const size_t es = qattn_dtype_size(pp->q_dtype);
+    if (pp->check) {
+        for (int64_t b = 0; b < pp->batch; b++) {
+            int64_t q0 = view.qo_indptr[b], n = view.qo_indptr[b + 1] - q0;
+            int64_t shape[4] = {1, Hq, n, D}, stride[4] = {1, pp->q_stride[1], pp->q_stride[0], 1};
+            if (n > 0 && !qattn_host_tensor_is_finite(q + (size_t)(q0 * pp->q_stride[0]) * es, pp->q_dtype, shape,
+                                                      stride))
+                return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
+                                       "q contains NaN or Inf; outputs were not written (set "
+                                       "QATTN_FLAG_NO_FINITE_CHECK to skip this scan)");
+        }
+    }
+
+    const int splits = pp->num_splits;
+    const int64_t tiles = (G * pp->max_q_len + CPU_QT - 1) / CPU_QT;
+    const int64_t items = pp->batch * Hkv * tiles * splits;
+    const int threads = cpu_worker_count(ctx->num_threads, items);
+    cpu_scratch *sc = cpu_scratch_array(threads, (int)D);
+    if (!sc)
+        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the cpu kernel's tiles");
+    char *o = host_at(a->o, a->o_offset);
+    float *lse_out = pp->return_lse ? host_at(a->lse, a->lse_offset) : NULL;
+    float *part_o = NULL, *part_lse = NULL;
+    if (splits > 1) {
+        part_o = (float *)host_at(a->workspace, a->workspace_offset + plan->ws.backend);
+        part_lse = part_o + (size_t)splits * pp->total_q * Hq * D;
+    }
+    const float qk_to_log2 = pp->sm_scale * LOG2E;
+    const cpu_flash_params fp = {.head_dim = (int)D, .precision = QATTN_PRECISION_EXACT};
+
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#endif
+    for (int64_t it = 0; it < items; it++) {
+        const int split = (int)(it % splits);
+        const int64_t tile = (it / splits) % tiles, hk = (it / splits / tiles) % Hkv, b = it / splits / tiles / Hkv;
+        const int64_t q0 = view.qo_indptr[b], q_len = view.qo_indptr[b + 1] - q0, kv_len = view_kv_len(&view, b);
+        const int64_t first = tile * CPU_QT, rows_total = q_len * G;
+        if (first >= rows_total)
+            continue;
+        const int rows = (int)(rows_total - first < CPU_QT ? rows_total - first : CPU_QT);
+        cpu_scratch *mine = &sc[cpu_thread_index()];
+        for (int r = 0; r < rows; r++) { /* row r is query i of head hk * G + g */
+            int64_t i = (first + r) / G, g = (first + r) % G;
+            const char *src = q + (size_t)((q0 + i) * pp->q_stride[0] + (hk * G + g) * pp->q_stride[1]) * es;
+            cpu_convert_row(mine->Q + (size_t)r * D, src, pp->q_dtype, (int)D, qk_to_log2);
+            int64_t end = pp->causal ? i + 1 + kv_len - q_len : kv_len;
+            mine->key_end[r] = end < kv_len ? end : kv_len;
+        }
+        int64_t begin = 0, end = kv_len;
+        if (splits > 1) {
+            qattn_split_range(pp->max_pages_per_seq, pp->cache.page_size, split, splits, &begin, &end);
+            end = end < kv_len ? end : kv_len;
+        }
+        paged_loader pl = {.view = &view, .cache = a->cache, .b = b, .hk = hk};
+        cpu_flash_loop(mine, rows, &fp, begin, end, load_paged_kv, &pl);
+
+        for (int r = 0; r < rows; r++) {
+            int64_t i = (first + r) / G, h = hk * G + (first + r) % G, row = q0 + i;
+            float inv = mine->l[r] > 0.f ? 1.f / mine->l[r] : 0.f;
+            float lse = cpu_row_lse(mine->m[r], mine->l[r]);
+            const float *acc = mine->O + (size_t)r * D;
+            if (splits > 1) {
+                float *dst = part_o + (((size_t)split * pp->total_q + row) * Hq + h) * D;
+                for (int64_t d = 0; d < D; d++)
+                    dst[d] = acc[d] * inv;
+                part_lse[((size_t)split * pp->total_q + row) * Hq + h] = lse;
+                continue;
+            }
+            char *dst = o + (size_t)(row * pp->o_stride[0] + h * pp->o_stride[1]) * es;
+            for (int64_t d = 0; d < D; d++)
+                qattn_store_f(dst, pp->q_dtype, d, acc[d] * inv);
+            if (lse_out)
+                lse_out[row * Hq + h] = lse;
+        }
+    }
+
+    if (splits > 1) { /* exact merge of the splits through their LSE */
+        float *merged = sc[0].row;
+        for (int64_t b = 0; b < pp->batch; b++)
+            for (int64_t row = view.qo_indptr[b]; row < view.qo_indptr[b + 1]; row++)
+                for (int64_t h = 0; h < Hq; h++) {
+                    size_t first = (size_t)row * Hq + h, stride = (size_t)pp->total_q * Hq;
+                    float lse = merge_one(splits, (int)D, part_o + first * D, QATTN_DTYPE_F32, (int64_t)(stride * D),
+                                          part_lse + first, (int64_t)stride, merged);
+                    char *dst = o + (size_t)(row * pp->o_stride[0] + h * pp->o_stride[1]) * es;
+                    for (int64_t d = 0; d < D; d++)
+                        qattn_store_f(dst, pp->q_dtype, d, merged[d]);
+                    if (lse_out)
+                        lse_out[row * Hq + h] = lse;
+                }
+    }
+    cpu_scratch_array_free(sc, threads);
+    return QATTN_OK;
+}
+
+qattn_status cpu_merge_states(qattn_ctx *ctx, const qattn_merge_desc *d, const qattn_merge_args *a)
+{
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the cpu backend");
+    const char *v = host_at(a->v, a->v_offset);
+    const float *s = host_at(a->s, a->s_offset);
+    char *o = host_at(a->o, a->o_offset);
+    float *lse = a->lse ? host_at(a->lse, a->lse_offset) : NULL;
+    const size_t ves = qattn_dtype_size(d->v_dtype), oes = qattn_dtype_size(d->o_dtype);
+    float *tmp = malloc((size_t)d->head_dim * sizeof(float));
+    if (!tmp)
+        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory merging states");
+    for (int64_t r = 0; r < d->rows; r++)
+        for (int64_t h = 0; h < d->heads; h++) {
+            const char *v0 = v + (size_t)(r * d->v_stride[1] + h * d->v_stride[2]) * ves;
+            const float *s0 = s + r * d->s_stride[1] + h * d->s_stride[2];
+            float merged = merge_one(d->num_states, (int)d->head_dim, v0, d->v_dtype, d->v_stride[0], s0,
+                                     d->s_stride[0], tmp);
+            char *dst = o + (size_t)(r * d->o_stride[0] + h * d->o_stride[1]) * oes;
+            for (int64_t e = 0; e < d->head_dim; e++)
+                qattn_store_f(dst, d->o_dtype, e, tmp[e]);
+            if (lse)
+                lse[r * d->heads + h] = merged;
+        }
+    free(tmp);
+    return QATTN_OK;
+}

@@ -1,0 +1,641 @@
+/*
+ * Paged attention conformance, one source for every backend
+ * (`test_paged <backend>`; exit 77 when the backend is not usable here).
+ *
+ * Each case fills a KV cache through qattn_kv_append with pages handed out in
+ * random order, reads the cache back, checks the stored codes against the
+ * appended values (format tolerance), and checks paged attention against an
+ * fp64 reference over the gathered, dequantized sequence (so the attention
+ * math is held tightly whatever the page format), plus against the original
+ * values (the format's own error). Split-KV, both table encodings, ragged
+ * lengths (1, not multiples of the page size), GQA, causal prefill and the
+ * merge API are covered; so are bad inputs.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "numeric.h"
+#include "qattn/qattn.h"
+#include "reference.h"
+
+static const char *backend_name;
+static qattn_ctx *ctx;
+static ref_rng rng;
+
+#define MAX_B 8
+
+typedef struct paged_case {
+    const char *name;
+    int64_t page_size, heads_q, heads_kv, head_dim;
+    qattn_dtype dtype;
+    qattn_kv_layout layout;
+    qattn_kv_scales scales;
+    qattn_page_table_kind table;
+    int causal;
+    int num_splits;
+    int64_t batch;
+    int64_t kv_len[MAX_B];
+    int64_t q_len[MAX_B];
+} paged_case;
+
+#define assert_ok(call)                                                                                                \
+    do {                                                                                                               \
+        qattn_status s_ = (call);                                                                                      \
+        if (s_ != QATTN_OK)                                                                                            \
+            fail_msg("%s: %s: %s", #call, qattn_status_str(s_), qattn_last_error(ctx));                               \
+    } while (0)
+
+static qattn_buffer *upload(const void *data, size_t bytes)
+{
+    qattn_buffer *b = NULL;
+    assert_ok(qattn_buffer_create(ctx, bytes ? bytes : 4, &b));
+    if (bytes)
+        assert_ok(qattn_buffer_upload(b, 0, data, bytes));
+    return b;
+}
+
+/* Stored value of (page, offset, head, d), dequantized as the format defines. */
+static double cache_value(const paged_case *c, const uint8_t *cache, const float *scales, int64_t page, int64_t off,
+                          int64_t h, int64_t d)
+{
+    int64_t within = c->layout == QATTN_KV_NHD ? off * c->heads_kv + h : h * c->page_size + off;
+    int64_t at = (page * c->page_size * c->heads_kv + within) * c->head_dim + d;
+    switch (c->dtype) {
+    case QATTN_DTYPE_F16: return qattn_f16_to_f32(((const uint16_t *)cache)[at]);
+    case QATTN_DTYPE_BF16: return qattn_bf16_to_f32(((const uint16_t *)cache)[at]);
+    case QATTN_DTYPE_FP8_E4M3: return qattn_e4m3_to_f32(cache[at]) * (double)scales[h];
+    default: {
+        float scale = c->scales == QATTN_KV_SCALES_PER_ROW ? scales[(page * c->page_size + off) * c->heads_kv + h]
+                                                           : scales[h];
+        return ((const int8_t *)cache)[at] * (double)scale;
+    }
+    }
+}
+
+static void run_paged_case(void **state)
+{
+    const paged_case *c = *state;
+    const int64_t B = c->batch, Hq = c->heads_q, Hkv = c->heads_kv, D = c->head_dim, P = c->page_size;
+    int64_t pages_of[MAX_B], total_pages = 0, total_tokens = 0, total_q = 0, max_pages = 1, max_q = 1;
+    int32_t qo_indptr[MAX_B + 1] = {0};
+    for (int64_t b = 0; b < B; b++) {
+        pages_of[b] = (c->kv_len[b] + P - 1) / P;
+        total_pages += pages_of[b];
+        total_tokens += c->kv_len[b];
+        max_pages = pages_of[b] > max_pages ? pages_of[b] : max_pages;
+        max_q = c->q_len[b] > max_q ? c->q_len[b] : max_q;
+        qo_indptr[b + 1] = (int32_t)(qo_indptr[b] + c->q_len[b]);
+        total_q += c->q_len[b];
+    }
+    const int64_t num_pages = total_pages + 5; /* a few pages nobody uses */
+    qattn_kv_cache_desc cache = {.num_pages = num_pages, .page_size = P, .heads_kv = Hkv, .head_dim = D,
+                                 .dtype = c->dtype, .layout = c->layout, .scales = c->scales};
+    qattn_kv_cache_sizes sizes;
+    assert_ok(qattn_kv_cache_bytes(ctx, &cache, &sizes));
+
+    /* Pages in random order: take them all from the pool, shuffle, hand out. */
+    qattn_page_pool *pool = NULL;
+    assert_ok(qattn_page_pool_create(num_pages, &pool));
+    int32_t *all = malloc((size_t)num_pages * sizeof(int32_t));
+    assert_ok(qattn_page_pool_alloc(pool, num_pages, all));
+    assert_int_equal(qattn_page_pool_free_count(pool), 0);
+    for (int64_t i = num_pages - 1; i > 0; i--) {
+        int64_t j = (int64_t)(ref_rng_uniform(&rng) * (double)(i + 1));
+        int32_t t = all[i];
+        all[i] = all[j];
+        all[j] = t;
+    }
+    const int32_t *seq_pages[MAX_B];
+    int64_t at = 0;
+    for (int64_t b = 0; b < B; b++) {
+        seq_pages[b] = all + at;
+        at += pages_of[b];
+    }
+    int32_t *block_table = malloc((size_t)(B * max_pages) * sizeof(int32_t));
+    int32_t indptr[MAX_B + 1];
+    int32_t *indices = malloc((size_t)(total_pages + 1) * sizeof(int32_t));
+    assert_ok(qattn_page_tables_build(B, seq_pages, pages_of, max_pages, block_table, indptr, indices));
+    int32_t seq_lens[MAX_B], last_page_len[MAX_B];
+    for (int64_t b = 0; b < B; b++) {
+        seq_lens[b] = (int32_t)c->kv_len[b];
+        last_page_len[b] = (int32_t)(c->kv_len[b] - (pages_of[b] - 1) * P);
+    }
+
+    /* New tokens: K with a per-channel bias (as real keys have), V plain. */
+    float *k_new = malloc((size_t)(total_tokens * Hkv * D) * sizeof(float));
+    float *v_new = malloc((size_t)(total_tokens * Hkv * D) * sizeof(float));
+    int64_t *slots = malloc((size_t)total_tokens * sizeof(int64_t));
+    double bias[256];
+    for (int64_t d = 0; d < D; d++)
+        bias[d] = 2.0 * ref_rng_normal(&rng);
+    int64_t tok = 0;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < c->kv_len[b]; t++, tok++) {
+            slots[tok] = (int64_t)seq_pages[b][t / P] * P + t % P;
+            for (int64_t e = 0; e < Hkv * D; e++) {
+                k_new[tok * Hkv * D + e] = (float)(ref_rng_normal(&rng) + bias[e % D]);
+                v_new[tok * Hkv * D + e] = (float)ref_rng_normal(&rng);
+            }
+        }
+    /* Static per-head scales, as an engine would calibrate them. */
+    float k_scale_h[64], v_scale_h[64];
+    for (int64_t h = 0; h < Hkv; h++) {
+        float ka = 0, va = 0;
+        for (int64_t t = 0; t < total_tokens; t++)
+            for (int64_t d = 0; d < D; d++) {
+                ka = fmaxf(ka, fabsf(k_new[(t * Hkv + h) * D + d]));
+                va = fmaxf(va, fabsf(v_new[(t * Hkv + h) * D + d]));
+            }
+        float qmax = c->dtype == QATTN_DTYPE_FP8_E4M3 ? 448.f : 127.f;
+        k_scale_h[h] = ka / qmax;
+        v_scale_h[h] = va / qmax;
+    }
+
+    qattn_kv_cache_buffers bufs = {0};
+    assert_ok(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.k));
+    assert_ok(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.v));
+    assert_ok(qattn_buffer_fill(bufs.k, 0, sizes.cache_bytes, 0x7f)); /* unused pages hold garbage */
+    assert_ok(qattn_buffer_fill(bufs.v, 0, sizes.cache_bytes, 0x7f));
+    if (c->scales != QATTN_KV_SCALES_NONE) {
+        assert_ok(qattn_buffer_create(ctx, sizes.scale_bytes, &bufs.k_scale));
+        assert_ok(qattn_buffer_create(ctx, sizes.scale_bytes, &bufs.v_scale));
+        if (c->scales == QATTN_KV_SCALES_PER_HEAD) {
+            assert_ok(qattn_buffer_upload(bufs.k_scale, 0, k_scale_h, (size_t)Hkv * 4));
+            assert_ok(qattn_buffer_upload(bufs.v_scale, 0, v_scale_h, (size_t)Hkv * 4));
+        }
+    }
+    /* Two appends: most tokens, then the rest (the usual prefill-then-decode rhythm). */
+    qattn_buffer *kb = upload(k_new, (size_t)(total_tokens * Hkv * D) * 4);
+    qattn_buffer *vb = upload(v_new, (size_t)(total_tokens * Hkv * D) * 4);
+    qattn_buffer *sb = upload(slots, (size_t)total_tokens * 8);
+    int64_t first = total_tokens - total_tokens / 4;
+    qattn_kv_append_args app = {.cache = &cache, .buffers = &bufs, .num_tokens = first,
+                                .new_dtype = QATTN_DTYPE_F32, .new_stride = {Hkv * D, D},
+                                .k_new = kb, .v_new = vb, .slot_mapping = sb};
+    assert_ok(qattn_kv_append(ctx, &app));
+    app.num_tokens = total_tokens - first;
+    app.k_new_offset = app.v_new_offset = (size_t)(first * Hkv * D) * 4;
+    app.slot_mapping_offset = (size_t)first * 8;
+    assert_ok(qattn_kv_append(ctx, &app));
+
+    /* Read the cache back; check the stored values against what was appended. */
+    uint8_t *kc = malloc(sizes.cache_bytes), *vc = malloc(sizes.cache_bytes);
+    float *ks = NULL, *vs = NULL;
+    assert_ok(qattn_buffer_download(bufs.k, 0, kc, sizes.cache_bytes));
+    assert_ok(qattn_buffer_download(bufs.v, 0, vc, sizes.cache_bytes));
+    if (c->scales != QATTN_KV_SCALES_NONE) {
+        ks = malloc(sizes.scale_bytes);
+        vs = malloc(sizes.scale_bytes);
+        assert_ok(qattn_buffer_download(bufs.k_scale, 0, ks, sizes.scale_bytes));
+        assert_ok(qattn_buffer_download(bufs.v_scale, 0, vs, sizes.scale_bytes));
+    }
+    /* Gathered, dequantized K/V per sequence: [B][Hkv][kv_len][D] as f32 HND tensors. */
+    float *gk[MAX_B], *gv[MAX_B];
+    ref_accum k_fmt = {0}, v_fmt = {0};
+    tok = 0;
+    for (int64_t b = 0; b < B; b++) {
+        gk[b] = malloc((size_t)(Hkv * (c->kv_len[b] + 1) * D) * 4);
+        gv[b] = malloc((size_t)(Hkv * (c->kv_len[b] + 1) * D) * 4);
+        for (int64_t t = 0; t < c->kv_len[b]; t++, tok++)
+            for (int64_t h = 0; h < Hkv; h++)
+                for (int64_t d = 0; d < D; d++) {
+                    int64_t page = seq_pages[b][t / P], off = t % P;
+                    double kq = cache_value(c, kc, ks, page, off, h, d), vq = cache_value(c, vc, vs, page, off, h, d);
+                    gk[b][(h * c->kv_len[b] + t) * D + d] = (float)kq;
+                    gv[b][(h * c->kv_len[b] + t) * D + d] = (float)vq;
+                    ref_accum_add(&k_fmt, kq, k_new[(tok * Hkv + h) * D + d]);
+                    ref_accum_add(&v_fmt, vq, v_new[(tok * Hkv + h) * D + d]);
+                }
+    }
+    ref_metrics km = ref_accum_finish(&k_fmt), vm = ref_accum_finish(&v_fmt);
+    double fmt_bar = c->dtype == QATTN_DTYPE_F16 ? 1e-3 : c->dtype == QATTN_DTYPE_BF16 ? 6e-3 : 0.05;
+    print_message("  %-30s stored K relL1 %.2e, V relL1 %.2e\n", c->name, km.rel_l1, vm.rel_l1);
+    assert_true(km.rel_l1 <= fmt_bar && vm.rel_l1 <= fmt_bar);
+
+    /* Queries [total_q, Hq, D] f16. */
+    qattn_tensor_desc qd = qattn_tensor_nhd(QATTN_DTYPE_F16, 1, Hq, total_q, D);
+    void *q = ref_tensor_alloc(&qd);
+    ref_fill_randn(q, &qd, &rng, 1.0, NULL);
+    qattn_paged_desc pd = {.cache = cache, .table = c->table, .batch = B, .max_pages_per_seq = max_pages,
+                           .total_q = total_q, .max_q_len = max_q, .heads_q = Hq, .q_dtype = QATTN_DTYPE_F16,
+                           .q_stride = {Hq * D, D}, .o_stride = {Hq * D, D}, .causal = c->causal, .return_lse = 1,
+                           .num_splits = c->num_splits};
+    qattn_plan *plan = NULL;
+    qattn_status s = qattn_paged_plan_create(ctx, &pd, &plan);
+    if (s == QATTN_ERR_UNSUPPORTED && strcmp(backend_name, "cpu") != 0) {
+        print_message("[  SKIP    ] %s: unsupported on %s: %s\n", c->name, backend_name, qattn_last_error(ctx));
+        skip();
+    }
+    assert_ok(s);
+    qattn_plan_info info;
+    assert_ok(qattn_plan_get_info(plan, &info));
+    size_t obytes = qattn_tensor_bytes(&qd), lse_bytes = (size_t)(total_q * Hq) * 4;
+    qattn_buffer *qb = upload(q, obytes), *ob = NULL, *lb = NULL, *ws = NULL;
+    assert_ok(qattn_buffer_create(ctx, obytes, &ob));
+    assert_ok(qattn_buffer_create(ctx, lse_bytes, &lb));
+    assert_ok(qattn_buffer_fill(ob, 0, obytes, REF_POISON_BYTE));
+    assert_ok(qattn_buffer_fill(lb, 0, lse_bytes, REF_POISON_BYTE));
+    if (qattn_plan_workspace_size(plan))
+        assert_ok(qattn_buffer_create(ctx, qattn_plan_workspace_size(plan), &ws));
+    qattn_buffer *qo_b = upload(qo_indptr, (size_t)(B + 1) * 4);
+    qattn_buffer *bt_b = upload(block_table, (size_t)(B * max_pages) * 4), *sl_b = upload(seq_lens, (size_t)B * 4);
+    qattn_buffer *ip_b = upload(indptr, (size_t)(B + 1) * 4), *ix_b = upload(indices, (size_t)(total_pages + 1) * 4);
+    qattn_buffer *lp_b = upload(last_page_len, (size_t)B * 4);
+    qattn_paged_args args = {.cache = &bufs, .q = qb, .o = ob, .lse = lb, .qo_indptr = qo_b, .workspace = ws};
+    if (c->table == QATTN_PAGES_DENSE) {
+        args.block_table = bt_b;
+        args.seq_lens = sl_b;
+    } else {
+        args.indptr = ip_b;
+        args.indices = ix_b;
+        args.last_page_len = lp_b;
+    }
+    assert_ok(qattn_paged_run(plan, &args));
+    assert_ok(qattn_ctx_synchronize(ctx));
+    void *o = malloc(obytes);
+    float *lse = malloc(lse_bytes);
+    assert_ok(qattn_buffer_download(ob, 0, o, obytes));
+    assert_ok(qattn_buffer_download(lb, 0, lse, lse_bytes));
+
+    /* fp64 reference per sequence: over the stored values (tight) and the appended ones (format error). */
+    ref_accum tight = {0}, tight_lse = {0}, loose = {0};
+    double *row = malloc((size_t)D * sizeof(double));
+    tok = 0;
+    for (int64_t b = 0; b < B; b++) {
+        qattn_tensor_desc kd = qattn_tensor_hnd(QATTN_DTYPE_F32, 1, Hkv, c->kv_len[b] ? c->kv_len[b] : 1, D);
+        qattn_tensor_desc qs = {.dtype = QATTN_DTYPE_F16, .shape = {1, Hq, c->q_len[b], D},
+                                .stride = {1, D, Hq * D, 1}};
+        const char *qb0 = (const char *)q + (size_t)qo_indptr[b] * Hq * D * 2;
+        /* original values in HND for the loose check */
+        float *ok = malloc((size_t)(Hkv * (c->kv_len[b] + 1) * D) * 4), *ov = malloc((size_t)(Hkv * (c->kv_len[b] + 1) * D) * 4);
+        for (int64_t t = 0; t < c->kv_len[b]; t++)
+            for (int64_t h = 0; h < Hkv; h++)
+                for (int64_t d = 0; d < D; d++) {
+                    ok[(h * c->kv_len[b] + t) * D + d] = k_new[((tok + t) * Hkv + h) * D + d];
+                    ov[(h * c->kv_len[b] + t) * D + d] = v_new[((tok + t) * Hkv + h) * D + d];
+                }
+        tok += c->kv_len[b];
+        for (int pass = 0; pass < 2; pass++) {
+            ref_problem rp = {.q = &qs, .k = &kd, .v = &kd, .qd = qb0, .kd = pass ? ok : gk[b],
+                              .vd = pass ? ov : gv[b], .causal = c->causal != 0};
+            if (c->kv_len[b] == 0)
+                continue;
+            for (int64_t h = 0; h < Hq; h++)
+                for (int64_t i = 0; i < c->q_len[b]; i++) {
+                    double l;
+                    ref_attention_row(&rp, 0, h, i, row, &l);
+                    int64_t r = qo_indptr[b] + i;
+                    for (int64_t d = 0; d < D; d++)
+                        ref_accum_add(pass ? &loose : &tight, qattn_f16_to_f32(((uint16_t *)o)[(r * Hq + h) * D + d]),
+                                      row[d]);
+                    if (!pass) {
+                        double got = lse[r * Hq + h];
+                        ref_accum_add(&tight_lse, isinf(l) ? (isinf(got) && got < 0 ? 0.0 : NAN) : got,
+                                      isinf(l) ? 0.0 : l);
+                    }
+                }
+        }
+        free(ok);
+        free(ov);
+    }
+    ref_metrics tm = ref_accum_finish(&tight), tl = ref_accum_finish(&tight_lse), lm = ref_accum_finish(&loose);
+    print_message("  %-30s %-24s splits %d: vs stored cos %.7f relL1 %.2e lse %.2e | vs appended cos %.6f relL1 "
+                  "%.4f\n",
+                  c->name, info.kernel, info.kv_tile ? (int)((max_pages * P + info.kv_tile - 1) / info.kv_tile) : 1,
+                  tm.cos_sim, tm.rel_l1, tl.max_abs, lm.cos_sim, lm.rel_l1);
+    assert_int_equal(tm.nonfinite, 0);
+    assert_true(tm.cos_sim >= 0.99999 && tm.rel_l1 <= 2e-3 && tl.max_abs <= 1e-3);
+    /* The page format's own error against the appended values. E4M3 keeps 3
+     * mantissa bits (about 2.3% relative L1 per value); these keys carry a
+     * per-channel offset, so score errors grow with |k|: about 0.9986 here. A
+     * wrong scale or layout lands far below these bars. */
+    double loose_cos = c->dtype == QATTN_DTYPE_FP8_E4M3 ? 0.997 : c->dtype == QATTN_DTYPE_I8 ? 0.9995 : 0.99999;
+    assert_true(lm.cos_sim >= loose_cos);
+
+    qattn_buffer *to_free[] = {kb, vb, sb, qb, ob, lb, ws, qo_b, bt_b, sl_b, ip_b, ix_b, lp_b,
+                               bufs.k, bufs.v, bufs.k_scale, bufs.v_scale};
+    for (size_t i = 0; i < sizeof(to_free) / sizeof(to_free[0]); i++)
+        qattn_buffer_destroy(to_free[i]);
+    qattn_plan_destroy(plan);
+    assert_ok(qattn_page_pool_free(pool, num_pages, all));
+    assert_int_equal(qattn_page_pool_free_count(pool), num_pages);
+    qattn_page_pool_destroy(pool);
+    for (int64_t b = 0; b < B; b++) {
+        free(gk[b]);
+        free(gv[b]);
+    }
+    void *heap[] = {all, block_table, indices, k_new, v_new, slots, kc, vc, ks, vs, q, o, lse, row};
+    for (size_t i = 0; i < sizeof(heap) / sizeof(heap[0]); i++)
+        free(heap[i]);
+}
+
+/* merge_states against attention over the union of disjoint key sets, with
+ * an empty state (-inf) that must be ignored whatever its values. */
+static void merge_states_case(void **state)
+{
+    (void)state;
+    const int64_t S = 3, R = 5, H = 4, D = 64, N = 90;
+    qattn_tensor_desc qd = qattn_tensor_hnd(QATTN_DTYPE_F32, 1, H, R, D);
+    qattn_tensor_desc kd = qattn_tensor_hnd(QATTN_DTYPE_F32, 1, H, N, D);
+    float *q = ref_tensor_alloc(&qd), *k = ref_tensor_alloc(&kd), *v = ref_tensor_alloc(&kd);
+    ref_fill_randn(q, &qd, &rng, 1.0, NULL);
+    ref_fill_randn(k, &kd, &rng, 1.0, NULL);
+    ref_fill_randn(v, &kd, &rng, 1.0, NULL);
+    /* states [S, R, H, D] and lse [S, R, H] from fp64 attention over key thirds; state 2 empty */
+    float *states = malloc((size_t)(S * R * H * D) * 4), *lses = malloc((size_t)(S * R * H) * 4);
+    double *row = malloc((size_t)D * sizeof(double));
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t h = 0; h < H; h++) {
+                float *dst = states + ((s * R + r) * H + h) * D;
+                if (s == 2) {
+                    for (int64_t d = 0; d < D; d++)
+                        dst[d] = 1e30f; /* garbage the merge must not touch */
+                    lses[(s * R + r) * H + h] = -INFINITY;
+                    continue;
+                }
+                int64_t k0 = s * N / 2, k1 = (s + 1) * N / 2;
+                qattn_tensor_desc ks = {.dtype = QATTN_DTYPE_F32, .shape = {1, H, k1 - k0, D}, .stride = {H * N * D, N * D, D, 1}};
+                ref_problem rp = {.q = &qd, .k = &ks, .v = &ks, .qd = q, .kd = k + k0 * D, .vd = v + k0 * D};
+                double l;
+                ref_attention_row(&rp, 0, h, r, row, &l);
+                for (int64_t d = 0; d < D; d++)
+                    dst[d] = (float)row[d];
+                lses[(s * R + r) * H + h] = (float)l;
+            }
+    qattn_buffer *vb = upload(states, (size_t)(S * R * H * D) * 4), *sb = upload(lses, (size_t)(S * R * H) * 4);
+    qattn_buffer *ob = NULL, *lb = NULL;
+    assert_ok(qattn_buffer_create(ctx, (size_t)(R * H * D) * 2, &ob));
+    assert_ok(qattn_buffer_create(ctx, (size_t)(R * H) * 4, &lb));
+    qattn_merge_desc md = {.num_states = S, .rows = R, .heads = H, .head_dim = D, .v_dtype = QATTN_DTYPE_F32,
+                           .o_dtype = QATTN_DTYPE_F16, .v_stride = {R * H * D, H * D, D},
+                           .s_stride = {R * H, H, 1}, .o_stride = {H * D, D}};
+    qattn_merge_args ma = {.v = vb, .s = sb, .o = ob, .lse = lb};
+    qattn_status st = qattn_merge_states(ctx, &md, &ma);
+    if (st == QATTN_ERR_UNSUPPORTED && strcmp(backend_name, "cpu") != 0) {
+        print_message("[  SKIP    ] merge: %s\n", qattn_last_error(ctx));
+        skip();
+    }
+    assert_ok(st);
+    assert_ok(qattn_ctx_synchronize(ctx));
+    uint16_t *o = malloc((size_t)(R * H * D) * 2);
+    float *lse = malloc((size_t)(R * H) * 4);
+    assert_ok(qattn_buffer_download(ob, 0, o, (size_t)(R * H * D) * 2));
+    assert_ok(qattn_buffer_download(lb, 0, lse, (size_t)(R * H) * 4));
+    ref_accum acc = {0}, lacc = {0};
+    ref_problem full = {.q = &qd, .k = &kd, .v = &kd, .qd = q, .kd = k, .vd = v};
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t h = 0; h < H; h++) {
+            double l;
+            ref_attention_row(&full, 0, h, r, row, &l);
+            for (int64_t d = 0; d < D; d++)
+                ref_accum_add(&acc, qattn_f16_to_f32(o[(r * H + h) * D + d]), row[d]);
+            ref_accum_add(&lacc, lse[r * H + h], l);
+        }
+    ref_metrics m = ref_accum_finish(&acc), ml = ref_accum_finish(&lacc);
+    print_message("  merge_states: cos %.7f relL1 %.2e lse max %.2e\n", m.cos_sim, m.rel_l1, ml.max_abs);
+    assert_true(m.cos_sim >= 0.99999 && m.rel_l1 <= 2e-3 && ml.max_abs <= 1e-4);
+
+    /* Every state empty: zeros and -inf. */
+    for (int64_t i = 0; i < S * R * H; i++)
+        lses[i] = -INFINITY;
+    assert_ok(qattn_buffer_upload(sb, 0, lses, (size_t)(S * R * H) * 4));
+    assert_ok(qattn_merge_states(ctx, &md, &ma));
+    assert_ok(qattn_ctx_synchronize(ctx));
+    assert_ok(qattn_buffer_download(ob, 0, o, (size_t)(R * H * D) * 2));
+    assert_ok(qattn_buffer_download(lb, 0, lse, (size_t)(R * H) * 4));
+    for (int64_t i = 0; i < R * H * D; i++)
+        assert_int_equal(o[i] & 0x7fff, 0);
+    for (int64_t i = 0; i < R * H; i++)
+        assert_true(isinf(lse[i]) && lse[i] < 0);
+
+    /* Bad descriptions. */
+    md.head_dim = 0;
+    assert_int_equal(qattn_merge_states(ctx, &md, &ma), QATTN_ERR_INVALID_ARGUMENT);
+    md.head_dim = D;
+    md.v_dtype = QATTN_DTYPE_I8;
+    assert_int_equal(qattn_merge_states(ctx, &md, &ma), QATTN_ERR_INVALID_ARGUMENT);
+    md.v_dtype = QATTN_DTYPE_F32;
+    ma.o = vb;
+    assert_int_equal(qattn_merge_states(ctx, &md, &ma), QATTN_ERR_INVALID_ARGUMENT);
+
+    qattn_buffer_destroy(vb);
+    qattn_buffer_destroy(sb);
+    qattn_buffer_destroy(ob);
+    qattn_buffer_destroy(lb);
+    void *heap[] = {q, k, v, states, lses, row, o, lse};
+    for (size_t i = 0; i < sizeof(heap) / sizeof(heap[0]); i++)
+        free(heap[i]);
+}
+
+/* Bad appends and bad tables: clear errors, nothing written. */
+static void bad_input_case(void **state)
+{
+    (void)state;
+    const int64_t P = 16, H = 2, D = 64, pages = 4;
+    qattn_kv_cache_desc cache = {.num_pages = pages, .page_size = P, .heads_kv = H, .head_dim = D,
+                                 .dtype = QATTN_DTYPE_F16};
+    qattn_kv_cache_sizes sizes;
+    assert_ok(qattn_kv_cache_bytes(ctx, &cache, &sizes));
+    assert_int_equal(sizes.cache_bytes, (size_t)(pages * P * H * D * 2));
+    qattn_kv_cache_desc bad = cache;
+    bad.scales = QATTN_KV_SCALES_PER_HEAD;
+    assert_int_equal(qattn_kv_cache_bytes(ctx, &bad, &sizes), QATTN_ERR_INVALID_ARGUMENT);
+    bad = cache;
+    bad.dtype = QATTN_DTYPE_FP8_E4M3; /* fp8 needs per-head scales */
+    assert_int_equal(qattn_kv_cache_bytes(ctx, &bad, &sizes), QATTN_ERR_INVALID_ARGUMENT);
+    bad = cache;
+    bad.page_size = 0;
+    assert_int_equal(qattn_kv_cache_bytes(ctx, &bad, &sizes), QATTN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(qattn_last_error(ctx), "page_size"));
+    assert_ok(qattn_kv_cache_bytes(ctx, &cache, &sizes));
+
+    qattn_kv_cache_buffers bufs = {0};
+    assert_ok(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.k));
+    assert_ok(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.v));
+    assert_ok(qattn_buffer_fill(bufs.k, 0, sizes.cache_bytes, 0x11));
+    assert_ok(qattn_buffer_fill(bufs.v, 0, sizes.cache_bytes, 0x11));
+    float kv[3 * 2 * 64];
+    for (int i = 0; i < 3 * 2 * 64; i++)
+        kv[i] = (float)ref_rng_normal(&rng);
+    int64_t slots[3] = {5, 70, 6};
+    qattn_buffer *kb = upload(kv, sizeof(kv)), *sb = upload(slots, sizeof(slots));
+    qattn_kv_append_args app = {.cache = &cache, .buffers = &bufs, .num_tokens = 3, .new_dtype = QATTN_DTYPE_F32,
+                                .new_stride = {H * D, D}, .k_new = kb, .v_new = kb, .slot_mapping = sb};
+    qattn_status s = qattn_kv_append(ctx, &app);
+    if (s == QATTN_ERR_UNSUPPORTED && strcmp(backend_name, "cpu") != 0) {
+        print_message("[  SKIP    ] kv_append: %s\n", qattn_last_error(ctx));
+        skip();
+    }
+    assert_int_equal(s, QATTN_ERR_INVALID_ARGUMENT); /* slot 70 >= 64 */
+    assert_non_null(strstr(qattn_last_error(ctx), "outside"));
+    slots[1] = 5; /* duplicate */
+    assert_ok(qattn_buffer_upload(sb, 0, slots, sizeof(slots)));
+    assert_int_equal(qattn_kv_append(ctx, &app), QATTN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(qattn_last_error(ctx), "twice"));
+    slots[1] = -1; /* padding: skipped */
+    assert_ok(qattn_buffer_upload(sb, 0, slots, sizeof(slots)));
+    kv[64 + 3] = NAN;
+    assert_ok(qattn_buffer_upload(kb, 0, kv, sizeof(kv)));
+    assert_int_equal(qattn_kv_append(ctx, &app), QATTN_ERR_NONFINITE_INPUT);
+    uint8_t *after = malloc(sizes.cache_bytes);
+    assert_ok(qattn_buffer_download(bufs.k, 0, after, sizes.cache_bytes));
+    for (size_t i = 0; i < sizes.cache_bytes; i++)
+        assert_int_equal(after[i], 0x11); /* nothing written by the failed appends */
+    free(after);
+    app.new_stride[1] = 3; /* heads overlap */
+    assert_int_equal(qattn_kv_append(ctx, &app), QATTN_ERR_INVALID_ARGUMENT);
+    app.new_stride[1] = D;
+    app.buffers = NULL;
+    assert_int_equal(qattn_kv_append(ctx, &app), QATTN_ERR_INVALID_ARGUMENT);
+
+    /* Plans and tables. */
+    qattn_paged_desc pd = {.cache = cache, .table = QATTN_PAGES_DENSE, .batch = 1, .max_pages_per_seq = 2,
+                           .total_q = 1, .max_q_len = 1, .heads_q = 3, .q_dtype = QATTN_DTYPE_F16,
+                           .q_stride = {3 * D, D}, .o_stride = {3 * D, D}};
+    qattn_plan *plan = NULL;
+    assert_int_equal(qattn_paged_plan_create(ctx, &pd, &plan), QATTN_ERR_INVALID_ARGUMENT); /* 3 % 2 */
+    pd.heads_q = 4;
+    pd.q_stride[0] = pd.o_stride[0] = 4 * D;
+    pd.max_q_len = 2;
+    assert_int_equal(qattn_paged_plan_create(ctx, &pd, &plan), QATTN_ERR_INVALID_ARGUMENT); /* > total_q */
+    pd.max_q_len = 1;
+    assert_ok(qattn_paged_plan_create(ctx, &pd, &plan));
+    qattn_run_args dense_args = {0};
+    assert_int_equal(qattn_run(plan, &dense_args), QATTN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(qattn_last_error(ctx), "qattn_paged_run"));
+    uint16_t qh[4 * 64] = {0};
+    int32_t qo[2] = {0, 1}, table[2] = {1, 9}, lens[1] = {20};
+    qattn_buffer *qb = upload(qh, sizeof(qh)), *ob = NULL, *qob = upload(qo, sizeof(qo));
+    qattn_buffer *tb = upload(table, sizeof(table)), *lb = upload(lens, sizeof(lens)), *ws = NULL;
+    assert_ok(qattn_buffer_create(ctx, sizeof(qh), &ob));
+    assert_ok(qattn_buffer_fill(ob, 0, sizeof(qh), REF_POISON_BYTE));
+    if (qattn_plan_workspace_size(plan))
+        assert_ok(qattn_buffer_create(ctx, qattn_plan_workspace_size(plan), &ws));
+    qattn_paged_args pa = {.cache = &bufs, .q = qb, .o = ob, .qo_indptr = qob, .block_table = tb, .seq_lens = lb,
+                           .workspace = ws};
+    s = qattn_paged_run(plan, &pa); /* page 9 of a 4-page cache */
+    qattn_ctx_synchronize(ctx);
+    assert_int_equal(s, QATTN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(qattn_last_error(ctx), "page"));
+    lens[0] = 40; /* longer than max_pages_per_seq * page_size */
+    table[1] = 2;
+    assert_ok(qattn_buffer_upload(lb, 0, lens, sizeof(lens)));
+    assert_ok(qattn_buffer_upload(tb, 0, table, sizeof(table)));
+    s = qattn_paged_run(plan, &pa);
+    qattn_ctx_synchronize(ctx);
+    assert_int_equal(s, QATTN_ERR_INVALID_ARGUMENT);
+    uint8_t out[sizeof(qh)];
+    assert_ok(qattn_buffer_download(ob, 0, out, sizeof(out)));
+    for (size_t i = 0; i < sizeof(out); i++)
+        assert_int_equal(out[i], REF_POISON_BYTE);
+    pa.seq_lens = NULL;
+    assert_int_equal(qattn_paged_run(plan, &pa), QATTN_ERR_INVALID_ARGUMENT);
+
+    qattn_buffer *all[] = {bufs.k, bufs.v, kb, sb, qb, ob, qob, tb, lb, ws};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        qattn_buffer_destroy(all[i]);
+    qattn_plan_destroy(plan);
+}
+
+static void page_pool_case(void **state)
+{
+    (void)state;
+    qattn_page_pool *pool = NULL;
+    assert_int_equal(qattn_page_pool_create(0, &pool), QATTN_ERR_INVALID_ARGUMENT);
+    assert_ok(qattn_page_pool_create(8, &pool));
+    int32_t a[8], b[2];
+    assert_ok(qattn_page_pool_alloc(pool, 3, a));
+    assert_true(a[0] == 0 && a[1] == 1 && a[2] == 2);
+    assert_int_equal(qattn_page_pool_alloc(pool, 6, b), QATTN_ERR_OUT_OF_MEMORY); /* all or nothing */
+    assert_int_equal(qattn_page_pool_free_count(pool), 5);
+    int32_t twice[2] = {1, 1}, stranger[1] = {5}, outside[1] = {9};
+    assert_int_equal(qattn_page_pool_free(pool, 2, twice), QATTN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(qattn_page_pool_free(pool, 1, stranger), QATTN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(qattn_page_pool_free(pool, 1, outside), QATTN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(qattn_page_pool_free_count(pool), 5); /* failed frees changed nothing */
+    assert_ok(qattn_page_pool_free(pool, 1, &a[1]));
+    assert_ok(qattn_page_pool_alloc(pool, 1, b));
+    assert_int_equal(b[0], 1); /* recently freed first */
+    qattn_page_pool_destroy(pool);
+    qattn_page_pool_destroy(NULL);
+
+    int32_t s0[] = {4, 2}, s1[] = {7};
+    const int32_t *lists[] = {s0, s1};
+    int64_t counts[] = {2, 1};
+    int32_t table[2 * 3], ip[3], ix[3];
+    assert_ok(qattn_page_tables_build(2, lists, counts, 3, table, ip, ix));
+    const int32_t want_table[] = {4, 2, -1, 7, -1, -1}, want_ip[] = {0, 2, 3}, want_ix[] = {4, 2, 7};
+    assert_memory_equal(table, want_table, sizeof(want_table));
+    assert_memory_equal(ip, want_ip, sizeof(want_ip));
+    assert_memory_equal(ix, want_ix, sizeof(want_ix));
+    assert_int_equal(qattn_page_tables_build(2, lists, counts, 1, table, NULL, NULL), QATTN_ERR_INVALID_ARGUMENT);
+}
+
+#define F16 QATTN_DTYPE_F16
+#define BF16 QATTN_DTYPE_BF16
+#define FP8 QATTN_DTYPE_FP8_E4M3
+#define I8 QATTN_DTYPE_I8
+#define NHD QATTN_KV_NHD
+#define HND QATTN_KV_HND
+#define NONE QATTN_KV_SCALES_NONE
+#define HEAD QATTN_KV_SCALES_PER_HEAD
+#define ROW QATTN_KV_SCALES_PER_ROW
+#define DENSE QATTN_PAGES_DENSE
+#define CSR QATTN_PAGES_CSR
+
+/* name, page, Hq, Hkv, D, dtype, layout, scales, table, causal, splits, B, kv_len[], q_len[] */
+static const paged_case paged_cases[] = {
+    {"decode_f16_p16_gqa", 16, 8, 2, 128, F16, NHD, NONE, DENSE, 1, 0, 4, {1, 17, 100, 256}, {1, 1, 1, 1}},
+    {"decode_f16_p1_csr", 1, 4, 4, 64, F16, HND, NONE, CSR, 1, 0, 3, {1, 33, 70}, {1, 1, 1}},
+    {"decode_bf16_p128", 128, 4, 1, 128, BF16, NHD, NONE, DENSE, 0, 0, 2, {129, 300}, {1, 1}},
+    {"decode_fp8_p16", 16, 8, 2, 128, FP8, NHD, HEAD, CSR, 1, 0, 3, {5, 160, 211}, {1, 1, 1}},
+    {"decode_int8_head_p16", 16, 4, 2, 64, I8, HND, HEAD, DENSE, 1, 0, 2, {48, 95}, {1, 1}},
+    {"decode_int8_row_p16", 16, 4, 2, 128, I8, NHD, ROW, DENSE, 1, 0, 2, {31, 250}, {1, 1}},
+    {"decode_split3_f16", 16, 8, 2, 128, F16, NHD, NONE, DENSE, 1, 3, 2, {1, 700}, {1, 1}},
+    {"decode_split4_fp8_csr", 16, 4, 1, 64, FP8, HND, HEAD, CSR, 0, 4, 1, {333}, {1}},
+    {"prefill_f16_p16_causal", 16, 4, 2, 64, F16, NHD, NONE, DENSE, 1, 0, 3, {40, 70, 90}, {40, 20, 1}},
+    {"prefill_chunked_fp8_p128", 128, 4, 2, 128, FP8, NHD, HEAD, CSR, 1, 0, 2, {300, 129}, {64, 129}},
+    {"prefill_int8_row_split2", 16, 8, 4, 64, I8, HND, ROW, CSR, 1, 2, 2, {77, 150}, {13, 30}},
+    {"multi_query_decode_p1", 1, 4, 2, 64, F16, NHD, NONE, DENSE, 1, 0, 2, {9, 40}, {3, 4}},
+};
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: test_paged <cpu|cuda|vulkan|opencl>\n");
+        return 2;
+    }
+    backend_name = argv[1];
+    qattn_ctx_params params = {.backend = backend_name};
+    qattn_status s = qattn_ctx_create(&params, &ctx);
+    if (s == QATTN_ERR_UNAVAILABLE) {
+        printf("SKIP: backend %s is not usable here: %s\n", backend_name, qattn_last_error(NULL));
+        return 77;
+    }
+    if (s) {
+        fprintf(stderr, "test_paged: %s\n", qattn_last_error(NULL));
+        return 1;
+    }
+    uint64_t seed = ref_rng_seed_auto(&rng);
+    printf("paged conformance on backend %s, seed %llu (QATTN_TEST_SEED repeats it)\n", backend_name,
+           (unsigned long long)seed);
+    enum { NCASES = sizeof(paged_cases) / sizeof(paged_cases[0]) };
+    struct CMUnitTest tests[NCASES + 3];
+    for (int i = 0; i < NCASES; i++)
+        tests[i] = (struct CMUnitTest){paged_cases[i].name, run_paged_case, NULL, NULL, (void *)&paged_cases[i]};
+    tests[NCASES] = (struct CMUnitTest){"merge_states", merge_states_case, NULL, NULL, NULL};
+    tests[NCASES + 1] = (struct CMUnitTest){"bad_inputs", bad_input_case, NULL, NULL, NULL};
+    tests[NCASES + 2] = (struct CMUnitTest){"page_pool", page_pool_case, NULL, NULL, NULL};
+    int failed = _cmocka_run_group_tests(backend_name, tests, NCASES + 3, NULL, NULL);
+    qattn_ctx_destroy(ctx);
+    return failed ? 1 : 0;
+}

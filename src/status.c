@@ -35,14 +35,17 @@ const char *qattn_status_str(qattn_status status)
     return "QATTN_ERR_UNKNOWN_STATUS";
 }
 
-/* The calling thread's last error: reported when there is no context. */
+/* The calling thread's last error, and the context it concerned (NULL when
+ * none): a thread that shares a context with others reads its own failure. */
 static _Thread_local char thread_error[QATTN_ERROR_MAX];
+static _Thread_local const qattn_ctx *thread_error_ctx;
 
 qattn_status qattn_set_errorv(qattn_ctx *ctx, qattn_status status, const char *fmt, va_list ap)
 {
     char msg[QATTN_ERROR_MAX];
     vsnprintf(msg, sizeof(msg), fmt, ap);
     memcpy(thread_error, msg, sizeof(msg));
+    thread_error_ctx = ctx;
     if (ctx) {
         pthread_mutex_t *lock = ctx->error_lock;
         if (lock)
@@ -72,7 +75,9 @@ void qattn_clear_error(qattn_ctx *ctx)
 
 const char *qattn_last_error(const qattn_ctx *ctx)
 {
-    return ctx ? ctx->error : thread_error;
+    if (!ctx || ctx == thread_error_ctx)
+        return thread_error;
+    return ctx->error; /* the context's latest failure, from another thread */
 }
 
 void qattn_log(qattn_log_level level, const char *fmt, ...)

@@ -85,10 +85,12 @@ typedef struct qattn_buffer qattn_buffer;
 typedef struct qattn_plan qattn_plan;
 
 /*
- * The message of the last failed call: on ctx when ctx is not NULL, else of
- * the calling thread (covers failures that have no context, such as
- * qattn_ctx_create). Names the offending argument. Valid until the next
- * failing call on the same context/thread. Never NULL ("" when none).
+ * The message of the last failed call, naming the offending argument.
+ * ctx == NULL: the calling thread's last failure (covers calls with no
+ * context, such as qattn_ctx_create). ctx != NULL: the calling thread's last
+ * failure if it was on ctx, else the latest failure on ctx from any thread.
+ * Valid until the next failing call on the same thread or context. Never
+ * NULL ("" when none).
  */
 QATTN_API const char *qattn_last_error(const qattn_ctx *ctx);
 

@@ -1,0 +1,42 @@
+"""qattn: fast, accurate attention kernels (flash and SageAttention-style
+quantized) for GPUs of every vendor. A ctypes binding of libqattn: no compiled
+extension, the shared library is found at first use (see qattn.capi.load).
+
+High level:
+    qattn.attention(q, k, v, is_causal=False, sm_scale=None, precision="auto",
+                    layout="HND", return_lse=False, granularity=None,
+                    smooth_k=None, check_finite=False)
+    qattn.attention_plan(...)      the plan attention() runs (chosen mode, kernel)
+
+The C API as objects:
+    qattn.Context, Buffer, Plan; qattn.backends(), qattn.device_info()
+    qattn.capi: the raw ctypes structs, enums and library (qattn.capi.load()).
+
+Errors: qattn.QattnError and one subclass per qattn_status, each carrying
+qattn_last_error's message.
+"""
+from . import _capi as capi
+from ._attention import (LAYOUTS, PRECISIONS, attention, attention_plan, clear_plan_caches, get_context)
+from ._capi import (CAP_BF16, CAP_FP8, CAP_FP16, CAP_INT8_DOT, CAP_MATRIX_UNITS, CAP_SUBGROUPS, CAP_UNIFIED_MEMORY,
+                    FLAG_NO_FINITE_CHECK, DType, Granularity, LibraryNotFound, Precision, Status, Toggle,
+                    library_path)
+from ._core import (BackendInfo, Buffer, Context, DeviceInfo, Plan, PlanInfo, backends, device_info, dtype_name,
+                    dtype_size, granularity_name, make_desc, precision_name, status_str, tensor_bytes, tensor_desc,
+                    tensor_hnd, tensor_nhd, version, version_number)
+from ._errors import (BackendError, DeviceLostError, InternalError, InvalidArgumentError, NonfiniteInputError,
+                      NotFoundError, OutOfMemoryError, QattnError, UnavailableError, UnsupportedError)
+
+__version__ = "0.1.0"  # of this binding; qattn.version() is the loaded library's
+
+__all__ = [
+    "attention", "attention_plan", "get_context", "clear_plan_caches", "LAYOUTS", "PRECISIONS",
+    "Context", "Buffer", "Plan", "BackendInfo", "DeviceInfo", "PlanInfo",
+    "backends", "device_info", "version", "version_number", "library_path", "status_str",
+    "dtype_name", "dtype_size", "precision_name", "granularity_name",
+    "tensor_desc", "tensor_hnd", "tensor_nhd", "tensor_bytes", "make_desc",
+    "DType", "Precision", "Granularity", "Toggle", "Status", "FLAG_NO_FINITE_CHECK",
+    "CAP_FP16", "CAP_BF16", "CAP_INT8_DOT", "CAP_FP8", "CAP_MATRIX_UNITS", "CAP_SUBGROUPS", "CAP_UNIFIED_MEMORY",
+    "QattnError", "InvalidArgumentError", "UnsupportedError", "OutOfMemoryError", "BackendError",
+    "DeviceLostError", "NotFoundError", "UnavailableError", "NonfiniteInputError", "InternalError",
+    "LibraryNotFound", "capi",
+]

@@ -370,21 +370,10 @@ static const conf_case nonfinite_cases[] = {
 
 int main(int argc, char **argv)
 {
-    if (argc < 2) {
-        fprintf(stderr, "usage: test_conformance <cpu|cuda|vulkan|opencl>\n");
-        return 2;
-    }
+    int early = ref_backend_context(argc, argv, "test_conformance", &ctx);
+    if (early >= 0)
+        return early;
     backend_name = argv[1];
-    qattn_ctx_params params = {.backend = backend_name};
-    qattn_status s = qattn_ctx_create(&params, &ctx);
-    if (s == QATTN_ERR_UNAVAILABLE) {
-        printf("SKIP: backend %s is not usable here: %s\n", backend_name, qattn_last_error(NULL));
-        return 77;
-    }
-    if (s) {
-        fprintf(stderr, "test_conformance: %s: %s\n", qattn_status_str(s), qattn_last_error(NULL));
-        return 1;
-    }
     qattn_ctx_params cpu_params = {.backend = "cpu"};
     if (qattn_ctx_create(&cpu_params, &cpu)) {
         fprintf(stderr, "test_conformance: cpu reference: %s\n", qattn_last_error(NULL));

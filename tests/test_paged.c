@@ -611,21 +611,10 @@ static const paged_case paged_cases[] = {
 
 int main(int argc, char **argv)
 {
-    if (argc < 2) {
-        fprintf(stderr, "usage: test_paged <cpu|cuda|vulkan|opencl>\n");
-        return 2;
-    }
+    int early = ref_backend_context(argc, argv, "test_paged", &ctx);
+    if (early >= 0)
+        return early;
     backend_name = argv[1];
-    qattn_ctx_params params = {.backend = backend_name};
-    qattn_status s = qattn_ctx_create(&params, &ctx);
-    if (s == QATTN_ERR_UNAVAILABLE) {
-        printf("SKIP: backend %s is not usable here: %s\n", backend_name, qattn_last_error(NULL));
-        return 77;
-    }
-    if (s) {
-        fprintf(stderr, "test_paged: %s\n", qattn_last_error(NULL));
-        return 1;
-    }
     uint64_t seed = ref_rng_seed_auto(&rng);
     printf("paged conformance on backend %s, seed %llu (QATTN_TEST_SEED repeats it)\n", backend_name,
            (unsigned long long)seed);

@@ -195,3 +195,22 @@ ref_compare ref_check(const ref_problem *p, const void *o, const qattn_tensor_de
     c.lse = ref_accum_finish(&al);
     return c;
 }
+
+int ref_backend_context(int argc, char **argv, const char *program, qattn_ctx **ctx)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s <cpu|cuda|vulkan|opencl>\n", program);
+        return 2;
+    }
+    qattn_ctx_params params = {.backend = argv[1]};
+    qattn_status s = qattn_ctx_create(&params, ctx);
+    if (s == QATTN_ERR_UNAVAILABLE) {
+        printf("SKIP: backend %s is not usable here: %s\n", argv[1], qattn_last_error(NULL));
+        return 77;
+    }
+    if (s) {
+        fprintf(stderr, "%s: %s: %s\n", program, qattn_status_str(s), qattn_last_error(NULL));
+        return 1;
+    }
+    return -1;
+}

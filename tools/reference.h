@@ -70,6 +70,13 @@ typedef struct ref_compare {
 ref_compare ref_check(const ref_problem *p, const void *o, const qattn_tensor_desc *od, const float *lse,
                       int64_t rows_per_head, ref_rng *rng);
 
+/*
+ * Start of a per-backend test program: `prog <backend>`. Creates the context;
+ * returns -1 when it did, else the exit code to leave with (2 for usage, 77 =
+ * skip when the backend is not usable here, 1 on other errors).
+ */
+int ref_backend_context(int argc, char **argv, const char *program, qattn_ctx **ctx);
+
 /* Poison pattern for outputs: a NaN in every dtype when all bytes are 0xff. */
 #define REF_POISON_BYTE 0xff
 

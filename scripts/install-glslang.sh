@@ -5,9 +5,10 @@
 # Why: bookworm's glslang 12 and spirv-tools 2023.1 predate KHR coopmat.
 #
 # Usage: scripts/install-glslang.sh [--with-spirv-tools] [--force] [PREFIX]
-#   PREFIX defaults to /opt/qattn-tools. Needs root (apt). Takes ~3 min on
-#   2 cores for glslang, ~2.5 min more for spirv-tools. Re-running is a no-op
-#   once recent enough tools are installed (--force rebuilds).
+#   PREFIX defaults to /opt/qattn-tools. Needs root (apt). On an idle 2-core
+#   machine glslang builds in ~3 min and spirv-tools in ~2.5 min more (~13 min
+#   in all while other builds compete). Re-running is a no-op once recent
+#   enough tools are installed (--force rebuilds).
 set -euo pipefail
 
 prefix=/opt/qattn-tools with_spirv_tools=0 force=0
@@ -15,7 +16,7 @@ for arg in "$@"; do
   case $arg in
     --with-spirv-tools) with_spirv_tools=1 ;;
     --force) force=1 ;;
-    -h|--help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -e/s/^# \{0,1\}//p' "$0"; exit 0 ;;
     -*) echo "unknown option: $arg" >&2; exit 2 ;;
     *) prefix=$arg ;;
   esac
@@ -58,7 +59,7 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-chmod 755 "$work"   # lets apt's _apt user write the downloads (no sandbox warning)
+chown _apt "$work" 2>/dev/null || true   # apt downloads as _apt (else a sandbox warning)
 cd "$work"
 
 # Fetch and unpack the upstream (.orig) tarball of a trixie source package into
@@ -81,7 +82,7 @@ if [[ $need_glslang == 1 ]]; then
   fetch_orig glslang
   # ENABLE_OPT=OFF: no SPIRV-Tools dependency (no spirv-opt passes, not needed).
   cmake -S glslang -B glslang/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DENABLE_OPT=OFF -DGLSLANG_TESTS=OFF -DBUILD_SHARED_LIBS=OFF >/dev/null
+    -DENABLE_OPT=OFF -DGLSLANG_TESTS=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_CXX_FLAGS=-w >/dev/null
   ninja --quiet -C glslang/build glslang-standalone
   install -Dm755 glslang/build/StandAlone/glslang "$prefix/bin/glslang"
   ln -sfn glslang "$prefix/bin/glslangValidator"   # 15.x renamed it; keep the old name
@@ -95,7 +96,7 @@ if [[ $need_spirv_tools == 1 ]]; then
   # Only the CLI tools we use; tests and spirv-opt would add many minutes.
   cmake -S spirv-tools -B spirv-tools/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DSPIRV-Headers_SOURCE_DIR="$work/spirv-headers" -DSPIRV_SKIP_TESTS=ON \
-    -DSPIRV_WERROR=OFF >/dev/null
+    -DSPIRV_WERROR=OFF -DCMAKE_CXX_FLAGS=-w >/dev/null
   ninja --quiet -C spirv-tools/build spirv-val spirv-dis spirv-as
   install -Dm755 -t "$prefix/bin" spirv-tools/build/tools/spirv-{val,dis,as}
   echo "install-glslang: spirv-tools built in $((SECONDS - start)) s"

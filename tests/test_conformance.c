@@ -101,6 +101,7 @@ static qattn_status run_on(qattn_ctx *c, const qattn_attention_desc *desc, void 
         plan->quant.q_interleave = geometry->quant.q_interleave;
         plan->quant.k_block = geometry->quant.k_block;
         plan->quant.k_interleave = geometry->quant.k_interleave;
+        plan->quant.pv_f16_chunk = geometry->quant.pv_f16_chunk; /* F16ACC: the backend's exact-sum width */
         assert_int_equal(qattn_workspace_layout_init(plan, plan->status_word), QATTN_OK);
     }
     if (info)

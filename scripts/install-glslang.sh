@@ -22,6 +22,12 @@ for arg in "$@"; do
   esac
 done
 
+# One install at a time: concurrent runs (several builders share /opt/qattn-tools)
+# would otherwise replace each other's binaries half-way.
+mkdir -p "$prefix"
+exec 9>"$prefix/.install.lock"
+flock 9
+
 # "Right version" = new enough for KHR coopmat: glslang >= 15, SPIRV-Tools >= 2025.
 glslang_ok() {
   local v

@@ -45,6 +45,8 @@ static const registry_entry *find_backend(const char *name)
     return NULL;
 }
 
+static int auto_score_of(const qattn_backend_iface *b) { return b->auto_score ? b->auto_score() : b->score; }
+
 static void probe_entry(const registry_entry *e, qattn_backend_info *info)
 {
     memset(info, 0, sizeof(*info));
@@ -189,7 +191,7 @@ qattn_status qattn_ctx_create(const qattn_ctx_params *params, qattn_ctx **out)
             int best = -1;
             for (int i = 0; i < REGISTRY_SIZE; i++)
                 if (!tried[i] && registry[i].iface &&
-                    (best < 0 || registry[i].iface->score > registry[best].iface->score))
+                    (best < 0 || auto_score_of(registry[i].iface) > auto_score_of(registry[best].iface)))
                     best = i;
             if (best < 0)
                 break;

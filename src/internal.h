@@ -170,6 +170,9 @@ struct qattn_backend_iface {
     int api_version; /* QATTN_BACKEND_API_VERSION */
     const char *name;
     int score;       /* auto picks the usable backend with the highest score */
+    /* Optional: the score auto uses on this machine (e.g. lower than the CPU
+     * backend's when the only devices are CPU implementations); NULL: score. */
+    int (*auto_score)(void);
 
     /* Whether the backend can run here. Fills device_count, or reason. */
     qattn_status (*probe)(int *device_count, char *reason, size_t reason_len);

@@ -1,0 +1,126 @@
+/*
+ * Shared OpenCL C 1.2 helpers: input/output element access, fp16/bf16/E4M3
+ * conversions that round exactly as src/numeric.h does.
+ *
+ * Host-defined macros: IN_DTYPE, OUT_DTYPE (0 f32, 1 f16, 2 bf16), HAS_FP16,
+ * HAS_FP64.
+ */
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+
+#if HAS_FP16
+#pragma OPENCL EXTENSION cl_khr_fp16 : enable
+#endif
+#if HAS_FP64
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+#endif
+
+/* Inputs and outputs travel as raw bits; loads widen them to float. */
+#if IN_DTYPE == DT_F32
+typedef uint in_bits;
+#else
+typedef ushort in_bits;
+#endif
+#if OUT_DTYPE == DT_F32
+typedef uint out_bits;
+#else
+typedef ushort out_bits;
+#endif
+
+/* fp16 bits to float: native half where cl_khr_fp16 exists, vload_half otherwise
+ * (both exact). */
+static inline float f16_load(global const ushort *p, long i)
+{
+#if HAS_FP16
+    return convert_float(((global const half *)p)[i]);
+#else
+    return vload_half(i, (global const half *)p);
+#endif
+}
+
+static inline float bf16_bits_to_float(ushort b) { return as_float((uint)b << 16); }
+
+static inline float load_in(global const in_bits *p, long i)
+{
+#if IN_DTYPE == DT_F32
+    return as_float(p[i]);
+#elif IN_DTYPE == DT_F16
+    return f16_load(p, i);
+#else
+    return bf16_bits_to_float(p[i]);
+#endif
+}
+
+/* float to bf16, round to nearest even, NaN stays a quiet NaN. */
+static inline ushort float_to_bf16_bits(float f)
+{
+    uint x = as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u)
+        return (ushort)((x >> 16) | 0x40u);
+    return (ushort)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+static inline void store_out(global out_bits *p, long i, float v)
+{
+#if OUT_DTYPE == DT_F32
+    p[i] = as_uint(v);
+#elif OUT_DTYPE == DT_F16
+    vstore_half_rte(v, i, (global half *)p);
+#else
+    p[i] = float_to_bf16_bits(v);
+#endif
+}
+
+/* The nearest fp16 value (round to nearest even), as a float. */
+static inline float round_f16(float f)
+{
+    uint x = as_uint(f);
+    uint sign = x & 0x80000000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x477ff000u) /* rounds to 65520 or more: overflow (and inf/nan) */
+        return as_float(sign | (ax > 0x7f800000u ? x : 0x7f800000u));
+    if (ax < 0x38800000u) /* below the smallest normal: multiples of 2^-24 */
+        return as_float(sign | as_uint(rint(as_float(ax) * 16777216.0f) * 5.9604644775390625e-8f));
+    return as_float(sign | ((ax + 0xfffu + ((ax >> 13) & 1u)) & 0xffffe000u));
+}
+
+/* FP8 E4M3 (OCP E4M3FN): round to nearest even, saturate finite values to
+ * +-448, keep NaN: the same bits as qattn_f32_to_e4m3. */
+static inline uchar float_to_e4m3(float f)
+{
+    uint x = as_uint(f);
+    uint sign = (x >> 24) & 0x80u;
+    float a = fabs(f);
+    if (isnan(f))
+        return (uchar)(sign | 0x7fu);
+    if (a >= 448.0f)
+        return (uchar)(sign | 0x7eu);
+    if (a < 0.015625f) /* subnormal range: multiples of 2^-9 */
+        return (uchar)(sign | (uint)rint(a * 512.0f));
+    uint ax = as_uint(a);
+    uint rounded = ax + 0x7ffffu + ((ax >> 20) & 1u);
+    uint e = (rounded >> 23) - 127u + 7u;
+    uint man = (rounded >> 20) & 7u;
+    if (e > 15u || (e == 15u && man == 7u))
+        return (uchar)(sign | 0x7eu);
+    return (uchar)(sign | (e << 3) | man);
+}
+
+static inline float e4m3_to_float(uchar v)
+{
+    uint e = (v >> 3) & 0xfu, man = v & 7u;
+    float r;
+    if (e == 0xfu && man == 7u)
+        r = as_float(0x7fc00000u);
+    else if (e == 0u)
+        r = (float)man * 0.001953125f;
+    else
+        r = as_float(((e + 120u) << 23) | (man << 20));
+    return (v & 0x80u) ? -r : r;
+}
+
+/* Scale-group index of token t (qattn_quant_group_of). */
+static inline int quant_group_of(int t, int block, int interleave)
+{
+    return (t / block) * interleave + (t % block) % interleave;
+}

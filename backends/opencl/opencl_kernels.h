@@ -1,0 +1,10 @@
+/* OpenCL C sources embedded at build time (embed_kernels.py writes the
+ * definitions from the .cl files in kernels/). Each is NUL-terminated. */
+#ifndef QATTN_OPENCL_KERNELS_H
+#define QATTN_OPENCL_KERNELS_H
+
+extern const char qattn_opencl_src_common[];
+extern const char qattn_opencl_src_prep[];
+extern const char qattn_opencl_src_flash[];
+
+#endif

@@ -3,7 +3,7 @@
 
 #include "internal.h"
 
-#define CPU_QT 128 /* query rows per work item */
+#define CPU_QT 256 /* query rows per work item */
 
 /* One attention run on host memory, inputs already checked (and quantized
  * into ws for the quantized modes). */

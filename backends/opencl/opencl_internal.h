@@ -16,12 +16,5 @@
 qattn_status qattn_opencl_get_program(qattn_ctx *ctx, const char *what, const char *const *parts, size_t nparts,
                                       const char *options, cl_program *out);
 
-/*
- * The score `auto` should give this backend now: its static score (20) when
- * device 0 is a GPU or an accelerator, 5 (below the native CPU backend's 10)
- * when the only OpenCL devices are CPUs (PoCL), which the CPU backend beats.
- * For a proposed optional vtable slot (see bench/opencl_notes.md); unused
- * until the core has it.
- */
 
 #endif

@@ -1,0 +1,17 @@
+/* Exact attention kernels: fp16 and bf16 inputs, fp32 accumulation. */
+#include "qa_launch.cuh"
+
+namespace qa {
+int attn_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare)
+{
+    switch (head_dim) {
+    case 64:
+        return bf16 ? attn_launch<64, Qk::BF16, Pv::BF16>(p, grid, stream, prepare)
+                    : attn_launch<64, Qk::F16, Pv::F16>(p, grid, stream, prepare);
+    case 128:
+        return bf16 ? attn_launch<128, Qk::BF16, Pv::BF16>(p, grid, stream, prepare)
+                    : attn_launch<128, Qk::F16, Pv::F16>(p, grid, stream, prepare);
+    default: return 0;
+    }
+}
+} // namespace qa

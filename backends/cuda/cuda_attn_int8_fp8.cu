@@ -1,0 +1,15 @@
+/* INT8_FP8 attention kernels (SageAttention2): INT8 Q.K, FP8 P.V accumulated
+ * per 64-key block, then in fp32. The e4m3 mma needs sm_89; older
+ * architectures compile a trap in its place and plan_init never picks it there. */
+#include "qa_launch.cuh"
+
+namespace qa {
+int attn_int8_fp8(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare)
+{
+    switch (head_dim) {
+    case 64: return attn_launch<64, Qk::S8, Pv::E4M3_F32>(p, grid, stream, prepare);
+    case 128: return attn_launch<128, Qk::S8, Pv::E4M3_F32>(p, grid, stream, prepare);
+    default: return 0;
+    }
+}
+} // namespace qa

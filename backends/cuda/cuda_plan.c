@@ -1,0 +1,118 @@
+/* CUDA backend planning (no CUDA calls; see cuda_plan.h). */
+#include "cuda_plan.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+qa_cuda_scratch qa_cuda_scratch_layout(const qattn_problem *p)
+{
+    qa_cuda_scratch s;
+    s.chunk_tokens = QA_CUDA_STATS_TOKENS;
+    s.chunks = (int)((p->seq_k + s.chunk_tokens - 1) / s.chunk_tokens);
+    size_t per_chunk = (size_t)p->batch * (size_t)p->heads_kv * (size_t)s.chunks * (size_t)p->head_dim;
+    s.part_sum = 0;
+    s.part_amax = round_up(per_chunk * sizeof(double), 256);
+    s.v_inv = s.part_amax + round_up(per_chunk * sizeof(float), 256);
+    s.total = s.v_inv + round_up((size_t)p->batch * (size_t)p->heads_kv * (size_t)p->head_dim * sizeof(float), 256);
+    return s;
+}
+
+static const qa_cuda_plan_info plan_infos[2] = {{.fp8_on_f16_mma = 0}, {.fp8_on_f16_mma = 1}};
+
+int qa_cuda_fp8_on_f16_mma(int cc) { return cc >= 90 && cc < 100; }
+
+int qa_cuda_supports(int cc, qattn_precision precision)
+{
+    switch (precision) {
+    case QATTN_PRECISION_AUTO:
+    case QATTN_PRECISION_EXACT:
+    case QATTN_PRECISION_INT8_FP16: return cc >= 80;
+    case QATTN_PRECISION_INT8_FP8:
+    case QATTN_PRECISION_INT8_FP8_F16ACC: return cc >= 89; /* mma.sync e4m3 needs sm_89 */
+    }
+    return 0;
+}
+
+qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc)
+{
+    const qattn_problem *p = &plan->problem;
+    if (cc < 80)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "the cuda backend needs compute capability 8.0 or newer, this device is %d.%d", cc / 10,
+                               cc % 10);
+    if (p->head_dim != 64 && p->head_dim != 128)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "head dim %lld is not supported by the cuda backend (64 and 128 are)",
+                               (long long)p->head_dim);
+    if (p->seq_q > INT32_MAX - 2 * QA_CUDA_BLOCK_M || p->seq_k > INT32_MAX - 4 * QA_CUDA_BLOCK_N ||
+        p->batch * p->heads_q > INT32_MAX / 2)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "the cuda backend indexes tokens and heads with 32-bit integers (Nq=%lld Nk=%lld "
+                               "B*Hq=%lld)",
+                               (long long)p->seq_q, (long long)p->seq_k, (long long)(p->batch * p->heads_q));
+    long long q_tiles = (p->seq_q + QA_CUDA_BLOCK_M - 1) / QA_CUDA_BLOCK_M;
+    if (q_tiles * p->batch * p->heads_q > INT32_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "too many query tiles for one CUDA grid");
+
+    if (plan->precision == QATTN_PRECISION_AUTO) {
+        /* The fastest mode at the quantized accuracy bar, as measured: FP8 P.V
+         * where mma.sync has FP8 tensor cores (sm_89, and newer GPUs running
+         * the compute_90 PTX). On sm_90 ptxas lowers mma.sync e4m3 to fp16
+         * HMMA (no QMMA in the SASS), so INT8 Q.K with fp16 P.V is faster
+         * there (H200, bench/NOTES.md, CUDA section) and more accurate. */
+        bool fp8_fast = cc == 89 || cc >= 100;
+        plan->precision = fp8_fast ? QATTN_PRECISION_INT8_FP8 : QATTN_PRECISION_INT8_FP16;
+        snprintf(plan->why, sizeof(plan->why), "auto chose %s: the fastest mode at the quantized accuracy bar on sm_%d (%s).",
+                 qattn_precision_name(plan->precision), cc,
+                 cc >= 100  ? "FP8 P.V tensor cores"
+                 : cc == 89 ? "INT8 Q.K and FP8 P.V tensor cores"
+                 : cc == 90 ? "mma.sync FP8 runs on the fp16 units on Hopper, so fp16 P.V is faster"
+                            : "no FP8 tensor cores below sm_89");
+    } else {
+        snprintf(plan->why, sizeof(plan->why), "%s as requested.", qattn_precision_name(plan->precision));
+    }
+    if (!qa_cuda_supports(cc, plan->precision))
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "precision %s needs FP8 tensor cores (compute capability 8.9 or newer); this device "
+                               "is %d.%d",
+                               qattn_precision_name(plan->precision), cc / 10, cc % 10);
+    if (plan->precision == QATTN_PRECISION_EXACT && p->in_dtype == QATTN_DTYPE_F32)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "exact precision with f32 inputs is not supported by the cuda backend (its tensor "
+                               "cores take f16 or bf16; convert the inputs, or use a quantized precision)");
+
+    bool quantized = plan->precision != QATTN_PRECISION_EXACT;
+    if (quantized) {
+        if (plan->granularity == QATTN_GRANULARITY_DEFAULT)
+            plan->granularity = QATTN_GRANULARITY_PER_WARP; /* SageAttention2's default */
+        qattn_quant_defaults(&plan->quant, plan->precision, plan->granularity, QA_CUDA_BLOCK_M, QA_CUDA_WARP_M,
+                             QA_CUDA_BLOCK_N, plan->quant.smooth_k);
+        /* On the fp16 mma the fp16 accumulation happens after every 16 keys
+         * (m16n8k16 steps), not 32: report the chunk the kernel really uses. */
+        if (plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC && qa_cuda_fp8_on_f16_mma(cc))
+            plan->quant.pv_f16_chunk = 16;
+        plan->backend_workspace = qa_cuda_scratch_layout(p).total;
+    } else {
+        plan->backend_workspace = 0;
+    }
+    bool fp8 = plan->precision == QATTN_PRECISION_INT8_FP8 || plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC;
+    plan->impl = (void *)&plan_infos[fp8 && qa_cuda_fp8_on_f16_mma(cc)];
+    plan->q_tile = QA_CUDA_BLOCK_M;
+    plan->kv_tile = QA_CUDA_BLOCK_N;
+    plan->status_word = p->check_finite;
+    static const char *const mode_names[] = {"auto", "exact", "int8_fp16", "int8_fp8", "int8_fp8_f16acc"};
+    snprintf(plan->kernel, sizeof(plan->kernel), "cuda_mma_%s%s_d%lld_sm%d", mode_names[plan->precision],
+             plan->precision == QATTN_PRECISION_EXACT ? (p->in_dtype == QATTN_DTYPE_BF16 ? "_bf16" : "_f16")
+             : fp8 ? (qa_cuda_fp8_on_f16_mma(cc) ? "_pv_f16mma" : "_pv_e4m3mma")
+                   : "",
+             (long long)p->head_dim, cc);
+    if (fp8 && qa_cuda_fp8_on_f16_mma(cc)) {
+        size_t used = strlen(plan->why);
+        snprintf(plan->why + used, sizeof(plan->why) - used,
+                 " FP8 P.V runs on the fp16 tensor cores here (sm_90 has no FP8 mma.sync): P and V are rounded to "
+                 "E4M3 exactly as elsewhere and carried in fp16, which holds every E4M3 value.");
+    }
+    return QATTN_OK;
+}

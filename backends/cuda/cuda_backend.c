@@ -24,9 +24,9 @@ typedef struct cuda_ctx {
     int cc; /* compute capability, major * 10 + minor */
 } cuda_ctx;
 
-static bool sticky(cudaError_t e)
+bool qa_cuda_error_is_sticky(int code)
 {
-    switch (e) {
+    switch ((cudaError_t)code) {
     case cudaErrorIllegalAddress:
     case cudaErrorLaunchFailure:
     case cudaErrorHardwareStackError:
@@ -47,7 +47,7 @@ static bool sticky(cudaError_t e)
 static qattn_status cuda_fail(qattn_ctx *ctx, cudaError_t e, const char *what)
 {
     qattn_status s = e == cudaErrorMemoryAllocation ? QATTN_ERR_OUT_OF_MEMORY
-                     : sticky(e)                    ? QATTN_ERR_DEVICE_LOST
+                     : qa_cuda_error_is_sticky(e)   ? QATTN_ERR_DEVICE_LOST
                                                     : QATTN_ERR_BACKEND;
     return qattn_set_error(ctx, s, "%s: %s (%s)%s", what, cudaGetErrorString(e), cudaGetErrorName(e),
                            s == QATTN_ERR_DEVICE_LOST ? "; the CUDA context is unusable" : "");
@@ -302,7 +302,7 @@ static qattn_status cuda_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn
     const char *err = qa_cuda_enqueue(plan, q, k, v, o, lse, ws, stream);
     if (err) {
         cudaError_t e = cudaGetLastError();
-        if (e != cudaSuccess && sticky(e))
+        if (e != cudaSuccess && qa_cuda_error_is_sticky(e))
             return cuda_fail(ctx, e, err);
         return qattn_set_error(ctx, QATTN_ERR_BACKEND, "%s", err);
     }

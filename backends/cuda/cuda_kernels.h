@@ -1,11 +1,7 @@
 /*
  * The C interface between the CUDA backend's host code (cuda_backend.c, C11)
- * and the kernels behind it (cuda_launch.cu and the .cu files it drives).
- *
- * NOTE (second helper, 2026-11-22 00:00 UTC): this file was overwritten by
- * mistake while two helpers worked in backends/cuda at the same time; it was
- * rebuilt from its call sites in cuda_backend.c and cuda_launch.cu. Check it
- * against your own copy.
+ * and the kernels behind it (cuda_launch.cu and the .cu files it drives, and
+ * the paged kernels in paged/).
  */
 #ifndef QATTN_CUDA_KERNELS_H
 #define QATTN_CUDA_KERNELS_H
@@ -27,6 +23,11 @@ int qa_cuda_prepare(const qattn_plan *plan);
  * success, else a message describing the failed launch. */
 const char *qa_cuda_enqueue(const qattn_plan *plan, const void *q, const void *k, const void *v, void *o,
                             float *lse, void *ws, void *stream);
+
+/* Whether a CUDA runtime error code leaves the CUDA context unusable
+ * (illegal address, launch failure, ...): such errors are sticky and map to
+ * QATTN_ERR_DEVICE_LOST. Defined in cuda_backend.c. */
+bool qa_cuda_error_is_sticky(int code);
 
 #ifdef __cplusplus
 }

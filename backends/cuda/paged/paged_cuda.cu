@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../cuda_kernels.h"
 #include "paged_kernels.cuh"
 #include "paged_rt.h"
 
@@ -55,30 +56,12 @@ static const void *pa_attn_fn(int fmt, int d)
 #undef PA_CASE
 }
 
-static bool pa_sticky(cudaError_t e)
-{
-    switch (e) {
-    case cudaErrorIllegalAddress:
-    case cudaErrorLaunchFailure:
-    case cudaErrorHardwareStackError:
-    case cudaErrorIllegalInstruction:
-    case cudaErrorMisalignedAddress:
-    case cudaErrorInvalidAddressSpace:
-    case cudaErrorInvalidPc:
-    case cudaErrorAssert:
-    case cudaErrorECCUncorrectable:
-    case cudaErrorDevicesUnavailable:
-        return true;
-    default:
-        return false;
-    }
-}
 
 static const char *pa_rt_error_text(int code, int *lost, int *oom)
 {
     static __thread char text[256];
     cudaError_t e = (cudaError_t)code;
-    *lost = pa_sticky(e);
+    *lost = qa_cuda_error_is_sticky(e);
     *oom = e == cudaErrorMemoryAllocation;
     snprintf(text, sizeof(text), "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
     return text;
@@ -89,7 +72,7 @@ static int pa_rt_set_device(int device) { return (int)cudaSetDevice(device); }
 static int pa_rt_pending_error(void)
 {
     cudaError_t e = cudaPeekAtLastError();
-    if (e != cudaSuccess && !pa_sticky(e))
+    if (e != cudaSuccess && !qa_cuda_error_is_sticky(e))
         (void)cudaGetLastError();
     return (int)e;
 }

@@ -563,6 +563,28 @@ static void bad_input_case(void **state)
         assert_int_equal(out[i], REF_POISON_BYTE);
     pa.seq_lens = NULL;
     assert_int_equal(qattn_paged_run(plan, &pa), QATTN_ERR_INVALID_ARGUMENT);
+    qattn_plan_destroy(plan);
+
+    /* CSR: a sequence with more pages than max_pages_per_seq (= 2) is refused,
+     * not cut short. */
+    pd.table = QATTN_PAGES_CSR;
+    assert_ok(qattn_paged_plan_create(ctx, &pd, &plan));
+    /* the dense plan's workspace serves (so the refusal below is about the table) */
+    assert_true(qattn_plan_workspace_size(plan) <= (ws ? qattn_buffer_size(ws) : 0));
+    int32_t csr_indptr[2] = {0, 3}, csr_indices[3] = {0, 1, 2}, csr_last[1] = {16};
+    qattn_buffer *ipb = upload(csr_indptr, sizeof(csr_indptr)), *ixb = upload(csr_indices, sizeof(csr_indices));
+    qattn_buffer *lpb = upload(csr_last, sizeof(csr_last));
+    qattn_paged_args csr = {.cache = &bufs, .q = qb, .o = ob, .qo_indptr = qob, .indptr = ipb, .indices = ixb,
+                            .last_page_len = lpb, .workspace = ws};
+    s = qattn_paged_run(plan, &csr);
+    qattn_ctx_synchronize(ctx);
+    assert_int_equal(s, QATTN_ERR_INVALID_ARGUMENT);
+    assert_ok(qattn_buffer_download(ob, 0, out, sizeof(out)));
+    for (size_t i = 0; i < sizeof(out); i++)
+        assert_int_equal(out[i], REF_POISON_BYTE);
+    qattn_buffer_destroy(ipb);
+    qattn_buffer_destroy(ixb);
+    qattn_buffer_destroy(lpb);
 
     qattn_buffer *all[] = {bufs.k, bufs.v, kb, sb, qb, ob, qob, tb, lb, ws};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)

@@ -231,6 +231,11 @@ static qattn_status check_tables(qattn_ctx *ctx, const page_view *v, size_t indi
                                        "the %zu-byte indices buffer",
                                        (long long)b, (long long)b + 1, v->indptr[b], v->indptr[b + 1], indices_bytes);
             pages = v->indptr[b + 1] - v->indptr[b];
+            if (pages > pp->max_pages_per_seq) /* splits cover max_pages_per_seq pages: more would be dropped */
+                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                       "sequence %lld has %lld pages in its CSR table, more than "
+                                       "max_pages_per_seq=%lld",
+                                       (long long)b, (long long)pages, (long long)pp->max_pages_per_seq);
             if (pages > 0 && (v->last_page_len[b] < 1 || v->last_page_len[b] > P))
                 return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
                                        "last_page_len[%lld]=%d must be in [1, page_size=%lld]", (long long)b,

@@ -418,7 +418,7 @@ typedef struct qattn_paged_desc {
     qattn_kv_cache_desc cache;
     qattn_page_table_kind table;
     int64_t batch;
-    int64_t max_pages_per_seq;  /* DENSE: block_table's row length; CSR: bound used for planning */
+    int64_t max_pages_per_seq;  /* DENSE: block_table's row length; CSR: the most pages any sequence has */
     int64_t total_q;            /* rows of Q and O */
     int64_t max_q_len;          /* bound on any sequence's query count (1 for pure decode) */
     int64_t heads_q;            /* multiple of cache.heads_kv */

@@ -11,6 +11,7 @@
  * A run is: [finite scan] -> [quantization passes] -> flash kernel. With the
  * finite check on, the scan flags the workspace status word, every later
  * kernel returns at once when it is set, and the run reads the word back.
+ * The paged KV cache (appends, paged attention, merge) is in opencl_paged.c.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -34,23 +35,6 @@
 #define OCL_SCAN_WG 64
 
 /* ------------------------------------------------------------- devices */
-
-typedef struct ocl_device {
-    cl_platform_id platform;
-    cl_device_id id;
-    cl_device_type type;
-    char name[QATTN_NAME_MAX];
-    char vendor[64];
-    char driver[64];
-    char version[128];      /* CL_DEVICE_VERSION */
-    char c_version[64];     /* CL_DEVICE_OPENCL_C_VERSION */
-    char platform_name[128];
-    char platform_version[128];
-    cl_uint compute_units;
-    cl_ulong global_mem, max_alloc, local_mem;
-    size_t max_wg;
-    bool fp16, fp64, int_dot, subgroups, unified;
-} ocl_device;
 
 static struct {
     const qattn_cl_api *cl;
@@ -174,6 +158,9 @@ static void enumerate_devices(void)
             if (!available || !compiler)
                 continue; /* cannot run our kernels: compiled from source at run time */
             d->unified = unified == CL_TRUE;
+            cl_device_fp_config single = 0;
+            if (cl->clGetDeviceInfo(ids[i], CL_DEVICE_SINGLE_FP_CONFIG, sizeof(single), &single, NULL) == CL_SUCCESS)
+                d->correct_div = (single & CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT) != 0;
             size_t ext_len = 0;
             char *ext = NULL;
             if (cl->clGetDeviceInfo(ids[i], CL_DEVICE_EXTENSIONS, 0, NULL, &ext_len) == CL_SUCCESS &&
@@ -269,7 +256,9 @@ static qattn_status ocl_device_info(int device, qattn_device_info *info, char *r
              "local memory: %" PRIu64 " bytes; max work-group size: %zu; max allocation: %" PRIu64 " bytes\n"
              "head dims: multiples of 16 up to 256\n"
              "kernels: 128 work-items, 64 or 32 query rows x 64 keys, fp32 FMA with register blocking%s\n"
-             "quantized modes: %s\n",
+             "quantized modes: %s\n"
+             "paged KV cache: f16, bf16, fp8e4m3 and int8 pages (NHD/HND, dense/CSR tables, split-KV); fp8/int8 "
+             "appends %s\n",
              d->platform_name, d->platform_version,
              (d->type & CL_DEVICE_TYPE_GPU) ? "GPU" : (d->type & CL_DEVICE_TYPE_CPU) ? "CPU"
              : (d->type & CL_DEVICE_TYPE_ACCELERATOR) ? "accelerator" : "other",
@@ -278,37 +267,14 @@ static qattn_status ocl_device_info(int device, qattn_device_info *info, char *r
              (uint64_t)d->local_mem, d->max_wg, (uint64_t)d->max_alloc,
              d->int_dot ? "; INT8 Q.K by integer dot product" : "",
              d->fp64 ? "INT8 Q/K, fp16 or FP8-E4M3-emulated P and V, the reference quantization reproduced exactly"
-                     : "unsupported (they need cl_khr_fp64 to reproduce the reference quantization)");
+                     : "unsupported (they need cl_khr_fp64 to reproduce the reference quantization)",
+             d->fp64 ? "quantize as the reference does (divisions in fp64)"
+             : d->correct_div ? "quantize as the reference does (correctly rounded fp32 divisions)"
+                              : "unsupported (they need fp64 or correctly rounded fp32 divisions)");
     return QATTN_OK;
 }
 
 /* -------------------------------------------------------------- context */
-
-typedef struct ocl_program {
-    struct ocl_program *next;
-    char *key;
-    cl_program program;
-} ocl_program;
-
-typedef struct ocl_ctx {
-    const qattn_cl_api *cl;
-    const ocl_device *dev;
-    cl_context context;
-    cl_command_queue queue;
-    pthread_mutex_t lock; /* program cache; kernel arguments + enqueue of a run */
-    ocl_program *programs;
-} ocl_ctx;
-
-static ocl_ctx *impl_of(const qattn_ctx *ctx) { return (ocl_ctx *)ctx->impl; }
-
-/* Reports a failed cl* call: allocation failures are OUT_OF_MEMORY, the rest BACKEND. */
-static qattn_status cl_error(qattn_ctx *ctx, cl_int err, const char *call, const char *what)
-{
-    qattn_status s = (err == CL_MEM_OBJECT_ALLOCATION_FAILURE || err == CL_OUT_OF_HOST_MEMORY)
-                         ? QATTN_ERR_OUT_OF_MEMORY
-                         : QATTN_ERR_BACKEND;
-    return qattn_set_error(ctx, s, "opencl: %s failed with %s (%s)", call, qattn_cl_error_name(err), what);
-}
 
 static qattn_status ocl_ctx_init(qattn_ctx *ctx)
 {
@@ -356,6 +322,8 @@ static void ocl_ctx_release(qattn_ctx *ctx)
         free(p->key);
         free(p);
     }
+    if (c->append_status)
+        c->cl->clReleaseMemObject(c->append_status);
     c->cl->clReleaseCommandQueue(c->queue);
     c->cl->clReleaseContext(c->context);
     pthread_mutex_destroy(&c->lock);
@@ -371,8 +339,6 @@ static qattn_status ocl_synchronize(qattn_ctx *ctx)
 }
 
 /* -------------------------------------------------------------- buffers */
-
-static cl_mem mem_of(const qattn_buffer *buf) { return (cl_mem)buf->impl; }
 
 static qattn_status ocl_buffer_alloc(qattn_ctx *ctx, qattn_buffer *buf)
 {
@@ -617,13 +583,6 @@ done:
     return s;
 }
 
-static qattn_status make_kernel(qattn_ctx *ctx, cl_program prog, const char *name, cl_kernel *out)
-{
-    cl_int err = CL_SUCCESS;
-    *out = impl_of(ctx)->cl->clCreateKernel(prog, name, &err);
-    return *out ? QATTN_OK : cl_error(ctx, err, "clCreateKernel", name);
-}
-
 /* ---------------------------------------------------------------- plans */
 
 typedef struct ocl_plan {
@@ -634,6 +593,10 @@ typedef struct ocl_plan {
 
 static void ocl_plan_release(qattn_ctx *ctx, qattn_plan *plan)
 {
+    if (plan->paged) {
+        qattn_opencl_paged_plan_release(ctx, plan);
+        return;
+    }
     ocl_plan *op = plan->impl;
     if (!op)
         return;
@@ -645,8 +608,6 @@ static void ocl_plan_release(qattn_ctx *ctx, qattn_plan *plan)
     free(op);
     plan->impl = NULL;
 }
-
-static int dtype_code(qattn_dtype dt) { return dt == QATTN_DTYPE_F32 ? 0 : dt == QATTN_DTYPE_F16 ? 1 : 2; }
 
 static int mode_code(qattn_precision p)
 {
@@ -852,44 +813,6 @@ fail:
 
 /* ------------------------------------------------------------------ run */
 
-/* Sets kernel arguments in order; the first failure sticks. */
-typedef struct arg_list {
-    const qattn_cl_api *cl;
-    cl_kernel kernel;
-    cl_uint next;
-    cl_int err;
-    const char *name;
-} arg_list;
-
-static void arg(arg_list *a, size_t size, const void *value)
-{
-    if (a->err == CL_SUCCESS)
-        a->err = a->cl->clSetKernelArg(a->kernel, a->next, size, value);
-    a->next++;
-}
-
-static void arg_mem(arg_list *a, cl_mem m) { arg(a, sizeof(m), &m); }
-static void arg_long(arg_list *a, int64_t x)
-{
-    cl_long v = (cl_long)x;
-    arg(a, sizeof(v), &v);
-}
-static void arg_int(arg_list *a, int64_t x)
-{
-    cl_int v = (cl_int)x;
-    arg(a, sizeof(v), &v);
-}
-static void arg_uint(arg_list *a, uint32_t x)
-{
-    cl_uint v = x;
-    arg(a, sizeof(v), &v);
-}
-static void arg_float(arg_list *a, float x)
-{
-    cl_float v = x;
-    arg(a, sizeof(v), &v);
-}
-
 /* A tensor: base element offset and the b, h, n strides. */
 static void arg_tensor(arg_list *a, size_t byte_offset, size_t elem, const int64_t stride[4])
 {
@@ -897,23 +820,6 @@ static void arg_tensor(arg_list *a, size_t byte_offset, size_t elem, const int64
     arg_long(a, stride[0]);
     arg_long(a, stride[1]);
     arg_long(a, stride[2]);
-}
-
-static arg_list args_for(const ocl_ctx *c, cl_kernel k, const char *name)
-{
-    arg_list a = {.cl = c->cl, .kernel = k, .next = 0, .err = CL_SUCCESS, .name = name};
-    return a;
-}
-
-static size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
-
-static qattn_status launch(qattn_ctx *ctx, arg_list *a, cl_uint dims, const size_t *global, const size_t *local)
-{
-    ocl_ctx *c = impl_of(ctx);
-    if (a->err != CL_SUCCESS)
-        return cl_error(ctx, a->err, "clSetKernelArg", a->name);
-    cl_int err = c->cl->clEnqueueNDRangeKernel(c->queue, a->kernel, dims, NULL, global, local, 0, NULL, NULL);
-    return err == CL_SUCCESS ? QATTN_OK : cl_error(ctx, err, "clEnqueueNDRangeKernel", a->name);
 }
 
 typedef struct run_state {
@@ -1219,4 +1125,8 @@ const qattn_backend_iface qattn_backend_opencl = {
     .plan_release = ocl_plan_release,
     .run = ocl_run,
     .tensor_alignment = 1,
+    .kv_append = qattn_opencl_kv_append,
+    .paged_plan_init = qattn_opencl_paged_plan_init,
+    .paged_run = qattn_opencl_paged_run,
+    .merge_states = qattn_opencl_merge_states,
 };

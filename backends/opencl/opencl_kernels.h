@@ -6,5 +6,8 @@
 extern const char qattn_opencl_src_common[];
 extern const char qattn_opencl_src_prep[];
 extern const char qattn_opencl_src_flash[];
+extern const char qattn_opencl_src_paged[];
+extern const char qattn_opencl_src_merge[];
+extern const char qattn_opencl_src_kv_append[];
 
 #endif

@@ -1,0 +1,135 @@
+/*
+ * Appending tokens to a paged KV cache (vLLM's reshape_and_cache), with the
+ * quantization of backends/cpu/cpu_paged.c reproduced code for code:
+ *   f16 / bf16 pages: round to nearest even;
+ *   FP8 E4M3, per-head scale s:  code = e4m3_satfinite_rne(x * (1 / s));
+ *   INT8, per-head scale s:      code = clamp(rne(x * (1 / s)), -127, 127);
+ *   INT8, per row (token, head): amax = max |x|, scale = amax / 127 stored,
+ *                                code = clamp(rne(x * (127 / amax)), -127, 127).
+ * The divisions are correctly rounded fp32 results, as the CPU's: computed
+ * in double and rounded once (exact, double has more than 2*24+2 bits), or,
+ * without fp64, built with -cl-fp32-correctly-rounded-divide-sqrt.
+ *
+ * Host macros: HEAD_DIM, CACHE_FMT (paged.cl's codes), IN_DTYPE (the new
+ * tokens), HAS_FP16, HAS_FP64.
+ */
+#pragma OPENCL FP_CONTRACT OFF
+
+#define FMT_F16 0
+#define FMT_BF16 1
+#define FMT_FP8 2
+#define FMT_I8 3
+#define FMT_I8_ROW 4
+
+#define APPEND_WG 64
+#define XN ((HEAD_DIM + APPEND_WG - 1) / APPEND_WG) /* channels per work-item */
+
+static inline float div_rn(float a, float b)
+{
+#if HAS_FP64
+    return (float)((double)a / (double)b);
+#else
+    return a / b;
+#endif
+}
+
+/* One work-item per (token, head) row of k_new and v_new: bit 1 of the status
+ * word when any value is NaN or Inf (an all-ones exponent). */
+kernel void append_scan(global const in_bits *k_new, global const in_bits *v_new, long k_off, long v_off, long s0,
+                        long s1, int heads, long rows, global uint *status)
+{
+    long row = get_global_id(0);
+    if (row >= rows)
+        return;
+    long t = row / heads, h = row % heads;
+    global const in_bits *kp = k_new + k_off + t * s0 + h * s1, *vp = v_new + v_off + t * s0 + h * s1;
+#if IN_DTYPE == DT_F32
+    const uint mask = 0x7f800000u;
+#elif IN_DTYPE == DT_F16
+    const uint mask = 0x7c00u;
+#else
+    const uint mask = 0x7f80u;
+#endif
+    bool bad = false;
+    for (int d = 0; d < HEAD_DIM; d++)
+        bad |= ((uint)kp[d] & mask) == mask || ((uint)vp[d] & mask) == mask;
+    if (bad)
+        atomic_or(status, 1u);
+}
+
+/* A work-group per (token, head, K or V) row at a time: convert or quantize it into its slot. */
+kernel __attribute__((reqd_work_group_size(APPEND_WG, 1, 1))) void append_write(
+    global const in_bits *k_new, global const in_bits *v_new, long k_off, long v_off, long s0, long s1,
+    global const long *slots, long slot_off, long num_tokens, long capacity, int heads, int page_size,
+    long page_stride, long tok_stride, long head_stride, global uchar *kc, global uchar *vc, global float *ks,
+    global float *vs)
+{
+#if CACHE_FMT == FMT_I8_ROW
+    local float red[APPEND_WG];
+#endif
+    const int lid = get_local_id(0);
+    const long total = num_tokens * heads * 2;
+    for (long w = get_group_id(0); w < total; w += get_num_groups(0)) {
+        const long t = w / (2 * heads);
+        const int rem = (int)(w - t * 2 * heads), h = rem >> 1, which = rem & 1;
+        const long slot = slots[slot_off + t];
+        if (slot < 0 || slot >= capacity) /* padding (or out of range when unchecked); uniform in the group */
+            continue;
+        const long page = slot / page_size, off = slot - page * page_size;
+        global const in_bits *src = (which ? v_new + v_off : k_new + k_off) + t * s0 + (long)h * s1;
+        const long dst = page * page_stride + off * tok_stride + (long)h * head_stride;
+        float x[XN];
+        for (int i = 0; i < XN; i++) {
+            int d = lid + APPEND_WG * i;
+            x[i] = d < HEAD_DIM ? load_in(src, d) : 0.0f;
+        }
+#if CACHE_FMT == FMT_F16 || CACHE_FMT == FMT_BF16
+        global ushort *cache = (global ushort *)(which ? vc : kc);
+        for (int i = 0; i < XN; i++) {
+            int d = lid + APPEND_WG * i;
+            if (d < HEAD_DIM) {
+#if CACHE_FMT == FMT_F16
+                vstore_half_rte(x[i], dst + d, (global half *)cache);
+#else
+                cache[dst + d] = float_to_bf16_bits(x[i]);
+#endif
+            }
+        }
+#else
+        global float *scales = which ? vs : ks;
+        float inv;
+#if CACHE_FMT == FMT_I8_ROW
+        float amax = 0.0f;
+        for (int i = 0; i < XN; i++)
+            amax = fmax(amax, fabs(x[i]));
+        red[lid] = amax;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int stride = APPEND_WG / 2; stride > 0; stride >>= 1) {
+            if (lid < stride)
+                red[lid] = fmax(red[lid], red[lid + stride]);
+            barrier(CLK_LOCAL_MEM_FENCE);
+        }
+        amax = red[0];
+        barrier(CLK_LOCAL_MEM_FENCE); /* red is reused by the next row */
+        if (lid == 0)
+            scales[(page * page_size + off) * heads + h] = div_rn(amax, 127.0f);
+        inv = amax > 0.0f ? div_rn(127.0f, amax) : 0.0f;
+#else
+        const float s = scales[h];
+        inv = s > 0.0f ? div_rn(1.0f, s) : 0.0f;
+#endif
+        global uchar *cache = which ? vc : kc;
+        for (int i = 0; i < XN; i++) {
+            int d = lid + APPEND_WG * i;
+            if (d < HEAD_DIM) {
+                float y = x[i] * inv;
+#if CACHE_FMT == FMT_FP8
+                cache[dst + d] = float_to_e4m3(y);
+#else
+                cache[dst + d] = (uchar)(char)(int)clamp(rint(y), -127.0f, 127.0f);
+#endif
+            }
+        }
+#endif
+    }
+}

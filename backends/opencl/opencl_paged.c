@@ -1,0 +1,799 @@
+/*
+ * The OpenCL paged KV cache: appends with quantization (kv_append.cl), paged
+ * attention with split-KV (paged.cl), the exact LSE merge (merge.cl).
+ *
+ * Runs are enqueued on the context's in-order queue. With the check on (the
+ * default), a run zeroes the workspace status word, runs the table check and
+ * Q's NaN/Inf scan, then attention (and the merge), which write nothing when
+ * the word is set, and reads the word back; when a table is bad it downloads
+ * the tables to name the first bad entry. Without the check the run is
+ * asynchronous and the kernels clamp every table entry, so they never read
+ * outside the cache. Appends check on the host (slot range and duplicates,
+ * per-head scales) and on the device (NaN/Inf) before writing anything, and
+ * return when the cache is written.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "opencl_internal.h"
+#include "opencl_kernels.h"
+
+#define PAGED_WG 128  /* paged.cl: WG */
+#define CHECK_WG 128  /* paged.cl: CHECK_WG */
+#define MERGE_WG 64   /* merge.cl: MERGE_WG */
+#define APPEND_WG 64  /* kv_append.cl: APPEND_WG */
+#define SCAN_WG 64
+#define MAX_GROUPS 65536 /* work-groups of the grid-stride kernels (merge, append) */
+
+/* paged.cl's CACHE_FMT codes. */
+enum { FMT_F16 = 0, FMT_BF16 = 1, FMT_FP8 = 2, FMT_I8 = 3, FMT_I8_ROW = 4 };
+
+static int cache_format(const qattn_kv_cache_desc *c)
+{
+    switch (c->dtype) {
+    case QATTN_DTYPE_F16: return FMT_F16;
+    case QATTN_DTYPE_BF16: return FMT_BF16;
+    case QATTN_DTYPE_FP8_E4M3: return FMT_FP8;
+    default: return c->scales == QATTN_KV_SCALES_PER_ROW ? FMT_I8_ROW : FMT_I8;
+    }
+}
+
+/* Element strides of the cache: between pages, between a page's tokens, between heads. */
+static void cache_strides(const qattn_kv_cache_desc *c, int64_t *page, int64_t *tok, int64_t *head)
+{
+    *page = c->page_size * c->heads_kv * c->head_dim;
+    *tok = c->layout == QATTN_KV_NHD ? c->heads_kv * c->head_dim : c->head_dim;
+    *head = c->layout == QATTN_KV_NHD ? c->head_dim : c->page_size * c->head_dim;
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Releases the kernels a call made for itself. */
+static void release_kernels(const ocl_ctx *c, cl_kernel *k, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (k[i])
+            c->cl->clReleaseKernel(k[i]);
+}
+
+/* ------------------------------------------------------------ planning */
+
+/* The work split of paged.cl's attention kernel (its macros of the same names). */
+typedef struct paged_geometry {
+    int rt, bk;     /* rows (query heads x queries) and keys per tile */
+    int ag, dg;     /* score phase: row groups x head-dim slices (x BK keys = 128 work-items) */
+    int tw, rg, ks; /* P.V: word lanes x row groups x key groups (= 128 work-items) */
+} paged_geometry;
+
+/*
+ * Score phase: up to 8 rows per work-item (each decoded K word serves them
+ * all), the other lanes split the head dim. P.V: words of a V row across
+ * lanes, rows grouped so a work-item holds at most 32 accumulators, the
+ * remaining lanes split the tile's keys (each decoded V word serves all of a
+ * work-item's rows).
+ */
+static paged_geometry paged_geometry_for(int64_t D, int64_t es, int rt, int bk)
+{
+    paged_geometry g = {.rt = rt, .bk = bk};
+    const int words = (int)(D * es / 4), epw = (int)(4 / es), lanes = PAGED_WG / bk;
+    g.ag = rt / 8 < 1 ? 1 : rt / 8 > lanes ? lanes : rt / 8;
+    g.dg = lanes / g.ag;
+    while (words % g.dg) { /* head-dim slices of whole words */
+        g.dg /= 2;
+        g.ag *= 2;
+    }
+    g.tw = PAGED_WG;
+    while (g.tw > words || words % g.tw)
+        g.tw /= 2;
+    const int groups = PAGED_WG / g.tw, channels = epw * (words / g.tw), rows_max = channels >= 32 ? 1 : 32 / channels;
+    g.rg = 1;
+    while (g.rg < groups && (rt + g.rg - 1) / g.rg > rows_max)
+        g.rg *= 2;
+    g.ks = groups / g.rg;
+    while (bk % g.ks) {
+        g.ks /= 2;
+        g.rg *= 2;
+    }
+    return g;
+}
+
+/* Local memory of paged_attention in bytes: mirrors paged.cl's arrays. */
+static size_t paged_local_bytes(int64_t D, int64_t es, const paged_geometry *g)
+{
+    size_t kv = 2 * (size_t)g->bk * (size_t)(D * es / 4 + 1), acc = (size_t)g->ks * (size_t)g->rt * (size_t)D;
+    size_t rt = (size_t)g->rt;
+    return 4 * ((kv > acc ? kv : acc) + 2 * (size_t)g->bk + rt * (size_t)D + (size_t)g->dg * rt * (g->bk + 1) +
+                rt * 8 + 3 * rt);
+}
+
+typedef struct ocl_paged_plan {
+    cl_kernel attention, check, merge;
+    paged_geometry geo;
+    int q_tiles;
+} ocl_paged_plan;
+
+/* Splits of the keys: minimize waves x (keys per split + a work-group's start-up), plus a merge's cost. */
+static int choose_splits(int64_t items, int64_t slots, int64_t max_pages, int64_t page_size)
+{
+    const int64_t ramp_keys = 64, merge_keys = 256;
+    int64_t best_cost = INT64_MAX;
+    int best = 1;
+    int64_t limit = max_pages < 1024 ? max_pages : 1024;
+    for (int64_t s = 1; s <= limit; s++) {
+        int64_t per = ceil_div(max_pages, s);
+        if (ceil_div(max_pages, per) != s) /* trailing splits past the last page would be empty */
+            continue;
+        int64_t cost = ceil_div(items * s, slots) * (per * page_size + ramp_keys) + (s > 1 ? merge_keys : 0);
+        if (cost < best_cost) {
+            best_cost = cost;
+            best = (int)s;
+        }
+    }
+    return best;
+}
+
+void qattn_opencl_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
+{
+    ocl_paged_plan *op = plan->impl;
+    if (!op)
+        return;
+    cl_kernel all[] = {op->attention, op->check, op->merge};
+    release_kernels(impl_of(ctx), all, 3);
+    free(op);
+    plan->impl = NULL;
+}
+
+qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const ocl_device *d = c->dev;
+    qattn_paged_problem *pp = &plan->pp;
+    const int64_t D = pp->cache.head_dim, P = pp->cache.page_size, G = pp->group;
+    if (D % 16 != 0 || D > 256)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "head dim %lld is not supported by the opencl paged kernels (multiples of 16 up to 256)",
+                               (long long)D);
+    if (pp->max_pages_per_seq > (INT32_MAX - 1024) / P)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "max_pages_per_seq * page_size = %lld * %lld: the opencl kernels index at most 2^31 - "
+                               "1025 keys per sequence",
+                               (long long)pp->max_pages_per_seq, (long long)P);
+    if (pp->heads_q > INT32_MAX / pp->max_q_len)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "heads_q * max_q_len overflows the opencl kernels' row index");
+    if (d->max_wg < PAGED_WG)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "the opencl paged kernels need work-groups of %d work-items; %s allows %zu", PAGED_WG,
+                               d->name, d->max_wg);
+
+    const int fmt = cache_format(&pp->cache);
+    const int64_t es = (int64_t)qattn_dtype_size(pp->cache.dtype), rowb = D * es;
+    /* Keys per tile: a K and a V tile of at most 20 KiB together, so a few work-groups share a compute unit. */
+    int bk = 64;
+    while (bk > 16 && 2 * bk * (rowb + 4) > 20480)
+        bk /= 2;
+    /* Rows per tile: the GQA group times the queries, up to RT * D <= 4096 accumulators per work-group. */
+    const int64_t rows_needed = G * pp->max_q_len;
+    const int rt_max = D <= 128 ? 32 : 16;
+    int rt = 1;
+    while (rt < rows_needed && rt < rt_max)
+        rt *= 2;
+    paged_geometry geo = paged_geometry_for(D, es, rt, bk);
+    while (rt > 1 && paged_local_bytes(D, es, &geo) > d->local_mem) {
+        rt /= 2;
+        geo = paged_geometry_for(D, es, rt, bk);
+    }
+    if (paged_local_bytes(D, es, &geo) > d->local_mem)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "the opencl paged kernel needs %zu bytes of local memory at D=%lld; %s has %" PRIu64,
+                               paged_local_bytes(D, es, &geo), (long long)D, d->name, (uint64_t)d->local_mem);
+    const int64_t q_tiles = ceil_div(rows_needed, rt);
+    const int64_t items = pp->batch * pp->cache.heads_kv * q_tiles;
+    /* Work-groups resident at once: a few per GPU compute unit, one per CPU thread. */
+    const int64_t slots = (int64_t)d->compute_units * ((d->type & CL_DEVICE_TYPE_CPU) ? 1 : 4);
+    if (pp->num_splits == 0) {
+        pp->num_splits = choose_splits(items, slots > 0 ? slots : 1, pp->max_pages_per_seq, P);
+        snprintf(plan->why, sizeof(plan->why),
+                 "%lld work items (sequences x KV heads x %lld query tile(s) of %d rows) for about %lld resident "
+                 "work-groups (%u compute units): %d split(s) of the keys.",
+                 (long long)items, (long long)q_tiles, rt, (long long)slots, (unsigned)d->compute_units,
+                 pp->num_splits);
+    } else {
+        snprintf(plan->why, sizeof(plan->why), "%d split(s) of the keys, as requested.", pp->num_splits);
+    }
+    if (items > INT32_MAX / PAGED_WG / pp->num_splits)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "%lld work items x %d splits exceed the opencl backend's launch limit",
+                               (long long)items, pp->num_splits);
+    plan->backend_workspace = 0;
+    if (pp->num_splits > 1) { /* partial O [splits, total_q, Hq, D] and LSE [splits, total_q, Hq], fp32 */
+        size_t rows = (size_t)pp->num_splits * (size_t)pp->total_q * (size_t)pp->heads_q;
+        if (rows > SIZE_MAX / (((size_t)D + 1) * 4))
+            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "the split-KV workspace overflows size_t");
+        plan->backend_workspace = rows * ((size_t)D + 1) * 4;
+    }
+
+    ocl_paged_plan *op = calloc(1, sizeof(*op));
+    if (!op)
+        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");
+    plan->impl = op;
+    op->geo = geo;
+    op->q_tiles = (int)q_tiles;
+    qattn_status s;
+    char options[512];
+    snprintf(options, sizeof(options),
+             "-cl-std=CL1.2 -DHEAD_DIM=%lld -DCACHE_FMT=%d -DRT=%d -DBK=%d -DAG=%d -DDG=%d -DTW=%d -DRG=%d -DKS=%d "
+             "-DIN_DTYPE=%d -DOUT_DTYPE=%d -DHAS_FP16=%d -DHAS_FP64=%d",
+             (long long)D, fmt, rt, bk, geo.ag, geo.dg, geo.tw, geo.rg, geo.ks, dtype_code(pp->q_dtype),
+             dtype_code(pp->q_dtype), d->fp16, d->fp64);
+    const char *paged_parts[2] = {qattn_opencl_src_common, qattn_opencl_src_paged};
+    cl_program prog = NULL;
+    if ((s = qattn_opencl_get_program(ctx, "paged", paged_parts, 2, options, &prog)) ||
+        (s = make_kernel(ctx, prog, "paged_attention", &op->attention)) ||
+        (pp->check && (s = make_kernel(ctx, prog, "paged_check", &op->check))))
+        goto fail;
+    size_t wg = 0;
+    cl_int err = c->cl->clGetKernelWorkGroupInfo(op->attention, d->id, CL_KERNEL_WORK_GROUP_SIZE, sizeof(wg), &wg,
+                                                 NULL);
+    if (err != CL_SUCCESS) {
+        s = cl_error(ctx, err, "clGetKernelWorkGroupInfo", "paged_attention");
+        goto fail;
+    }
+    if (wg < PAGED_WG) {
+        s = qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                            "the opencl paged kernel at D=%lld runs at most %zu work-items per group on %s; it "
+                            "needs %d",
+                            (long long)D, wg, d->name, PAGED_WG);
+        goto fail;
+    }
+    if (pp->num_splits > 1) {
+        snprintf(options, sizeof(options), "-cl-std=CL1.2 -DIN_DTYPE=0 -DOUT_DTYPE=%d -DHAS_FP16=%d -DHAS_FP64=%d",
+                 dtype_code(pp->q_dtype), d->fp16, d->fp64);
+        const char *merge_parts[2] = {qattn_opencl_src_common, qattn_opencl_src_merge};
+        if ((s = qattn_opencl_get_program(ctx, "merge", merge_parts, 2, options, &prog)) ||
+            (s = make_kernel(ctx, prog, "merge_states", &op->merge)))
+            goto fail;
+    }
+    const int64_t per = ceil_div(pp->max_pages_per_seq, pp->num_splits);
+    plan->q_tile = rt;
+    plan->kv_tile = pp->num_splits > 1 ? (int)(per * P) : 0;
+    plan->status_word = pp->check;
+    snprintf(plan->kernel, sizeof(plan->kernel), "opencl_paged_%s%s_d%lld_r%d_k%d", qattn_dtype_name(pp->cache.dtype),
+             fmt == FMT_I8_ROW ? "_row" : "", (long long)D, rt, bk);
+    size_t used = strlen(plan->why);
+    snprintf(plan->why + used, sizeof(plan->why) - used,
+             " Tiles of %d rows (the %lld query heads of a KV head x queries) x %d keys; scores by %d row group(s) "
+             "x %d head-dim slice(s), P.V by %d word lanes x %d row group(s) x %d key group(s); %zu bytes of local "
+             "memory.",
+             rt, (long long)G, bk, geo.ag, geo.dg, geo.tw, geo.rg, geo.ks, paged_local_bytes(D, es, &geo));
+    return QATTN_OK;
+fail:
+    qattn_opencl_paged_plan_release(ctx, plan);
+    return s;
+}
+
+/* ------------------------------------------------------------------ run */
+
+/* Reads `count` int32 at index `at` of a table buffer; false on failure. */
+static bool read_ints(qattn_ctx *ctx, const qattn_buffer *b, int64_t at, int64_t count, int32_t *dst)
+{
+    ocl_ctx *c = impl_of(ctx);
+    if (count <= 0)
+        return true;
+    return c->cl->clEnqueueReadBuffer(c->queue, mem_of(b), CL_TRUE, (size_t)at * 4, (size_t)count * 4, dst, 0, NULL,
+                                      NULL) == CL_SUCCESS;
+}
+
+/* The message for the first bad table entry (the device check only says that
+ * there is one): the CPU backend's checks, on downloaded tables. */
+static qattn_status table_error(qattn_ctx *ctx, const qattn_paged_problem *pp, const qattn_paged_args *a)
+{
+    const int64_t B = pp->batch, P = pp->cache.page_size;
+    const bool dense = pp->table == QATTN_PAGES_DENSE;
+    const size_t indices_bytes = dense ? 0 : a->indices->size;
+    int32_t *qo = malloc((size_t)(B + 1) * 4), *lens = malloc((size_t)(B + 1) * 4), *last = malloc((size_t)B * 4);
+    int32_t *list = malloc(dense ? (size_t)(B * pp->max_pages_per_seq) * 4 : indices_bytes);
+    qattn_status s = QATTN_OK;
+    if (!qo || !lens || !last || !list) {
+        s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                            "the paged tables are invalid (out of host memory to find the entry)");
+        goto done;
+    }
+    bool ok = read_ints(ctx, a->qo_indptr, 0, B + 1, qo) &&
+              (dense ? read_ints(ctx, a->seq_lens, 0, B, lens) &&
+                           read_ints(ctx, a->block_table, 0, B * pp->max_pages_per_seq, list)
+                     : read_ints(ctx, a->indptr, 0, B + 1, lens) && read_ints(ctx, a->last_page_len, 0, B, last) &&
+                           read_ints(ctx, a->indices, 0, (int64_t)(indices_bytes / 4), list));
+    if (!ok) {
+        s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                            "the paged tables are invalid (reading them back to find the entry failed)");
+        goto done;
+    }
+    if (qo[0] < 0) {
+        s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "qo_indptr[0]=%d is negative", qo[0]);
+        goto done;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        int64_t q_len = (int64_t)qo[b + 1] - qo[b];
+        if (q_len < 0 || q_len > pp->max_q_len || qo[b + 1] > pp->total_q) {
+            s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                "qo_indptr[%lld..%lld] = %d..%d: query counts must be in [0, max_q_len=%lld] and rows "
+                                "below total_q=%lld",
+                                (long long)b, (long long)b + 1, qo[b], qo[b + 1], (long long)pp->max_q_len,
+                                (long long)pp->total_q);
+            goto done;
+        }
+        int64_t pages, first;
+        if (dense) {
+            if (lens[b] < 0 || lens[b] > pp->max_pages_per_seq * P) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "seq_lens[%lld]=%d must be in [0, max_pages_per_seq * page_size = %lld]",
+                                    (long long)b, lens[b], (long long)(pp->max_pages_per_seq * P));
+                goto done;
+            }
+            pages = (lens[b] + P - 1) / P;
+            first = b * pp->max_pages_per_seq;
+        } else {
+            if (lens[0] < 0 || lens[b + 1] < lens[b] || (size_t)lens[b + 1] * 4 > indices_bytes) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "indptr[%lld..%lld] = %d..%d must be non-decreasing, from >= 0, and inside the "
+                                    "%zu-byte indices buffer",
+                                    (long long)b, (long long)b + 1, lens[b], lens[b + 1], indices_bytes);
+                goto done;
+            }
+            pages = lens[b + 1] - lens[b];
+            first = lens[b];
+            if (pages > pp->max_pages_per_seq) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "sequence %lld has %lld pages in its CSR table, more than max_pages_per_seq=%lld",
+                                    (long long)b, (long long)pages, (long long)pp->max_pages_per_seq);
+                goto done;
+            }
+            if (pages > 0 && (last[b] < 1 || last[b] > P)) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "last_page_len[%lld]=%d must be in [1, page_size=%lld]", (long long)b, last[b],
+                                    (long long)P);
+                goto done;
+            }
+        }
+        for (int64_t i = 0; i < pages; i++)
+            if (list[first + i] < 0 || list[first + i] >= pp->cache.num_pages) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "sequence %lld's page %lld is %d, outside the cache's %lld pages", (long long)b,
+                                    (long long)i, list[first + i], (long long)pp->cache.num_pages);
+                goto done;
+            }
+    }
+    /* The tables changed between the check and the download (another thread's upload). */
+    s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "the paged tables were invalid when the run checked them");
+done:
+    free(qo);
+    free(lens);
+    free(last);
+    free(list);
+    return s;
+}
+
+/* The table arguments shared by paged_check and paged_attention, after their tensors. */
+static void arg_tables(arg_list *al, const qattn_paged_args *a)
+{
+    arg_mem(al, mem_of(a->qo_indptr));
+    arg_mem(al, mem_of(a->block_table));
+    arg_mem(al, mem_of(a->seq_lens));
+    arg_mem(al, mem_of(a->indptr));
+    arg_mem(al, mem_of(a->indices));
+    arg_mem(al, mem_of(a->last_page_len));
+}
+
+static qattn_status enqueue_check(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a, cl_mem ws,
+                                  int64_t status_at)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const qattn_paged_problem *pp = &plan->pp;
+    const ocl_paged_plan *op = plan->impl;
+    const size_t es = qattn_dtype_size(pp->q_dtype);
+    cl_uint zero = 0;
+    cl_int err = c->cl->clEnqueueFillBuffer(c->queue, ws, &zero, sizeof(zero), (size_t)status_at, 16, 0, NULL, NULL);
+    if (err != CL_SUCCESS)
+        return cl_error(ctx, err, "clEnqueueFillBuffer", "the status word");
+    arg_list al = args_for(c, op->check, "paged_check");
+    arg_tables(&al, a);
+    arg_int(&al, pp->table == QATTN_PAGES_DENSE);
+    arg_int(&al, pp->batch);
+    arg_int(&al, pp->max_pages_per_seq);
+    arg_int(&al, pp->cache.page_size);
+    arg_int(&al, pp->cache.num_pages);
+    arg_int(&al, pp->total_q);
+    arg_int(&al, pp->max_q_len);
+    arg_long(&al, a->indices ? (int64_t)(a->indices->size / 4) : 0);
+    arg_mem(&al, mem_of(a->q));
+    arg_long(&al, (int64_t)(a->q_offset / es));
+    arg_long(&al, pp->q_stride[0]);
+    arg_long(&al, pp->q_stride[1]);
+    arg_int(&al, pp->heads_q);
+    arg_mem(&al, ws);
+    arg_long(&al, status_at);
+    int64_t scan = ceil_div(pp->total_q * pp->heads_q, CHECK_WG);
+    scan = scan < 1 ? 1 : scan > 1024 ? 1024 : scan;
+    size_t local = CHECK_WG, global = (size_t)(pp->batch + scan) * local;
+    return launch(ctx, &al, 1, &global, &local);
+}
+
+static qattn_status enqueue_attention(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a, cl_mem ws,
+                                      int64_t status_at, int64_t part_o_at, int64_t part_lse_at)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const qattn_paged_problem *pp = &plan->pp;
+    const ocl_paged_plan *op = plan->impl;
+    const size_t es = qattn_dtype_size(pp->q_dtype);
+    int64_t page_stride, tok_stride, head_stride;
+    cache_strides(&pp->cache, &page_stride, &tok_stride, &head_stride);
+    arg_list al = args_for(c, op->attention, "paged_attention");
+    arg_mem(&al, mem_of(a->q));
+    arg_mem(&al, mem_of(a->o));
+    arg_mem(&al, pp->return_lse ? mem_of(a->lse) : NULL);
+    arg_mem(&al, mem_of(a->cache->k));
+    arg_mem(&al, mem_of(a->cache->v));
+    arg_mem(&al, mem_of(a->cache->k_scale));
+    arg_mem(&al, mem_of(a->cache->v_scale));
+    arg_tables(&al, a);
+    arg_mem(&al, ws);
+    arg_long(&al, (int64_t)(a->q_offset / es));
+    arg_long(&al, pp->q_stride[0]);
+    arg_long(&al, pp->q_stride[1]);
+    arg_long(&al, (int64_t)(a->o_offset / es));
+    arg_long(&al, pp->o_stride[0]);
+    arg_long(&al, pp->o_stride[1]);
+    arg_long(&al, (int64_t)(a->lse_offset / 4));
+    arg_int(&al, pp->return_lse);
+    arg_long(&al, page_stride);
+    arg_long(&al, tok_stride);
+    arg_long(&al, head_stride);
+    arg_int(&al, pp->cache.heads_kv);
+    arg_int(&al, pp->group);
+    arg_int(&al, pp->heads_q);
+    arg_int(&al, pp->cache.page_size);
+    arg_int(&al, pp->cache.num_pages);
+    arg_int(&al, pp->table == QATTN_PAGES_DENSE);
+    arg_int(&al, pp->max_pages_per_seq);
+    arg_int(&al, pp->total_q);
+    arg_int(&al, pp->max_q_len);
+    arg_long(&al, a->indices ? (int64_t)(a->indices->size / 4) : 0);
+    arg_int(&al, pp->num_splits);
+    arg_int(&al, ceil_div(pp->max_pages_per_seq, pp->num_splits));
+    arg_int(&al, op->q_tiles);
+    arg_int(&al, pp->causal);
+    arg_float(&al, pp->sm_scale * 1.4426950408889634f);
+    arg_long(&al, status_at);
+    arg_long(&al, part_o_at);
+    arg_long(&al, part_lse_at);
+    size_t local = PAGED_WG;
+    size_t global = (size_t)(pp->batch * pp->cache.heads_kv * op->q_tiles * pp->num_splits) * local;
+    return launch(ctx, &al, 1, &global, &local);
+}
+
+/* The split-KV partials in the workspace, merged into O (and LSE). */
+static qattn_status enqueue_split_merge(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a, cl_mem ws,
+                                        int64_t status_at, int64_t part_o_at, int64_t part_lse_at)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const qattn_paged_problem *pp = &plan->pp;
+    const ocl_paged_plan *op = plan->impl;
+    const int64_t D = pp->cache.head_dim, Hq = pp->heads_q, R = pp->total_q;
+    const size_t es = qattn_dtype_size(pp->q_dtype);
+    arg_list al = args_for(c, op->merge, "merge_states (split-KV)");
+    arg_mem(&al, ws);
+    arg_long(&al, part_o_at / 4);
+    arg_long(&al, R * Hq * D);
+    arg_long(&al, Hq * D);
+    arg_long(&al, D);
+    arg_mem(&al, ws);
+    arg_long(&al, part_lse_at / 4);
+    arg_long(&al, R * Hq);
+    arg_long(&al, Hq);
+    arg_long(&al, 1);
+    arg_mem(&al, mem_of(a->o));
+    arg_long(&al, (int64_t)(a->o_offset / es));
+    arg_long(&al, pp->o_stride[0]);
+    arg_long(&al, pp->o_stride[1]);
+    arg_mem(&al, pp->return_lse ? mem_of(a->lse) : NULL);
+    arg_long(&al, (int64_t)(a->lse_offset / 4));
+    arg_int(&al, pp->return_lse);
+    arg_int(&al, pp->num_splits);
+    arg_long(&al, R);
+    arg_int(&al, Hq);
+    arg_int(&al, D);
+    arg_mem(&al, mem_of(a->qo_indptr));
+    arg_int(&al, pp->batch);
+    arg_int(&al, 1);
+    arg_mem(&al, ws);
+    arg_long(&al, status_at);
+    int64_t groups = R * Hq < MAX_GROUPS ? R * Hq : MAX_GROUPS;
+    size_t local = MERGE_WG, global = (size_t)groups * local;
+    return launch(ctx, &al, 1, &global, &local);
+}
+
+qattn_status qattn_opencl_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const qattn_paged_problem *pp = &plan->pp;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "args.stream must be NULL on the opencl backend (it runs on the context's queue)");
+    cl_mem ws = plan->ws.total ? mem_of(a->workspace) : NULL;
+    const int64_t base = (int64_t)a->workspace_offset;
+    const int64_t status_at = pp->check ? base + (int64_t)plan->ws.status : -1;
+    int64_t part_o_at = -1, part_lse_at = -1;
+    if (pp->num_splits > 1) {
+        part_o_at = base + (int64_t)plan->ws.backend;
+        part_lse_at = part_o_at + (int64_t)pp->num_splits * pp->total_q * pp->heads_q * pp->cache.head_dim * 4;
+    }
+
+    /* Kernel arguments live in the plan's kernel objects: one run at a time sets and enqueues them. */
+    pthread_mutex_lock(&c->lock);
+    qattn_status s = QATTN_OK;
+    if (pp->check)
+        s = enqueue_check(ctx, plan, a, ws, status_at);
+    if (!s)
+        s = enqueue_attention(ctx, plan, a, ws, status_at, part_o_at, part_lse_at);
+    if (!s && pp->num_splits > 1)
+        s = enqueue_split_merge(ctx, plan, a, ws, status_at, part_o_at, part_lse_at);
+    cl_uint flags = 0;
+    cl_event read = NULL;
+    if (!s && pp->check) {
+        cl_int err = c->cl->clEnqueueReadBuffer(c->queue, ws, CL_FALSE, (size_t)status_at, sizeof(flags), &flags, 0,
+                                                NULL, &read);
+        if (err != CL_SUCCESS)
+            s = cl_error(ctx, err, "clEnqueueReadBuffer", "the status word");
+    } else if (!s) {
+        cl_int err = c->cl->clFlush(c->queue);
+        if (err != CL_SUCCESS)
+            s = cl_error(ctx, err, "clFlush", "paged run");
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (s || !read)
+        return s;
+    cl_int err = c->cl->clWaitForEvents(1, &read);
+    c->cl->clReleaseEvent(read);
+    if (err != CL_SUCCESS)
+        return cl_error(ctx, err, "clWaitForEvents", "the status word");
+    if (flags & 1u)
+        return table_error(ctx, pp, a);
+    if (flags & 2u)
+        return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
+                               "q contains NaN or Inf; outputs were not written (set QATTN_FLAG_NO_FINITE_CHECK to "
+                               "skip this scan)");
+    return QATTN_OK;
+}
+
+/* ---------------------------------------------------------------- merge */
+
+qattn_status qattn_opencl_merge_states(qattn_ctx *ctx, const qattn_merge_desc *d, const qattn_merge_args *a)
+{
+    ocl_ctx *c = impl_of(ctx);
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "args.stream must be NULL on the opencl backend (it runs on the context's queue)");
+    char options[256];
+    snprintf(options, sizeof(options), "-cl-std=CL1.2 -DIN_DTYPE=%d -DOUT_DTYPE=%d -DHAS_FP16=%d -DHAS_FP64=%d",
+             dtype_code(d->v_dtype), dtype_code(d->o_dtype), c->dev->fp16, c->dev->fp64);
+    const char *parts[2] = {qattn_opencl_src_common, qattn_opencl_src_merge};
+    cl_program prog = NULL;
+    cl_kernel kernel = NULL;
+    qattn_status s;
+    if ((s = qattn_opencl_get_program(ctx, "merge", parts, 2, options, &prog)) ||
+        (s = make_kernel(ctx, prog, "merge_states", &kernel)))
+        return s;
+    const size_t ves = qattn_dtype_size(d->v_dtype), oes = qattn_dtype_size(d->o_dtype);
+    arg_list al = args_for(c, kernel, "merge_states");
+    arg_mem(&al, mem_of(a->v));
+    arg_long(&al, (int64_t)(a->v_offset / ves));
+    for (int i = 0; i < 3; i++)
+        arg_long(&al, d->v_stride[i]);
+    arg_mem(&al, mem_of(a->s));
+    arg_long(&al, (int64_t)(a->s_offset / 4));
+    for (int i = 0; i < 3; i++)
+        arg_long(&al, d->s_stride[i]);
+    arg_mem(&al, mem_of(a->o));
+    arg_long(&al, (int64_t)(a->o_offset / oes));
+    arg_long(&al, d->o_stride[0]);
+    arg_long(&al, d->o_stride[1]);
+    arg_mem(&al, mem_of(a->lse));
+    arg_long(&al, (int64_t)(a->lse_offset / 4));
+    arg_int(&al, a->lse != NULL);
+    arg_int(&al, d->num_states);
+    arg_long(&al, d->rows);
+    arg_int(&al, d->heads);
+    arg_int(&al, d->head_dim);
+    arg_mem(&al, NULL);
+    arg_int(&al, 0);
+    arg_int(&al, 0);
+    arg_mem(&al, NULL);
+    arg_long(&al, -1);
+    int64_t pairs = d->rows * d->heads;
+    size_t local = MERGE_WG, global = (size_t)(pairs < MAX_GROUPS ? pairs : MAX_GROUPS) * local;
+    s = launch(ctx, &al, 1, &global, &local);
+    if (!s) {
+        cl_int err = c->cl->clFlush(c->queue);
+        if (err != CL_SUCCESS)
+            s = cl_error(ctx, err, "clFlush", "merge_states");
+    }
+    c->cl->clReleaseKernel(kernel); /* the enqueued command keeps what it needs */
+    return s;
+}
+
+/* --------------------------------------------------------------- append */
+
+static int cmp_i64(const void *pa, const void *pb)
+{
+    int64_t x = *(const int64_t *)pa, y = *(const int64_t *)pb;
+    return (x > y) - (x < y);
+}
+
+/* The append's checks, in the CPU backend's order: slot range, duplicate
+ * slots (on a host copy of the slots), NaN/Inf in the new values (a device
+ * scan), per-head scales (a host copy). Nothing is written before they pass. */
+static qattn_status append_check(qattn_ctx *ctx, const qattn_kv_append_args *a, cl_kernel scan)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const qattn_kv_cache_desc *cd = a->cache;
+    const int64_t T = a->num_tokens, H = cd->heads_kv, capacity = cd->num_pages * cd->page_size;
+    const bool head_scales = cd->scales == QATTN_KV_SCALES_PER_HEAD;
+    const size_t es = qattn_dtype_size(a->new_dtype);
+    int64_t *slots = malloc((size_t)T * 8), *sorted = malloc((size_t)T * 8);
+    float *scales = head_scales ? malloc((size_t)H * 8) : NULL;
+    if (!slots || !sorted || (head_scales && !scales)) {
+        free(slots);
+        free(sorted);
+        free(scales);
+        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory checking the slot mapping");
+    }
+    cl_uint flags = 0;
+    qattn_status s = QATTN_OK;
+    cl_int err = CL_SUCCESS;
+    pthread_mutex_lock(&c->lock); /* the status buffer is the context's */
+    if (!c->append_status) {
+        c->append_status = c->cl->clCreateBuffer(c->context, CL_MEM_READ_WRITE, 16, NULL, &err);
+        if (!c->append_status)
+            s = cl_error(ctx, err, "clCreateBuffer", "the append check's status word");
+    }
+    cl_uint zero = 0;
+    if (!s && (err = c->cl->clEnqueueFillBuffer(c->queue, c->append_status, &zero, 4, 0, 16, 0, NULL, NULL)))
+        s = cl_error(ctx, err, "clEnqueueFillBuffer", "the append check's status word");
+    if (!s) {
+        int64_t rows = T * H;
+        arg_list al = args_for(c, scan, "append_scan");
+        arg_mem(&al, mem_of(a->k_new));
+        arg_mem(&al, mem_of(a->v_new));
+        arg_long(&al, (int64_t)(a->k_new_offset / es));
+        arg_long(&al, (int64_t)(a->v_new_offset / es));
+        arg_long(&al, a->new_stride[0]);
+        arg_long(&al, a->new_stride[1]);
+        arg_int(&al, H);
+        arg_long(&al, rows);
+        arg_mem(&al, c->append_status);
+        size_t local = SCAN_WG, global = round_up((size_t)rows, local);
+        s = launch(ctx, &al, 1, &global, &local);
+    }
+    if (!s && (err = c->cl->clEnqueueReadBuffer(c->queue, mem_of(a->slot_mapping), CL_FALSE, a->slot_mapping_offset,
+                                                (size_t)T * 8, slots, 0, NULL, NULL)))
+        s = cl_error(ctx, err, "clEnqueueReadBuffer", "the slot mapping");
+    if (!s && head_scales &&
+        ((err = c->cl->clEnqueueReadBuffer(c->queue, mem_of(a->buffers->k_scale), CL_FALSE, 0, (size_t)H * 4, scales,
+                                           0, NULL, NULL)) ||
+         (err = c->cl->clEnqueueReadBuffer(c->queue, mem_of(a->buffers->v_scale), CL_FALSE, 0, (size_t)H * 4,
+                                           scales + H, 0, NULL, NULL))))
+        s = cl_error(ctx, err, "clEnqueueReadBuffer", "the per-head scales");
+    /* in-order queue: the last read is done when all of them are */
+    if (!s && (err = c->cl->clEnqueueReadBuffer(c->queue, c->append_status, CL_TRUE, 0, 4, &flags, 0, NULL, NULL)))
+        s = cl_error(ctx, err, "clEnqueueReadBuffer", "the append check's status word");
+    if (s) /* reads may still be in flight into our host memory */
+        c->cl->clFinish(c->queue);
+    pthread_mutex_unlock(&c->lock);
+
+    if (!s) {
+        int64_t used = 0;
+        for (int64_t t = 0; t < T && !s; t++) {
+            if (slots[t] >= capacity)
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "slot_mapping[%lld]=%lld is outside the cache's %lld slots", (long long)t,
+                                    (long long)slots[t], (long long)capacity);
+            else if (slots[t] >= 0)
+                sorted[used++] = slots[t];
+        }
+        if (!s) {
+            qsort(sorted, (size_t)used, sizeof(int64_t), cmp_i64);
+            for (int64_t i = 1; i < used && !s; i++)
+                if (sorted[i] == sorted[i - 1])
+                    s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "slot %lld appears twice in slot_mapping",
+                                        (long long)sorted[i]);
+        }
+    }
+    if (!s && flags)
+        s = qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
+                            "k_new or v_new contains NaN or Inf; the cache was not written");
+    for (int64_t h = 0; !s && head_scales && h < H; h++) {
+        float ks = scales[h], vs = scales[H + h];
+        if (!(ks > 0.f && ks <= 3.402823466e38f) || !(vs > 0.f && vs <= 3.402823466e38f))
+            s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "per-head scale of head %lld must be finite and > 0",
+                                (long long)h);
+    }
+    free(slots);
+    free(sorted);
+    free(scales);
+    return s;
+}
+
+qattn_status qattn_opencl_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const qattn_kv_cache_sizes *sizes)
+{
+    (void)sizes;
+    ocl_ctx *c = impl_of(ctx);
+    const ocl_device *d = c->dev;
+    const qattn_kv_cache_desc *cd = a->cache;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "args.stream must be NULL on the opencl backend (it runs on the context's queue)");
+    const int fmt = cache_format(cd);
+    const bool quantized = fmt >= FMT_FP8;
+    if (quantized && !d->fp64 && !d->correct_div)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "appending to %s pages on opencl needs cl_khr_fp64 or correctly rounded fp32 divisions "
+                               "(CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT), which %s lacks: the codes must equal the "
+                               "reference quantization's",
+                               qattn_dtype_name(cd->dtype), d->name);
+    char options[512];
+    snprintf(options, sizeof(options),
+             "-cl-std=CL1.2 -DHEAD_DIM=%lld -DCACHE_FMT=%d -DIN_DTYPE=%d -DOUT_DTYPE=0 -DHAS_FP16=%d -DHAS_FP64=%d%s",
+             (long long)cd->head_dim, fmt, dtype_code(a->new_dtype), d->fp16, d->fp64,
+             quantized && !d->fp64 ? " -cl-fp32-correctly-rounded-divide-sqrt" : "");
+    const char *parts[2] = {qattn_opencl_src_common, qattn_opencl_src_kv_append};
+    const bool check = !(a->flags & QATTN_FLAG_NO_FINITE_CHECK);
+    cl_program prog = NULL;
+    cl_kernel kernels[2] = {NULL, NULL}; /* write, scan */
+    qattn_status s;
+    if ((s = qattn_opencl_get_program(ctx, "kv_append", parts, 2, options, &prog)) ||
+        (s = make_kernel(ctx, prog, "append_write", &kernels[0])) ||
+        (check && (s = make_kernel(ctx, prog, "append_scan", &kernels[1]))))
+        goto done;
+    if (check && (s = append_check(ctx, a, kernels[1])))
+        goto done;
+
+    int64_t page_stride, tok_stride, head_stride;
+    cache_strides(cd, &page_stride, &tok_stride, &head_stride);
+    const size_t es = qattn_dtype_size(a->new_dtype);
+    const int64_t rows = a->num_tokens * cd->heads_kv * 2;
+    arg_list al = args_for(c, kernels[0], "append_write");
+    arg_mem(&al, mem_of(a->k_new));
+    arg_mem(&al, mem_of(a->v_new));
+    arg_long(&al, (int64_t)(a->k_new_offset / es));
+    arg_long(&al, (int64_t)(a->v_new_offset / es));
+    arg_long(&al, a->new_stride[0]);
+    arg_long(&al, a->new_stride[1]);
+    arg_mem(&al, mem_of(a->slot_mapping));
+    arg_long(&al, (int64_t)(a->slot_mapping_offset / 8));
+    arg_long(&al, a->num_tokens);
+    arg_long(&al, cd->num_pages * cd->page_size);
+    arg_int(&al, cd->heads_kv);
+    arg_int(&al, cd->page_size);
+    arg_long(&al, page_stride);
+    arg_long(&al, tok_stride);
+    arg_long(&al, head_stride);
+    arg_mem(&al, mem_of(a->buffers->k));
+    arg_mem(&al, mem_of(a->buffers->v));
+    arg_mem(&al, mem_of(a->buffers->k_scale));
+    arg_mem(&al, mem_of(a->buffers->v_scale));
+    size_t local = APPEND_WG, global = (size_t)(rows < MAX_GROUPS ? rows : MAX_GROUPS) * local;
+    cl_event written = NULL;
+    if ((s = launch_event(ctx, &al, 1, &global, &local, &written)))
+        goto done;
+    /* Synchronous, as the API promises for backends without streams. */
+    cl_int err = c->cl->clWaitForEvents(1, &written);
+    c->cl->clReleaseEvent(written);
+    if (err != CL_SUCCESS)
+        s = cl_error(ctx, err, "clWaitForEvents", "the cache append");
+done:
+    release_kernels(c, kernels, 2);
+    return s;
+}

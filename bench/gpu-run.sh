@@ -4,15 +4,20 @@
 # the portable backends at D=128 N=16k, and paged decode beside torch; all in
 # the same run. Logs go to $OUT (or /tmp/qattn-gpu-run).
 #   scripts/gpu-kit.sh build-gpu gpu-kit   # on the build machine (-Dnvcc_archs=90a)
-#   bash bench/gpu-run.sh gpu-kit          # on the GPU machine
+#   bash bench/gpu-run.sh gpu-kit [SECTION...] # on the GPU machine
+# Sections (default: all): tests compare portable decode decode-portable
 set -o pipefail
 K=${1:-gpu-kit}
+shift || true
+sections=" ${*:-tests compare portable decode decode-portable} "
+want() { [[ $sections == *" $1 "* ]]; }
 O=${OUT:-/tmp/qattn-gpu-run}
 mkdir -p "$O" /tmp/qattn-clcache
 export PYTHONUNBUFFERED=1 QATTN_LIBRARY=$PWD/$K/libqattn.so.0 QATTN_OPENCL_CACHE=/tmp/qattn-clcache
 date -u
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
 
+if want tests; then
 echo "== conformance (full log: tests.log)"
 {
   "$K/tools/qattn-info"
@@ -21,24 +26,36 @@ echo "== conformance (full log: tests.log)"
     echo "### workspace $b"; timeout 60 "$K/tests/test_workspace" $b; echo "rc=$?"
     echo "### paged $b"; timeout 120 "$K/tests/test_paged" $b; echo "rc=$?"
   done
+  for check in opencl_ws_check opencl_paged_check vulkan_paged_vs_cpu; do
+    if [[ -x $K/tests/$check ]]; then
+      echo "### $check"; LD_LIBRARY_PATH=$PWD/$K${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} timeout 120 "$K/tests/$check"
+      echo "rc=$?"
+    fi
+  done
   echo "### api"; "$K/tests/test_api"; echo "rc=$?"
 } > "$O/tests.log" 2>&1
-grep -E "^### |^\[  (PASSED|FAILED|SKIPPED) \]|^rc=" "$O/tests.log"
+grep -E "^### |^\[  (PASSED|FAILED|SKIPPED) \]|^rc=|passed|failed" "$O/tests.log"
+fi
 
+if want compare; then
 echo "== compare.py (torch SDPA and qattn, TFLOP/s and accuracy)"
 timeout 300 python3 bench/compare.py --json "$O/compare.json" --markdown "$O/compare.md" > "$O/compare.log" 2>&1
 echo "rc=$?"
 cat "$O/compare.md"
+fi
 
+if want portable; then
 echo "== CUDA, Vulkan, OpenCL at B=1 H=16 N=16384 D=128"
 for b in cuda vulkan opencl; do
   timeout 150 "$K/bench/qattn-bench" --backend $b --b 1 --h 16 --n 16384 --d 128 --precision exact,int8_fp16 \
     --check-rows 4 --warmup 3 --iters 10 --no-finite-check
 done > "$O/portable.log" 2>&1
 grep -E "^(exact|int8|qattn-bench)" "$O/portable.log"
+fi
 
-echo "== paged decode (qattn-decode-bench) and torch (decode_compare.py)"
 D=$K/bench/qattn-decode-bench
+if want decode; then
+echo "== paged decode (qattn-decode-bench) and torch (decode_compare.py)"
 timeout 170 $D --backend cuda --batch 1,16,64 --ctx 1k,8k,32k --page 16 --dtype f16,fp8,int8 --peak-gbps 4090 \
   --json > "$O/decode_p16.jsonl" 2> "$O/decode_p16.err"
 echo "rc=$?"
@@ -50,4 +67,15 @@ timeout 120 python3 bench/decode_compare.py --bench $D --qattn-json "$O/decode_p
   --json "$O/decode_compare.jsonl" > "$O/decode_compare.log" 2>&1
 echo "rc=$?"
 cat "$O/decode_compare.log"
+fi
+
+if want decode-portable; then
+echo "== paged decode on the portable backends (Hq=32 Hkv=8 D=128, pages of 16)"
+for b in vulkan opencl; do
+  timeout 150 $D --backend $b --batch 1,16,64 --ctx 8k --page 16 --dtype f16,fp8,int8 --peak-gbps 4090 \
+    --check-seqs 1 > "$O/decode_$b.log" 2>&1
+  echo "rc=$?"
+  grep -vE "^\[decode-bench\]" "$O/decode_$b.log"
+done
+fi
 date -u

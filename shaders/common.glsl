@@ -10,6 +10,8 @@
  */
 #extension GL_EXT_shader_16bit_storage : require
 
+#include "numeric.glsl"
+
 #define DT_F32 0u
 #define DT_F16 1u
 #define DT_BF16 2u
@@ -52,8 +54,6 @@ layout(push_constant) uniform Run {
 layout(constant_id = 1) const uint IN_DTYPE = DT_F16;
 layout(constant_id = 2) const uint OUT_DTYPE = DT_F16;
 
-float bf16_bits_to_f32(uint b) { return uintBitsToFloat(b << 16); }
-
 float load_q(uint i)
 {
     if (IN_DTYPE == DT_F32) return q_f32[i];
@@ -71,44 +71,6 @@ float load_v(uint i)
     if (IN_DTYPE == DT_F32) return v_f32[i];
     if (IN_DTYPE == DT_F16) return float(v_f16[i]);
     return bf16_bits_to_f32(uint(v_u16[i]));
-}
-
-/* fp32 -> bf16 bits, round to nearest even, NaN kept quiet (as src/numeric.h). */
-uint f32_to_bf16_bits(float f)
-{
-    uint x = floatBitsToUint(f);
-    if ((x & 0x7fffffffu) > 0x7f800000u)
-        return (x >> 16) | 0x40u;
-    return (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-}
-
-/* fp32 -> fp16 bits, round to nearest even in integer arithmetic, so every
- * driver agrees with qattn_f32_to_f16 bit for bit. */
-uint f32_to_f16_bits(float f)
-{
-    uint x = floatBitsToUint(f);
-    uint sign = (x >> 16) & 0x8000u;
-    uint ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u)
-        return sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u);
-    if (ax >= 0x477ff000u)
-        return sign | 0x7c00u;
-    if (ax < 0x38800000u) {
-        /* subnormal or zero: the value in units of 2^-24, rounded to nearest even */
-        if (ax < 0x33000000u) /* below 2^-25: rounds to zero (2^-25 itself ties to 0) */
-            return sign;
-        uint e = ax >> 23;             /* 102..112 */
-        uint m = (ax & 0x7fffffu) | 0x800000u;
-        uint shift = 126u - e;         /* value * 2^24 = m * 2^(e - 150 + 24) */
-        uint q = m >> shift;
-        uint rem = m & ((1u << shift) - 1u);
-        uint half_ = 1u << (shift - 1u);
-        if (rem > half_ || (rem == half_ && (q & 1u) != 0u))
-            q += 1u;
-        return sign | q;
-    }
-    uint rounded = ax + 0xfffu + ((ax >> 13) & 1u);
-    return sign | ((rounded - 0x38000000u) >> 13);
 }
 
 void store_o(uint i, float v)

@@ -112,6 +112,10 @@ static qattn_status upload_params(qattn_ctx *ctx, vk_ctx *vc, vk_plan *vp)
 
 void vk_plan_release(qattn_ctx *ctx, qattn_plan *plan)
 {
+    if (plan->paged) {
+        vk_paged_plan_release(ctx, plan);
+        return;
+    }
     vk_ctx *vc = ctx->impl;
     vk_plan *vp = plan->impl;
     if (!vp)

@@ -73,6 +73,8 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
     c->coopmat2_nv = has_ext(exts, n_ext, "VK_NV_cooperative_matrix2");
     c->float8_ext = has_ext(exts, n_ext, "VK_EXT_shader_float8");
     c->bfloat16_ext = has_ext(exts, n_ext, "VK_KHR_shader_bfloat16");
+    const bool sm_builtins = has_ext(exts, n_ext, VK_NV_SHADER_SM_BUILTINS_EXTENSION_NAME);
+    const bool amd_cores = has_ext(exts, n_ext, VK_AMD_SHADER_CORE_PROPERTIES_EXTENSION_NAME);
     free(exts);
 
     /* Features, chained only where the device knows the structure. */
@@ -148,7 +150,23 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
         *tail = &dotp;
         tail = &dotp.pNext;
     }
+    /* The number of SMs / CUs, for the paged planner's split-KV choice. */
+    VkPhysicalDeviceShaderSMBuiltinsPropertiesNV smp = {
+        .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_SM_BUILTINS_PROPERTIES_NV};
+    VkPhysicalDeviceShaderCorePropertiesAMD amdp = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_CORE_PROPERTIES_AMD};
+    if (sm_builtins) {
+        *tail = &smp;
+        tail = &smp.pNext;
+    }
+    if (amd_cores) {
+        *tail = &amdp;
+        tail = &amdp.pNext;
+    }
     vkGetPhysicalDeviceProperties2(pd, &p2);
+    if (sm_builtins)
+        c->compute_units = smp.shaderSMCount;
+    else if (amd_cores)
+        c->compute_units = amdp.shaderEngineCount * amdp.shaderArraysPerEngineCount * amdp.computeUnitsPerShaderArray;
     c->subgroup_size = sg.subgroupSize;
     c->subgroup_shuffle = (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) &&
                           (sg.supportedOperations & VK_SUBGROUP_FEATURE_SHUFFLE_BIT);
@@ -371,7 +389,7 @@ static qattn_status vk_device_info(int device, qattn_device_info *info, char *re
     snprintf(info->vendor, sizeof(info->vendor), "%s (0x%04x)", vendor_name(c->props.vendorID), c->props.vendorID);
     snprintf(info->driver, sizeof(info->driver), "%s%s%s", c->driver_name[0] ? c->driver_name : "driver",
              c->driver_info[0] ? " " : "", c->driver_info);
-    info->compute_units = 0; /* core Vulkan does not report it */
+    info->compute_units = (int)c->compute_units; /* 0: core Vulkan does not report it */
     info->memory_bytes = c->device_local_bytes;
     uint64_t max = c->max_buffer < c->max_alloc ? c->max_buffer : c->max_alloc;
     /* Shaders index buffers with 32-bit element indices; 4 GiB - 4 is the most they reach. */
@@ -409,7 +427,8 @@ static qattn_status vk_device_info(int device, qattn_device_info *info, char *re
              "cooperative matrix (VK_KHR_cooperative_matrix): %s%s%s\n"
              "VK_NV_cooperative_matrix2 %s, VK_EXT_shader_float8 %s, VK_KHR_shader_bfloat16 %s\n"
              "maxComputeSharedMemorySize %u, maxStorageBufferRange %u, maxMemoryAllocationSize %llu\n"
-             "kernels: scalar flash (any device)%s; FP8 modes not implemented on Vulkan\n",
+             "kernels: scalar flash (any device)%s; paged KV cache (f16/bf16/fp8/int8 pages); FP8 modes not "
+             "implemented on Vulkan\n",
              VK_API_VERSION_MAJOR(c->api_version), VK_API_VERSION_MINOR(c->api_version),
              VK_API_VERSION_PATCH(c->api_version), c->props.driverVersion, (int)c->props.deviceType,
              c->subgroup_size, c->min_subgroup, c->max_subgroup, c->subgroup_size_control ? "yes" : "no",
@@ -539,8 +558,10 @@ static void vk_ctx_release(qattn_ctx *ctx)
         return;
     if (vc->device) {
         vc->vk.vkDeviceWaitIdle(vc->device);
+        vk_paged_ctx_release(vc);
         for (int i = 0; i < vc->pipeline_count; i++)
             vc->vk.vkDestroyPipeline(vc->device, vc->pipelines[i].pipeline, NULL);
+        free(vc->pipelines);
         if (vc->pipeline_cache)
             vc->vk.vkDestroyPipelineCache(vc->device, vc->pipeline_cache, NULL);
         if (vc->pipeline_layout)
@@ -730,6 +751,8 @@ static qattn_status vk_ctx_init(qattn_ctx *ctx)
         s = vk_check(ctx, vc->vk.vkCreatePipelineCache(vc->device, &ci, NULL, &vc->pipeline_cache),
                      "vkCreatePipelineCache");
     }
+    if (!s)
+        s = vk_paged_ctx_init(ctx, vc);
     if (s) {
         vk_ctx_release(ctx);
         return s;
@@ -753,17 +776,20 @@ qattn_status vk_pipeline_get(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *
     for (int i = 0; i < vc->pipeline_count; i++) {
         const vk_pipeline_key *k = &vc->pipelines[i].key;
         if (strcmp(k->shader, key->shader) == 0 && k->spec_count == key->spec_count &&
-            k->required_subgroup == key->required_subgroup &&
+            k->required_subgroup == key->required_subgroup && k->paged == key->paged &&
             memcmp(k->spec, key->spec, key->spec_count * sizeof(uint32_t)) == 0) {
             *out = vc->pipelines[i].pipeline;
             return QATTN_OK;
         }
     }
-    if (vc->pipeline_count == VK_PIPELINE_CACHE)
-        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
-                               "this Vulkan context already holds %d pipeline variants (the most it keeps); use "
-                               "another context for more distinct problem shapes",
-                               VK_PIPELINE_CACHE);
+    if (vc->pipeline_count == vc->pipeline_capacity) {
+        int capacity = vc->pipeline_capacity ? 2 * vc->pipeline_capacity : 32;
+        vk_pipeline *grown = realloc(vc->pipelines, (size_t)capacity * sizeof(*grown));
+        if (!grown)
+            return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the pipeline list");
+        vc->pipelines = grown;
+        vc->pipeline_capacity = capacity;
+    }
     const vk_spirv *spv = vk_spirv_find(key->shader);
     if (!spv)
         return qattn_set_error(ctx, QATTN_ERR_INTERNAL, "shader %s is not built into this library", key->shader);
@@ -790,9 +816,14 @@ qattn_status vk_pipeline_get(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *
                   .module = module,
                   .pName = "main",
                   .pSpecializationInfo = &si},
-        .layout = vc->pipeline_layout,
+        .layout = key->paged ? vc->paged_layout : vc->pipeline_layout,
     };
     VkPipeline pipeline;
+    if (key->paged && !vc->paged_layout) {
+        vc->vk.vkDestroyShaderModule(vc->device, module, NULL);
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "the paged KV cache is not available: %s",
+                               vc->paged_unsupported);
+    }
     s = vk_check(ctx, vc->vk.vkCreateComputePipelines(vc->device, vc->pipeline_cache, 1, &ci, NULL, &pipeline),
                  key->shader);
     vc->vk.vkDestroyShaderModule(vc->device, module, NULL);
@@ -931,4 +962,8 @@ const qattn_backend_iface qattn_backend_vulkan = {
     .plan_release = vk_plan_release,
     .run = vk_run,
     .tensor_alignment = 16,
+    .kv_append = vk_kv_append,
+    .paged_plan_init = vk_paged_plan_init,
+    .paged_run = vk_paged_run,
+    .merge_states = vk_merge_states,
 };

@@ -92,6 +92,7 @@ typedef struct vk_device_caps {
     VkCooperativeMatrixPropertiesKHR shapes[VK_MAX_SHAPES];
     /* The coopmat kernels' shapes, when enumerated (subgroup scope). */
     bool coopmat_f16_16x16x16; /* fp16 A/B, fp32 C/result */
+    uint32_t compute_units;    /* SMs / CUs where an extension reports them (NV, AMD); else 0 */
     char unusable[QATTN_NAME_MAX]; /* why qattn cannot use it; "" when usable */
 } vk_device_caps;
 
@@ -117,14 +118,16 @@ typedef struct vk_spirv {
 const vk_spirv *vk_spirv_find(const char *name); /* NULL when not built */
 
 #define VK_BINDINGS 7 /* q, k, v, o, lse, workspace, params */
+#define VK_PAGED_BINDINGS 13 /* the paged KV cache's kernels: see shaders/paged_common.glsl */
+#define VK_PAGED_PUSH_BYTES 128
 #define VK_MAX_SPEC 16
-#define VK_PIPELINE_CACHE 64
 
 typedef struct vk_pipeline_key {
     const char *shader;
     uint32_t spec[VK_MAX_SPEC];
     uint32_t spec_count;
     uint32_t required_subgroup; /* 0: any */
+    bool paged;                 /* the paged pipeline layout (else the attention one) */
 } vk_pipeline_key;
 
 typedef struct vk_pipeline {
@@ -156,8 +159,16 @@ typedef struct vk_ctx {
     VkDescriptorSetLayout set_layout;
     VkPipelineLayout pipeline_layout;
     VkPipelineCache pipeline_cache;
-    vk_pipeline pipelines[VK_PIPELINE_CACHE];
-    int pipeline_count;
+    vk_pipeline *pipelines; /* every variant made so far: plans keep their handles until the context goes */
+    int pipeline_count, pipeline_capacity;
+    /* The paged KV cache's kernels (vk_paged.c): their layout, a descriptor set
+     * for appends and merges (plans own theirs), the append check's status. */
+    VkDescriptorSetLayout paged_set_layout;
+    VkPipelineLayout paged_layout;
+    VkDescriptorPool paged_pool;
+    VkDescriptorSet paged_set;
+    vk_mem paged_status;
+    char paged_unsupported[160]; /* why the device cannot run them; "" when it can */
     pthread_mutex_t lock; /* one submission at a time */
     bool use_coopmat;     /* QATTN_VULKAN_COOPMAT (default on) */
     bool lost;
@@ -182,5 +193,14 @@ qattn_status vk_submit_wait(qattn_ctx *ctx, vk_ctx *vc);
 qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan);
 void vk_plan_release(qattn_ctx *ctx, qattn_plan *plan);
 qattn_status vk_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run);
+
+/* vk_paged.c: the paged KV cache */
+qattn_status vk_paged_ctx_init(qattn_ctx *ctx, vk_ctx *vc); /* after the attention layout exists */
+void vk_paged_ctx_release(vk_ctx *vc);
+qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *args, const qattn_kv_cache_sizes *sizes);
+qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan);
+void vk_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan);
+qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args);
+qattn_status vk_merge_states(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
 
 #endif

@@ -1,0 +1,832 @@
+/*
+ * The Vulkan backend's paged KV cache: appends (reshape_and_cache with
+ * quantization), paged attention (decode and chunked prefill, split-KV) and
+ * the LSE merge. The kernels live in shaders/paged_*.comp and share one
+ * descriptor layout of 13 storage buffers and 128 bytes of push constants
+ * (the run's arguments: these kernels have no parameter buffer).
+ *
+ * Every operation is one submission the host waits for, as qattn_run is on
+ * Vulkan. With the checks on, it is check kernel -> status words -> kernels
+ * that write nothing when a status word is set -> status readback; the host
+ * then names the problem (reading the offending entries back).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vk_internal.h"
+
+#define PAGED_WG 128u    /* invocations of paged_attn / paged_check */
+#define MERGE_WG 64u     /* of paged_merge, and of the append's write */
+#define APPEND_CHECK_WG 256u
+#define LOG2E 1.4426950408889634
+
+/* The attention kernel's preferred keys per tile; a build may override it
+ * (-Dc_args=-DQATTN_VK_PAGED_BC=64) to compare variants. */
+#ifndef QATTN_VK_PAGED_BC
+#define QATTN_VK_PAGED_BC 32
+#endif
+_Static_assert(QATTN_VK_PAGED_BC == 16 || QATTN_VK_PAGED_BC == 32 || QATTN_VK_PAGED_BC == 64,
+               "the paged key tile is 16, 32 or 64");
+
+/* Page formats, as the shaders number them (FMT). */
+enum { FMT_F16 = 0, FMT_BF16 = 1, FMT_FP8 = 2, FMT_I8 = 3, FMT_I8_ROW = 4 };
+
+/* Argument flags of paged_check / paged_attn (shaders/paged_common.glsl). */
+enum { ARG_CHECK = 1, ARG_LSE = 2, ARG_CAUSAL = 4, ARG_DENSE = 8, ARG_HND = 16 };
+/* Of paged_merge. */
+enum { MERGE_LSE = 1, MERGE_PAGED = 2, MERGE_CHECK = 4 };
+/* Of paged_append. */
+enum { APPEND_CHECK = 1, APPEND_HND = 2 };
+
+/* Mirrors `Args` in shaders/paged_common.glsl. */
+typedef struct vk_paged_args {
+    uint32_t q_off, o_off, lse_off, ws_off;
+    uint32_t q_s0, q_s1, o_s0, o_s1;
+    uint32_t batch, heads_kv, group, page_size;
+    uint32_t num_pages, max_pages, total_q, max_q_len;
+    uint32_t splits, pages_per_split, q_tiles, indices_count;
+    float qk_scale_log2;
+    uint32_t flags;
+    uint32_t ws_status, ws_part_o;
+    uint32_t ws_part_lse, items;
+} vk_paged_args;
+
+/* Mirrors `MergeArgs` in shaders/paged_merge.comp. */
+typedef struct vk_merge_args {
+    uint32_t v_off, s_off, o_off, lse_off;
+    uint32_t v_s0, v_s1, v_s2, s_s0;
+    uint32_t s_s1, s_s2, o_s0, o_s1;
+    uint32_t states, rows, heads, head_dim;
+    uint32_t flags, batch, status_word;
+} vk_merge_args;
+
+/* Mirrors `AppendArgs` in shaders/paged_append.comp. */
+typedef struct vk_append_args {
+    uint32_t k_off, v_off, slot_off, num_tokens;
+    uint32_t heads, head_dim, page_size, capacity;
+    uint32_t s0, s1, flags, dup_groups;
+} vk_append_args;
+
+_Static_assert(sizeof(vk_paged_args) <= VK_PAGED_PUSH_BYTES && sizeof(vk_merge_args) <= VK_PAGED_PUSH_BYTES &&
+                   sizeof(vk_append_args) <= VK_PAGED_PUSH_BYTES,
+               "push constants fit the paged layout's range");
+
+static int page_format(const qattn_kv_cache_desc *c)
+{
+    switch (c->dtype) {
+    case QATTN_DTYPE_F16: return FMT_F16;
+    case QATTN_DTYPE_BF16: return FMT_BF16;
+    case QATTN_DTYPE_FP8_E4M3: return FMT_FP8;
+    default: return c->scales == QATTN_KV_SCALES_PER_ROW ? FMT_I8_ROW : FMT_I8;
+    }
+}
+
+static VkBuffer vk_of(const qattn_buffer *b) { return b ? ((vk_buffer *)b->impl)->mem.buffer : VK_NULL_HANDLE; }
+
+static uint32_t min_u32(uint64_t a, uint64_t b) { return (uint32_t)(a < b ? a : b); }
+
+/* A grid of at least `groups` work groups (up to 65535 x 65535); the kernels stride over the rest. */
+static void grid_of(uint64_t groups, uint32_t out[2])
+{
+    if (groups < 1)
+        groups = 1;
+    out[0] = min_u32(groups, 65535);
+    out[1] = min_u32((groups + out[0] - 1) / out[0], 65535);
+}
+
+/* A stride as the kernels take it: 32 bits, 0 for a dimension of extent 1 (it never moves). */
+static uint32_t stride32(int64_t extent, int64_t stride) { return extent > 1 ? (uint32_t)stride : 0u; }
+
+static void barrier(vk_ctx *vc, VkPipelineStageFlags src, VkAccessFlags src_access, VkPipelineStageFlags dst,
+                    VkAccessFlags dst_access)
+{
+    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = src_access,
+                          .dstAccessMask = dst_access};
+    vc->vk.vkCmdPipelineBarrier(vc->cmd, src, dst, 0, 1, &mb, 0, NULL, 0, NULL);
+}
+
+static void compute_to_compute(vk_ctx *vc)
+{
+    barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+            VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
+}
+
+static void transfer_to_compute(vk_ctx *vc)
+{
+    barrier(vc, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+            VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
+}
+
+/* Records: the compute results' status words (16 bytes at `at` of `src`) to the readback buffer. */
+static void read_status_back(vk_ctx *vc, VkBuffer src, VkDeviceSize at)
+{
+    barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT,
+            VK_ACCESS_TRANSFER_READ_BIT);
+    VkBufferCopy region = {.srcOffset = at, .dstOffset = 0, .size = 16};
+    vc->vk.vkCmdCopyBuffer(vc->cmd, src, vc->readback.buffer, 1, &region);
+    barrier(vc, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
+            VK_ACCESS_HOST_READ_BIT);
+}
+
+/* After the submission completed: the status words the readback buffer holds. */
+static void status_words(vk_ctx *vc, uint32_t words[4])
+{
+    /* The readback memory may be non-coherent when it is host cached. */
+    VkMappedMemoryRange range = {.sType = VK_STRUCTURE_TYPE_MAPPED_MEMORY_RANGE, .memory = vc->readback.memory,
+                                 .offset = 0, .size = VK_WHOLE_SIZE};
+    vc->vk.vkInvalidateMappedMemoryRanges(vc->device, 1, &range);
+    memcpy(words, vc->readback.mapped, 16);
+}
+
+static void dispatch(vk_ctx *vc, VkPipeline pipeline, const void *args, size_t args_bytes, const uint32_t grid[2])
+{
+    vc->vk.vkCmdBindPipeline(vc->cmd, VK_PIPELINE_BIND_POINT_COMPUTE, pipeline);
+    vc->vk.vkCmdPushConstants(vc->cmd, vc->paged_layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, (uint32_t)args_bytes, args);
+    vc->vk.vkCmdDispatch(vc->cmd, grid[0], grid[1], 1);
+}
+
+static qattn_status paged_pipeline(qattn_ctx *ctx, vk_ctx *vc, const char *shader, const uint32_t *spec,
+                                   uint32_t spec_count, VkPipeline *out)
+{
+    vk_pipeline_key key = {.shader = shader, .spec_count = spec_count, .paged = true};
+    memcpy(key.spec, spec, spec_count * sizeof(uint32_t));
+    pthread_mutex_lock(&vc->lock);
+    qattn_status s = vk_pipeline_get(ctx, vc, &key, out);
+    pthread_mutex_unlock(&vc->lock);
+    return s;
+}
+
+static qattn_status paged_available(qattn_ctx *ctx, const vk_ctx *vc)
+{
+    if (vc->paged_unsupported[0])
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "the vulkan backend cannot run the paged KV cache on %s: %s",
+                               vc->caps->props.deviceName, vc->paged_unsupported);
+    return QATTN_OK;
+}
+
+/* ---------------------------------------------------------------- context */
+
+qattn_status vk_paged_ctx_init(qattn_ctx *ctx, vk_ctx *vc)
+{
+    const VkPhysicalDeviceLimits *lim = &vc->caps->props.limits;
+    if (lim->maxPerStageDescriptorStorageBuffers < VK_PAGED_BINDINGS ||
+        lim->maxDescriptorSetStorageBuffers < VK_PAGED_BINDINGS || lim->maxPushConstantsSize < VK_PAGED_PUSH_BYTES) {
+        snprintf(vc->paged_unsupported, sizeof(vc->paged_unsupported),
+                 "its kernels bind %d storage buffers and %d bytes of push constants; the device allows %u and %u",
+                 VK_PAGED_BINDINGS, VK_PAGED_PUSH_BYTES, lim->maxPerStageDescriptorStorageBuffers,
+                 lim->maxPushConstantsSize);
+        return QATTN_OK; /* the rest of the backend works */
+    }
+    VkDescriptorSetLayoutBinding b[VK_PAGED_BINDINGS];
+    for (uint32_t i = 0; i < VK_PAGED_BINDINGS; i++)
+        b[i] = (VkDescriptorSetLayoutBinding){.binding = i, .descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+                                              .descriptorCount = 1, .stageFlags = VK_SHADER_STAGE_COMPUTE_BIT};
+    VkDescriptorSetLayoutCreateInfo li = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
+                                          .bindingCount = VK_PAGED_BINDINGS, .pBindings = b};
+    qattn_status s = vk_check(ctx, vc->vk.vkCreateDescriptorSetLayout(vc->device, &li, NULL, &vc->paged_set_layout),
+                              "vkCreateDescriptorSetLayout (paged)");
+    if (!s) {
+        VkPushConstantRange pc = {.stageFlags = VK_SHADER_STAGE_COMPUTE_BIT, .offset = 0, .size = VK_PAGED_PUSH_BYTES};
+        VkPipelineLayoutCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO,
+                                         .setLayoutCount = 1, .pSetLayouts = &vc->paged_set_layout,
+                                         .pushConstantRangeCount = 1, .pPushConstantRanges = &pc};
+        s = vk_check(ctx, vc->vk.vkCreatePipelineLayout(vc->device, &pi, NULL, &vc->paged_layout),
+                     "vkCreatePipelineLayout (paged)");
+    }
+    if (!s) {
+        VkDescriptorPoolSize size = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_PAGED_BINDINGS};
+        VkDescriptorPoolCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO, .maxSets = 1,
+                                         .poolSizeCount = 1, .pPoolSizes = &size};
+        s = vk_check(ctx, vc->vk.vkCreateDescriptorPool(vc->device, &pi, NULL, &vc->paged_pool),
+                     "vkCreateDescriptorPool (paged)");
+    }
+    if (!s) {
+        VkDescriptorSetAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO,
+                                          .descriptorPool = vc->paged_pool, .descriptorSetCount = 1,
+                                          .pSetLayouts = &vc->paged_set_layout};
+        s = vk_check(ctx, vc->vk.vkAllocateDescriptorSets(vc->device, &ai, &vc->paged_set),
+                     "vkAllocateDescriptorSets (paged)");
+    }
+    if (!s)
+        s = vk_mem_create(ctx, vc, 256, vc->device_local_type, false, &vc->paged_status, "append status buffer");
+    return s; /* on failure vk_ctx_release -> vk_paged_ctx_release frees what was made */
+}
+
+void vk_paged_ctx_release(vk_ctx *vc)
+{
+    if (vc->paged_pool)
+        vc->vk.vkDestroyDescriptorPool(vc->device, vc->paged_pool, NULL);
+    if (vc->paged_layout)
+        vc->vk.vkDestroyPipelineLayout(vc->device, vc->paged_layout, NULL);
+    if (vc->paged_set_layout)
+        vc->vk.vkDestroyDescriptorSetLayout(vc->device, vc->paged_set_layout, NULL);
+    vk_mem_destroy(vc, &vc->paged_status);
+    vc->paged_pool = VK_NULL_HANDLE;
+    vc->paged_layout = VK_NULL_HANDLE;
+    vc->paged_set_layout = VK_NULL_HANDLE;
+    vc->paged_set = VK_NULL_HANDLE;
+}
+
+/* Points every binding of a paged descriptor set at a buffer; VK_NULL_HANDLE
+ * entries take `fallback`, which the kernels never touch there. Under vc->lock. */
+static void bind_all(vk_ctx *vc, VkDescriptorSet set, const VkBuffer bufs[VK_PAGED_BINDINGS], VkBuffer fallback)
+{
+    VkDescriptorBufferInfo infos[VK_PAGED_BINDINGS];
+    VkWriteDescriptorSet writes[VK_PAGED_BINDINGS];
+    for (uint32_t i = 0; i < VK_PAGED_BINDINGS; i++) {
+        infos[i] = (VkDescriptorBufferInfo){.buffer = bufs[i] ? bufs[i] : fallback, .offset = 0,
+                                            .range = VK_WHOLE_SIZE};
+        writes[i] = (VkWriteDescriptorSet){.sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstSet = set,
+                                           .dstBinding = i, .descriptorCount = 1,
+                                           .descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+                                           .pBufferInfo = &infos[i]};
+    }
+    vc->vk.vkUpdateDescriptorSets(vc->device, VK_PAGED_BINDINGS, writes, 0, NULL);
+}
+
+/* ----------------------------------------------------------------- append */
+
+qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const qattn_kv_cache_sizes *sizes)
+{
+    (void)sizes;
+    vk_ctx *vc = ctx->impl;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the vulkan backend");
+    qattn_status s = paged_available(ctx, vc);
+    if (s)
+        return s;
+    const qattn_kv_cache_desc *c = a->cache;
+    const int fmt = page_format(c);
+    const bool eight = fmt >= FMT_FP8, check = !(a->flags & QATTN_FLAG_NO_FINITE_CHECK);
+    if (eight && c->head_dim % 4)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "head dim %lld: the vulkan backend writes 8-bit pages four codes to a word (head dims "
+                               "that are multiples of 4)",
+                               (long long)c->head_dim);
+    const uint64_t T = (uint64_t)a->num_tokens, H = (uint64_t)c->heads_kv;
+    if (T * H * 2 > UINT32_MAX || T * 2 > UINT32_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "%llu tokens x %llu heads: the vulkan append indexes rows with 32-bit integers",
+                               (unsigned long long)T, (unsigned long long)H);
+    const size_t es = qattn_dtype_size(a->new_dtype);
+    const uint32_t spec[2] = {(uint32_t)a->new_dtype, (uint32_t)fmt};
+    VkPipeline check_pipe = VK_NULL_HANDLE, write_pipe = VK_NULL_HANDLE;
+    if ((s = paged_pipeline(ctx, vc, "paged_append", spec, 2, &write_pipe)) ||
+        (check && (s = paged_pipeline(ctx, vc, "paged_append_check", spec, 2, &check_pipe))))
+        return s;
+
+    const uint64_t dup_groups = (T + APPEND_CHECK_WG - 1) / APPEND_CHECK_WG;
+    uint64_t scan_groups = (T * H * (uint64_t)c->head_dim + APPEND_CHECK_WG * 8 - 1) / (APPEND_CHECK_WG * 8);
+    scan_groups = scan_groups < 1 ? 1 : scan_groups > 1024 ? 1024 : scan_groups;
+    vk_append_args args = {
+        .k_off = (uint32_t)(a->k_new_offset / es),
+        .v_off = (uint32_t)(a->v_new_offset / es),
+        .slot_off = (uint32_t)(a->slot_mapping_offset / 4),
+        .num_tokens = (uint32_t)T,
+        .heads = (uint32_t)H,
+        .head_dim = (uint32_t)c->head_dim,
+        .page_size = (uint32_t)c->page_size,
+        .capacity = (uint32_t)(c->num_pages * c->page_size), /* < 2^32: the cache fits one buffer */
+        .s0 = stride32(a->num_tokens, a->new_stride[0]),
+        .s1 = stride32(c->heads_kv, a->new_stride[1]),
+        .flags = (check ? APPEND_CHECK : 0u) | (c->layout == QATTN_KV_HND ? APPEND_HND : 0u),
+        .dup_groups = (uint32_t)dup_groups,
+    };
+    const qattn_kv_cache_buffers *cb = a->buffers;
+    VkBuffer bufs[VK_PAGED_BINDINGS] = {
+        [0] = vk_of(a->k_new), [1] = vk_of(cb->k), [2] = vk_of(cb->v), [3] = vk_of(cb->k_scale),
+        [4] = vk_of(cb->v_scale), [7] = vc->paged_status.buffer, [8] = vk_of(a->slot_mapping),
+        [12] = vk_of(a->v_new),
+    };
+    uint32_t check_grid[2], write_grid[2], words[4] = {0, 0, 0, 0};
+    grid_of(dup_groups + scan_groups, check_grid);
+    grid_of(T * H * 2 < 65535 ? T * H * 2 : 65535, write_grid);
+
+    pthread_mutex_lock(&vc->lock);
+    bind_all(vc, vc->paged_set, bufs, vk_of(a->k_new));
+    s = vk_begin(ctx, vc);
+    if (!s) {
+        VkCommandBuffer cmd = vc->cmd;
+        if (check) {
+            vc->vk.vkCmdFillBuffer(cmd, vc->paged_status.buffer, 0, 8, 0xffffffffu); /* first bad token, slot */
+            vc->vk.vkCmdFillBuffer(cmd, vc->paged_status.buffer, 8, 8, 0);           /* flags */
+            transfer_to_compute(vc);
+        }
+        vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vc->paged_set, 0,
+                                       NULL);
+        if (check) {
+            dispatch(vc, check_pipe, &args, sizeof(args), check_grid);
+            compute_to_compute(vc);
+        }
+        dispatch(vc, write_pipe, &args, sizeof(args), write_grid);
+        if (check)
+            read_status_back(vc, vc->paged_status.buffer, 0);
+        s = vk_submit_wait(ctx, vc);
+        if (!s && check)
+            status_words(vc, words);
+    }
+    pthread_mutex_unlock(&vc->lock);
+    if (s || !check)
+        return s;
+
+    if (words[0] != UINT32_MAX) { /* the first token whose slot is past the cache */
+        long long slot = -1;
+        qattn_buffer_download(a->slot_mapping, a->slot_mapping_offset + (size_t)words[0] * 8, &slot, 8);
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "slot_mapping[%u]=%lld is outside the cache's %lld slots", words[0], slot,
+                               (long long)(c->num_pages * c->page_size));
+    }
+    if (words[1] != UINT32_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "slot %u appears twice in slot_mapping", words[1]);
+    if (words[2] & 1)
+        return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
+                               "k_new or v_new contains NaN or Inf; the cache was not written");
+    if (words[2] & 2) {
+        long long head = -1;
+        float *hs = malloc((size_t)H * 8);
+        if (hs && !qattn_buffer_download(cb->k_scale, 0, hs, (size_t)H * 4) &&
+            !qattn_buffer_download(cb->v_scale, 0, hs + H, (size_t)H * 4))
+            for (uint64_t i = 0; i < 2 * H && head < 0; i++)
+                if (!(hs[i] > 0.f && isfinite(hs[i])))
+                    head = (long long)(i % H);
+        free(hs);
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "per-head scale of head %lld must be finite and > 0",
+                               head);
+    }
+    return QATTN_OK;
+}
+
+/* ------------------------------------------------------------------ plans */
+
+static uint32_t next_pow2(uint64_t x)
+{
+    uint32_t p = 1;
+    while (p < x && p < (1u << 30))
+        p <<= 1;
+    return p;
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* The attention kernel's shape: rows per item, keys per tile and how its
+ * phases divide the work (shaders/paged_attn.comp, whose spec constants
+ * these are). */
+typedef struct paged_geometry {
+    uint32_t br, bc, rw, rwp, rpt, kp, cpw, v_words, s_split, lpt;
+    uint32_t smem; /* bytes of shared memory */
+} paged_geometry;
+
+/* The geometry for br rows, bc keys per tile and rpt P V rows per invocation; false when it does not exist. */
+static bool geometry_of(uint32_t d, bool eight, uint32_t br, uint32_t bc, uint32_t rpt, paged_geometry *g)
+{
+    g->br = br;
+    g->bc = bc;
+    g->rpt = rpt;
+    g->cpw = eight ? 4 : 2;
+    g->rw = d / g->cpw;
+    g->rwp = next_pow2(g->rw);
+    g->s_split = PAGED_WG / bc;
+    const uint32_t chunks = g->rw / 4;         /* 16-byte chunks per cached row */
+    const uint32_t groups = PAGED_WG / g->rwp; /* invocations per P V word: row blocks x key partitions */
+    if (g->rwp > PAGED_WG || chunks % g->s_split || rpt > br || rpt * g->cpw > 32 || br / rpt > groups)
+        return false;
+    g->kp = groups / (br / rpt);
+    g->lpt = (bc * chunks + PAGED_WG - 1) / PAGED_WG;
+    if (g->lpt > 8)
+        return false;
+    g->v_words = bc * g->rw;
+    if (g->kp > 1 && g->kp * br * d > g->v_words)
+        g->v_words = g->kp * br * d;
+    const uint32_t br4 = (br + 3) / 4;
+    g->smem = 4 * br * d + 16 * bc * (chunks + 1) + 4 * g->v_words + 16 * g->s_split * bc * br4 + 12 * bc + 12 * br;
+    return true;
+}
+
+/* Splits of the keys: minimize waves x (keys per split + a group's start-up), plus a merge's cost. */
+static int choose_splits(int64_t items, int64_t slots, int64_t max_pages, int64_t page_size)
+{
+    const int64_t ramp_keys = 64, merge_keys = 256;
+    int64_t best_cost = INT64_MAX;
+    int best = 1;
+    const int64_t limit = max_pages < 1024 ? max_pages : 1024;
+    for (int64_t s = 1; s <= limit; s++) {
+        int64_t per = ceil_div(max_pages, s);
+        if (ceil_div(max_pages, per) != s) /* trailing splits past the last page would be empty */
+            continue;
+        int64_t cost = ceil_div(items * s, slots) * (per * page_size + ramp_keys) + (s > 1 ? merge_keys : 0);
+        if (cost < best_cost) {
+            best_cost = cost;
+            best = (int)s;
+        }
+    }
+    return best;
+}
+
+typedef struct vk_paged_plan {
+    VkDescriptorPool pool;
+    VkDescriptorSet set;
+    VkPipeline check, attn, merge; /* check: with the checks on; merge: with splits */
+    paged_geometry g;
+    uint32_t items, check_table_groups;
+    uint32_t attn_grid[2], check_grid[2], merge_grid[2];
+} vk_paged_plan;
+
+void vk_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
+{
+    vk_ctx *vc = ctx->impl;
+    vk_paged_plan *vp = plan->impl;
+    if (!vp)
+        return;
+    if (vp->pool)
+        vc->vk.vkDestroyDescriptorPool(vc->device, vp->pool, NULL);
+    free(vp);
+    plan->impl = NULL;
+}
+
+qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
+{
+    vk_ctx *vc = ctx->impl;
+    const vk_device_caps *caps = vc->caps;
+    qattn_paged_problem *pp = &plan->pp;
+    qattn_status s = paged_available(ctx, vc);
+    if (s)
+        return s;
+    const int64_t D = pp->cache.head_dim, P = pp->cache.page_size, Hkv = pp->cache.heads_kv;
+    const uint64_t max_buffer = ctx->device_info.max_buffer_bytes;
+    if (D % 16 != 0 || D > 256)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "head dim %lld is not supported by the vulkan paged kernels (multiples of 16 up to 256)",
+                               (long long)D);
+    const size_t extents[] = {pp->sizes.cache_bytes, pp->q_bytes, pp->o_bytes, pp->lse_bytes};
+    const char *names[] = {"the KV cache (K or V)", "q", "o", "lse"};
+    for (int i = 0; i < 4; i++)
+        if (extents[i] > max_buffer)
+            return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                                   "%s spans %zu bytes, more than the %llu bytes one Vulkan storage buffer holds on %s",
+                                   names[i], extents[i], (unsigned long long)max_buffer, caps->props.deviceName);
+    /* Key positions are 32-bit signed in the kernels, with a split's and a tile's overhang. */
+    if ((pp->max_pages_per_seq + 1024) * P + 1024 > INT32_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "max_pages_per_seq * page_size = %lld * %lld: the vulkan kernels index at most about "
+                               "2^31 keys per sequence",
+                               (long long)pp->max_pages_per_seq, (long long)P);
+
+    /* Rows per item: the group's heads times the queries, as one tile if it fits. */
+    const int fmt = page_format(&pp->cache);
+    const bool eight = fmt >= FMT_FP8;
+    const uint32_t smem_limit = caps->props.limits.maxComputeSharedMemorySize;
+    const uint64_t rows = (uint64_t)pp->group * (uint64_t)pp->max_q_len;
+    paged_geometry g = {0};
+    bool found = false;
+    /* The most rows per item, then the preferred key tile, then the most P V rows per invocation
+     * (fewer decodes of each V word; more shared memory for the partitions' sums). */
+    const uint32_t tiles[4] = {QATTN_VK_PAGED_BC, QATTN_VK_PAGED_BC == 32 ? 16 : 32,
+                               QATTN_VK_PAGED_BC == 64 ? 16 : 64, 128 /* head dims with few 16-byte chunks */};
+    for (uint32_t br = next_pow2(rows) < 32 ? next_pow2(rows) : 32; br >= 1 && !found; br /= 2)
+        for (int t = 0; t < 4 && !found; t++)
+            for (uint32_t rpt = br < 16 ? br : 16; rpt >= 1 && !found; rpt /= 2)
+                found = geometry_of((uint32_t)D, eight, br, tiles[t], rpt, &g) && g.smem <= smem_limit;
+    if (!found)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "head dim %lld needs more than the %u bytes of shared memory device %s offers",
+                               (long long)D, smem_limit, caps->props.deviceName);
+    const int64_t q_tiles = (int64_t)ceil_div((int64_t)rows, g.br);
+    const int64_t items = pp->batch * Hkv * q_tiles;
+
+    if (pp->num_splits == 0) {
+        /* Work groups resident at once: per compute unit as shared memory allows (8 at most), or
+         * the host's threads for a CPU implementation, or a large GPU's worth when unknown. */
+        int64_t per_cu = 98304 / g.smem;
+        per_cu = per_cu < 1 ? 1 : per_cu > 8 ? 8 : per_cu;
+        int64_t slots = caps->compute_units ? (int64_t)caps->compute_units * per_cu
+                        : caps->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU ? qattn_host_cpu_count()
+                                                                               : 1024;
+        pp->num_splits = choose_splits(items, slots, pp->max_pages_per_seq, P);
+        snprintf(plan->why, sizeof(plan->why),
+                 "%lld work items (sequences x KV heads x %lld query tile(s) of %u rows) for about %lld resident work "
+                 "groups (%s): %d split(s) of the keys.",
+                 (long long)items, (long long)q_tiles, g.br, (long long)slots,
+                 caps->compute_units ? "compute units x groups per unit"
+                 : caps->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU ? "host threads"
+                                                                          : "compute units unknown: a large GPU",
+                 pp->num_splits);
+    } else {
+        snprintf(plan->why, sizeof(plan->why), "%d split(s) of the keys, as requested.", pp->num_splits);
+    }
+    if ((uint64_t)items * (uint64_t)pp->num_splits > UINT32_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "%lld work items x %d splits exceed 2^32",
+                               (long long)items, pp->num_splits);
+    plan->backend_workspace = 0;
+    if (pp->num_splits > 1) { /* partial O [splits, total_q, Hq, D] and LSE [splits, total_q, Hq], fp32 */
+        uint64_t part_rows = (uint64_t)pp->num_splits * (uint64_t)pp->total_q * (uint64_t)pp->heads_q;
+        uint64_t bytes = part_rows * ((uint64_t)D + 1) * 4;
+        if (part_rows > UINT64_MAX / (((uint64_t)D + 1) * 4) || bytes + 1024 > max_buffer)
+            return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                                   "the split-KV partials (%d splits x %lld rows x %lld heads) exceed the %llu bytes "
+                                   "one Vulkan storage buffer holds; ask for fewer splits",
+                                   pp->num_splits, (long long)pp->total_q, (long long)pp->heads_q,
+                                   (unsigned long long)max_buffer);
+        plan->backend_workspace = (size_t)bytes;
+    }
+    const int64_t per = ceil_div(pp->max_pages_per_seq, pp->num_splits);
+    plan->q_tile = (int)g.br;
+    plan->kv_tile = pp->num_splits > 1 ? (int)(per * P) : 0;
+    plan->status_word = pp->check;
+    snprintf(plan->kernel, sizeof(plan->kernel), "vulkan_paged_%s%s_d%lld_r%u_k%u_p%u",
+             qattn_dtype_name(pp->cache.dtype), fmt == FMT_I8_ROW ? "_row" : "", (long long)D, g.br, g.bc, g.kp);
+
+    vk_paged_plan *vp = calloc(1, sizeof(*vp));
+    if (!vp)
+        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");
+    plan->impl = vp;
+    vp->g = g;
+    vp->items = (uint32_t)(items * pp->num_splits);
+    grid_of(vp->items, vp->attn_grid);
+    vp->check_table_groups = min_u32((uint64_t)pp->batch, 1024);
+    uint64_t scan = ((uint64_t)pp->total_q * (uint64_t)pp->heads_q * (uint64_t)D + PAGED_WG * 16 - 1) / (PAGED_WG * 16);
+    scan = scan < 1 ? 1 : scan > 1024 ? 1024 : scan;
+    grid_of(vp->check_table_groups + scan, vp->check_grid);
+    grid_of((uint64_t)pp->total_q * (uint64_t)pp->heads_q, vp->merge_grid);
+
+    const uint32_t attn_spec[13] = {(uint32_t)D, (uint32_t)pp->q_dtype, (uint32_t)fmt, g.br, g.bc, g.rw, g.rwp,
+                                    g.rpt, g.kp, g.cpw, g.v_words, g.s_split, g.lpt};
+    const uint32_t check_spec[2] = {(uint32_t)D, (uint32_t)pp->q_dtype};
+    const uint32_t merge_spec[2] = {(uint32_t)QATTN_DTYPE_F32, (uint32_t)pp->q_dtype};
+    s = paged_pipeline(ctx, vc, "paged_attn", attn_spec, 13, &vp->attn);
+    if (!s && pp->check)
+        s = paged_pipeline(ctx, vc, "paged_check", check_spec, 2, &vp->check);
+    if (!s && pp->num_splits > 1)
+        s = paged_pipeline(ctx, vc, "paged_merge", merge_spec, 2, &vp->merge);
+    if (!s) {
+        VkDescriptorPoolSize size = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_PAGED_BINDINGS};
+        VkDescriptorPoolCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO, .maxSets = 1,
+                                         .poolSizeCount = 1, .pPoolSizes = &size};
+        s = vk_check(ctx, vc->vk.vkCreateDescriptorPool(vc->device, &pi, NULL, &vp->pool), "vkCreateDescriptorPool");
+    }
+    if (!s) {
+        VkDescriptorSetAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO,
+                                          .descriptorPool = vp->pool, .descriptorSetCount = 1,
+                                          .pSetLayouts = &vc->paged_set_layout};
+        s = vk_check(ctx, vc->vk.vkAllocateDescriptorSets(vc->device, &ai, &vp->set), "vkAllocateDescriptorSets");
+    }
+    if (s)
+        vk_paged_plan_release(ctx, plan); /* the core frees the plan without calling plan_release */
+    return s;
+}
+
+/* ------------------------------------------------------------------- runs */
+
+/* Reads `count` int32 of a table buffer; false when the copy fails. */
+static bool read_ints(const qattn_buffer *b, int64_t at, int64_t count, int32_t *dst)
+{
+    return count <= 0 || !qattn_buffer_download(b, (size_t)at * 4, dst, (size_t)count * 4);
+}
+
+/* The check kernel found a bad table entry: read the tables back and name the first, as backends/cpu does. */
+static qattn_status table_error(qattn_ctx *ctx, const qattn_paged_problem *pp, const qattn_paged_args *a)
+{
+    const int64_t B = pp->batch, P = pp->cache.page_size;
+    const bool dense = pp->table == QATTN_PAGES_DENSE;
+    const int64_t indices_count = dense ? 0 : (int64_t)(a->indices->size / 4);
+    int32_t *qo = malloc((size_t)(B + 1) * 4), *lens = malloc((size_t)(B + 1) * 4);
+    int32_t *pages = NULL;
+    qattn_status s = QATTN_OK;
+    bool ok = qo && lens && read_ints(a->qo_indptr, 0, B + 1, qo) &&
+              (dense ? read_ints(a->seq_lens, 0, B, lens) : read_ints(a->indptr, 0, B + 1, lens));
+    const int32_t *indptr = lens;
+    for (int64_t b = 0; ok && b < B && !s; b++) {
+        int64_t q_len = (int64_t)qo[b + 1] - qo[b];
+        if (b == 0 && qo[0] < 0) {
+            s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "qo_indptr[0]=%d is negative", qo[0]);
+            break;
+        }
+        if (q_len < 0 || q_len > pp->max_q_len || qo[b + 1] > pp->total_q) {
+            s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                "qo_indptr[%lld..%lld] = %d..%d: query counts must be in [0, max_q_len=%lld] and "
+                                "rows below total_q=%lld",
+                                (long long)b, (long long)b + 1, qo[b], qo[b + 1], (long long)pp->max_q_len,
+                                (long long)pp->total_q);
+            break;
+        }
+        int64_t count, first;
+        if (dense) {
+            if (lens[b] < 0 || lens[b] > pp->max_pages_per_seq * P) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "seq_lens[%lld]=%d must be in [0, max_pages_per_seq * page_size = %lld]",
+                                    (long long)b, lens[b], (long long)(pp->max_pages_per_seq * P));
+                break;
+            }
+            count = (lens[b] + P - 1) / P;
+            first = b * pp->max_pages_per_seq;
+        } else {
+            if (indptr[0] < 0 || indptr[b + 1] < indptr[b] || indptr[b + 1] > indices_count) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "indptr[%lld..%lld] = %d..%d must be non-decreasing, from >= 0, and inside the "
+                                    "%zu-byte indices buffer",
+                                    (long long)b, (long long)b + 1, indptr[b], indptr[b + 1], a->indices->size);
+                break;
+            }
+            count = indptr[b + 1] - indptr[b];
+            first = indptr[b];
+            if (count > pp->max_pages_per_seq) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "sequence %lld has %lld pages in its CSR table, more than max_pages_per_seq=%lld",
+                                    (long long)b, (long long)count, (long long)pp->max_pages_per_seq);
+                break;
+            }
+            int32_t last = 0;
+            if (count > 0 && (!read_ints(a->last_page_len, b, 1, &last) || last < 1 || last > P)) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "last_page_len[%lld]=%d must be in [1, page_size=%lld]", (long long)b, last,
+                                    (long long)P);
+                break;
+            }
+        }
+        free(pages);
+        pages = malloc((size_t)(count > 0 ? count : 1) * 4);
+        if (!pages || !read_ints(dense ? a->block_table : a->indices, first, count, pages)) {
+            ok = false;
+            break;
+        }
+        for (int64_t i = 0; i < count; i++)
+            if (pages[i] < 0 || pages[i] >= pp->cache.num_pages) {
+                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                    "sequence %lld's page %lld is %d, outside the cache's %lld pages", (long long)b,
+                                    (long long)i, pages[i], (long long)pp->cache.num_pages);
+                break;
+            }
+    }
+    free(qo);
+    free(lens);
+    free(pages);
+    if (!s)
+        s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                            "the page tables hold an entry outside their bounds (reading them back to name it %s)",
+                            ok ? "found nothing: were they changed meanwhile?" : "failed");
+    return s;
+}
+
+qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a)
+{
+    vk_ctx *vc = ctx->impl;
+    const vk_paged_plan *vp = plan->impl;
+    const qattn_paged_problem *pp = &plan->pp;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the vulkan backend");
+    const int64_t D = pp->cache.head_dim, Hq = pp->heads_q;
+    const bool dense = pp->table == QATTN_PAGES_DENSE, split = pp->num_splits > 1;
+    const size_t es = qattn_dtype_size(pp->q_dtype);
+    const uint32_t ws_off = (uint32_t)(a->workspace_offset / 4);
+    vk_paged_args args = {
+        .q_off = (uint32_t)(a->q_offset / es),
+        .o_off = (uint32_t)(a->o_offset / es),
+        .lse_off = (uint32_t)(a->lse_offset / 4),
+        .ws_off = ws_off,
+        .q_s0 = stride32(pp->total_q, pp->q_stride[0]),
+        .q_s1 = stride32(Hq, pp->q_stride[1]),
+        .o_s0 = stride32(pp->total_q, pp->o_stride[0]),
+        .o_s1 = stride32(Hq, pp->o_stride[1]),
+        .batch = (uint32_t)pp->batch,
+        .heads_kv = (uint32_t)pp->cache.heads_kv,
+        .group = (uint32_t)pp->group,
+        .page_size = (uint32_t)pp->cache.page_size,
+        .num_pages = (uint32_t)pp->cache.num_pages,
+        .max_pages = (uint32_t)pp->max_pages_per_seq,
+        .total_q = (uint32_t)pp->total_q,
+        .max_q_len = (uint32_t)pp->max_q_len,
+        .splits = (uint32_t)pp->num_splits,
+        .pages_per_split = (uint32_t)ceil_div(pp->max_pages_per_seq, pp->num_splits),
+        .q_tiles = (uint32_t)ceil_div(pp->group * pp->max_q_len, vp->g.br),
+        .indices_count = dense ? 0u : min_u32(a->indices->size / 4, UINT32_MAX),
+        .qk_scale_log2 = (float)((double)pp->sm_scale * LOG2E),
+        .flags = (pp->check ? ARG_CHECK : 0u) | (pp->return_lse ? ARG_LSE : 0u) | (pp->causal ? ARG_CAUSAL : 0u) |
+                 (dense ? ARG_DENSE : 0u) | (pp->cache.layout == QATTN_KV_HND ? ARG_HND : 0u),
+        .ws_status = pp->check ? (uint32_t)(plan->ws.status / 4) : 0u,
+        .ws_part_o = split ? (uint32_t)(plan->ws.backend / 4) : 0u,
+        .ws_part_lse = 0,
+        .items = vp->items,
+    };
+    if (split)
+        args.ws_part_lse = args.ws_part_o + (uint32_t)((uint64_t)pp->num_splits * pp->total_q * Hq * D);
+    vk_merge_args merge = {
+        .v_off = ws_off + args.ws_part_o,
+        .s_off = ws_off + args.ws_part_lse,
+        .o_off = args.o_off,
+        .lse_off = args.lse_off,
+        .v_s0 = (uint32_t)(pp->total_q * Hq * D),
+        .v_s1 = (uint32_t)(Hq * D),
+        .v_s2 = (uint32_t)D,
+        .s_s0 = (uint32_t)(pp->total_q * Hq),
+        .s_s1 = (uint32_t)Hq,
+        .s_s2 = 1,
+        .o_s0 = args.o_s0,
+        .o_s1 = args.o_s1,
+        .states = (uint32_t)pp->num_splits,
+        .rows = (uint32_t)pp->total_q,
+        .heads = (uint32_t)Hq,
+        .head_dim = (uint32_t)D,
+        .flags = MERGE_PAGED | (pp->return_lse ? MERGE_LSE : 0u) | (pp->check ? MERGE_CHECK : 0u),
+        .batch = (uint32_t)pp->batch,
+        .status_word = ws_off + args.ws_status,
+    };
+    const qattn_kv_cache_buffers *cb = a->cache;
+    VkBuffer ws = vk_of(a->workspace);
+    VkBuffer bufs[VK_PAGED_BINDINGS] = {
+        [0] = vk_of(a->q), [1] = vk_of(cb->k), [2] = vk_of(cb->v), [3] = vk_of(cb->k_scale),
+        [4] = vk_of(cb->v_scale), [5] = vk_of(a->o), [6] = pp->return_lse ? vk_of(a->lse) : vk_of(a->o),
+        [7] = ws, [8] = vk_of(a->qo_indptr), [9] = vk_of(dense ? a->block_table : a->indptr),
+        [10] = vk_of(dense ? a->seq_lens : a->indices), [11] = dense ? VK_NULL_HANDLE : vk_of(a->last_page_len),
+        [12] = ws,
+    };
+    const VkDeviceSize status_at = a->workspace_offset + plan->ws.status;
+    uint32_t words[4] = {0, 0, 0, 0};
+
+    pthread_mutex_lock(&vc->lock);
+    bind_all(vc, vp->set, bufs, vk_of(a->q));
+    qattn_status s = vk_begin(ctx, vc);
+    if (!s) {
+        VkCommandBuffer cmd = vc->cmd;
+        if (pp->check) {
+            vc->vk.vkCmdFillBuffer(cmd, ws, status_at, 16, 0);
+            transfer_to_compute(vc);
+        }
+        vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vp->set, 0, NULL);
+        if (pp->check) {
+            vk_paged_args check_args = args;
+            check_args.items = vp->check_table_groups;
+            dispatch(vc, vp->check, &check_args, sizeof(check_args), vp->check_grid);
+            compute_to_compute(vc);
+        }
+        dispatch(vc, vp->attn, &args, sizeof(args), vp->attn_grid);
+        if (split) {
+            compute_to_compute(vc);
+            dispatch(vc, vp->merge, &merge, sizeof(merge), vp->merge_grid);
+        }
+        if (pp->check)
+            read_status_back(vc, ws, status_at);
+        s = vk_submit_wait(ctx, vc);
+        if (!s && pp->check)
+            status_words(vc, words);
+    }
+    pthread_mutex_unlock(&vc->lock);
+    if (s)
+        return s;
+    if (words[0])
+        return table_error(ctx, pp, a);
+    if (words[1])
+        return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
+                               "q contains NaN or Inf; outputs were not written (set QATTN_FLAG_NO_FINITE_CHECK to "
+                               "skip this scan)");
+    return QATTN_OK;
+}
+
+/* ------------------------------------------------------------------ merge */
+
+qattn_status vk_merge_states(qattn_ctx *ctx, const qattn_merge_desc *d, const qattn_merge_args *a)
+{
+    vk_ctx *vc = ctx->impl;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the vulkan backend");
+    qattn_status s = paged_available(ctx, vc);
+    if (s)
+        return s;
+    const uint32_t spec[2] = {(uint32_t)d->v_dtype, (uint32_t)d->o_dtype};
+    VkPipeline pipe;
+    if ((s = paged_pipeline(ctx, vc, "paged_merge", spec, 2, &pipe)))
+        return s;
+    vk_merge_args m = {
+        .v_off = (uint32_t)(a->v_offset / qattn_dtype_size(d->v_dtype)),
+        .s_off = (uint32_t)(a->s_offset / 4),
+        .o_off = (uint32_t)(a->o_offset / qattn_dtype_size(d->o_dtype)),
+        .lse_off = (uint32_t)(a->lse_offset / 4),
+        .v_s0 = stride32(d->num_states, d->v_stride[0]),
+        .v_s1 = stride32(d->rows, d->v_stride[1]),
+        .v_s2 = stride32(d->heads, d->v_stride[2]),
+        .s_s0 = stride32(d->num_states, d->s_stride[0]),
+        .s_s1 = stride32(d->rows, d->s_stride[1]),
+        .s_s2 = stride32(d->heads, d->s_stride[2]),
+        .o_s0 = stride32(d->rows, d->o_stride[0]),
+        .o_s1 = stride32(d->heads, d->o_stride[1]),
+        .states = (uint32_t)d->num_states,
+        .rows = (uint32_t)d->rows,
+        .heads = (uint32_t)d->heads,
+        .head_dim = (uint32_t)d->head_dim,
+        .flags = a->lse ? MERGE_LSE : 0u,
+    };
+    VkBuffer bufs[VK_PAGED_BINDINGS] = {[5] = vk_of(a->o), [6] = vk_of(a->lse), [7] = vk_of(a->s), [12] = vk_of(a->v)};
+    uint32_t grid[2];
+    grid_of((uint64_t)d->rows * (uint64_t)d->heads, grid);
+    pthread_mutex_lock(&vc->lock);
+    bind_all(vc, vc->paged_set, bufs, vk_of(a->v));
+    s = vk_begin(ctx, vc);
+    if (!s) {
+        vc->vk.vkCmdBindDescriptorSets(vc->cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vc->paged_set,
+                                       0, NULL);
+        dispatch(vc, pipe, &m, sizeof(m), grid);
+        s = vk_submit_wait(ctx, vc);
+    }
+    pthread_mutex_unlock(&vc->lock);
+    return s;
+}

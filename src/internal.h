@@ -135,6 +135,12 @@ static inline void qattn_split_range(int64_t max_pages, int64_t page_size, int s
     *end = ((int64_t)s + 1) * per * page_size;
 }
 
+/* The split count (1..1024) an automatic paged plan uses, for `items` work
+ * groups per split of which `slots` run at once: it minimizes waves x (keys
+ * per split + a group's start-up) plus a merge's cost. One copy so that the
+ * OpenCL and Vulkan backends choose alike. */
+int qattn_paged_choose_splits(int64_t items, int64_t slots, int64_t max_pages, int64_t page_size);
+
 struct qattn_plan {
     qattn_ctx *ctx;
     bool paged;                 /* a qattn_paged_plan_create plan: `pp` is set, `problem` is not */
@@ -235,6 +241,13 @@ qattn_status qattn_set_error(qattn_ctx *ctx, qattn_status status, const char *fm
     ;
 qattn_status qattn_set_errorv(qattn_ctx *ctx, qattn_status status, const char *fmt, va_list ap);
 void qattn_clear_error(qattn_ctx *ctx);
+
+/* Which inputs the finite check found NaN or Inf in (bit i: q, k, v). */
+enum { QATTN_NONFINITE_Q = 1u << 0, QATTN_NONFINITE_K = 1u << 1, QATTN_NONFINITE_V = 1u << 2 };
+/* Records QATTN_ERR_NONFINITE_INPUT with the message every backend gives for
+ * a failed finite check (naming the flagged inputs); returns that status. One
+ * helper so that the wording, which tests and users match, cannot drift. */
+qattn_status qattn_nonfinite_error(qattn_ctx *ctx, uint32_t flags);
 
 /* Logging to stderr, filtered by QATTN_LOG (error|warn|info|debug). */
 typedef enum qattn_log_level { QATTN_LOG_ERROR = 0, QATTN_LOG_WARN, QATTN_LOG_INFO, QATTN_LOG_DEBUG } qattn_log_level;

@@ -181,6 +181,25 @@ qattn_status qattn_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a)
     return ctx->backend->kv_append(ctx, a, &sizes);
 }
 
+int qattn_paged_choose_splits(int64_t items, int64_t slots, int64_t max_pages, int64_t page_size)
+{
+    const int64_t ramp_keys = 64, merge_keys = 256;
+    int64_t best_cost = INT64_MAX;
+    int best = 1;
+    const int64_t limit = max_pages < 1024 ? max_pages : 1024;
+    for (int64_t s = 1; s <= limit; s++) {
+        int64_t per = (max_pages + s - 1) / s;
+        if ((max_pages + per - 1) / per != s) /* trailing splits past the last page would be empty */
+            continue;
+        int64_t cost = ((items * s + slots - 1) / slots) * (per * page_size + ramp_keys) + (s > 1 ? merge_keys : 0);
+        if (cost < best_cost) {
+            best_cost = cost;
+            best = (int)s;
+        }
+    }
+    return best;
+}
+
 qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, qattn_plan **out)
 {
     if (!out)

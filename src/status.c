@@ -67,6 +67,24 @@ qattn_status qattn_set_error(qattn_ctx *ctx, qattn_status status, const char *fm
     return s;
 }
 
+qattn_status qattn_nonfinite_error(qattn_ctx *ctx, uint32_t flags)
+{
+    static const char *const names[3] = {"q", "k", "v"};
+    char which[16] = "";
+    int named = 0;
+    for (int i = 0; i < 3; i++)
+        if (flags & (1u << i)) {
+            size_t used = strlen(which);
+            snprintf(which + used, sizeof(which) - used, "%s%s", named++ ? ", " : "", names[i]);
+        }
+    if (!named) /* no input named: say it is one of them, not an empty name */
+        snprintf(which, sizeof(which), "q, k or v");
+    return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
+                           "%s contain%s NaN or Inf; outputs were not written (set QATTN_FLAG_NO_FINITE_CHECK to "
+                           "skip this scan)",
+                           which, named > 1 ? "" : "s");
+}
+
 void qattn_clear_error(qattn_ctx *ctx)
 {
     thread_error[0] = '\0';

@@ -181,20 +181,17 @@ static qattn_status cpu_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_
     };
     if (p->check_finite) {
         const struct {
-            const char *name;
+            uint32_t flag;
             const void *base;
             const int64_t *stride;
             int64_t heads, seq;
-        } in[3] = {{"q", job.q, p->q_stride, p->heads_q, p->seq_q},
-                   {"k", job.k, p->k_stride, p->heads_kv, p->seq_k},
-                   {"v", job.v, p->v_stride, p->heads_kv, p->seq_k}};
+        } in[3] = {{QATTN_NONFINITE_Q, job.q, p->q_stride, p->heads_q, p->seq_q},
+                   {QATTN_NONFINITE_K, job.k, p->k_stride, p->heads_kv, p->seq_k},
+                   {QATTN_NONFINITE_V, job.v, p->v_stride, p->heads_kv, p->seq_k}};
         for (int i = 0; i < 3; i++) {
             int64_t shape[4] = {p->batch, in[i].heads, in[i].seq, p->head_dim};
             if (!qattn_host_tensor_is_finite(in[i].base, p->in_dtype, shape, in[i].stride))
-                return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
-                                       "%s contains NaN or Inf; outputs were not written (set "
-                                       "QATTN_FLAG_NO_FINITE_CHECK to skip this scan)",
-                                       in[i].name);
+                return qattn_nonfinite_error(ctx, in[i].flag);
         }
     }
     if (plan->precision != QATTN_PRECISION_EXACT)

@@ -329,9 +329,7 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
             int64_t shape[4] = {1, Hq, n, D}, stride[4] = {1, pp->q_stride[1], pp->q_stride[0], 1};
             if (n > 0 && !qattn_host_tensor_is_finite(q + (size_t)(q0 * pp->q_stride[0]) * es, pp->q_dtype, shape,
                                                       stride))
-                return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
-                                       "q contains NaN or Inf; outputs were not written (set "
-                                       "QATTN_FLAG_NO_FINITE_CHECK to skip this scan)");
+                return qattn_nonfinite_error(ctx, QATTN_NONFINITE_Q);
         }
     }
 

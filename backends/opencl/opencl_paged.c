@@ -114,26 +114,6 @@ typedef struct ocl_paged_plan {
     int q_tiles;
 } ocl_paged_plan;
 
-/* Splits of the keys: minimize waves x (keys per split + a work-group's start-up), plus a merge's cost. */
-static int choose_splits(int64_t items, int64_t slots, int64_t max_pages, int64_t page_size)
-{
-    const int64_t ramp_keys = 64, merge_keys = 256;
-    int64_t best_cost = INT64_MAX;
-    int best = 1;
-    int64_t limit = max_pages < 1024 ? max_pages : 1024;
-    for (int64_t s = 1; s <= limit; s++) {
-        int64_t per = ceil_div(max_pages, s);
-        if (ceil_div(max_pages, per) != s) /* trailing splits past the last page would be empty */
-            continue;
-        int64_t cost = ceil_div(items * s, slots) * (per * page_size + ramp_keys) + (s > 1 ? merge_keys : 0);
-        if (cost < best_cost) {
-            best_cost = cost;
-            best = (int)s;
-        }
-    }
-    return best;
-}
-
 void qattn_opencl_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
 {
     ocl_paged_plan *op = plan->impl;
@@ -194,7 +174,7 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     /* Work-groups resident at once: a few per GPU compute unit, one per CPU thread. */
     const int64_t slots = (int64_t)d->compute_units * ((d->type & CL_DEVICE_TYPE_CPU) ? 1 : 4);
     if (pp->num_splits == 0) {
-        pp->num_splits = choose_splits(items, slots > 0 ? slots : 1, pp->max_pages_per_seq, P);
+        pp->num_splits = qattn_paged_choose_splits(items, slots > 0 ? slots : 1, pp->max_pages_per_seq, P);
         snprintf(plan->why, sizeof(plan->why),
                  "%lld work items (sequences x KV heads x %lld query tile(s) of %d rows) for about %lld resident "
                  "work-groups (%u compute units): %d split(s) of the keys.",
@@ -562,9 +542,7 @@ qattn_status qattn_opencl_paged_run(qattn_ctx *ctx, const qattn_plan *plan, cons
     if (flags & 1u)
         return table_error(ctx, pp, a);
     if (flags & 2u)
-        return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
-                               "q contains NaN or Inf; outputs were not written (set QATTN_FLAG_NO_FINITE_CHECK to "
-                               "skip this scan)");
+        return qattn_nonfinite_error(ctx, QATTN_NONFINITE_Q);
     return QATTN_OK;
 }
 

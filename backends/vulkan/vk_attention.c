@@ -498,18 +498,7 @@ qattn_status vk_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_boun
     pthread_mutex_unlock(&vc->lock);
     if (s)
         return s;
-    if (flags) {
-        char which[32] = "";
-        const char *names[3] = {"q", "k", "v"};
-        for (int i = 0; i < 3; i++)
-            if (flags & (1u << i)) {
-                size_t used = strlen(which);
-                snprintf(which + used, sizeof(which) - used, "%s%s", used ? ", " : "", names[i]);
-            }
-        return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
-                               "%s contain%s NaN or Inf; outputs were not written (set QATTN_FLAG_NO_FINITE_CHECK to "
-                               "skip this scan)",
-                               which, strchr(which, ',') ? "" : "s");
-    }
+    if (flags)
+        return qattn_nonfinite_error(ctx, flags);
     return QATTN_OK;
 }

@@ -404,26 +404,6 @@ static bool geometry_of(uint32_t d, bool eight, uint32_t br, uint32_t bc, uint32
     return true;
 }
 
-/* Splits of the keys: minimize waves x (keys per split + a group's start-up), plus a merge's cost. */
-static int choose_splits(int64_t items, int64_t slots, int64_t max_pages, int64_t page_size)
-{
-    const int64_t ramp_keys = 64, merge_keys = 256;
-    int64_t best_cost = INT64_MAX;
-    int best = 1;
-    const int64_t limit = max_pages < 1024 ? max_pages : 1024;
-    for (int64_t s = 1; s <= limit; s++) {
-        int64_t per = ceil_div(max_pages, s);
-        if (ceil_div(max_pages, per) != s) /* trailing splits past the last page would be empty */
-            continue;
-        int64_t cost = ceil_div(items * s, slots) * (per * page_size + ramp_keys) + (s > 1 ? merge_keys : 0);
-        if (cost < best_cost) {
-            best_cost = cost;
-            best = (int)s;
-        }
-    }
-    return best;
-}
-
 typedef struct vk_paged_plan {
     VkDescriptorPool pool;
     VkDescriptorSet set;
@@ -503,7 +483,7 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
         int64_t slots = caps->compute_units ? (int64_t)caps->compute_units * per_cu
                         : caps->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU ? qattn_host_cpu_count()
                                                                                : 1024;
-        pp->num_splits = choose_splits(items, slots, pp->max_pages_per_seq, P);
+        pp->num_splits = qattn_paged_choose_splits(items, slots, pp->max_pages_per_seq, P);
         snprintf(plan->why, sizeof(plan->why),
                  "%lld work items (sequences x KV heads x %lld query tile(s) of %u rows) for about %lld resident work "
                  "groups (%s): %d split(s) of the keys.",
@@ -776,9 +756,7 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
     if (words[0])
         return table_error(ctx, pp, a);
     if (words[1])
-        return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
-                               "q contains NaN or Inf; outputs were not written (set QATTN_FLAG_NO_FINITE_CHECK to "
-                               "skip this scan)");
+        return qattn_nonfinite_error(ctx, QATTN_NONFINITE_Q);
     return QATTN_OK;
 }
 

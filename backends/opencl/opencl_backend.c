@@ -159,8 +159,10 @@ static void enumerate_devices(void)
                 continue; /* cannot run our kernels: compiled from source at run time */
             d->unified = unified == CL_TRUE;
             cl_device_fp_config single = 0;
-            if (cl->clGetDeviceInfo(ids[i], CL_DEVICE_SINGLE_FP_CONFIG, sizeof(single), &single, NULL) == CL_SUCCESS)
+            if (cl->clGetDeviceInfo(ids[i], CL_DEVICE_SINGLE_FP_CONFIG, sizeof(single), &single, NULL) == CL_SUCCESS) {
                 d->correct_div = (single & CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT) != 0;
+                d->denorms = (single & CL_FP_DENORM) != 0;
+            }
             size_t ext_len = 0;
             char *ext = NULL;
             if (cl->clGetDeviceInfo(ids[i], CL_DEVICE_EXTENSIONS, 0, NULL, &ext_len) == CL_SUCCESS &&
@@ -223,7 +225,7 @@ static int ocl_auto_score(void)
 static uint32_t device_precisions(const ocl_device *d)
 {
     uint32_t p = (1u << QATTN_PRECISION_AUTO) | (1u << QATTN_PRECISION_EXACT);
-    if (d->fp64) /* the reference quantization needs double sums and divisions */
+    if (d->fp64) /* the reference quantization sums the smooth-K mean in double */
         p |= (1u << QATTN_PRECISION_INT8_FP16) | (1u << QATTN_PRECISION_INT8_FP8) |
              (1u << QATTN_PRECISION_INT8_FP8_F16ACC);
     return p;
@@ -251,6 +253,8 @@ static qattn_status ocl_device_info(int device, qattn_device_info *info, char *r
              "device type: %s\n"
              "OpenCL C: %s\n"
              "fp16 (cl_khr_fp16): %s; fp64 (cl_khr_fp64): %s\n"
+             "fp32 correctly rounded divide/sqrt: %s (quantization divides in integer arithmetic either way); "
+             "fp32 denormals: %s\n"
              "subgroups (cl_khr_subgroups / cl_intel_subgroups): %s\n"
              "integer dot product (cl_khr_integer_dot_product, 4x8 packed): %s\n"
              "local memory: %" PRIu64 " bytes; max work-group size: %zu; max allocation: %" PRIu64 " bytes\n"
@@ -258,19 +262,19 @@ static qattn_status ocl_device_info(int device, qattn_device_info *info, char *r
              "kernels: 128 work-items, 64 or 32 query rows x 64 keys, fp32 FMA with register blocking%s\n"
              "quantized modes: %s\n"
              "paged KV cache: f16, bf16, fp8e4m3 and int8 pages (NHD/HND, dense/CSR tables, split-KV); fp8/int8 "
-             "appends %s\n",
+             "appends quantize as the reference does\n",
              d->platform_name, d->platform_version,
              (d->type & CL_DEVICE_TYPE_GPU) ? "GPU" : (d->type & CL_DEVICE_TYPE_CPU) ? "CPU"
              : (d->type & CL_DEVICE_TYPE_ACCELERATOR) ? "accelerator" : "other",
              d->c_version, d->fp16 ? "yes" : "no (fp16 data through vload_half/vstore_half)",
-             d->fp64 ? "yes" : "no", d->subgroups ? "yes" : "no", d->int_dot ? "yes" : "no (int8 arithmetic)",
+             d->fp64 ? "yes" : "no",
+             d->correct_div ? "yes" : "no",
+             d->denorms ? "yes" : "no (flushed to zero: quantized codes of subnormal inputs may differ from the CPU's)",
+             d->subgroups ? "yes" : "no", d->int_dot ? "yes" : "no (int8 arithmetic)",
              (uint64_t)d->local_mem, d->max_wg, (uint64_t)d->max_alloc,
              d->int_dot ? "; INT8 Q.K by integer dot product" : "",
              d->fp64 ? "INT8 Q/K, fp16 or FP8-E4M3-emulated P and V, the reference quantization reproduced exactly"
-                     : "unsupported (they need cl_khr_fp64 to reproduce the reference quantization)",
-             d->fp64 ? "quantize as the reference does (divisions in fp64)"
-             : d->correct_div ? "quantize as the reference does (correctly rounded fp32 divisions)"
-                              : "unsupported (they need fp64 or correctly rounded fp32 divisions)");
+                     : "unsupported (they need cl_khr_fp64 for the reference's double K-mean sum)");
     return QATTN_OK;
 }
 
@@ -680,7 +684,7 @@ static qattn_status ocl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     if (quant && !d->fp64)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "%s on opencl needs cl_khr_fp64, which %s lacks: the reference quantization sums the "
-                               "K mean in double and its divisions must round exactly",
+                               "smooth-K mean in double",
                                qattn_precision_name(plan->precision), d->name);
     if (quant) {
         if (plan->granularity == QATTN_GRANULARITY_DEFAULT)

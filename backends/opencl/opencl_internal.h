@@ -26,7 +26,9 @@ typedef struct ocl_device {
     cl_ulong global_mem, max_alloc, local_mem;
     size_t max_wg;
     bool fp16, fp64, int_dot, subgroups, unified;
-    bool correct_div; /* CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT: fp32 divisions can be built correctly rounded */
+    bool correct_div; /* CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT (reported only: the bit-exact kernels divide in
+                         integer arithmetic, common.cl's div_rn) */
+    bool denorms;     /* CL_FP_DENORM: fp32 subnormals kept (else flushed to zero) */
 } ocl_device;
 
 typedef struct ocl_program {

@@ -713,19 +713,13 @@ qattn_status qattn_opencl_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *
     if (a->stream)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
                                "args.stream must be NULL on the opencl backend (it runs on the context's queue)");
+    /* The quantized formats divide with common.cl's div_rn (integer arithmetic), so their codes equal the CPU
+     * reference's on every device, whatever its fp32 division accuracy or fp64 support. */
     const int fmt = cache_format(cd);
-    const bool quantized = fmt >= FMT_FP8;
-    if (quantized && !d->fp64 && !d->correct_div)
-        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
-                               "appending to %s pages on opencl needs cl_khr_fp64 or correctly rounded fp32 divisions "
-                               "(CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT), which %s lacks: the codes must equal the "
-                               "reference quantization's",
-                               qattn_dtype_name(cd->dtype), d->name);
     char options[512];
     snprintf(options, sizeof(options),
-             "-cl-std=CL1.2 -DHEAD_DIM=%lld -DCACHE_FMT=%d -DIN_DTYPE=%d -DOUT_DTYPE=0 -DHAS_FP16=%d -DHAS_FP64=%d%s",
-             (long long)cd->head_dim, fmt, dtype_code(a->new_dtype), d->fp16, d->fp64,
-             quantized && !d->fp64 ? " -cl-fp32-correctly-rounded-divide-sqrt" : "");
+             "-cl-std=CL1.2 -DHEAD_DIM=%lld -DCACHE_FMT=%d -DIN_DTYPE=%d -DOUT_DTYPE=0 -DHAS_FP16=%d -DHAS_FP64=%d",
+             (long long)cd->head_dim, fmt, dtype_code(a->new_dtype), d->fp16, d->fp64);
     const char *parts[2] = {qattn_opencl_src_common, qattn_opencl_src_kv_append};
     const bool check = !(a->flags & QATTN_FLAG_NO_FINITE_CHECK);
     cl_program prog = NULL;

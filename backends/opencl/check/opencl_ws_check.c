@@ -4,7 +4,8 @@
  * opencl backend, downloads the workspace, quantizes the same host inputs with
  * qattn_quantize_host under the same plan, and compares every region byte by
  * byte. It also checks that an OpenCL compiler error comes back as
- * QATTN_ERR_BACKEND with the build log in the message.
+ * QATTN_ERR_BACKEND with the build log in the message, and that common.cl's
+ * div_rn (the quantizers' divisions) equals the host's fp32 division.
  * Exit 0: all good; 1: a failure (reported); 77: no OpenCL device.
  *
  *   opencl_ws_check [case-name-substring]
@@ -16,6 +17,7 @@
 
 #include "internal.h"
 #include "opencl_internal.h"
+#include "opencl_kernels.h"
 #include "quant.h"
 #include "reference.h"
 
@@ -90,6 +92,127 @@ static int check_build_error(qattn_ctx *ctx)
     return ok ? 0 : 1;
 }
 
+static uint32_t rand_u32(ref_rng *rng) { return (uint32_t)(ref_rng_uniform(rng) * 4294967296.0); }
+
+/* A float with a random mantissa and sign and a biased exponent in [lo, hi] (0: subnormal). */
+static uint32_t rand_float_bits(ref_rng *rng, int lo, int hi, bool any_sign)
+{
+    uint32_t e = (uint32_t)(lo + (int)(ref_rng_uniform(rng) * (hi - lo + 1)));
+    uint32_t sign = any_sign && ref_rng_uniform(rng) < 0.5 ? 0x80000000u : 0u;
+    return sign | e << 23 | (rand_u32(rng) & 0x7fffffu);
+}
+
+/*
+ * common.cl's div_rn, which every quantization scale and 1/scale goes
+ * through, against the host's fp32 division bit for bit: random operands over
+ * the whole range (subnormals, quotients that overflow or underflow), the
+ * quantizers' own divisions (127, 448 or 1 by an amax, an amax by 127 or 448),
+ * signed zeros, infinities and NaN.
+ */
+static int check_div_rn(qattn_ctx *ctx, ref_rng *rng)
+{
+    static const char kernel[] =
+        "kernel void div_check(global const uint *a, global const uint *b, global uint *q, int n)\n"
+        "{\n"
+        "    int i = get_global_id(0);\n"
+        "    if (i < n)\n"
+        "        q[i] = as_uint(div_rn(as_float(a[i]), as_float(b[i])));\n"
+        "}\n";
+    enum { N = 1 << 20 };
+    uint32_t *a = malloc(N * 4), *b = malloc(N * 4), *got = malloc(N * 4);
+    static const uint32_t special[] = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                                       0x00000001u, 0x007fffffu, 0x00800000u, 0x7f7fffffu, 0x3f800000u};
+    enum { NS = sizeof(special) / sizeof(special[0]) };
+    static const float numerators[] = {127.0f, 448.0f, 1.0f};
+    for (int i = 0; i < N; i++) {
+        int kind = i % 8;
+        if (i < NS * NS) { /* every pair of special operands */
+            a[i] = special[i / NS];
+            b[i] = special[i % NS];
+        } else if (kind < 3) { /* anything finite */
+            a[i] = rand_float_bits(rng, 0, 254, true);
+            b[i] = rand_float_bits(rng, 0, 254, true);
+        } else if (kind < 5) { /* 127 / amax, 448 / amax, 1 / scale */
+            float num = numerators[(i / 8) % 3];
+            memcpy(&a[i], &num, 4);
+            b[i] = rand_float_bits(rng, kind == 3 ? 1 : 0, kind == 3 ? 254 : 20, false);
+        } else if (kind < 7) { /* amax / 127, amax / 448 */
+            float den = numerators[(i / 8) % 2];
+            a[i] = rand_float_bits(rng, kind == 5 ? 1 : 0, kind == 5 ? 254 : 20, false);
+            memcpy(&b[i], &den, 4);
+        } else { /* quotients near 1 (close mantissas): long runs of equal quotient bits */
+            a[i] = rand_float_bits(rng, 100, 150, false);
+            b[i] = (a[i] & 0xffff0000u) | (rand_u32(rng) & 0xffffu);
+        }
+    }
+    const char *parts[2] = {qattn_opencl_src_common, kernel};
+    cl_program prog = NULL;
+    cl_kernel k = NULL;
+    qattn_buffer *ba = NULL, *bb = NULL, *bq = NULL;
+    qattn_status s = qattn_opencl_get_program(ctx, "div-check", parts, 2,
+                                              "-cl-std=CL1.2 -DIN_DTYPE=0 -DOUT_DTYPE=0 -DHAS_FP16=0 -DHAS_FP64=0",
+                                              &prog);
+    if (!s)
+        s = make_kernel(ctx, prog, "div_check", &k);
+    if (!s)
+        s = qattn_buffer_create(ctx, N * 4, &ba);
+    if (!s)
+        s = qattn_buffer_create(ctx, N * 4, &bb);
+    if (!s)
+        s = qattn_buffer_create(ctx, N * 4, &bq);
+    if (!s)
+        s = qattn_buffer_upload(ba, 0, a, N * 4);
+    if (!s)
+        s = qattn_buffer_upload(bb, 0, b, N * 4);
+    if (!s) {
+        arg_list al = args_for(impl_of(ctx), k, "div_check");
+        arg_mem(&al, mem_of(ba));
+        arg_mem(&al, mem_of(bb));
+        arg_mem(&al, mem_of(bq));
+        arg_int(&al, N);
+        size_t local = 64, global = N;
+        s = launch(ctx, &al, 1, &global, &local);
+    }
+    if (!s)
+        s = qattn_ctx_synchronize(ctx);
+    if (!s)
+        s = qattn_buffer_download(bq, 0, got, N * 4);
+    int bad = 0;
+    if (s) {
+        printf("%-22s %s\n", "div_rn", qattn_last_error(ctx));
+        bad = 1;
+    } else {
+        size_t diffs = 0;
+        for (int i = 0; i < N; i++) {
+            float x, y, q;
+            memcpy(&x, &a[i], 4);
+            memcpy(&y, &b[i], 4);
+            q = x / y;
+            uint32_t want;
+            memcpy(&want, &q, 4);
+            float g;
+            memcpy(&g, &got[i], 4);
+            if (got[i] == want || (isnan(q) && isnan(g)))
+                continue;
+            if (diffs++ < 5)
+                printf("div_rn: 0x%08x / 0x%08x (%.9g / %.9g): opencl 0x%08x, host 0x%08x\n", a[i], b[i], (double)x,
+                       (double)y, got[i], want);
+        }
+        printf("%-22s %s (%d quotients, %zu differ from the host's fp32 division)\n", "div_rn",
+               diffs ? "DIFFERS" : "bit-identical", N, diffs);
+        bad = diffs != 0;
+    }
+    if (k)
+        impl_of(ctx)->cl->clReleaseKernel(k);
+    qattn_buffer_destroy(ba);
+    qattn_buffer_destroy(bb);
+    qattn_buffer_destroy(bq);
+    free(a);
+    free(b);
+    free(got);
+    return bad;
+}
+
 int main(int argc, char **argv)
 {
     qattn_ctx *ctx = NULL;
@@ -104,6 +227,10 @@ int main(int argc, char **argv)
     int failures = 0, ran = 0;
     if (argc < 2 || strstr("build_error", argv[1])) {
         failures += check_build_error(ctx);
+        ran++;
+    }
+    if (argc < 2 || strstr("div_rn", argv[1])) {
+        failures += check_div_rn(ctx, &rng);
         ran++;
     }
     for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {

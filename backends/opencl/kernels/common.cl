@@ -1,6 +1,7 @@
 /*
  * Shared OpenCL C 1.2 helpers: input/output element access, fp16/bf16/E4M3
- * conversions that round exactly as src/numeric.h does.
+ * conversions that round exactly as src/numeric.h does, and a correctly
+ * rounded fp32 division.
  *
  * Host-defined macros: IN_DTYPE, OUT_DTYPE (0 f32, 1 f16, 2 bf16), HAS_FP16,
  * HAS_FP64.
@@ -117,6 +118,90 @@ static inline float e4m3_to_float(uchar v)
     else
         r = as_float(((e + 120u) << 23) | (man << 20));
     return (v & 0x80u) ? -r : r;
+}
+
+/*
+ * a / b rounded to nearest even, on the bit patterns in integer arithmetic
+ * (shaders/numeric.glsl's div_rn_bits): the C reference divides in fp32,
+ * correctly rounded, and every INT8/FP8 code and scale depends on the
+ * quotient. OpenCL C's fp32 `/` may be off by 2.5 ulp (NVIDIA's driver uses
+ * that licence unless built with -cl-fp32-correctly-rounded-divide-sqrt, an
+ * optional capability), and (float)((double)a / (double)b) does not help:
+ * compilers narrow it back to an fp32 division (LLVM's instcombine does;
+ * PoCL's IR shows `fdiv float`). Integer arithmetic depends on neither, nor
+ * on the denormal mode. Finite operands of either sign (subnormal too; the
+ * quotient may be subnormal or overflow to inf); zeros, infinities and NaN
+ * as IEEE has them.
+ */
+static inline uint div_rn_mag(uint ua, uint ub) /* magnitudes: finite, ua > 0, ub > 0 */
+{
+    int ea = (int)(ua >> 23), eb = (int)(ub >> 23);
+    uint ma = ua & 0x7fffffu, mb = ub & 0x7fffffu;
+    if (ea == 0) {
+        int sh = (int)clz(ma) - 8; /* normalise a subnormal: leading one at bit 23 */
+        ma <<= sh;
+        ea = 1 - sh;
+    } else {
+        ma |= 0x800000u;
+    }
+    if (eb == 0) {
+        int sh = (int)clz(mb) - 8;
+        mb <<= sh;
+        eb = 1 - sh;
+    } else {
+        mb |= 0x800000u;
+    }
+    int e = ea - eb + 127;
+    if (ma < mb) {
+        ma <<= 1;
+        e -= 1;
+    }
+    /* 26 quotient bits, q in [2^25, 2^26): the value is q * 2^(e - 152) plus a sticky remainder */
+    uint q = 0u, r = ma;
+    for (int i = 0; i < 26; i++) {
+        q <<= 1;
+        if (r >= mb) {
+            r -= mb;
+            q |= 1u;
+        }
+        r <<= 1;
+    }
+    bool sticky = r != 0u;
+    if (e >= 1) {
+        uint mant = q >> 2, rest = q & 3u;
+        if ((rest & 2u) != 0u && ((rest & 1u) != 0u || sticky || (mant & 1u) != 0u))
+            mant += 1u;
+        if (mant == 0x1000000u) {
+            mant >>= 1;
+            e += 1;
+        }
+        return e >= 255 ? 0x7f800000u : ((uint)e << 23) | (mant & 0x7fffffu);
+    }
+    /* subnormal: units of 2^-149 are q * 2^(e - 3) */
+    uint n = (uint)(3 - e);
+    if (n >= 27u)
+        return 0u;
+    uint kept = q >> n, rem = q & ((1u << n) - 1u), half_unit = 1u << (n - 1u);
+    if ((rem & half_unit) != 0u && (sticky || (rem & (half_unit - 1u)) != 0u || (kept & 1u) != 0u))
+        kept += 1u;
+    return kept;
+}
+
+static inline float div_rn(float a, float b)
+{
+    uint sign = (as_uint(a) ^ as_uint(b)) & 0x80000000u;
+    uint ua = as_uint(a) & 0x7fffffffu, ub = as_uint(b) & 0x7fffffffu;
+    const uint inf = 0x7f800000u;
+    uint bits;
+    if (ua > inf || ub > inf || (ua == 0u && ub == 0u) || (ua == inf && ub == inf))
+        return as_float(0x7fc00000u);
+    if (ua == 0u || ub == inf)
+        bits = 0u;
+    else if (ub == 0u || ua == inf)
+        bits = inf;
+    else
+        bits = div_rn_mag(ua, ub);
+    return as_float(sign | bits);
 }
 
 /* Scale-group index of token t (qattn_quant_group_of). */

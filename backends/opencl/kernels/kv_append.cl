@@ -6,9 +6,8 @@
  *   INT8, per-head scale s:      code = clamp(rne(x * (1 / s)), -127, 127);
  *   INT8, per row (token, head): amax = max |x|, scale = amax / 127 stored,
  *                                code = clamp(rne(x * (127 / amax)), -127, 127).
- * The divisions are correctly rounded fp32 results, as the CPU's: computed
- * in double and rounded once (exact, double has more than 2*24+2 bits), or,
- * without fp64, built with -cl-fp32-correctly-rounded-divide-sqrt.
+ * The divisions are correctly rounded fp32 results, as the CPU's, on every
+ * device: common.cl's div_rn (integer arithmetic).
  *
  * Host macros: HEAD_DIM, CACHE_FMT (paged.cl's codes), IN_DTYPE (the new
  * tokens), HAS_FP16, HAS_FP64.
@@ -23,15 +22,6 @@
 
 #define APPEND_WG 64
 #define XN ((HEAD_DIM + APPEND_WG - 1) / APPEND_WG) /* channels per work-item */
-
-static inline float div_rn(float a, float b)
-{
-#if HAS_FP64
-    return (float)((double)a / (double)b);
-#else
-    return a / b;
-#endif
-}
 
 /* One work-item per (token, head) row of k_new and v_new: bit 1 of the status
  * word when any value is NaN or Inf (an all-ones exponent). */

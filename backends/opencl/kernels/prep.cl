@@ -8,8 +8,9 @@
  * non-zero word means the scan found NaN/Inf, and every later pass returns
  * without writing anything. status_at < 0: no finite check.
  *
- * Exactness: float divisions are computed in double and rounded once (this is
- * correctly rounded: double carries more than 2*24+2 bits), sums run in the
+ * Exactness: fp32 divisions are common.cl's div_rn (correctly rounded in
+ * integer arithmetic: OpenCL's `/` is not, and a division in double is
+ * narrowed back to it by the compiler), the K mean is a double sum in the
  * reference order, and contraction into FMA is off in this file.
  */
 #pragma OPENCL FP_CONTRACT OFF
@@ -104,9 +105,9 @@ kernel __attribute__((reqd_work_group_size(QUANT_WG, 1, 1))) void quant_rows(
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     amax = partial[0];
-    float inv = amax > 0.0f ? (float)(127.0 / (double)amax) : 0.0f;
+    float inv = amax > 0.0f ? div_rn(127.0f, amax) : 0.0f;
     if (lid == 0)
-        ((global float *)(ws + scale_at))[(long)bh * groups + g] = (float)((double)amax / 127.0);
+        ((global float *)(ws + scale_at))[(long)bh * groups + g] = div_rn(amax, 127.0f);
     global char *dst = (global char *)(ws + i8_at) + (long)bh * n * HEAD_DIM;
     for (int e = lid; e < count * HEAD_DIM; e += QUANT_WG) {
         int t = t0 + (e / HEAD_DIM) * interleave, c = e % HEAD_DIM;
@@ -181,9 +182,9 @@ kernel __attribute__((reqd_work_group_size(256, 1, 1))) void quant_v_fp8(
     amax = partial[0][tx];
     for (int i = 1; i < 8; i++)
         amax = fmax(amax, partial[i][tx]);
-    float inv = amax > 0.0f ? (float)((double)vmax / (double)amax) : 0.0f;
+    float inv = amax > 0.0f ? div_rn(vmax, amax) : 0.0f;
     if (ty == 0 && c < HEAD_DIM)
-        ((global float *)(ws + scale_at))[(long)bh * HEAD_DIM + c] = (float)((double)amax / (double)vmax);
+        ((global float *)(ws + scale_at))[(long)bh * HEAD_DIM + c] = div_rn(amax, vmax);
 
     /* Transpose through local memory so both the reads (along channels) and
      * the writes (along tokens) are contiguous. Each lane quantizes its own

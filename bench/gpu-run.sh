@@ -5,17 +5,26 @@
 # the same run. Logs go to $OUT (or /tmp/qattn-gpu-run).
 #   scripts/gpu-kit.sh build-gpu gpu-kit   # on the build machine (-Dnvcc_archs=90a)
 #   bash bench/gpu-run.sh gpu-kit [SECTION...] # on the GPU machine
-# Sections (default: all): tests compare portable decode decode-portable
+# Sections (default: all): sass tests compare profile portable decode decode-portable
 set -o pipefail
 K=${1:-gpu-kit}
 shift || true
-sections=" ${*:-tests compare portable decode decode-portable} "
+sections=" ${*:-sass tests compare profile portable decode decode-portable} "
 want() { [[ $sections == *" $1 "* ]]; }
 O=${OUT:-/tmp/qattn-gpu-run}
 mkdir -p "$O" /tmp/qattn-clcache
 export PYTHONUNBUFFERED=1 QATTN_LIBRARY=$PWD/$K/libqattn.so.0 QATTN_OPENCL_CACHE=/tmp/qattn-clcache
 date -u
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
+
+if want sass; then
+echo "== SASS of the sm_90a wgmma kernels: tensor-core instructions and local memory per kernel"
+cuobjdump -sass "$K/libqattn.so.0" 2>/dev/null | awk '
+  /Function :/ { name = $3 }
+  /GMMA/ { gmma[name]++ } /(LDL|STL)/ { local[name]++ }
+  END { for (n in gmma) printf "%-70s GMMA %4d  local-memory ops %d\n", n, gmma[n], local[n] + 0 }' | sort
+cuobjdump -sass "$K/libqattn.so.0" 2>/dev/null | grep -oE "[IQH]GMMA\.[0-9A-Z]+\.[A-Z0-9.]+" | sort | uniq -c
+fi
 
 if want tests; then
 echo "== conformance (full log: tests.log)"
@@ -42,6 +51,19 @@ echo "== compare.py (torch SDPA and qattn, TFLOP/s and accuracy)"
 timeout 300 python3 bench/compare.py --json "$O/compare.json" --markdown "$O/compare.md" > "$O/compare.log" 2>&1
 echo "rc=$?"
 cat "$O/compare.md"
+fi
+
+if want profile; then
+echo "== ncu: every kernel of one qattn_run (B=1 H=16 N=16384 D=128; quantization passes timed apart)"
+for prec in ${PROFILE_MODES:-int8_fp8 int8_fp16 exact}; do
+  timeout 240 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+    -k 'regex:attention|quant|stats|finalize' --launch-count 8 \
+    "$K/bench/qattn-bench" --backend cuda --b 1 --h 16 --n 16384 --d 128 --precision $prec --warmup 0 --iters 1 \
+    --check-rows 0 --no-finite-check > "$O/ncu_$prec.txt" 2>&1
+  echo "rc=$? ($prec)"
+  grep -E "^  [a-zA-Z_:<>0-9, ]+\(|Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Stall|Issue Slots Busy" \
+    "$O/ncu_$prec.txt" | head -70
+done
 fi
 
 if want portable; then

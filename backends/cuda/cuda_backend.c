@@ -256,7 +256,7 @@ static qattn_status cuda_buffer_fill(qattn_ctx *ctx, qattn_buffer *buf, size_t o
 static qattn_status cuda_plan_init(qattn_ctx *ctx, qattn_plan *plan)
 {
     cuda_ctx *c = ctx->impl;
-    qattn_status s = qa_cuda_plan(ctx, plan, c->cc);
+    qattn_status s = qa_cuda_plan(ctx, plan, c->cc, qa_cuda_sm90a_built());
     if (s)
         return s;
     if ((s = use_device(ctx)))

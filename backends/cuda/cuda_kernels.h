@@ -18,6 +18,9 @@ extern "C" {
  * Returns 0 on success, non-zero on a CUDA error (left for cudaGetLastError). */
 int qa_cuda_prepare(const qattn_plan *plan);
 
+/* 1 when the library carries the sm_90a wgmma kernels (built with nvcc_archs 90a). */
+int qa_cuda_sm90a_built(void);
+
 /* Enqueues the plan's kernels (quantization or finite scan, then attention) on
  * stream. Pointers are device addresses of the first elements. Returns NULL on
  * success, else a message describing the failed launch. */

@@ -19,7 +19,8 @@ qa_cuda_scratch qa_cuda_scratch_layout(const qattn_problem *p)
     return s;
 }
 
-static const qa_cuda_plan_info plan_infos[2] = {{.fp8_on_f16_mma = 0}, {.fp8_on_f16_mma = 1}};
+static const qa_cuda_plan_info plan_infos[3] = {
+    {.fp8_on_f16_mma = 0, .wgmma = 0}, {.fp8_on_f16_mma = 1, .wgmma = 0}, {.fp8_on_f16_mma = 0, .wgmma = 1}};
 
 int qa_cuda_fp8_on_f16_mma(int cc) { return cc >= 90 && cc < 100; }
 
@@ -35,7 +36,7 @@ int qa_cuda_supports(int cc, qattn_precision precision)
     return 0;
 }
 
-qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc)
+qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_kernels)
 {
     const qattn_problem *p = &plan->problem;
     if (cc < 80)
@@ -61,14 +62,20 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc)
          * where mma.sync has FP8 tensor cores (sm_89, and newer GPUs running
          * the compute_90 PTX). On sm_90 ptxas lowers mma.sync e4m3 to fp16
          * HMMA (no QMMA in the SASS), so INT8 Q.K with fp16 P.V is faster
-         * there (H200, bench/NOTES.md, CUDA section) and more accurate. */
+         * there (H200, bench/NOTES.md, CUDA section) and more accurate. The
+         * sm_90a wgmma FP8 kernel is faster again at N >= 4k (not at 1k) but
+         * its E4M3 P and V keep it below cos 0.9995 / relL1 0.03 on randn
+         * data, the bar INT8_FP16 meets: a faster but less accurate variant
+         * is not the default there. */
         bool fp8_fast = cc == 89 || cc >= 100;
         plan->precision = fp8_fast ? QATTN_PRECISION_INT8_FP8 : QATTN_PRECISION_INT8_FP16;
         snprintf(plan->why, sizeof(plan->why), "auto chose %s: the fastest mode at the quantized accuracy bar on sm_%d (%s).",
                  qattn_precision_name(plan->precision), cc,
                  cc >= 100  ? "FP8 P.V tensor cores"
                  : cc == 89 ? "INT8 Q.K and FP8 P.V tensor cores"
-                 : cc == 90 ? "mma.sync FP8 runs on the fp16 units on Hopper, so fp16 P.V is faster"
+                 : cc == 90 ? (sm90a_kernels ? "FP8 P.V on wgmma is faster at long sequences but stays below the "
+                                              "cos 0.9995 / relL1 0.03 bar that fp16 P.V meets"
+                                            : "mma.sync FP8 runs on the fp16 units on Hopper, so fp16 P.V is faster")
                             : "no FP8 tensor cores below sm_89");
     } else {
         snprintf(plan->why, sizeof(plan->why), "%s as requested.", qattn_precision_name(plan->precision));
@@ -91,24 +98,37 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc)
                              QA_CUDA_BLOCK_N, plan->quant.smooth_k);
         /* On the fp16 mma the fp16 accumulation happens after every 16 keys
          * (m16n8k16 steps), not 32: report the chunk the kernel really uses. */
-        if (plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC && qa_cuda_fp8_on_f16_mma(cc))
+        if (plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC && qa_cuda_fp8_on_f16_mma(cc) && !sm90a_kernels)
             plan->quant.pv_f16_chunk = 16;
         plan->backend_workspace = qa_cuda_scratch_layout(p).total;
     } else {
         plan->backend_workspace = 0;
     }
     bool fp8 = plan->precision == QATTN_PRECISION_INT8_FP8 || plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC;
-    plan->impl = (void *)&plan_infos[fp8 && qa_cuda_fp8_on_f16_mma(cc)];
+    /* sm_90 with the wgmma kernels: FP8 P.V at the FP8 tensor rate; otherwise
+     * the mma.sync kernels (fp16 units on sm_90). */
+    const bool wgmma = (fp8 || plan->precision == QATTN_PRECISION_EXACT) && cc == 90 && sm90a_kernels;
+    const bool on_f16 = fp8 && qa_cuda_fp8_on_f16_mma(cc) && !wgmma;
+    plan->impl = (void *)&plan_infos[wgmma ? 2 : on_f16 ? 1 : 0];
     plan->q_tile = QA_CUDA_BLOCK_M;
     plan->kv_tile = QA_CUDA_BLOCK_N;
     plan->status_word = p->check_finite;
     static const char *const mode_names[] = {"auto", "exact", "int8_fp16", "int8_fp8", "int8_fp8_f16acc"};
-    snprintf(plan->kernel, sizeof(plan->kernel), "cuda_mma_%s%s_d%lld_sm%d", mode_names[plan->precision],
+    snprintf(plan->kernel, sizeof(plan->kernel), "cuda_%s_%s%s_d%lld_sm%d%s", wgmma ? "wgmma" : "mma",
+             mode_names[plan->precision],
              plan->precision == QATTN_PRECISION_EXACT ? (p->in_dtype == QATTN_DTYPE_BF16 ? "_bf16" : "_f16")
-             : fp8 ? (qa_cuda_fp8_on_f16_mma(cc) ? "_pv_f16mma" : "_pv_e4m3mma")
-                   : "",
-             (long long)p->head_dim, cc);
-    if (fp8 && qa_cuda_fp8_on_f16_mma(cc)) {
+             : wgmma                                  ? "_pv_e4m3"
+             : fp8                                    ? (on_f16 ? "_pv_f16mma" : "_pv_e4m3mma")
+                                                      : "",
+             (long long)p->head_dim, cc, wgmma ? "a" : "");
+    if (wgmma) {
+        size_t used = strlen(plan->why);
+        snprintf(plan->why + used, sizeof(plan->why) - used,
+                 fp8 ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory, two warpgroups of 64 query "
+                       "rows, FP8 P.V accumulated per 64-key tile then added in fp32."
+                     : " sm_90a wgmma kernel: two warpgroups of 64 query rows, fp32 accumulation.");
+    }
+    if (on_f16) {
         size_t used = strlen(plan->why);
         snprintf(plan->why + used, sizeof(plan->why) - used,
                  " FP8 P.V runs on the fp16 tensor cores here (sm_90 has no FP8 mma.sync): P and V are rounded to "

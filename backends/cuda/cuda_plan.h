@@ -34,6 +34,8 @@ typedef struct qa_cuda_plan_info {
     /* FP8 P.V on the fp16 tensor path (sm_90: the e4m3 mma.sync is not native
      * there and ptxas expands it into unpacks plus two fp16 mmas). */
     int fp8_on_f16_mma;
+    /* FP8 modes on the sm_90a wgmma kernel (backends/cuda/hopper). */
+    int wgmma;
 } qa_cuda_plan_info;
 
 /* Whether FP8 P.V runs on the fp16 mma for compute capability cc. */
@@ -42,8 +44,9 @@ int qa_cuda_fp8_on_f16_mma(int cc);
 /* Whether the device (compute capability major*10+minor) runs the precision. */
 int qa_cuda_supports(int cc, qattn_precision precision);
 
-/* The plan_init logic for a device of compute capability cc (no CUDA calls). */
-qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc);
+/* The plan_init logic for a device of compute capability cc (no CUDA calls);
+ * sm90a_kernels: the library carries the sm_90a wgmma kernels. */
+qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_kernels);
 
 #ifdef __cplusplus
 }

@@ -114,7 +114,7 @@ void run_case(const Case &c, int cc)
     plan->precision = c.prec;
     plan->granularity = c.gran;
     plan->quant.smooth_k = c.smooth;
-    qattn_status s = qa_cuda_plan(nullptr, plan, cc);
+    qattn_status s = qa_cuda_plan(nullptr, plan, cc, 0); /* the emulator has no wgmma */
     check(s == QATTN_OK, c.name, qattn_last_error(nullptr));
     if (s) {
         free(plan);

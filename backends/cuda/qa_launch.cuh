@@ -28,6 +28,17 @@ int attn_int8_fp8_f16acc(const AttnParams *p, int head_dim, int grid, void *stre
 /* Both FP8 modes with P.V on the fp16 mma (sm_90). */
 int attn_int8_fp8_f16mma(const AttnParams *p, int head_dim, bool f16acc, int grid, void *stream, bool prepare);
 
+/* Both FP8 modes on the sm_90a wgmma kernel (hopper/sm90_attn.cu; not in the emulator). */
+int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, int grid, void *stream, bool prepare);
+/* EXACT on the sm_90a wgmma kernel. */
+int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare);
+
+inline bool plan_wgmma(const qattn_plan *plan)
+{
+    const qa_cuda_plan_info *info = (const qa_cuda_plan_info *)plan->impl;
+    return info && info->wgmma;
+}
+
 inline bool plan_fp8_on_f16_mma(const qattn_plan *plan)
 {
     const qa_cuda_plan_info *info = (const qa_cuda_plan_info *)plan->impl;
@@ -62,12 +73,24 @@ inline int prepare_plan(const qattn_plan *plan)
     const qattn_problem &pb = plan->problem;
     int d = (int)pb.head_dim, r = 0;
     switch (plan->precision) {
-    case QATTN_PRECISION_EXACT: r = attn_exact(nullptr, d, pb.in_dtype == QATTN_DTYPE_BF16, 0, nullptr, true); break;
+    case QATTN_PRECISION_EXACT:
+        if (plan_wgmma(plan)) {
+#if !defined(QA_EMULATE)
+            r = attn_sm90_exact(nullptr, d, pb.in_dtype == QATTN_DTYPE_BF16, 0, nullptr, true);
+#endif
+        } else {
+            r = attn_exact(nullptr, d, pb.in_dtype == QATTN_DTYPE_BF16, 0, nullptr, true);
+        }
+        break;
     case QATTN_PRECISION_INT8_FP16: r = attn_int8_fp16(nullptr, d, 0, nullptr, true); break;
     case QATTN_PRECISION_INT8_FP8:
     case QATTN_PRECISION_INT8_FP8_F16ACC: {
         const bool f16acc = plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC;
-        if (plan_fp8_on_f16_mma(plan))
+        if (plan_wgmma(plan)) {
+#if !defined(QA_EMULATE)
+            r = attn_sm90_fp8(nullptr, d, f16acc, 0, nullptr, true);
+#endif
+        } else if (plan_fp8_on_f16_mma(plan))
             r = attn_int8_fp8_f16mma(nullptr, d, f16acc, 0, nullptr, true);
         else
             r = f16acc ? attn_int8_fp8_f16acc(nullptr, d, 0, nullptr, true) : attn_int8_fp8(nullptr, d, 0, nullptr, true);
@@ -135,7 +158,15 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
         copy_strides(ap.q_stride, pb.q_stride);
         copy_strides(ap.k_stride, pb.k_stride);
         copy_strides(ap.v_stride, pb.v_stride);
-        if (!attn_exact(&ap, D, pb.in_dtype == QATTN_DTYPE_BF16, grid, a.stream, false))
+        int ok = 0;
+        if (plan_wgmma(plan)) {
+#if !defined(QA_EMULATE)
+            ok = attn_sm90_exact(&ap, D, pb.in_dtype == QATTN_DTYPE_BF16, grid, a.stream, false);
+#endif
+        } else {
+            ok = attn_exact(&ap, D, pb.in_dtype == QATTN_DTYPE_BF16, grid, a.stream, false);
+        }
+        if (!ok)
             return "no exact attention kernel for this head dim";
         return launch_error();
     }
@@ -206,7 +237,11 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
     case QATTN_PRECISION_INT8_FP8:
     case QATTN_PRECISION_INT8_FP8_F16ACC: {
         const bool f16acc = plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC;
-        if (plan_fp8_on_f16_mma(plan))
+        if (plan_wgmma(plan)) {
+#if !defined(QA_EMULATE)
+            ok = attn_sm90_fp8(&ap, D, f16acc, grid, a.stream, false);
+#endif
+        } else if (plan_fp8_on_f16_mma(plan))
             ok = attn_int8_fp8_f16mma(&ap, D, f16acc, grid, a.stream, false);
         else
             ok = f16acc ? attn_int8_fp8_f16acc(&ap, D, grid, a.stream, false)

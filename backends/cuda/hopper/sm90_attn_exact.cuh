@@ -1,0 +1,293 @@
+/*
+ * sm_90a attention for EXACT (fp16/bf16 in, fp32 accumulation) on wgmma.
+ *
+ * The same CTA shape and pipeline as the FP8 kernel (sm90_attn.cuh): two
+ * warpgroups x 64 query rows, key tiles of 64, four cp.async stages two tiles
+ * ahead, and per iteration S of the next tile and P V of this one issued
+ * back to back with the softmax in between. Differences:
+ *   - Q, K and V are 16-bit, stored in column blocks of 64 elements (128-byte
+ *     rows, 128-byte swizzle);
+ *   - S = Q K^T: wgmma m64n64k16, both operands K-major in shared memory;
+ *   - O += P V: wgmma m64nDk16 with P (fp16/bf16) from registers and V read
+ *     MN-major (transposed B), accumulated in fp32 straight into O, which is
+ *     rescaled by alpha before each P V is issued (FlashAttention-3's order).
+ */
+#ifndef QA_SM90_ATTN_EXACT_CUH
+#define QA_SM90_ATTN_EXACT_CUH
+
+#include "sm90_attn.cuh"
+
+namespace qa {
+namespace sm90 {
+
+template <int D> struct Sm90ExactTraits {
+    static constexpr int kQBytes = kBlockM * D * 2;
+    static constexpr int kKBytes = kBlockN * D * 2;
+    static constexpr int kVBytes = kBlockN * D * 2;
+    static constexpr int kStageBytes = kKBytes + kVBytes;
+    static constexpr int kAlign = 1024;
+    static constexpr int kSmem = kQBytes + kStages * kStageBytes + kAlign;
+};
+
+template <int D, bool BF16>
+__global__ void __launch_bounds__(kThreads90, 1) attention_exact_kernel(const AttnParams p)
+{
+#if defined(QA_SM90_DEVICE_CODE)
+    using T = Sm90ExactTraits<D>;
+    constexpr int NT = kBlockN / 8; /* n8 column groups of S */
+    constexpr int DT = D / 8;       /* n8 column groups of O */
+    constexpr int KS = D / 16;      /* k16 steps of Q K^T */
+
+    if (p.status && load_volatile(p.status))
+        return; /* non-finite input: leave the outputs untouched */
+
+    uint8_t *smem_raw = dynamic_smem();
+    uint8_t *smem = smem_raw + ((T::kAlign - (smem_u32(smem_raw) & (T::kAlign - 1))) & (T::kAlign - 1));
+    uint8_t *sQ = smem;
+    uint8_t *sStage = smem + T::kQBytes;
+
+    const int lane = lane_id(), warp = warp_id();
+    const int wg = warp >> 2, wl = warp & 3;
+    const int g = lane >> 2, t = lane & 3;
+    const int bx = block_x();
+    const int bh = bx / p.q_tiles;
+    const int tile = p.q_tiles - 1 - bx % p.q_tiles; /* last tiles (most causal work) first */
+    const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.group;
+    const int i0 = tile * kBlockM;
+    const int rows_valid = min(kBlockM, p.seq_q - i0);
+    const int64_t bhq = (int64_t)b * p.heads_q + h;
+    const int diag = p.seq_k - p.seq_q; /* bottom-right causal offset */
+
+    int key_end = p.seq_k;
+    int mask_from = p.seq_k;
+    if (p.causal) {
+        key_end = min(p.seq_k, i0 + rows_valid + diag);
+        mask_from = max(0, min(p.seq_k, i0 + 1 + diag));
+    }
+    const int n_tiles = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
+    const int n_plain = min(n_tiles, mask_from / kBlockN);
+
+    const uint8_t *gQ = p.q + (b * p.q_stride[0] + h * p.q_stride[1] + (int64_t)i0 * p.q_stride[2]) * 2;
+    const uint8_t *gK = p.k + (b * p.k_stride[0] + hk * p.k_stride[1]) * 2;
+    const uint8_t *gV = p.v + (b * p.v_stride[0] + hk * p.v_stride[1]) * 2;
+    const int64_t q_row = p.q_stride[2] * 2, k_row = p.k_stride[2] * 2, v_row = p.v_stride[2] * 2;
+
+    auto load_tile = [&](int it) {
+        const int j0 = it * kBlockN;
+        uint8_t *stage = sStage + (it % kStages) * T::kStageBytes;
+        load_rows_blocked<kBlockN, D>(stage, gK + (int64_t)j0 * k_row, k_row, p.seq_k - j0);
+        load_rows_blocked<kBlockN, D>(stage + T::kKBytes, gV + (int64_t)j0 * v_row, v_row, p.seq_k - j0);
+    };
+
+    const int row_base = wg * 64 + wl * 16 + g; /* this thread's rows: row_base and row_base + 8 */
+    float o[DT * 4];
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+QA_UNROLL
+    for (int i = 0; i < DT * 4; i++)
+        o[i] = 0.f;
+
+    /* Descriptors (see the FP8 kernel): Q's rows of this warpgroup start 64
+     * rows into each column block; a tile's K and V are stage 0's plus the
+     * stage offset. V is read MN-major: its column blocks are kBlockN * 128
+     * bytes apart, k16 steps 16 rows (2048 bytes) apart. */
+    const uint64_t desc_q = smem_desc<128>(smem_u32(sQ) + wg * 64 * 128);
+    const uint64_t desc_k0 = smem_desc<128>(smem_u32(sStage));
+    const uint64_t desc_v0 = smem_desc_mn128(smem_u32(sStage + T::kKBytes), kBlockN * 128);
+    auto stage_desc = [&](uint64_t base, int it) { return base + (uint64_t)((it % kStages) * (T::kStageBytes >> 4)); };
+
+    float s[NT * 4];
+QA_UNROLL
+    for (int i = 0; i < NT * 4; i++)
+        s[i] = 0.f;
+    auto qk_issue = [&](int it) {
+        const uint64_t desc_k = stage_desc(desc_k0, it);
+        fence_operands(s);
+        wgmma_fence();
+QA_UNROLL
+        for (int ks = 0; ks < KS; ks++) {
+            /* k16 step ks: column block ks / 4, 32 bytes per step inside it */
+            const uint64_t a = desc_q + (uint64_t)(((ks >> 2) * kBlockM * 128 + (ks & 3) * 32) >> 4);
+            const uint64_t bk = desc_k + (uint64_t)(((ks >> 2) * kBlockN * 128 + (ks & 3) * 32) >> 4);
+            if constexpr (BF16)
+                wgmma_bf16_n64_ss(s, a, bk, ks);
+            else
+                wgmma_f16_n64_ss(s, a, bk, ks);
+        }
+        wgmma_commit();
+    };
+
+    /* Online softmax of tile it from s: P (fp16/bf16, A-register layout) into
+     * pa, the O rescale factor into alpha; updates m and l. */
+    auto softmax = [&](int it, auto mask_tag, uint32_t (&pa)[4][4], float (&alpha)[2]) {
+        constexpr bool MASK = decltype(mask_tag)::value;
+        const int j0 = it * kBlockN;
+        float x[NT][4];
+QA_UNROLL
+        for (int j = 0; j < NT; j++)
+QA_UNROLL
+            for (int i = 0; i < 4; i++) {
+                float v = s[4 * j + i] * p.scale_log2;
+                if constexpr (MASK) {
+                    const int key = j0 + j * 8 + 2 * t + (i & 1);
+                    const int row = i0 + row_base + (i >> 1) * 8;
+                    if (key >= p.seq_k || (p.causal && key > row + diag))
+                        v = -INFINITY;
+                }
+                x[j][i] = v;
+            }
+QA_UNROLL
+        for (int hh = 0; hh < 2; hh++) {
+            float mx = -INFINITY;
+QA_UNROLL
+            for (int j = 0; j < NT; j++)
+                mx = fmax_(mx, fmax_(x[j][2 * hh], x[j][2 * hh + 1]));
+            mx = fmax_(mx, shfl_xor(mx, 1));
+            mx = fmax_(mx, shfl_xor(mx, 2));
+            const float m_new = fmax_(m[hh], mx);
+            const float m_use = m_new == -INFINITY ? 0.f : m_new; /* a row with no key yet */
+            alpha[hh] = ex2(m[hh] - m_use);
+            m[hh] = m_new;
+            float sum = 0.f;
+QA_UNROLL
+            for (int j = 0; j < NT; j++)
+QA_UNROLL
+                for (int e = 0; e < 2; e++) {
+                    const float pr = ex2(x[j][2 * hh + e] - m_use);
+                    x[j][2 * hh + e] = pr;
+                    sum += pr;
+                }
+            l[hh] = l[hh] * alpha[hh] + sum;
+        }
+        /* k16 step kc: keys 16kc + {2t, 2t+1} and 16kc + 8 + {2t, 2t+1}, rows g and g + 8. */
+QA_UNROLL
+        for (int kc = 0; kc < 4; kc++) {
+            const float *p0 = x[2 * kc], *p1 = x[2 * kc + 1];
+            if constexpr (BF16) {
+                pa[kc][0] = pack_bf16x2(p0[0], p0[1]);
+                pa[kc][1] = pack_bf16x2(p0[2], p0[3]);
+                pa[kc][2] = pack_bf16x2(p1[0], p1[1]);
+                pa[kc][3] = pack_bf16x2(p1[2], p1[3]);
+            } else {
+                pa[kc][0] = pack_f16x2(p0[0], p0[1]);
+                pa[kc][1] = pack_f16x2(p0[2], p0[3]);
+                pa[kc][2] = pack_f16x2(p1[0], p1[1]);
+                pa[kc][3] = pack_f16x2(p1[2], p1[3]);
+            }
+        }
+    };
+    auto softmax_tile = [&](int it, uint32_t (&pa)[4][4], float (&alpha)[2]) {
+        if (it < n_plain)
+            softmax(it, std::false_type(), pa, alpha);
+        else
+            softmax(it, std::true_type(), pa, alpha);
+    };
+
+    /* O = O * alpha, then O += P V of tile it (issued; the caller waits). */
+    auto pv_issue = [&](int it, const uint32_t (&pa)[4][4], const float (&alpha)[2]) {
+        const uint64_t desc_v = stage_desc(desc_v0, it);
+QA_UNROLL
+        for (int n = 0; n < DT; n++)
+QA_UNROLL
+            for (int i = 0; i < 4; i++)
+                o[4 * n + i] *= alpha[i >> 1];
+        fence_operands(o);
+        wgmma_fence();
+QA_UNROLL
+        for (int kc = 0; kc < 4; kc++) {
+            const uint64_t dv = desc_v + (uint64_t)(kc * (16 * 128 >> 4));
+            if constexpr (BF16) {
+                if constexpr (D == 128)
+                    wgmma_bf16_n128_rs_tb(o, pa[kc], dv, 1);
+                else
+                    wgmma_bf16_n64_rs_tb(o, pa[kc], dv, 1);
+            } else {
+                if constexpr (D == 128)
+                    wgmma_f16_n128_rs_tb(o, pa[kc], dv, 1);
+                else
+                    wgmma_f16_n64_rs_tb(o, pa[kc], dv, 1);
+            }
+        }
+        wgmma_commit();
+    };
+
+    /* Prologue: Q with tile 0, then tiles 1 and 2 (one cp.async group each). */
+    load_rows_blocked<kBlockM, D>(sQ, gQ, q_row, rows_valid);
+QA_UNROLL
+    for (int it = 0; it < 3; it++) {
+        if (it < n_tiles)
+            load_tile(it);
+        cp_async_commit();
+    }
+    uint32_t pa[2][4][4];
+    float alpha[2][2];
+    if (n_tiles > 0) {
+        cp_async_wait<2>();
+        fence_proxy_async();
+        sync_block();
+        qk_issue(0);
+        wgmma_wait<0>();
+        fence_operands(s);
+        softmax_tile(0, pa[0], alpha[0]);
+    }
+
+    /* The same pipeline as the FP8 kernel (see there). */
+    auto step = [&](int it, const uint32_t (&pa_cur)[4][4], const float (&alpha_cur)[2], uint32_t (&pa_next)[4][4],
+                    float (&alpha_next)[2]) {
+        cp_async_wait<1>(); /* tile it + 1 has landed */
+        fence_proxy_async();
+        sync_block();
+        if (it + 3 < n_tiles)
+            load_tile(it + 3);
+        cp_async_commit();
+        const bool more = it + 1 < n_tiles;
+        qk_issue(more ? it + 1 : it);
+        pv_issue(it, pa_cur, alpha_cur);
+        wgmma_wait<1>(); /* S of tile it + 1 (committed first) */
+        fence_operands(s);
+        if (more)
+            softmax_tile(it + 1, pa_next, alpha_next);
+        wgmma_wait<0>();
+        fence_operands(o);
+    };
+    for (int it = 0; it < n_tiles; it += 2) {
+        step(it, pa[0], alpha[0], pa[1], alpha[1]);
+        if (it + 1 < n_tiles)
+            step(it + 1, pa[1], alpha[1], pa[0], alpha[0]);
+    }
+    cp_async_wait<0>();
+
+    /* Normalize and store O (and LSE). */
+    const int out_bytes = p.out_dtype == kF32 ? 4 : 2;
+QA_UNROLL
+    for (int hh = 0; hh < 2; hh++) {
+        float lt = l[hh];
+        lt += shfl_xor(lt, 1);
+        lt += shfl_xor(lt, 2);
+        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        const int row = i0 + row_base + hh * 8;
+        if (row >= p.seq_q)
+            continue;
+        uint8_t *orow = p.o + (b * p.o_stride[0] + h * p.o_stride[1] + (int64_t)row * p.o_stride[2]) * out_bytes;
+QA_UNROLL
+        for (int n = 0; n < DT; n++) {
+            const int ch = n * 8 + 2 * t;
+            const float v0 = o[4 * n + 2 * hh] * inv, v1 = o[4 * n + 2 * hh + 1] * inv;
+            if (p.out_dtype == kF32)
+                *(float2 *)(orow + ch * 4) = make_float2(v0, v1);
+            else if (p.out_dtype == kF16)
+                *(uint32_t *)(orow + ch * 2) = pack_f16x2(v0, v1);
+            else
+                *(uint32_t *)(orow + ch * 2) = pack_bf16x2(v0, v1);
+        }
+        if (p.lse && t == 0)
+            p.lse[bhq * p.seq_q + row] = lt > 0.f ? (m[hh] + log2f(lt)) * kLn2 : -INFINITY;
+    }
+#else
+    (void)p;
+#endif
+}
+
+} // namespace sm90
+} // namespace qa
+
+#endif

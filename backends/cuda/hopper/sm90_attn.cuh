@@ -21,7 +21,10 @@
  * pipeline): each iteration issues S of the next tile and P V of this one
  * back to back and computes the next softmax while P V runs; the two
  * warpgroups of the CTA share the tensor cores. K/V tiles stream in through
- * cp.async, four stages, two tiles ahead of use; one block barrier per tile.
+ * cp.async, four stages, two tiles ahead of use; each warpgroup loads its own
+ * Q rows and its own copy of every K/V tile and synchronizes only its four
+ * warps (one named barrier per tile), so the warpgroups drift apart and one's
+ * softmax overlaps the other's matrix work.
  *
  * Shared memory operands use the 128-byte (rows of 128 B) or 64-byte (rows
  * of 64 B) swizzle, which is exactly qa::swz<8> / qa::swz<4>, so the loaders
@@ -48,7 +51,9 @@ template <int D> struct Sm90Traits {
     static constexpr int kVBytes = D * kBlockN;   /* FP8 V^T */
     static constexpr int kStageBytes = kKBytes + kVBytes;
     static constexpr int kAlign = 1024;           /* the 128-byte swizzle repeats every 1024 bytes */
-    static constexpr int kSmem = kQBytes + kStages * kStageBytes + kAlign;
+    /* Each warpgroup streams its own copy of the K/V tiles, so the two never
+     * wait for each other: its stages follow its own progress. */
+    static constexpr int kSmem = kQBytes + kWarpgroups * kStages * kStageBytes + kAlign;
     static constexpr int kQKSwizzle = D == 128 ? 128 : 64;
 };
 
@@ -74,6 +79,8 @@ QA_UNROLL
 }
 /* cp.async writes are generic-proxy writes; wgmma reads shared memory through the async proxy. */
 QA_DEV void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+/* Barrier of one warpgroup (named barrier 1 + wg, 128 threads). */
+QA_DEV void sync_warpgroup(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
 
 /* Shared-memory matrix descriptor of a K-major operand whose rows are exactly
  * the swizzle width (64 or 128 bytes): 8-row core groups SWIZZLE*8 bytes
@@ -103,13 +110,13 @@ QA_DEV uint64_t smem_desc_mn128(uint32_t addr, int block_bytes)
 }
 #endif
 
-/* cp.async of R rows x C chunks by all kThreads90 threads (see qa::load_rows). */
-template <int R, int C, typename RowKey>
-QA_DEV void load_rows90(uint8_t *smem, const uint8_t *g, int64_t row_bytes, int valid, RowKey row_key)
+/* cp.async of R rows x C chunks by the NTHREADS threads numbered lt (see qa::load_rows). */
+template <int NTHREADS, int R, int C, typename RowKey>
+QA_DEV void load_rows90(uint8_t *smem, const uint8_t *g, int64_t row_bytes, int valid, RowKey row_key, int lt)
 {
-    constexpr int STEP = kThreads90 / C;
+    constexpr int STEP = NTHREADS / C;
     static_assert(R % STEP == 0 || STEP % R == 0, "tile shape");
-    const int c = tid() % C, r0 = tid() / C;
+    const int c = lt % C, r0 = lt / C;
     if (STEP > R && r0 >= R)
         return;
     const int src_row = row_key(r0);
@@ -159,7 +166,8 @@ template <int D, bool F16ACC> __global__ void __launch_bounds__(kThreads90, 1) a
     uint8_t *smem_raw = dynamic_smem();
     uint8_t *smem = smem_raw + ((T::kAlign - (smem_u32(smem_raw) & (T::kAlign - 1))) & (T::kAlign - 1));
     uint8_t *sQ = smem;
-    uint8_t *sStage = smem + T::kQBytes;
+    const int wg_of_thread = warp_id() >> 2;
+    uint8_t *sStage = smem + T::kQBytes + wg_of_thread * kStages * T::kStageBytes;
 
     const int lane = lane_id(), warp = warp_id();
     const int wg = warp >> 2, wl = warp & 3;
@@ -190,9 +198,9 @@ template <int D, bool F16ACC> __global__ void __launch_bounds__(kThreads90, 1) a
     auto stage_v = [&](int it) { return sStage + (it % kStages) * T::kStageBytes + T::kKBytes; };
     auto load_tile = [&](int it) {
         const int j0 = it * kBlockN;
-        load_rows90<kBlockN, QC>(stage_k(it), gK + (int64_t)j0 * D, D, p.seq_k - j0,
-                                 [](int s) { return key_of<true>(s >> 3, s & 7); });
-        load_rows90<D, VC>(stage_v(it), gV + j0, p.v_keys_padded, D, NaturalRows());
+        load_rows90<128, kBlockN, QC>(stage_k(it), gK + (int64_t)j0 * D, D, p.seq_k - j0,
+                                      [](int s) { return key_of<true>(s >> 3, s & 7); }, tid() & 127);
+        load_rows90<128, D, VC>(stage_v(it), gV + j0, p.v_keys_padded, D, NaturalRows(), tid() & 127);
     };
 
     /* This thread's two rows (within the CTA tile): r and r + 8. */
@@ -369,7 +377,9 @@ QA_UNROLL
     };
 
     /* Prologue: Q with tile 0, then tiles 1 and 2 (one cp.async group each). */
-    load_rows90<kBlockM, QC>(sQ, gQ, D, rows_valid, NaturalRows());
+    /* This warpgroup's 64 rows of Q. */
+    load_rows90<128, 64, QC>(sQ + wg * 64 * D, gQ + (int64_t)wg * 64 * D, D, rows_valid - wg * 64, NaturalRows(),
+                             tid() & 127);
 QA_UNROLL
     for (int it = 0; it < 3; it++) {
         if (it < n_tiles)
@@ -384,7 +394,7 @@ QA_UNROLL
     if (n_tiles > 0) {
         cp_async_wait<2>();
         fence_proxy_async();
-        sync_block();
+        sync_warpgroup(wg);
         float k_scale[2][2];
         load_k_scales(0, k_scale);
         qk_issue(0);
@@ -402,7 +412,7 @@ QA_UNROLL
                     float (&alpha_next)[2]) {
         cp_async_wait<1>(); /* tile it + 1 has landed */
         fence_proxy_async();
-        sync_block();
+        sync_warpgroup(wg);
         if (it + 3 < n_tiles)
             load_tile(it + 3);
         cp_async_commit();

@@ -108,6 +108,118 @@ QA_DEV uint64_t smem_desc_mn128(uint32_t addr, int block_bytes)
     d |= (uint64_t)1 << 62;
     return d;
 }
+/* The query tile and key range of this CTA (both kernels): CTA bx covers
+ * query rows i0.. of one (batch, head), last tiles first (most causal work);
+ * keys [0, n_tiles * 64), of which the first n_plain tiles need no mask. */
+struct TileSpan {
+    int b, h, hk, i0, rows_valid, diag, n_tiles, n_plain;
+    int64_t bhq, bhk;
+};
+QA_DEV TileSpan tile_span(const AttnParams &p, int block_m)
+{
+    TileSpan r;
+    const int bx = block_x();
+    const int bh = bx / p.q_tiles;
+    const int tile = p.q_tiles - 1 - bx % p.q_tiles;
+    r.b = bh / p.heads_q;
+    r.h = bh % p.heads_q;
+    r.hk = r.h / p.group;
+    r.i0 = tile * block_m;
+    r.rows_valid = min(block_m, p.seq_q - r.i0);
+    r.bhq = (int64_t)r.b * p.heads_q + r.h;
+    r.bhk = (int64_t)r.b * p.heads_kv + r.hk;
+    r.diag = p.seq_k - p.seq_q; /* bottom-right causal offset */
+    int key_end = p.seq_k, mask_from = p.seq_k;
+    if (p.causal) {
+        key_end = min(p.seq_k, r.i0 + r.rows_valid + r.diag);
+        mask_from = max(0, min(p.seq_k, r.i0 + 1 + r.diag));
+    }
+    r.n_tiles = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
+    r.n_plain = min(r.n_tiles, mask_from / kBlockN);
+    return r;
+}
+
+/* Online softmax of this thread's two rows (g and g + 8) of a 64-key tile of
+ * scores x (log2 domain, masked entries -inf): updates the running max m and
+ * sum l, sets the rescale factor alpha of O, and replaces x by
+ * exp2(x - m + p_log2) (p_log2 = log2(448) when P is to be rounded to E4M3). */
+template <int NT>
+QA_DEV void online_softmax(float (&x)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2], float p_log2)
+{
+QA_UNROLL
+    for (int hh = 0; hh < 2; hh++) {
+        float mx = -INFINITY;
+QA_UNROLL
+        for (int j = 0; j < NT; j++)
+            mx = fmax_(mx, fmax_(x[j][2 * hh], x[j][2 * hh + 1]));
+        mx = fmax_(mx, shfl_xor(mx, 1));
+        mx = fmax_(mx, shfl_xor(mx, 2));
+        const float m_new = fmax_(m[hh], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new; /* a row with no key yet */
+        alpha[hh] = ex2(m[hh] - m_use);
+        m[hh] = m_new;
+        const float bias = m_use - p_log2;
+        float sum = 0.f;
+QA_UNROLL
+        for (int j = 0; j < NT; j++)
+QA_UNROLL
+            for (int e = 0; e < 2; e++) {
+                const float pr = ex2(x[j][2 * hh + e] - bias);
+                x[j][2 * hh + e] = pr;
+                sum += pr;
+            }
+        l[hh] = l[hh] * alpha[hh] + sum;
+    }
+}
+
+/* Normalizes and stores this thread's two rows of O (o in the m64nD
+ * accumulator layout) and their LSE. v_scale: per-channel factor of O (FP8 V)
+ * or NULL; p_log2 as in online_softmax; q_kmean: the smooth-K LSE correction
+ * or NULL. */
+template <int D>
+QA_DEV void store_rows(const AttnParams &p, const TileSpan &ts, int row_base, const float (&o)[D / 2],
+                       const float (&m)[2], const float (&l)[2], const float *v_scale, float p_log2,
+                       const float *q_kmean)
+{
+    const int t = lane_id() & 3;
+    const int out_bytes = p.out_dtype == kF32 ? 4 : 2;
+QA_UNROLL
+    for (int hh = 0; hh < 2; hh++) {
+        float lt = l[hh];
+        lt += shfl_xor(lt, 1);
+        lt += shfl_xor(lt, 2);
+        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        const int row = ts.i0 + row_base + hh * 8;
+        if (row >= p.seq_q)
+            continue;
+        uint8_t *orow =
+            p.o + (ts.b * p.o_stride[0] + ts.h * p.o_stride[1] + (int64_t)row * p.o_stride[2]) * out_bytes;
+QA_UNROLL
+        for (int n = 0; n < D / 8; n++) {
+            const int ch = n * 8 + 2 * t;
+            float v0 = o[4 * n + 2 * hh] * inv, v1 = o[4 * n + 2 * hh + 1] * inv;
+            if (v_scale) {
+                v0 *= v_scale[ch];
+                v1 *= v_scale[ch + 1];
+            }
+            if (p.out_dtype == kF32)
+                *(float2 *)(orow + ch * 4) = make_float2(v0, v1);
+            else if (p.out_dtype == kF16)
+                *(uint32_t *)(orow + ch * 2) = pack_f16x2(v0, v1);
+            else
+                *(uint32_t *)(orow + ch * 2) = pack_bf16x2(v0, v1);
+        }
+        if (p.lse && t == 0) {
+            float lse = -INFINITY;
+            if (lt > 0.f) {
+                lse = (m[hh] + log2f(lt) - p_log2) * kLn2;
+                if (q_kmean)
+                    lse += q_kmean[ts.bhq * p.seq_q + row];
+            }
+            p.lse[ts.bhq * p.seq_q + row] = lse;
+        }
+    }
+}
 #endif
 
 /* cp.async of R rows x C chunks by the NTHREADS threads numbered lt (see qa::load_rows). */
@@ -172,23 +284,9 @@ template <int D, bool F16ACC> __global__ void __launch_bounds__(kThreads90, 1) a
     const int lane = lane_id(), warp = warp_id();
     const int wg = warp >> 2, wl = warp & 3;
     const int g = lane >> 2, t = lane & 3;
-    const int bx = block_x();
-    const int bh = bx / p.q_tiles;
-    const int tile = p.q_tiles - 1 - bx % p.q_tiles; /* last tiles (most causal work) first */
-    const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.group;
-    const int i0 = tile * kBlockM;
-    const int rows_valid = min(kBlockM, p.seq_q - i0);
-    const int64_t bhq = (int64_t)b * p.heads_q + h, bhk = (int64_t)b * p.heads_kv + hk;
-    const int diag = p.seq_k - p.seq_q; /* bottom-right causal offset */
-
-    int key_end = p.seq_k;
-    int mask_from = p.seq_k;
-    if (p.causal) {
-        key_end = min(p.seq_k, i0 + rows_valid + diag);
-        mask_from = max(0, min(p.seq_k, i0 + 1 + diag));
-    }
-    const int n_tiles = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
-    const int n_plain = min(n_tiles, mask_from / kBlockN);
+    const TileSpan ts = tile_span(p, kBlockM);
+    const int i0 = ts.i0, rows_valid = ts.rows_valid, diag = ts.diag, n_tiles = ts.n_tiles, n_plain = ts.n_plain;
+    const int64_t bhq = ts.bhq, bhk = ts.bhk;
 
     const uint8_t *gQ = (const uint8_t *)(p.q8 + (bhq * p.seq_q + i0) * D);
     const uint8_t *gK = (const uint8_t *)(p.k8 + bhk * p.seq_k * D);
@@ -213,13 +311,11 @@ QA_UNROLL
         q_scale[hh] = row < p.seq_q ? p.q_scale[bhq * p.q_groups + grp] * p.scale_log2 : 0.f;
     }
 
-    float o[DT][4];
+    float o[DT * 4];
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 QA_UNROLL
-    for (int n = 0; n < DT; n++)
-QA_UNROLL
-        for (int i = 0; i < 4; i++)
-            o[n][i] = 0.f;
+    for (int i = 0; i < DT * 4; i++)
+        o[i] = 0.f;
 
     const uint32_t aQ = smem_u32(sQ) + wg * 64 * D;
 
@@ -290,30 +386,7 @@ QA_UNROLL
                 }
                 x[j][i] = v;
             }
-QA_UNROLL
-        for (int hh = 0; hh < 2; hh++) {
-            float mx = -INFINITY;
-QA_UNROLL
-            for (int j = 0; j < NT; j++)
-                mx = fmax_(mx, fmax_(x[j][2 * hh], x[j][2 * hh + 1]));
-            mx = fmax_(mx, shfl_xor(mx, 1));
-            mx = fmax_(mx, shfl_xor(mx, 2));
-            const float m_new = fmax_(m[hh], mx);
-            const float m_use = m_new == -INFINITY ? 0.f : m_new; /* a row with no key yet */
-            alpha[hh] = ex2(m[hh] - m_use);
-            m[hh] = m_new;
-            const float bias = m_use - kLog2P8; /* P comes out scaled by 448 */
-            float sum = 0.f;
-QA_UNROLL
-            for (int j = 0; j < NT; j++)
-QA_UNROLL
-                for (int e = 0; e < 2; e++) {
-                    const float pr = ex2(x[j][2 * hh + e] - bias);
-                    x[j][2 * hh + e] = pr;
-                    sum += pr;
-                }
-            l[hh] = l[hh] * alpha[hh] + sum;
-        }
+        online_softmax(x, m, l, alpha, kLog2P8); /* P comes out scaled by 448 */
         /* k32 step kc holds keys 32kc + {4t..4t+3} (rows g, g+8) and 32kc + 16 +
          * {4t..4t+3}, thanks to the permuted K rows. */
 QA_UNROLL
@@ -364,14 +437,14 @@ QA_UNROLL
 QA_UNROLL
         for (int n = 0; n < DT; n++) {
             if constexpr (F16ACC) {
-                o[n][0] = o[n][0] * alpha[0] + f16_lo(acc[2 * n]);
-                o[n][1] = o[n][1] * alpha[0] + f16_hi(acc[2 * n]);
-                o[n][2] = o[n][2] * alpha[1] + f16_lo(acc[2 * n + 1]);
-                o[n][3] = o[n][3] * alpha[1] + f16_hi(acc[2 * n + 1]);
+                o[4 * n + 0] = o[4 * n + 0] * alpha[0] + f16_lo(acc[2 * n]);
+                o[4 * n + 1] = o[4 * n + 1] * alpha[0] + f16_hi(acc[2 * n]);
+                o[4 * n + 2] = o[4 * n + 2] * alpha[1] + f16_lo(acc[2 * n + 1]);
+                o[4 * n + 3] = o[4 * n + 3] * alpha[1] + f16_hi(acc[2 * n + 1]);
             } else {
 QA_UNROLL
                 for (int i = 0; i < 4; i++)
-                    o[n][i] = o[n][i] * alpha[i >> 1] + acc[4 * n + i];
+                    o[4 * n + i] = o[4 * n + i] * alpha[i >> 1] + acc[4 * n + i];
             }
         }
     };
@@ -439,40 +512,7 @@ QA_UNROLL
     }
     cp_async_wait<0>();
 
-    /* Normalize and store O (and LSE). */
-    const float *v_scale = p.v_scale + bhk * D;
-    const int out_bytes = p.out_dtype == kF32 ? 4 : 2;
-QA_UNROLL
-    for (int hh = 0; hh < 2; hh++) {
-        float lt = l[hh];
-        lt += shfl_xor(lt, 1);
-        lt += shfl_xor(lt, 2);
-        const float inv = lt > 0.f ? 1.f / lt : 0.f;
-        const int row = i0 + row_base + hh * 8;
-        if (row >= p.seq_q)
-            continue;
-        uint8_t *orow = p.o + (b * p.o_stride[0] + h * p.o_stride[1] + (int64_t)row * p.o_stride[2]) * out_bytes;
-QA_UNROLL
-        for (int n = 0; n < DT; n++) {
-            const int ch = n * 8 + 2 * t;
-            const float v0 = o[n][2 * hh] * inv * v_scale[ch], v1 = o[n][2 * hh + 1] * inv * v_scale[ch + 1];
-            if (p.out_dtype == kF32)
-                *(float2 *)(orow + ch * 4) = make_float2(v0, v1);
-            else if (p.out_dtype == kF16)
-                *(uint32_t *)(orow + ch * 2) = pack_f16x2(v0, v1);
-            else
-                *(uint32_t *)(orow + ch * 2) = pack_bf16x2(v0, v1);
-        }
-        if (p.lse && t == 0) {
-            float lse = -INFINITY;
-            if (lt > 0.f) {
-                lse = (m[hh] + log2f(lt) - kLog2P8) * kLn2;
-                if (p.q_kmean)
-                    lse += p.q_kmean[bhq * p.seq_q + row];
-            }
-            p.lse[bhq * p.seq_q + row] = lse;
-        }
-    }
+    store_rows<D>(p, ts, row_base, o, m, l, p.v_scale + bhk * D, kLog2P8, p.q_kmean);
 #else
     (void)p;
 #endif

@@ -49,23 +49,9 @@ __global__ void __launch_bounds__(kThreads90, 1) attention_exact_kernel(const At
     const int lane = lane_id(), warp = warp_id();
     const int wg = warp >> 2, wl = warp & 3;
     const int g = lane >> 2, t = lane & 3;
-    const int bx = block_x();
-    const int bh = bx / p.q_tiles;
-    const int tile = p.q_tiles - 1 - bx % p.q_tiles; /* last tiles (most causal work) first */
-    const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.group;
-    const int i0 = tile * kBlockM;
-    const int rows_valid = min(kBlockM, p.seq_q - i0);
-    const int64_t bhq = (int64_t)b * p.heads_q + h;
-    const int diag = p.seq_k - p.seq_q; /* bottom-right causal offset */
-
-    int key_end = p.seq_k;
-    int mask_from = p.seq_k;
-    if (p.causal) {
-        key_end = min(p.seq_k, i0 + rows_valid + diag);
-        mask_from = max(0, min(p.seq_k, i0 + 1 + diag));
-    }
-    const int n_tiles = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
-    const int n_plain = min(n_tiles, mask_from / kBlockN);
+    const TileSpan ts = tile_span(p, kBlockM);
+    const int b = ts.b, h = ts.h, hk = ts.hk, i0 = ts.i0, rows_valid = ts.rows_valid, diag = ts.diag;
+    const int n_tiles = ts.n_tiles, n_plain = ts.n_plain;
 
     const uint8_t *gQ = p.q + (b * p.q_stride[0] + h * p.q_stride[1] + (int64_t)i0 * p.q_stride[2]) * 2;
     const uint8_t *gK = p.k + (b * p.k_stride[0] + hk * p.k_stride[1]) * 2;
@@ -135,29 +121,7 @@ QA_UNROLL
                 }
                 x[j][i] = v;
             }
-QA_UNROLL
-        for (int hh = 0; hh < 2; hh++) {
-            float mx = -INFINITY;
-QA_UNROLL
-            for (int j = 0; j < NT; j++)
-                mx = fmax_(mx, fmax_(x[j][2 * hh], x[j][2 * hh + 1]));
-            mx = fmax_(mx, shfl_xor(mx, 1));
-            mx = fmax_(mx, shfl_xor(mx, 2));
-            const float m_new = fmax_(m[hh], mx);
-            const float m_use = m_new == -INFINITY ? 0.f : m_new; /* a row with no key yet */
-            alpha[hh] = ex2(m[hh] - m_use);
-            m[hh] = m_new;
-            float sum = 0.f;
-QA_UNROLL
-            for (int j = 0; j < NT; j++)
-QA_UNROLL
-                for (int e = 0; e < 2; e++) {
-                    const float pr = ex2(x[j][2 * hh + e] - m_use);
-                    x[j][2 * hh + e] = pr;
-                    sum += pr;
-                }
-            l[hh] = l[hh] * alpha[hh] + sum;
-        }
+        online_softmax(x, m, l, alpha, 0.f);
         /* k16 step kc: keys 16kc + {2t, 2t+1} and 16kc + 8 + {2t, 2t+1}, rows g and g + 8. */
 QA_UNROLL
         for (int kc = 0; kc < 4; kc++) {
@@ -256,32 +220,7 @@ QA_UNROLL
     }
     cp_async_wait<0>();
 
-    /* Normalize and store O (and LSE). */
-    const int out_bytes = p.out_dtype == kF32 ? 4 : 2;
-QA_UNROLL
-    for (int hh = 0; hh < 2; hh++) {
-        float lt = l[hh];
-        lt += shfl_xor(lt, 1);
-        lt += shfl_xor(lt, 2);
-        const float inv = lt > 0.f ? 1.f / lt : 0.f;
-        const int row = i0 + row_base + hh * 8;
-        if (row >= p.seq_q)
-            continue;
-        uint8_t *orow = p.o + (b * p.o_stride[0] + h * p.o_stride[1] + (int64_t)row * p.o_stride[2]) * out_bytes;
-QA_UNROLL
-        for (int n = 0; n < DT; n++) {
-            const int ch = n * 8 + 2 * t;
-            const float v0 = o[4 * n + 2 * hh] * inv, v1 = o[4 * n + 2 * hh + 1] * inv;
-            if (p.out_dtype == kF32)
-                *(float2 *)(orow + ch * 4) = make_float2(v0, v1);
-            else if (p.out_dtype == kF16)
-                *(uint32_t *)(orow + ch * 2) = pack_f16x2(v0, v1);
-            else
-                *(uint32_t *)(orow + ch * 2) = pack_bf16x2(v0, v1);
-        }
-        if (p.lse && t == 0)
-            p.lse[bhq * p.seq_q + row] = lt > 0.f ? (m[hh] + log2f(lt)) * kLn2 : -INFINITY;
-    }
+    store_rows<D>(p, ts, row_base, o, m, l, nullptr, 0.f, nullptr);
 #else
     (void)p;
 #endif

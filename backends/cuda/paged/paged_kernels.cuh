@@ -621,7 +621,13 @@ PA_DEV float pa_warp_sum(float x)
     return x;
 }
 
-/* One warp per (row, head): lse = log(sum_s exp(lse_s)), o = sum_s exp(lse_s - lse) o_s. */
+/* Work units of the merge: one warp per (row, head, 32 channels). */
+PA_DEV long long pa_merge_chunks(int head_dim) { return (head_dim + 31) / 32; }
+
+/* lse = log(sum_s exp(lse_s)), o = sum_s exp(lse_s - lse) o_s. One warp per
+ * (row, head, 32-channel chunk), so a single sequence's split-KV merge still
+ * spreads over many warps; each lane issues the loads of four states before
+ * accumulating them, so the partials' latencies overlap instead of queueing. */
 PA_DEV void pa_merge_body(const pa_merge_params &p)
 {
     if (p.status && (p.status[0] | p.status[1] | p.status[2]))
@@ -633,10 +639,13 @@ PA_DEV void pa_merge_body(const pa_merge_params &p)
         row_lo = pa_clamp64(p.qo_indptr[0], 0, p.rows);
         row_hi = pa_clamp64(p.qo_indptr[p.batch], row_lo, p.rows);
     }
-    const long long pairs = (row_hi - row_lo) * p.heads, warps = pa_nblocks() * (PA_THREADS / 32);
-    for (long long w = pa_bid() * (PA_THREADS / 32) + (pa_tid() >> 5); w < pairs; w += warps) {
-        const long long r = row_lo + w / p.heads;
-        const int h = (int)(w % p.heads);
+    const long long chunks = pa_merge_chunks(p.head_dim);
+    const long long units = (row_hi - row_lo) * p.heads * chunks, warps = pa_nblocks() * (PA_THREADS / 32);
+    for (long long w = pa_bid() * (PA_THREADS / 32) + (pa_tid() >> 5); w < units; w += warps) {
+        const long long pair = w / chunks;
+        const int d = (int)(w - pair * chunks) * 32 + lane;
+        const long long r = row_lo + pair / p.heads;
+        const int h = (int)(pair % p.heads);
         const float *s = p.s + r * p.s_stride[1] + (long long)h * p.s_stride[2];
         float M = -inf;
         for (int st = lane; st < p.states; st += 32)
@@ -651,25 +660,36 @@ PA_DEV void pa_merge_body(const pa_merge_params &p)
             }
         total = pa_warp_sum(total);
         const long long vbase = r * p.v_stride[1] + (long long)h * p.v_stride[2];
-        for (int d0 = 0; d0 < p.head_dim; d0 += 32) {
-            const int d = d0 + lane;
-            float acc = 0.f;
-            for (int s0 = 0; M != -inf && s0 < p.states; s0 += 32) {
-                /* lane k holds state s0 + k's weight; every lane takes each in turn */
-                const float x = s0 + lane < p.states ? s[(s0 + lane) * p.s_stride[0]] : -inf;
-                const float w_mine = x != -inf ? expf(x - M) : 0.f;
-                const int n = pa_min(32, p.states - s0);
-                for (int k = 0; k < n; k++) {
-                    const float w = pa_shfl_idx_f(w_mine, k);
-                    if (d < p.head_dim && w != 0.f)
-                        acc += w * pa_load_elem(p.v, p.v_elem, vbase + (long long)(s0 + k) * p.v_stride[0] + d);
+        const int dd = d < p.head_dim ? d : 0; /* lanes past the head dim read channel 0 and store nothing */
+        float acc = 0.f;
+        for (int s0 = 0; M != -inf && s0 < p.states; s0 += 32) {
+            /* lane k holds state s0 + k's weight; every lane takes each in turn */
+            const float x = s0 + lane < p.states ? s[(s0 + lane) * p.s_stride[0]] : -inf;
+            const float w_mine = x != -inf ? expf(x - M) : 0.f;
+            const int n = pa_min(32, p.states - s0);
+            const long long at = vbase + (long long)s0 * p.v_stride[0] + dd;
+            int k = 0;
+            for (; k + 4 <= n; k += 4) {
+                float v[4];
+                for (int u = 0; u < 4; u++)
+                    v[u] = pa_load_elem(p.v, p.v_elem, at + (long long)(k + u) * p.v_stride[0]);
+                for (int u = 0; u < 4; u++) {
+                    const float wk = pa_shfl_idx_f(w_mine, k + u);
+                    if (wk != 0.f) /* an empty split's partial may hold anything */
+                        acc += wk * v[u];
                 }
             }
-            if (d < p.head_dim)
-                pa_store_elem(p.o, p.o_elem, r * p.o_stride[0] + (long long)h * p.o_stride[1] + d,
-                              M != -inf ? acc / total : 0.f);
+            for (; k < n; k++) {
+                const float vk = pa_load_elem(p.v, p.v_elem, at + (long long)k * p.v_stride[0]);
+                const float wk = pa_shfl_idx_f(w_mine, k);
+                if (wk != 0.f)
+                    acc += wk * vk;
+            }
         }
-        if (lane == 0 && p.lse)
+        if (d < p.head_dim)
+            pa_store_elem(p.o, p.o_elem, r * p.o_stride[0] + (long long)h * p.o_stride[1] + d,
+                          M != -inf ? acc / total : 0.f);
+        if (lane == 0 && d == 0 && p.lse)
             p.lse[r * p.heads + h] = M != -inf ? M + logf(total) : -inf;
     }
 }

@@ -185,6 +185,17 @@ struct NaturalRows {
 
 template <Pv PV> constexpr bool pv_is_fp8() { return PV != Pv::F16 && PV != Pv::BF16; }
 
+/* The 16-bit A fragment of P for one k16 step, from the S accumulators of its
+ * two n8 tiles p0 and p1 (rows g and g + 8, keys 2t and 2t + 1 of each);
+ * pack converts a pair of floats (fp16, bf16, or E4M3-rounded fp16). */
+template <typename Pack> QA_DEV void pack_p16(uint32_t (&pa)[4], const float *p0, const float *p1, Pack pack)
+{
+    pa[0] = pack(p0[0], p0[1]);
+    pa[1] = pack(p0[2], p0[3]);
+    pa[2] = pack(p1[0], p1[1]);
+    pa[3] = pack(p1[2], p1[3]);
+}
+
 template <int D, Qk QK, Pv PV> struct AttnTraits {
     /* P x448 and V from the FP8 V^T workspace. */
     static constexpr bool kFp8 = pv_is_fp8<PV>();
@@ -476,18 +487,10 @@ QA_UNROLL
                 uint32_t pa[MT][4];
 QA_UNROLL
                 for (int mt = 0; mt < MT; mt++) {
-                    const float *p0 = x[mt][2 * kc], *p1 = x[mt][2 * kc + 1];
-                    if constexpr (PV == Pv::BF16) {
-                        pa[mt][0] = pack_bf16x2(p0[0], p0[1]);
-                        pa[mt][1] = pack_bf16x2(p0[2], p0[3]);
-                        pa[mt][2] = pack_bf16x2(p1[0], p1[1]);
-                        pa[mt][3] = pack_bf16x2(p1[2], p1[3]);
-                    } else {
-                        pa[mt][0] = pack_f16x2(p0[0], p0[1]);
-                        pa[mt][1] = pack_f16x2(p0[2], p0[3]);
-                        pa[mt][2] = pack_f16x2(p1[0], p1[1]);
-                        pa[mt][3] = pack_f16x2(p1[2], p1[3]);
-                    }
+                    if constexpr (PV == Pv::BF16)
+                        pack_p16(pa[mt], x[mt][2 * kc], x[mt][2 * kc + 1], pack_bf16x2);
+                    else
+                        pack_p16(pa[mt], x[mt][2 * kc], x[mt][2 * kc + 1], pack_f16x2);
                 }
 QA_UNROLL
                 for (int np = 0; np < DT / 2; np++) {
@@ -512,13 +515,8 @@ QA_UNROLL
             for (int kc = 0; kc < NT / 2; kc++) {
                 uint32_t pa[MT][4];
 QA_UNROLL
-                for (int mt = 0; mt < MT; mt++) {
-                    const float *p0 = x[mt][2 * kc], *p1 = x[mt][2 * kc + 1];
-                    pa[mt][0] = pack_e4m3_as_f16x2(p0[0], p0[1]);
-                    pa[mt][1] = pack_e4m3_as_f16x2(p0[2], p0[3]);
-                    pa[mt][2] = pack_e4m3_as_f16x2(p1[0], p1[1]);
-                    pa[mt][3] = pack_e4m3_as_f16x2(p1[2], p1[3]);
-                }
+                for (int mt = 0; mt < MT; mt++)
+                    pack_p16(pa[mt], x[mt][2 * kc], x[mt][2 * kc + 1], pack_e4m3_as_f16x2);
 QA_UNROLL
                 for (int np = 0; np < DT / 2; np++) {
                     uint32_t bf[4];
@@ -537,13 +535,8 @@ QA_UNROLL
 QA_UNROLL
             for (int mt = 0; mt < MT; mt++)
 QA_UNROLL
-                for (int kc = 0; kc < NT / 2; kc++) {
-                    const float *p0 = x[mt][2 * kc], *p1 = x[mt][2 * kc + 1];
-                    pa[mt][kc][0] = pack_e4m3_as_f16x2(p0[0], p0[1]);
-                    pa[mt][kc][1] = pack_e4m3_as_f16x2(p0[2], p0[3]);
-                    pa[mt][kc][2] = pack_e4m3_as_f16x2(p1[0], p1[1]);
-                    pa[mt][kc][3] = pack_e4m3_as_f16x2(p1[2], p1[3]);
-                }
+                for (int kc = 0; kc < NT / 2; kc++)
+                    pack_p16(pa[mt][kc], x[mt][2 * kc], x[mt][2 * kc + 1], pack_e4m3_as_f16x2);
 QA_UNROLL
             for (int np = 0; np < DT / 2; np++) {
                 uint32_t acc16[MT][2][2];

@@ -125,18 +125,10 @@ QA_UNROLL
         /* k16 step kc: keys 16kc + {2t, 2t+1} and 16kc + 8 + {2t, 2t+1}, rows g and g + 8. */
 QA_UNROLL
         for (int kc = 0; kc < 4; kc++) {
-            const float *p0 = x[2 * kc], *p1 = x[2 * kc + 1];
-            if constexpr (BF16) {
-                pa[kc][0] = pack_bf16x2(p0[0], p0[1]);
-                pa[kc][1] = pack_bf16x2(p0[2], p0[3]);
-                pa[kc][2] = pack_bf16x2(p1[0], p1[1]);
-                pa[kc][3] = pack_bf16x2(p1[2], p1[3]);
-            } else {
-                pa[kc][0] = pack_f16x2(p0[0], p0[1]);
-                pa[kc][1] = pack_f16x2(p0[2], p0[3]);
-                pa[kc][2] = pack_f16x2(p1[0], p1[1]);
-                pa[kc][3] = pack_f16x2(p1[2], p1[3]);
-            }
+            if constexpr (BF16)
+                pack_p16(pa[kc], x[2 * kc], x[2 * kc + 1], pack_bf16x2);
+            else
+                pack_p16(pa[kc], x[2 * kc], x[2 * kc + 1], pack_f16x2);
         }
     };
     auto softmax_tile = [&](int it, uint32_t (&pa)[4][4], float (&alpha)[2]) {

@@ -1074,28 +1074,34 @@ static qattn_status ocl_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_
     if (!s)
         s = enqueue_flash(ctx, &rs);
     cl_uint flags = 0;
+    s = qattn_opencl_finish_run(ctx, s, rs.ws, p->check_finite ? rs.status_at : -1, "run", &flags);
+    if (!s && flags)
+        return qattn_nonfinite_error(ctx, flags);
+    return s;
+}
+
+qattn_status qattn_opencl_finish_run(qattn_ctx *ctx, qattn_status s, cl_mem ws, int64_t status_at, const char *what,
+                                     cl_uint *flags)
+{
+    ocl_ctx *c = impl_of(ctx);
     cl_event read = NULL;
-    if (!s && p->check_finite) {
-        cl_int err = c->cl->clEnqueueReadBuffer(c->queue, rs.ws, CL_FALSE, (size_t)rs.status_at, sizeof(flags),
-                                                &flags, 0, NULL, &read);
+    *flags = 0;
+    if (!s && status_at >= 0) {
+        cl_int err = c->cl->clEnqueueReadBuffer(c->queue, ws, CL_FALSE, (size_t)status_at, sizeof(*flags), flags, 0,
+                                                NULL, &read);
         if (err != CL_SUCCESS)
             s = cl_error(ctx, err, "clEnqueueReadBuffer", "the status word");
     } else if (!s) {
         cl_int err = c->cl->clFlush(c->queue);
         if (err != CL_SUCCESS)
-            s = cl_error(ctx, err, "clFlush", "run");
+            s = cl_error(ctx, err, "clFlush", what);
     }
     pthread_mutex_unlock(&c->lock);
     if (s || !read)
         return s;
-
     cl_int err = c->cl->clWaitForEvents(1, &read);
     c->cl->clReleaseEvent(read);
-    if (err != CL_SUCCESS)
-        return cl_error(ctx, err, "clWaitForEvents", "the status word");
-    if (flags)
-        return qattn_nonfinite_error(ctx, flags);
-    return QATTN_OK;
+    return err == CL_SUCCESS ? QATTN_OK : cl_error(ctx, err, "clWaitForEvents", "the status word");
 }
 
 const qattn_backend_iface qattn_backend_opencl = {

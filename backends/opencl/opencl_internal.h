@@ -60,6 +60,15 @@ static inline qattn_status cl_error(qattn_ctx *ctx, cl_int err, const char *call
 }
 
 /*
+ * Ends a run whose kernels were enqueued under c->lock (s: the status so far):
+ * enqueues the read of the status word at `status_at` of ws (status_at < 0:
+ * no check, just flushes), releases c->lock, then waits for the read. On
+ * success *flags holds the word (0 without a check); the caller interprets it.
+ */
+qattn_status qattn_opencl_finish_run(qattn_ctx *ctx, qattn_status s, cl_mem ws, int64_t status_at, const char *what,
+                                     cl_uint *flags);
+
+/*
  * The program built from `parts` with `options` on ctx's device (ctx must be
  * an opencl context): from the context's cache, the $QATTN_OPENCL_CACHE
  * folder, or the compiler. The context owns the program. A compiler failure

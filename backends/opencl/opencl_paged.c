@@ -521,24 +521,9 @@ qattn_status qattn_opencl_paged_run(qattn_ctx *ctx, const qattn_plan *plan, cons
     if (!s && pp->num_splits > 1)
         s = enqueue_split_merge(ctx, plan, a, ws, status_at, part_o_at, part_lse_at);
     cl_uint flags = 0;
-    cl_event read = NULL;
-    if (!s && pp->check) {
-        cl_int err = c->cl->clEnqueueReadBuffer(c->queue, ws, CL_FALSE, (size_t)status_at, sizeof(flags), &flags, 0,
-                                                NULL, &read);
-        if (err != CL_SUCCESS)
-            s = cl_error(ctx, err, "clEnqueueReadBuffer", "the status word");
-    } else if (!s) {
-        cl_int err = c->cl->clFlush(c->queue);
-        if (err != CL_SUCCESS)
-            s = cl_error(ctx, err, "clFlush", "paged run");
-    }
-    pthread_mutex_unlock(&c->lock);
-    if (s || !read)
+    s = qattn_opencl_finish_run(ctx, s, ws, pp->check ? status_at : -1, "paged run", &flags);
+    if (s)
         return s;
-    cl_int err = c->cl->clWaitForEvents(1, &read);
-    c->cl->clReleaseEvent(read);
-    if (err != CL_SUCCESS)
-        return cl_error(ctx, err, "clWaitForEvents", "the status word");
     if (flags & 1u)
         return table_error(ctx, pp, a);
     if (flags & 2u)

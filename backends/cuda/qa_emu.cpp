@@ -287,20 +287,23 @@ void mma_s8(int32_t c[4], const uint32_t a[4], const uint32_t b[2])
     }
 }
 
-void mma_e4m3_f16(uint32_t c[2], const uint32_t a[4], const uint32_t b[2])
+/* An fp16-accumulating mma: the exact product of the fragment (e4m3 k32 or
+ * f16 k16) plus the accumulator, rounded once to fp16. */
+static void mma_f16_acc(uint32_t c[2], const uint32_t a[4], const uint32_t b[2], Kind kind)
 {
     Operands mine, all[32];
     memcpy(mine.a, a, sizeof(mine.a));
     memcpy(mine.b, b, sizeof(mine.b));
     exchange(&mine, sizeof(mine), all);
     static double A[16][32], B[32][8];
-    unpack(all, E4M3, true, A, B);
+    const bool eight_bit = kind == E4M3;
+    unpack(all, kind, eight_bit, A, B);
     uint32_t out[2] = {0, 0};
     for (int i = 0; i < 4; i++) {
         int row, col;
         acc_pos(i, &row, &col);
         double s = 0;
-        for (int k = 0; k < 32; k++)
+        for (int k = 0; k < (eight_bit ? 32 : 16); k++)
             s += A[row][k] * B[k][col];
         float prev = f16(c[i / 2], i % 2);
         uint16_t h = qattn_f32_to_f16((float)(s + prev));
@@ -310,28 +313,9 @@ void mma_e4m3_f16(uint32_t c[2], const uint32_t a[4], const uint32_t b[2])
     c[1] = out[1];
 }
 
-void mma_f16_f16(uint32_t c[2], const uint32_t a[4], const uint32_t b[2])
-{
-    Operands mine, all[32];
-    memcpy(mine.a, a, sizeof(mine.a));
-    memcpy(mine.b, b, sizeof(mine.b));
-    exchange(&mine, sizeof(mine), all);
-    static double A[16][32], B[32][8];
-    unpack(all, F16, false, A, B);
-    uint32_t out[2] = {0, 0};
-    for (int i = 0; i < 4; i++) {
-        int row, col;
-        acc_pos(i, &row, &col);
-        double s = 0;
-        for (int k = 0; k < 16; k++)
-            s += A[row][k] * B[k][col];
-        float prev = f16(c[i / 2], i % 2);
-        uint16_t h = qattn_f32_to_f16((float)(s + prev));
-        out[i / 2] |= (uint32_t)h << (16 * (i % 2));
-    }
-    c[0] = out[0];
-    c[1] = out[1];
-}
+void mma_e4m3_f16(uint32_t c[2], const uint32_t a[4], const uint32_t b[2]) { mma_f16_acc(c, a, b, E4M3); }
+
+void mma_f16_f16(uint32_t c[2], const uint32_t a[4], const uint32_t b[2]) { mma_f16_acc(c, a, b, F16); }
 
 void launch(int grid, int block, size_t smem, const std::function<void()> &body)
 {

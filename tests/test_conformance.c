@@ -369,6 +369,16 @@ static const conf_case cases[] = {
     {"int8_fp8_decode", 4, 4, 1, 1, 500, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0},
     {"int8_fp8_f16acc_d128", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8H, 0, 0},
     {"int8_fp8_f16acc_d64_kbias", 1, 4, 2, 222, 222, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8H, 0, 0},
+    /* Nk a multiple of 16: the sm_90a TMA kernel's cases (a partial last tile
+     * that reads into the next head, GQA, more tiles than pipeline stages,
+     * per-thread K scales, both accumulators, D 64 and 128). */
+    {"int8_fp8_tma_gqa_tail", 2, 4, 2, 300, 272, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, 0, 0},
+    {"int8_fp8_tma_causal_kbias", 1, 4, 4, 400, 400, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0},
+    {"int8_fp8_tma_d64_causal_nq_lt_nk", 2, 2, 1, 100, 208, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0},
+    {"int8_fp8_tma_per_thread", 1, 2, 2, 200, 336, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, THREAD, 0},
+    {"int8_fp8_tma_long_per_block", 1, 2, 2, 1100, 1088, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, BLOCK, 0},
+    {"int8_fp8_f16acc_tma_nhd", 1, 4, 2, 256, 528, 128, F16, F16, 0, 1, 8, DATA_RANDN, I8F8H, 0, 0},
+    {"int8_fp8_f16acc_tma_d64_causal", 2, 2, 2, 130, 1040, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8H, 0, 0},
     {"auto_d128", 1, 4, 4, 256, 256, 128, F16, F16, 0, 0, 0, DATA_KBIAS, QATTN_PRECISION_AUTO, 0, 0},
 };
 

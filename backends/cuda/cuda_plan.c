@@ -19,8 +19,10 @@ qa_cuda_scratch qa_cuda_scratch_layout(const qattn_problem *p)
     return s;
 }
 
-static const qa_cuda_plan_info plan_infos[3] = {
-    {.fp8_on_f16_mma = 0, .wgmma = 0}, {.fp8_on_f16_mma = 1, .wgmma = 0}, {.fp8_on_f16_mma = 0, .wgmma = 1}};
+static const qa_cuda_plan_info plan_infos[4] = {{.fp8_on_f16_mma = 0, .wgmma = 0, .tma = 0},
+                                                {.fp8_on_f16_mma = 1, .wgmma = 0, .tma = 0},
+                                                {.fp8_on_f16_mma = 0, .wgmma = 1, .tma = 0},
+                                                {.fp8_on_f16_mma = 0, .wgmma = 1, .tma = 1}};
 
 int qa_cuda_fp8_on_f16_mma(int cc) { return cc >= 90 && cc < 100; }
 
@@ -109,12 +111,17 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
      * the mma.sync kernels (fp16 units on sm_90). */
     const bool wgmma = (fp8 || plan->precision == QATTN_PRECISION_EXACT) && cc == 90 && sm90a_kernels;
     const bool on_f16 = fp8 && qa_cuda_fp8_on_f16_mma(cc) && !wgmma;
-    plan->impl = (void *)&plan_infos[wgmma ? 2 : on_f16 ? 1 : 0];
+    /* The TMA kernel's K tensor map runs over the keys of all heads in units
+     * of 16 (see hopper/sm90_attn_ws.cuh), and its coordinates are 32-bit. */
+    const bool tma = wgmma && fp8 && p->seq_k % 16 == 0 &&
+                     p->batch * p->heads_q * (p->seq_q + QA_CUDA_BLOCK_M) < INT32_MAX &&
+                     p->batch * p->heads_kv * (p->seq_k + QA_CUDA_BLOCK_N) < INT32_MAX;
+    plan->impl = (void *)&plan_infos[tma ? 3 : wgmma ? 2 : on_f16 ? 1 : 0];
     plan->q_tile = QA_CUDA_BLOCK_M;
     plan->kv_tile = QA_CUDA_BLOCK_N;
     plan->status_word = p->check_finite;
     static const char *const mode_names[] = {"auto", "exact", "int8_fp16", "int8_fp8", "int8_fp8_f16acc"};
-    snprintf(plan->kernel, sizeof(plan->kernel), "cuda_%s_%s%s_d%lld_sm%d%s", wgmma ? "wgmma" : "mma",
+    snprintf(plan->kernel, sizeof(plan->kernel), "cuda_%s_%s%s_d%lld_sm%d%s", tma ? "wgmma_tma" : wgmma ? "wgmma" : "mma",
              mode_names[plan->precision],
              plan->precision == QATTN_PRECISION_EXACT ? (p->in_dtype == QATTN_DTYPE_BF16 ? "_bf16" : "_f16")
              : wgmma                                  ? "_pv_e4m3"
@@ -124,8 +131,12 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
     if (wgmma) {
         size_t used = strlen(plan->why);
         snprintf(plan->why + used, sizeof(plan->why) - used,
-                 fp8 ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory, two warpgroups of 64 query "
-                       "rows, FP8 P.V accumulated per 64-key tile then added in fp32."
+                 tma ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory, a TMA producer warpgroup "
+                       "and two consumer warpgroups of 64 query rows, FP8 P.V accumulated per 64-key tile then "
+                       "added in fp32."
+                 : fp8 ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory, two warpgroups of 64 query "
+                         "rows, FP8 P.V accumulated per 64-key tile then added in fp32 (cp.async loads: Nk is not "
+                         "a multiple of 16)."
                      : " sm_90a wgmma kernel: two warpgroups of 64 query rows, fp32 accumulation.");
     }
     if (on_f16) {

@@ -36,6 +36,9 @@ typedef struct qa_cuda_plan_info {
     int fp8_on_f16_mma;
     /* FP8 modes on the sm_90a wgmma kernel (backends/cuda/hopper). */
     int wgmma;
+    /* FP8 modes: the warp-specialized wgmma kernel fed by TMA
+     * (hopper/sm90_attn_ws.cuh; needs seq_k % 16 == 0). */
+    int tma;
 } qa_cuda_plan_info;
 
 /* Whether FP8 P.V runs on the fp16 mma for compute capability cc. */

@@ -29,7 +29,8 @@ int attn_int8_fp8_f16acc(const AttnParams *p, int head_dim, int grid, void *stre
 int attn_int8_fp8_f16mma(const AttnParams *p, int head_dim, bool f16acc, int grid, void *stream, bool prepare);
 
 /* Both FP8 modes on the sm_90a wgmma kernel (hopper/sm90_attn.cu; not in the emulator). */
-int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, int grid, void *stream, bool prepare);
+/* tma: the warp-specialized TMA kernel (returns -1 if the tensor maps cannot be encoded). */
+int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, bool tma, int grid, void *stream, bool prepare);
 /* EXACT on the sm_90a wgmma kernel. */
 int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare);
 
@@ -37,6 +38,12 @@ inline bool plan_wgmma(const qattn_plan *plan)
 {
     const qa_cuda_plan_info *info = (const qa_cuda_plan_info *)plan->impl;
     return info && info->wgmma;
+}
+
+inline bool plan_tma(const qattn_plan *plan)
+{
+    const qa_cuda_plan_info *info = (const qa_cuda_plan_info *)plan->impl;
+    return info && info->tma;
 }
 
 inline bool plan_fp8_on_f16_mma(const qattn_plan *plan)
@@ -88,7 +95,7 @@ inline int prepare_plan(const qattn_plan *plan)
         const bool f16acc = plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC;
         if (plan_wgmma(plan)) {
 #if !defined(QA_EMULATE)
-            r = attn_sm90_fp8(nullptr, d, f16acc, 0, nullptr, true);
+            r = attn_sm90_fp8(nullptr, d, f16acc, plan_tma(plan), 0, nullptr, true);
 #endif
         } else if (plan_fp8_on_f16_mma(plan))
             r = attn_int8_fp8_f16mma(nullptr, d, f16acc, 0, nullptr, true);
@@ -239,7 +246,7 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
         const bool f16acc = plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC;
         if (plan_wgmma(plan)) {
 #if !defined(QA_EMULATE)
-            ok = attn_sm90_fp8(&ap, D, f16acc, grid, a.stream, false);
+            ok = attn_sm90_fp8(&ap, D, f16acc, plan_tma(plan), grid, a.stream, false);
 #endif
         } else if (plan_fp8_on_f16_mma(plan))
             ok = attn_int8_fp8_f16mma(&ap, D, f16acc, grid, a.stream, false);
@@ -250,6 +257,8 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
     }
     default: break;
     }
+    if (ok < 0)
+        return "encoding the TMA tensor maps failed (cuTensorMapEncodeTiled through cudaGetDriverEntryPointByVersion)";
     if (!ok)
         return "no quantized attention kernel for this head dim";
     return launch_error();

@@ -5,6 +5,7 @@
 #include "qa_launch.cuh"
 #include "sm90_attn.cuh"
 #include "sm90_attn_exact.cuh"
+#include "sm90_attn_ws.cuh"
 
 #ifndef QA_SM90A_BUILT
 #define QA_SM90A_BUILT 0
@@ -42,8 +43,102 @@ int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void
     }
 }
 
-int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, int grid, void *stream, bool prepare)
+/* The tensor-map encoder of the driver, found through the runtime (the
+ * library links no libcuda); NULL if the driver lacks it. */
+typedef CUresult (*EncodeTiledFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                                  const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+static EncodeTiledFn encode_tiled()
 {
+    static const EncodeTiledFn fn = [] {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult found;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+                cudaSuccess ||
+            found != cudaDriverEntryPointSuccess)
+            f = nullptr;
+        return (EncodeTiledFn)f;
+    }();
+    return fn;
+}
+
+/* An int8/FP8 tensor map: rank dims (innermost first), strides in bytes of
+ * dims 1.., box, swizzle width in bytes. */
+static bool encode_u8(CUtensorMap *map, const void *base, int rank, const uint64_t *dims, const uint64_t *strides,
+                      const uint32_t *box, int swizzle)
+{
+    EncodeTiledFn fn = encode_tiled();
+    if (!fn)
+        return false;
+    cuuint64_t d[5], st[4];
+    cuuint32_t b[5], es[5];
+    for (int i = 0; i < rank; i++) {
+        d[i] = dims[i];
+        b[i] = box[i];
+        es[i] = 1;
+        if (i + 1 < rank)
+            st[i] = strides[i];
+    }
+    const CUtensorMapSwizzle sw = swizzle == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+    return fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, (cuuint32_t)rank, (void *)base, d, st, b, es,
+              CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+/* The three maps of sm90_attn_ws.cuh for batch * heads of the workspace. */
+static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch)
+{
+    const int swz = D == 128 ? 128 : 64;
+    const uint64_t q_dims[2] = {(uint64_t)D, (uint64_t)(batch * p.heads_q * p.seq_q)};
+    const uint64_t q_strides[1] = {(uint64_t)D};
+    const uint32_t q_box[2] = {(uint32_t)D, 128};
+    const uint64_t k_dims[5] = {(uint64_t)D, 2, 4, 2, (uint64_t)(batch * p.heads_kv * p.seq_k / 16)};
+    const uint64_t k_strides[4] = {(uint64_t)D, 4ull * D, 2ull * D, 16ull * D};
+    const uint32_t k_box[5] = {(uint32_t)D, 2, 4, 2, kBlockN / 16};
+    const uint64_t v_dims[2] = {(uint64_t)p.v_keys_padded, (uint64_t)(batch * p.heads_kv * D)};
+    const uint64_t v_strides[1] = {(uint64_t)p.v_keys_padded};
+    const uint32_t v_box[2] = {kBlockN, (uint32_t)D};
+    return encode_u8(&m->q, p.q8, 2, q_dims, q_strides, q_box, swz) &&
+           encode_u8(&m->k, p.k8, 5, k_dims, k_strides, k_box, swz) &&
+           encode_u8(&m->v, p.vq, 2, v_dims, v_strides, v_box, 64);
+}
+
+template <int D, bool F16ACC, bool UNIFORM_K>
+static int sm90_fp8_ws_launch(const AttnParams *p, int grid, void *stream, bool prepare)
+{
+    auto fn = &sm90::attention_fp8_ws_kernel<D, F16ACC, UNIFORM_K>;
+    const int smem = sm90::WsTraits<D>::kSmem;
+    if (prepare)
+        return QA_SET_SMEM(fn, smem) ? smem : 0;
+    sm90::TmaMaps maps;
+    if (!encode_ws_maps(&maps, *p, D, grid / ((int64_t)p->q_tiles * p->heads_q)))
+        return -1;
+    fn<<<grid, sm90::kWsThreads, smem, (cudaStream_t)stream>>>(*p, maps);
+    return smem;
+}
+
+template <int D, bool F16ACC> static int sm90_fp8_ws(const AttnParams *p, int grid, void *stream, bool prepare)
+{
+    if (prepare) {
+        const int a = sm90_fp8_ws_launch<D, F16ACC, true>(p, grid, stream, true);
+        const int b = sm90_fp8_ws_launch<D, F16ACC, false>(p, grid, stream, true);
+        return a > 0 && b > 0 ? a : 0;
+    }
+    return p->k_inter == 1 ? sm90_fp8_ws_launch<D, F16ACC, true>(p, grid, stream, false)
+                           : sm90_fp8_ws_launch<D, F16ACC, false>(p, grid, stream, false);
+}
+
+int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, bool tma, int grid, void *stream, bool prepare)
+{
+    if (tma) {
+        switch (head_dim) {
+        case 64: return f16acc ? sm90_fp8_ws<64, true>(p, grid, stream, prepare)
+                               : sm90_fp8_ws<64, false>(p, grid, stream, prepare);
+        case 128: return f16acc ? sm90_fp8_ws<128, true>(p, grid, stream, prepare)
+                                : sm90_fp8_ws<128, false>(p, grid, stream, prepare);
+        default: return 0;
+        }
+    }
     switch (head_dim) {
     case 64: return f16acc ? sm90_fp8_launch<64, true>(p, grid, stream, prepare)
                            : sm90_fp8_launch<64, false>(p, grid, stream, prepare);

@@ -1,0 +1,418 @@
+/*
+ * sm_90a attention for the FP8 modes, warp-specialized: a producer warpgroup
+ * streams Q, K and V^T into shared memory with the tensor memory accelerator
+ * (cp.async.bulk.tensor completing on mbarriers) while two consumer
+ * warpgroups of 64 query rows run the matrix work and the softmax.
+ *
+ * Why: the cp.async kernel (sm90_attn.cuh) spends about 210 of its ~550
+ * instructions per warp and 64-key tile on load addresses, cp.async,
+ * descriptors and the per-tile barrier (SASS of the 04:10 build), and each of
+ * its warpgroups copies every K/V tile for itself. Here one thread issues two
+ * bulk copies per tile into a ring of stages both consumers read; a consumer
+ * waits on the stage's "full" barrier and, once its P V of that tile has
+ * completed, arrives on the stage's "empty" barrier (one arrival per warp).
+ * setmaxnreg moves registers from the producer (24) to the consumers (240).
+ *
+ * The tensor maps need no layout change of the workspace:
+ *   Q   2-D (D bytes, all query rows), 128-row boxes;
+ *   K   5-D view of the int8 rows that lands them in the permuted key order the
+ *       P registers need (key_of<true>): smem row s of a tile holds key
+ *       k = (k5 k4 k3 k2 k1 k0) at s = (k5 k4 k1 k3 k2 k0), so the dims are
+ *       [D bytes][k0: 2][k3 k2: 4][k1: 2][key / 16], strides D, 4D, 2D, 16D.
+ *       The last dim runs over every key of every head, so this needs
+ *       seq_k % 16 == 0 (the planner keeps the cp.async kernel otherwise);
+ *       keys past seq_k in a last partial tile belong to the next head or lie
+ *       out of bounds (zero-filled) and are masked either way;
+ *   V^T 2-D (padded keys, B * Hkv * D rows), 64-key boxes.
+ * The consumers' pipeline is the cp.async kernel's (S of the next tile and
+ * P V of this one issued together, softmax overlapped with P V), and with a
+ * uniform K scale per tile (per-block and per-warp K) the softmax works on the
+ * raw integer scores: max on them, then one FFMA per score into ex2.
+ */
+#ifndef QA_SM90_ATTN_WS_CUH
+#define QA_SM90_ATTN_WS_CUH
+
+#include <cuda.h> /* CUtensorMap (the type only; encoding goes through the runtime's driver entry point) */
+
+#include "sm90_attn.cuh"
+
+namespace qa {
+namespace sm90 {
+
+constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
+constexpr int kWsStages = 8;
+
+struct TmaMaps {
+    CUtensorMap q, k, v;
+};
+
+template <int D> struct WsTraits {
+    static constexpr int kQBytes = 128 * D;          /* int8 Q, both consumers' rows */
+    static constexpr int kKBytes = kBlockN * D;      /* int8 K, permuted key order */
+    static constexpr int kVBytes = D * kBlockN;      /* FP8 V^T */
+    static constexpr int kStageBytes = kKBytes + kVBytes;
+    static constexpr int kBarOffset = kQBytes + kWsStages * kStageBytes;
+    static constexpr int kAlign = 1024;
+    static constexpr int kSmem = kBarOffset + 8 * (2 * kWsStages + 1) + kAlign;
+    static constexpr int kQKSwizzle = D == 128 ? 128 : 64;
+};
+
+#if defined(QA_SM90_DEVICE_CODE)
+QA_DEV void mbar_init(uint32_t bar, int count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+QA_DEV void mbar_expect_tx(uint32_t bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+QA_DEV void mbar_arrive(uint32_t bar)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+QA_DEV void mbar_wait(uint32_t bar, uint32_t parity)
+{
+    asm volatile("{\n.reg .pred P1;\nLAB_WAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+                 "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+QA_DEV void tma_load_2d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int c0, int c1)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+                 "l"((uint64_t)map), "r"(bar), "r"(c0), "r"(c1)
+                 : "memory");
+}
+QA_DEV void tma_load_5d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int c4)
+{
+    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %3, %3, %3, %4}], [%2];\n" ::"r"(dst),
+                 "l"((uint64_t)map), "r"(bar), "r"(0), "r"(c4)
+                 : "memory");
+}
+QA_DEV void prefetch_tensor_map(const CUtensorMap *map)
+{
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)map) : "memory");
+}
+template <int N> QA_DEV void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N> QA_DEV void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
+/* Online softmax of a 64-key tile whose K scale is one number (per-block and
+ * per-warp K): the scores stay in their integer form r = 1.5 * 2^23 + s (read
+ * as floats: exact, and ordered like s), so the row max needs no scaling and
+ * each probability is one FFMA into ex2: exp2(r * sc - (1.5 * 2^23 * sc + m - p_log2)),
+ * sc = q_scale * k_scale * log2(e) * sm_scale. Masked scores are -inf in r. */
+template <int NT>
+QA_DEV void online_softmax_raw(float (&r)[NT][4], const float (&sc)[2], float (&m)[2], float (&l)[2],
+                               float (&alpha)[2], float p_log2)
+{
+QA_UNROLL
+    for (int hh = 0; hh < 2; hh++) {
+        float mx = -INFINITY;
+QA_UNROLL
+        for (int j = 0; j < NT; j++)
+            mx = fmax_(mx, fmax_(r[j][2 * hh], r[j][2 * hh + 1]));
+        mx = fmax_(mx, shfl_xor(mx, 1));
+        mx = fmax_(mx, shfl_xor(mx, 2));
+        const float tile_max = (mx - 12582912.0f) * sc[hh]; /* -inf for a row with no unmasked key */
+        const float m_new = fmax_(m[hh], tile_max);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        alpha[hh] = ex2(m[hh] - m_use);
+        m[hh] = m_new;
+        const float bias = fmaf(12582912.0f, sc[hh], m_use - p_log2);
+        float sum = 0.f;
+QA_UNROLL
+        for (int j = 0; j < NT; j++)
+QA_UNROLL
+            for (int e = 0; e < 2; e++) {
+                const float pr = ex2(fmaf(r[j][2 * hh + e], sc[hh], -bias));
+                r[j][2 * hh + e] = pr;
+                sum += pr;
+            }
+        l[hh] = l[hh] * alpha[hh] + sum;
+    }
+}
+#endif
+
+template <int D, bool F16ACC, bool UNIFORM_K>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    attention_fp8_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
+{
+#if defined(QA_SM90_DEVICE_CODE)
+    using T = WsTraits<D>;
+    constexpr int NT = kBlockN / 8; /* n8 column groups of S */
+    constexpr int DT = D / 8;       /* n8 column groups of O */
+    constexpr int S = kWsStages;
+
+    if (p.status && load_volatile(p.status))
+        return; /* non-finite input: leave the outputs untouched (every thread returns here) */
+
+    uint8_t *smem_raw = dynamic_smem();
+    uint8_t *smem = smem_raw + ((T::kAlign - (smem_u32(smem_raw) & (T::kAlign - 1))) & (T::kAlign - 1));
+    const uint32_t sQ = smem_u32(smem);
+    const uint32_t sStage = sQ + T::kQBytes;
+    const uint32_t bars = sQ + T::kBarOffset;
+    auto full_bar = [&](int it) { return bars + 8 * (it % S); };
+    auto empty_bar = [&](int it) { return bars + 8 * (S + it % S); };
+    const uint32_t q_bar = bars + 16 * S;
+
+    if (tid() == 0) {
+        for (int s = 0; s < S; s++) {
+            mbar_init(bars + 8 * s, 1);       /* full: the producer's expect_tx, then the copies' bytes */
+            mbar_init(bars + 8 * (S + s), 8); /* empty: one arrival per consumer warp */
+        }
+        mbar_init(q_bar, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    sync_block();
+
+    const TileSpan ts = tile_span(p, kBlockM);
+    const int warp = warp_id();
+    if (warp < 4) {
+        /* Producer: one thread issues every copy. */
+        setmaxnreg_dec<24>();
+        if (tid() == 0) {
+            prefetch_tensor_map(&maps.q);
+            prefetch_tensor_map(&maps.k);
+            prefetch_tensor_map(&maps.v);
+            mbar_expect_tx(q_bar, T::kQBytes);
+            tma_load_2d(sQ, &maps.q, q_bar, 0, (int)(ts.bhq * p.seq_q + ts.i0));
+            const int key16 = (int)(ts.bhk * p.seq_k / 16);
+            const int v_row = (int)(ts.bhk * D);
+            for (int it = 0; it < ts.n_tiles; it++) {
+                if (it >= S)
+                    mbar_wait(empty_bar(it), (uint32_t)((it / S - 1) & 1));
+                const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
+                mbar_expect_tx(full_bar(it), T::kStageBytes);
+                tma_load_5d(stage, &maps.k, full_bar(it), key16 + it * (kBlockN / 16));
+                tma_load_2d(stage + T::kKBytes, &maps.v, full_bar(it), it * kBlockN, v_row);
+            }
+        }
+    } else {
+        setmaxnreg_inc<240>();
+        const int lane = lane_id();
+        const int cw = (warp >> 2) - 1, wl = warp & 3; /* consumer warpgroup, warp within it */
+        const int g = lane >> 2, t = lane & 3;
+        const int i0 = ts.i0, diag = ts.diag, n_tiles = ts.n_tiles, n_plain = ts.n_plain;
+        const int64_t bhq = ts.bhq, bhk = ts.bhk;
+
+        /* This thread's two rows (within the CTA tile): r and r + 8. Rows past
+         * seq_q get a harmless positive scale (never stored; a zero would turn
+         * masked -inf scores into NaN in the raw-score softmax). */
+        const int row_base = cw * 64 + wl * 16 + g;
+        float q_scale[2];
+QA_UNROLL
+        for (int hh = 0; hh < 2; hh++) {
+            const int row = i0 + row_base + hh * 8;
+            const int64_t grp = (int64_t)(row / p.q_block) * p.q_inter + (row % p.q_block) % p.q_inter;
+            q_scale[hh] = row < p.seq_q ? p.q_scale[bhq * p.q_groups + grp] * p.scale_log2 : 1e-6f;
+        }
+
+        float o[DT * 4];
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+QA_UNROLL
+        for (int i = 0; i < DT * 4; i++)
+            o[i] = 0.f;
+
+        int32_t s[NT * 4];
+QA_UNROLL
+        for (int i = 0; i < NT * 4; i++)
+            s[i] = 0;
+        const uint64_t desc_q = smem_desc<T::kQKSwizzle>(sQ + cw * 64 * D);
+        const uint64_t desc_k0 = smem_desc<T::kQKSwizzle>(sStage);
+        const uint64_t desc_v0 = smem_desc<64>(sStage + T::kKBytes);
+        auto stage_desc = [&](uint64_t base, int it) { return base + (uint64_t)((it % S) * (T::kStageBytes >> 4)); };
+        auto qk_issue = [&](int it) {
+            const uint64_t desc_k = stage_desc(desc_k0, it);
+            fence_operands(s);
+            wgmma_fence();
+QA_UNROLL
+            for (int ks = 0; ks < D / 32; ks++) /* k32 steps: 32 bytes along the row */
+                wgmma_s8_n64_ss(s, desc_q + 2 * ks, desc_k + 2 * ks, ks);
+            wgmma_commit();
+        };
+
+        /* The K scales of tile it that this thread's columns use (loaded before
+         * the GEMMs: a global load on the softmax's critical path would stall it). */
+        auto load_k_scales = [&](int it, float (&k_scale)[2][2]) {
+            const float *ks_tile = p.k_scale + bhk * p.k_groups + (int64_t)it * p.k_inter;
+            if constexpr (UNIFORM_K) {
+                k_scale[0][0] = k_scale[0][1] = k_scale[1][0] = k_scale[1][1] = ks_tile[0];
+            } else {
+QA_UNROLL
+                for (int jb = 0; jb < 2; jb++)
+QA_UNROLL
+                    for (int cb = 0; cb < 2; cb++)
+                        k_scale[jb][cb] = ks_tile[key_of<true>(jb, 2 * t + cb) % 8];
+            }
+        };
+        auto softmax = [&](int it, auto mask_tag, const float (&k_scale)[2][2], uint32_t (&pa)[2][4],
+                           float (&alpha)[2]) {
+            constexpr bool MASK = decltype(mask_tag)::value;
+            const int j0 = it * kBlockN;
+            float x[NT][4];
+            if constexpr (UNIFORM_K) {
+                /* The raw scores (see online_softmax_raw). */
+                const float sc[2] = {q_scale[0] * k_scale[0][0], q_scale[1] * k_scale[0][0]};
+QA_UNROLL
+                for (int j = 0; j < NT; j++)
+QA_UNROLL
+                    for (int i = 0; i < 4; i++) {
+                        float v = __int_as_float(s[4 * j + i] + 0x4B400000);
+                        if constexpr (MASK) {
+                            const int key = j0 + key_of<true>(j, 2 * t + (i & 1));
+                            const int row = i0 + row_base + (i >> 1) * 8;
+                            if (key >= p.seq_k || (p.causal && key > row + diag))
+                                v = -INFINITY;
+                        }
+                        x[j][i] = v;
+                    }
+                online_softmax_raw(x, sc, m, l, alpha, kLog2P8);
+            } else {
+                /* Per-thread K scales differ between columns: scale each score
+                 * (one FFMA from the raw form), then the float softmax. */
+                float sc[2][2][2], nb[2][2][2];
+QA_UNROLL
+                for (int jb = 0; jb < 2; jb++)
+QA_UNROLL
+                    for (int hh = 0; hh < 2; hh++)
+QA_UNROLL
+                        for (int cb = 0; cb < 2; cb++) {
+                            sc[jb][hh][cb] = q_scale[hh] * k_scale[jb][cb];
+                            nb[jb][hh][cb] = -12582912.0f * sc[jb][hh][cb];
+                        }
+QA_UNROLL
+                for (int j = 0; j < NT; j++)
+QA_UNROLL
+                    for (int i = 0; i < 4; i++) {
+                        float v = fmaf(__int_as_float(s[4 * j + i] + 0x4B400000), sc[j & 1][i >> 1][i & 1],
+                                       nb[j & 1][i >> 1][i & 1]);
+                        if constexpr (MASK) {
+                            const int key = j0 + key_of<true>(j, 2 * t + (i & 1));
+                            const int row = i0 + row_base + (i >> 1) * 8;
+                            if (key >= p.seq_k || (p.causal && key > row + diag))
+                                v = -INFINITY;
+                        }
+                        x[j][i] = v;
+                    }
+                online_softmax(x, m, l, alpha, kLog2P8);
+            }
+            /* P x448 to E4M3 in the A-register layout (see sm90_attn.cuh). */
+QA_UNROLL
+            for (int kc = 0; kc < 2; kc++) {
+                const float *p0 = x[4 * kc], *p1 = x[4 * kc + 1], *p2 = x[4 * kc + 2], *p3 = x[4 * kc + 3];
+                pa[kc][0] = pack_e4m3x4(p0[0], p0[1], p1[0], p1[1]);
+                pa[kc][1] = pack_e4m3x4(p0[2], p0[3], p1[2], p1[3]);
+                pa[kc][2] = pack_e4m3x4(p2[0], p2[1], p3[0], p3[1]);
+                pa[kc][3] = pack_e4m3x4(p2[2], p2[3], p3[2], p3[3]);
+            }
+        };
+        auto softmax_tile = [&](int it, const float (&k_scale)[2][2], uint32_t (&pa)[2][4], float (&alpha)[2]) {
+            if (it < n_plain)
+                softmax(it, std::false_type(), k_scale, pa, alpha);
+            else
+                softmax(it, std::true_type(), k_scale, pa, alpha);
+        };
+
+        using Acc = typename std::conditional<F16ACC, uint32_t, float>::type;
+        constexpr int kAccRegs = F16ACC ? DT * 2 : DT * 4;
+        Acc acc[kAccRegs];
+QA_UNROLL
+        for (int i = 0; i < kAccRegs; i++)
+            acc[i] = 0;
+        auto pv_issue = [&](int it, const uint32_t (&pa)[2][4]) {
+            const uint64_t desc_v = stage_desc(desc_v0, it);
+            const uint64_t dv[2] = {desc_v, desc_v + 2};
+            fence_operands(acc);
+            wgmma_fence();
+QA_UNROLL
+            for (int kc = 0; kc < 2; kc++) {
+                if constexpr (F16ACC) {
+                    if constexpr (D == 128)
+                        wgmma_e4m3_n128_rs_f16(acc, pa[kc], dv[kc], kc);
+                    else
+                        wgmma_e4m3_n64_rs_f16(acc, pa[kc], dv[kc], kc);
+                } else {
+                    if constexpr (D == 128)
+                        wgmma_e4m3_n128_rs_f32(acc, pa[kc], dv[kc], kc);
+                    else
+                        wgmma_e4m3_n64_rs_f32(acc, pa[kc], dv[kc], kc);
+                }
+            }
+            wgmma_commit();
+        };
+        auto o_update = [&](const float (&alpha)[2]) {
+QA_UNROLL
+            for (int n = 0; n < DT; n++) {
+                if constexpr (F16ACC) {
+                    o[4 * n + 0] = o[4 * n + 0] * alpha[0] + f16_lo(acc[2 * n]);
+                    o[4 * n + 1] = o[4 * n + 1] * alpha[0] + f16_hi(acc[2 * n]);
+                    o[4 * n + 2] = o[4 * n + 2] * alpha[1] + f16_lo(acc[2 * n + 1]);
+                    o[4 * n + 3] = o[4 * n + 3] * alpha[1] + f16_hi(acc[2 * n + 1]);
+                } else {
+QA_UNROLL
+                    for (int i = 0; i < 4; i++)
+                        o[4 * n + i] = o[4 * n + i] * alpha[i >> 1] + acc[4 * n + i];
+                }
+            }
+        };
+        auto wait_tile = [&](int it) { mbar_wait(full_bar(it), (uint32_t)((it / S) & 1)); };
+        /* After this warp's P V of tile it has completed: the stage may be refilled. */
+        auto release_tile = [&](int it) {
+            if (lane == 0)
+                mbar_arrive(empty_bar(it));
+        };
+
+        uint32_t pa[2][2][4];
+        float alpha[2][2];
+        mbar_wait(q_bar, 0);
+        if (n_tiles > 0) {
+            wait_tile(0);
+            float k_scale[2][2];
+            load_k_scales(0, k_scale);
+            qk_issue(0);
+            wgmma_wait<0>();
+            fence_operands(s);
+            softmax_tile(0, k_scale, pa[0], alpha[0]);
+        }
+        /* Iteration it: S of tile it + 1 and P V of tile it issued back to back,
+         * the softmax of tile it + 1 while P V runs (sm90_attn.cuh). The last
+         * tile issues a throwaway S of itself so that every path has the same
+         * wgmma groups in flight. */
+        auto step = [&](int it, const uint32_t (&pa_cur)[2][4], const float (&alpha_cur)[2],
+                        uint32_t (&pa_next)[2][4], float (&alpha_next)[2]) {
+            const bool more = it + 1 < n_tiles;
+            const int next = more ? it + 1 : it;
+            if (more)
+                wait_tile(next);
+            float k_scale[2][2];
+            load_k_scales(next, k_scale);
+            qk_issue(next);
+            pv_issue(it, pa_cur);
+            wgmma_wait<1>(); /* S of the next tile (committed first) */
+            fence_operands(s);
+            if (more)
+                softmax_tile(next, k_scale, pa_next, alpha_next);
+            wgmma_wait<0>();
+            fence_operands(acc);
+            release_tile(it);
+            o_update(alpha_cur);
+        };
+        for (int it = 0; it < n_tiles; it += 2) {
+            step(it, pa[0], alpha[0], pa[1], alpha[1]);
+            if (it + 1 < n_tiles)
+                step(it + 1, pa[1], alpha[1], pa[0], alpha[0]);
+        }
+        store_rows<D>(p, ts, row_base, o, m, l, p.v_scale + bhk * D, kLog2P8, p.q_kmean);
+    }
+#else
+    (void)p;
+    (void)maps;
+#endif
+}
+
+} // namespace sm90
+} // namespace qa
+
+#endif

@@ -47,6 +47,15 @@ for n in (64, 128):
     out.append(form(f"wgmma_e4m3_n{n}_rs_f16", f"wgmma.mma_async.sync.aligned.m64n{n}k32.f16.e4m3.e4m3",
                     "uint32_t", n // 4, "r", True, ", 1, 1",
                     f"D(f16x2, 64x{n}) (+)= A(e4m3, registers) x B(e4m3, smem, K-major), k = 32"))
+# FP8 P V with 8 more columns of B: the FP8 kernel puts a block of ones after
+# V^T so that the tensor core also sums each row of P.
+for n in (72, 136):
+    out.append(form(f"wgmma_e4m3_n{n}_rs_f32", f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3",
+                    "float", n // 2, "f", True, ", 1, 1",
+                    f"D(f32, 64x{n}) (+)= A(e4m3, registers) x B(e4m3, smem, K-major), k = 32"))
+    out.append(form(f"wgmma_e4m3_n{n}_rs_f16", f"wgmma.mma_async.sync.aligned.m64n{n}k32.f16.e4m3.e4m3",
+                    "uint32_t", n // 4, "r", True, ", 1, 1",
+                    f"D(f16x2, 64x{n}) (+)= A(e4m3, registers) x B(e4m3, smem, K-major), k = 32"))
 for t in ("f16", "bf16"):
     out.append(form(f"wgmma_{t}_n64_ss", f"wgmma.mma_async.sync.aligned.m64n64k16.f32.{t}.{t}",
                     "float", 32, "f", False, ", 1, 1, 0, 0",

@@ -141,9 +141,9 @@ QA_DEV TileSpan tile_span(const AttnParams &p, int block_m)
 
 /* Online softmax of this thread's two rows (g and g + 8) of a 64-key tile of
  * scores x (log2 domain, masked entries -inf): updates the running max m and
- * sum l, sets the rescale factor alpha of O, and replaces x by
+ * (ROW_SUM) sum l, sets the rescale factor alpha of O, and replaces x by
  * exp2(x - m + p_log2) (p_log2 = log2(448) when P is to be rounded to E4M3). */
-template <int NT>
+template <int NT, bool ROW_SUM = true>
 QA_DEV void online_softmax(float (&x)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2], float p_log2)
 {
 QA_UNROLL
@@ -168,7 +168,8 @@ QA_UNROLL
                 x[j][2 * hh + e] = pr;
                 sum += pr;
             }
-        l[hh] = l[hh] * alpha[hh] + sum;
+        if constexpr (ROW_SUM)
+            l[hh] = l[hh] * alpha[hh] + sum;
     }
 }
 

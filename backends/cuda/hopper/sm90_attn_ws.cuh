@@ -50,7 +50,11 @@ template <int D> struct WsTraits {
     static constexpr int kQBytes = 128 * D;          /* int8 Q, both consumers' rows */
     static constexpr int kKBytes = kBlockN * D;      /* int8 K, permuted key order */
     static constexpr int kVBytes = D * kBlockN;      /* FP8 V^T */
-    static constexpr int kStageBytes = kKBytes + kVBytes;
+    static constexpr int kCopyBytes = kKBytes + kVBytes; /* what the TMA copies per stage */
+    /* Then 8 rows of E4M3 ones (V^T rows D..D+7) so that P V also sums each
+     * row of P; stages stay 1024-byte aligned for the 128-byte swizzle. */
+    static constexpr int kOnesBytes = 8 * kBlockN;
+    static constexpr int kStageBytes = (kCopyBytes + kOnesBytes + 1023) / 1024 * 1024;
     static constexpr int kBarOffset = kQBytes + kWsStages * kStageBytes;
     static constexpr int kAlign = 1024;
     static constexpr int kSmem = kBarOffset + 8 * (2 * kWsStages + 1) + kAlign;
@@ -101,10 +105,11 @@ template <int N> QA_DEV void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.syn
  * per-warp K): the scores stay in their integer form r = 1.5 * 2^23 + s (read
  * as floats: exact, and ordered like s), so the row max needs no scaling and
  * each probability is one FFMA into ex2: exp2(r * sc - (1.5 * 2^23 * sc + m - p_log2)),
- * sc = q_scale * k_scale * log2(e) * sm_scale. Masked scores are -inf in r. */
+ * sc = q_scale * k_scale * log2(e) * sm_scale. Masked scores are -inf in r.
+ * No row sums: P V sums the rows (the ones block after V^T). */
 template <int NT>
-QA_DEV void online_softmax_raw(float (&r)[NT][4], const float (&sc)[2], float (&m)[2], float (&l)[2],
-                               float (&alpha)[2], float p_log2)
+QA_DEV void online_softmax_raw(float (&r)[NT][4], const float (&sc)[2], float (&m)[2], float (&alpha)[2],
+                               float p_log2)
 {
 QA_UNROLL
     for (int hh = 0; hh < 2; hh++) {
@@ -120,16 +125,11 @@ QA_UNROLL
         alpha[hh] = ex2(m[hh] - m_use);
         m[hh] = m_new;
         const float bias = fmaf(12582912.0f, sc[hh], m_use - p_log2);
-        float sum = 0.f;
 QA_UNROLL
         for (int j = 0; j < NT; j++)
 QA_UNROLL
-            for (int e = 0; e < 2; e++) {
-                const float pr = ex2(fmaf(r[j][2 * hh + e], sc[hh], -bias));
-                r[j][2 * hh + e] = pr;
-                sum += pr;
-            }
-        l[hh] = l[hh] * alpha[hh] + sum;
+            for (int e = 0; e < 2; e++)
+                r[j][2 * hh + e] = ex2(fmaf(r[j][2 * hh + e], sc[hh], -bias));
     }
 }
 #endif
@@ -156,6 +156,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     auto empty_bar = [&](int it) { return bars + 8 * (S + it % S); };
     const uint32_t q_bar = bars + 16 * S;
 
+    /* The ones block of every stage (never overwritten: the copies end before it). */
+    for (int i = tid(); i < S * T::kOnesBytes / 4; i += kWsThreads) {
+        const int stage = i / (T::kOnesBytes / 4), word = i % (T::kOnesBytes / 4);
+        *(uint32_t *)(smem + T::kQBytes + stage * T::kStageBytes + T::kCopyBytes + 4 * word) = 0x38383838u; /* E4M3 1.0 */
+    }
+    fence_proxy_async(); /* generic-proxy writes that wgmma reads */
     if (tid() == 0) {
         for (int s = 0; s < S; s++) {
             mbar_init(bars + 8 * s, 1);       /* full: the producer's expect_tx, then the copies' bytes */
@@ -184,7 +190,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                 if (it >= S)
                     mbar_wait(empty_bar(it), (uint32_t)((it / S - 1) & 1));
                 const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
-                mbar_expect_tx(full_bar(it), T::kStageBytes);
+                mbar_expect_tx(full_bar(it), T::kCopyBytes);
                 tma_load_5d(stage, &maps.k, full_bar(it), key16 + it * (kBlockN / 16));
                 tma_load_2d(stage + T::kKBytes, &maps.v, full_bar(it), it * kBlockN, v_row);
             }
@@ -268,7 +274,7 @@ QA_UNROLL
                         }
                         x[j][i] = v;
                     }
-                online_softmax_raw(x, sc, m, l, alpha, kLog2P8);
+                online_softmax_raw(x, sc, m, alpha, kLog2P8);
             } else {
                 /* Per-thread K scales differ between columns: scale each score
                  * (one FFMA from the raw form), then the float softmax. */
@@ -296,7 +302,7 @@ QA_UNROLL
                         }
                         x[j][i] = v;
                     }
-                online_softmax(x, m, l, alpha, kLog2P8);
+                online_softmax<NT, false>(x, m, l, alpha, kLog2P8);
             }
             /* P x448 to E4M3 in the A-register layout (see sm90_attn.cuh). */
 QA_UNROLL
@@ -316,7 +322,8 @@ QA_UNROLL
         };
 
         using Acc = typename std::conditional<F16ACC, uint32_t, float>::type;
-        constexpr int kAccRegs = F16ACC ? DT * 2 : DT * 4;
+        /* D columns of P V and 8 of row sums of P (all equal). */
+        constexpr int kAccRegs = F16ACC ? (DT + 1) * 2 : (DT + 1) * 4;
         Acc acc[kAccRegs];
 QA_UNROLL
         for (int i = 0; i < kAccRegs; i++)
@@ -330,14 +337,14 @@ QA_UNROLL
             for (int kc = 0; kc < 2; kc++) {
                 if constexpr (F16ACC) {
                     if constexpr (D == 128)
-                        wgmma_e4m3_n128_rs_f16(acc, pa[kc], dv[kc], kc);
+                        wgmma_e4m3_n136_rs_f16(acc, pa[kc], dv[kc], kc);
                     else
-                        wgmma_e4m3_n64_rs_f16(acc, pa[kc], dv[kc], kc);
+                        wgmma_e4m3_n72_rs_f16(acc, pa[kc], dv[kc], kc);
                 } else {
                     if constexpr (D == 128)
-                        wgmma_e4m3_n128_rs_f32(acc, pa[kc], dv[kc], kc);
+                        wgmma_e4m3_n136_rs_f32(acc, pa[kc], dv[kc], kc);
                     else
-                        wgmma_e4m3_n64_rs_f32(acc, pa[kc], dv[kc], kc);
+                        wgmma_e4m3_n72_rs_f32(acc, pa[kc], dv[kc], kc);
                 }
             }
             wgmma_commit();
@@ -355,6 +362,13 @@ QA_UNROLL
                     for (int i = 0; i < 4; i++)
                         o[4 * n + i] = o[4 * n + i] * alpha[i >> 1] + acc[4 * n + i];
                 }
+            }
+            if constexpr (F16ACC) {
+                l[0] = l[0] * alpha[0] + f16_lo(acc[2 * DT]);
+                l[1] = l[1] * alpha[1] + f16_lo(acc[2 * DT + 1]);
+            } else {
+                l[0] = l[0] * alpha[0] + acc[4 * DT];
+                l[1] = l[1] * alpha[1] + acc[4 * DT + 2];
             }
         };
         auto wait_tile = [&](int it) { mbar_wait(full_bar(it), (uint32_t)((it / S) & 1)); };
@@ -404,6 +418,10 @@ QA_UNROLL
             if (it + 1 < n_tiles)
                 step(it + 1, pa[1], alpha[1], pa[0], alpha[0]);
         }
+        /* Every thread of a row holds the whole row sum; store_rows adds the
+         * four threads' parts. */
+        if (t != 0)
+            l[0] = l[1] = 0.f;
         store_rows<D>(p, ts, row_base, o, m, l, p.v_scale + bhk * D, kLog2P8, p.q_kmean);
     }
 #else

@@ -60,7 +60,7 @@ for t in ("f16", "bf16"):
     out.append(form(f"wgmma_{t}_n64_ss", f"wgmma.mma_async.sync.aligned.m64n64k16.f32.{t}.{t}",
                     "float", 32, "f", False, ", 1, 1, 0, 0",
                     f"D(f32, 64x64) (+)= A({t}, smem, K-major) x B({t}, smem, K-major), k = 16"))
-    for n in (64, 128):
+    for n in (64, 128, 256):
         out.append(form(f"wgmma_{t}_n{n}_rs_tb", f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t}",
                         "float", n // 2, "f", True, ", 1, 1, 1",
                         f"D(f32, 64x{n}) (+)= A({t}, registers) x B({t}, smem, MN-major), k = 16"))

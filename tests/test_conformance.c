@@ -356,6 +356,13 @@ static const conf_case cases[] = {
     {"exact_d32", 1, 2, 2, 70, 70, 32, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
     {"exact_d96", 1, 2, 2, 70, 70, 96, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
     {"exact_d256", 1, 2, 2, 70, 70, 256, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
+    /* Longer than the TMA kernels' stage rings, D = 256 in both dtypes, and a
+     * token stride that is not a multiple of 8 (the cp.async kernel on sm_90). */
+    {"exact_d128_long", 1, 2, 2, 1000, 1000, 128, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
+    {"exact_d64_causal_long", 1, 2, 1, 700, 1100, 64, F16, F16, 1, 0, 0, DATA_KBIAS, EXACT, 0, 0},
+    {"exact_d256_bf16_causal_gqa", 1, 4, 2, 200, 333, 256, BF16, BF16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
+    {"exact_d256_nhd_f32_out", 2, 2, 1, 130, 130, 256, F16, F32, 0, 1, 8, DATA_KBIAS, EXACT, 0, 0},
+    {"exact_hnd_pad4", 1, 2, 2, 100, 100, 128, F16, F16, 1, 0, 4, DATA_RANDN, EXACT, 0, 0},
     {"int8_fp16_d64", 2, 2, 2, 200, 200, 64, F16, F16, 0, 0, 0, DATA_RANDN, I8F16, 0, 0},
     {"int8_fp16_d128_kbias_causal", 1, 4, 2, 260, 260, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F16, 0, 0},
     {"int8_fp8_d128", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, 0, 0},

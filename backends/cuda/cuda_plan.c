@@ -24,6 +24,11 @@ static const qa_cuda_plan_info plan_infos[4] = {{.fp8_on_f16_mma = 0, .wgmma = 0
                                                 {.fp8_on_f16_mma = 0, .wgmma = 1, .tma = 0},
                                                 {.fp8_on_f16_mma = 0, .wgmma = 1, .tma = 1}};
 
+static bool strides_multiple_of(const int64_t stride[4], int64_t n)
+{
+    return stride[0] % n == 0 && stride[1] % n == 0 && stride[2] % n == 0;
+}
+
 int qa_cuda_fp8_on_f16_mma(int cc) { return cc >= 90 && cc < 100; }
 
 int qa_cuda_supports(int cc, qattn_precision precision)
@@ -45,9 +50,10 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "the cuda backend needs compute capability 8.0 or newer, this device is %d.%d", cc / 10,
                                cc % 10);
-    if (p->head_dim != 64 && p->head_dim != 128)
+    if (p->head_dim != 64 && p->head_dim != 128 && p->head_dim != 256)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
-                               "head dim %lld is not supported by the cuda backend (64 and 128 are)",
+                               "head dim %lld is not supported by the cuda backend (64 and 128 are; 256 with exact "
+                               "precision on sm_90)",
                                (long long)p->head_dim);
     if (p->seq_q > INT32_MAX - 2 * QA_CUDA_BLOCK_M || p->seq_k > INT32_MAX - 4 * QA_CUDA_BLOCK_N ||
         p->batch * p->heads_q > INT32_MAX / 2)
@@ -92,6 +98,18 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
                                "exact precision with f32 inputs is not supported by the cuda backend (its tensor "
                                "cores take f16 or bf16; convert the inputs, or use a quantized precision)");
 
+    /* EXACT through the TMA kernel reads the caller's tensors with the copy
+     * engine, whose strides are multiples of 16 bytes. */
+    const bool exact_tma = plan->precision == QATTN_PRECISION_EXACT && cc == 90 && sm90a_kernels &&
+                           strides_multiple_of(p->q_stride, 8) && strides_multiple_of(p->k_stride, 8) &&
+                           strides_multiple_of(p->v_stride, 8);
+    if (p->head_dim == 256 && !exact_tma)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "head dim 256 on the cuda backend needs exact precision on an sm_90 GPU with the sm_90a "
+                               "kernels built, and token/head/batch strides that are multiples of 8 elements "
+                               "(this plan: %s precision, compute capability %d.%d%s)",
+                               qattn_precision_name(plan->precision), cc / 10, cc % 10,
+                               sm90a_kernels ? "" : ", no sm_90a kernels in this build");
     bool quantized = plan->precision != QATTN_PRECISION_EXACT;
     if (quantized) {
         if (plan->granularity == QATTN_GRANULARITY_DEFAULT)
@@ -113,9 +131,9 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
     const bool on_f16 = fp8 && qa_cuda_fp8_on_f16_mma(cc) && !wgmma;
     /* The TMA kernel's K tensor map runs over the keys of all heads in units
      * of 16 (see hopper/sm90_attn_ws.cuh), and its coordinates are 32-bit. */
-    const bool tma = wgmma && fp8 && p->seq_k % 16 == 0 &&
-                     p->batch * p->heads_q * (p->seq_q + QA_CUDA_BLOCK_M) < INT32_MAX &&
-                     p->batch * p->heads_kv * (p->seq_k + QA_CUDA_BLOCK_N) < INT32_MAX;
+    const bool tma = exact_tma || (wgmma && fp8 && p->seq_k % 16 == 0 &&
+                                   p->batch * p->heads_q * (p->seq_q + QA_CUDA_BLOCK_M) < INT32_MAX &&
+                                   p->batch * p->heads_kv * (p->seq_k + QA_CUDA_BLOCK_N) < INT32_MAX);
     plan->impl = (void *)&plan_infos[tma ? 3 : wgmma ? 2 : on_f16 ? 1 : 0];
     plan->q_tile = QA_CUDA_BLOCK_M;
     plan->kv_tile = QA_CUDA_BLOCK_N;
@@ -137,7 +155,10 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
                  : fp8 ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory, two warpgroups of 64 query "
                          "rows, FP8 P.V accumulated per 64-key tile then added in fp32 (cp.async loads: Nk is not "
                          "a multiple of 16)."
-                     : " sm_90a wgmma kernel: two warpgroups of 64 query rows, fp32 accumulation.");
+                 : tma ? " sm_90a wgmma kernel: a TMA producer warpgroup and two consumer warpgroups of 64 query "
+                         "rows, fp32 accumulation."
+                       : " sm_90a wgmma kernel: two warpgroups of 64 query rows, fp32 accumulation (cp.async loads: a "
+                         "stride is not a multiple of 8 elements).");
     }
     if (on_f16) {
         size_t used = strlen(plan->why);

@@ -6,6 +6,7 @@
 #include "sm90_attn.cuh"
 #include "sm90_attn_exact.cuh"
 #include "sm90_attn_ws.cuh"
+#include "sm90_attn_exact_ws.cuh"
 
 #ifndef QA_SM90A_BUILT
 #define QA_SM90A_BUILT 0
@@ -32,8 +33,34 @@ template <int D, bool BF16> static int sm90_exact_launch(const AttnParams *p, in
     return smem;
 }
 
-int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare)
+static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch);
+
+template <int D, bool BF16> static int sm90_exact_ws_launch(const AttnParams *p, int grid, void *stream, bool prepare)
 {
+    auto fn = &sm90::attention_exact_ws_kernel<D, BF16>;
+    const int smem = sm90::ExactWsTraits<D>::kSmem;
+    if (prepare)
+        return QA_SET_SMEM(fn, smem) ? smem : 0;
+    sm90::TmaMaps maps;
+    if (!encode_exact_maps(&maps, *p, D, grid / ((int64_t)p->q_tiles * p->heads_q)))
+        return -1;
+    fn<<<grid, sm90::kWsThreads, smem, (cudaStream_t)stream>>>(*p, maps);
+    return smem;
+}
+
+int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, bool tma, int grid, void *stream, bool prepare)
+{
+    if (tma) {
+        switch (head_dim) {
+        case 64: return bf16 ? sm90_exact_ws_launch<64, true>(p, grid, stream, prepare)
+                             : sm90_exact_ws_launch<64, false>(p, grid, stream, prepare);
+        case 128: return bf16 ? sm90_exact_ws_launch<128, true>(p, grid, stream, prepare)
+                              : sm90_exact_ws_launch<128, false>(p, grid, stream, prepare);
+        case 256: return bf16 ? sm90_exact_ws_launch<256, true>(p, grid, stream, prepare)
+                              : sm90_exact_ws_launch<256, false>(p, grid, stream, prepare);
+        default: return 0;
+        }
+    }
     switch (head_dim) {
     case 64: return bf16 ? sm90_exact_launch<64, true>(p, grid, stream, prepare)
                          : sm90_exact_launch<64, false>(p, grid, stream, prepare);
@@ -62,10 +89,10 @@ static EncodeTiledFn encode_tiled()
     return fn;
 }
 
-/* An int8/FP8 tensor map: rank dims (innermost first), strides in bytes of
- * dims 1.., box, swizzle width in bytes. */
-static bool encode_u8(CUtensorMap *map, const void *base, int rank, const uint64_t *dims, const uint64_t *strides,
-                      const uint32_t *box, int swizzle)
+/* A tensor map of 1- or 2-byte elements: rank dims (innermost first),
+ * strides in bytes of dims 1.., box, swizzle width in bytes. */
+static bool encode_map(CUtensorMap *map, CUtensorMapDataType type, const void *base, int rank, const uint64_t *dims,
+                       const uint64_t *strides, const uint32_t *box, int swizzle)
 {
     EncodeTiledFn fn = encode_tiled();
     if (!fn)
@@ -80,7 +107,7 @@ static bool encode_u8(CUtensorMap *map, const void *base, int rank, const uint64
             st[i] = strides[i];
     }
     const CUtensorMapSwizzle sw = swizzle == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
-    return fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, (cuuint32_t)rank, (void *)base, d, st, b, es,
+    return fn(map, type, (cuuint32_t)rank, (void *)base, d, st, b, es,
               CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
@@ -98,9 +125,26 @@ static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t
     const uint64_t v_dims[2] = {(uint64_t)p.v_keys_padded, (uint64_t)(batch * p.heads_kv * D)};
     const uint64_t v_strides[1] = {(uint64_t)p.v_keys_padded};
     const uint32_t v_box[2] = {kBlockN, (uint32_t)D};
-    return encode_u8(&m->q, p.q8, 2, q_dims, q_strides, q_box, swz) &&
-           encode_u8(&m->k, p.k8, 5, k_dims, k_strides, k_box, swz) &&
-           encode_u8(&m->v, p.vq, 2, v_dims, v_strides, v_box, 64);
+    const CUtensorMapDataType u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8;
+    return encode_map(&m->q, u8, p.q8, 2, q_dims, q_strides, q_box, swz) &&
+           encode_map(&m->k, u8, p.k8, 5, k_dims, k_strides, k_box, swz) &&
+           encode_map(&m->v, u8, p.vq, 2, v_dims, v_strides, v_box, 64);
+}
+
+/* The maps of sm90_attn_exact_ws.cuh: the caller's 16-bit Q, K, V as
+ * (D, tokens, heads, batch) with their element strides [b, h, n]. */
+static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch)
+{
+    const CUtensorMapDataType u16 = CU_TENSOR_MAP_DATA_TYPE_UINT16;
+    auto one = [&](CUtensorMap *map, const void *base, const int64_t st[3], int heads, int tokens, uint32_t rows) {
+        const uint64_t dims[4] = {(uint64_t)D, (uint64_t)tokens, (uint64_t)heads, (uint64_t)batch};
+        const uint64_t strides[3] = {(uint64_t)st[2] * 2, (uint64_t)st[1] * 2, (uint64_t)st[0] * 2};
+        const uint32_t box[4] = {64, rows, 1, 1};
+        return encode_map(map, u16, base, 4, dims, strides, box, 128);
+    };
+    return one(&m->q, p.q, p.q_stride, p.heads_q, p.seq_q, kBlockM) &&
+           one(&m->k, p.k, p.k_stride, p.heads_kv, p.seq_k, kBlockN) &&
+           one(&m->v, p.v, p.v_stride, p.heads_kv, p.seq_k, kBlockN);
 }
 
 template <int D, bool F16ACC, bool UNIFORM_K>

@@ -113,10 +113,12 @@ QA_DEV void online_softmax_raw(float (&r)[NT][4], const float (&sc)[2], float (&
 {
 QA_UNROLL
     for (int hh = 0; hh < 2; hh++) {
-        float mx = -INFINITY;
+        /* Four partial maxima: dependent chains of NT / 4, not NT. */
+        float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 QA_UNROLL
         for (int j = 0; j < NT; j++)
-            mx = fmax_(mx, fmax_(r[j][2 * hh], r[j][2 * hh + 1]));
+            part[j & 3] = fmax_(part[j & 3], fmax_(r[j][2 * hh], r[j][2 * hh + 1]));
+        float mx = fmax_(fmax_(part[0], part[1]), fmax_(part[2], part[3]));
         mx = fmax_(mx, shfl_xor(mx, 1));
         mx = fmax_(mx, shfl_xor(mx, 2));
         const float tile_max = (mx - 12582912.0f) * sc[hh]; /* -inf for a row with no unmasked key */
@@ -380,43 +382,47 @@ QA_UNROLL
 
         uint32_t pa[2][2][4];
         float alpha[2][2];
+        /* K scales, loaded a step before their softmax (an L2 round trip is
+         * longer than the S GEMM it would otherwise hide behind). */
+        float k_scale[2][2][2];
         mbar_wait(q_bar, 0);
         if (n_tiles > 0) {
             wait_tile(0);
-            float k_scale[2][2];
-            load_k_scales(0, k_scale);
+            load_k_scales(0, k_scale[0]);
+            load_k_scales(min(1, n_tiles - 1), k_scale[1]);
             qk_issue(0);
             wgmma_wait<0>();
             fence_operands(s);
-            softmax_tile(0, k_scale, pa[0], alpha[0]);
+            softmax_tile(0, k_scale[0], pa[0], alpha[0]);
         }
         /* Iteration it: S of tile it + 1 and P V of tile it issued back to back,
          * the softmax of tile it + 1 while P V runs (sm90_attn.cuh). The last
          * tile issues a throwaway S of itself so that every path has the same
          * wgmma groups in flight. */
         auto step = [&](int it, const uint32_t (&pa_cur)[2][4], const float (&alpha_cur)[2],
-                        uint32_t (&pa_next)[2][4], float (&alpha_next)[2]) {
+                        uint32_t (&pa_next)[2][4], float (&alpha_next)[2], const float (&ks_next)[2][2],
+                        float (&ks_after)[2][2]) {
             const bool more = it + 1 < n_tiles;
             const int next = more ? it + 1 : it;
+            /* ks_after held tile it's scales, used by the previous softmax. */
+            load_k_scales(min(it + 2, n_tiles - 1), ks_after);
             if (more)
                 wait_tile(next);
-            float k_scale[2][2];
-            load_k_scales(next, k_scale);
             qk_issue(next);
             pv_issue(it, pa_cur);
             wgmma_wait<1>(); /* S of the next tile (committed first) */
             fence_operands(s);
             if (more)
-                softmax_tile(next, k_scale, pa_next, alpha_next);
+                softmax_tile(next, ks_next, pa_next, alpha_next);
             wgmma_wait<0>();
             fence_operands(acc);
             release_tile(it);
             o_update(alpha_cur);
         };
         for (int it = 0; it < n_tiles; it += 2) {
-            step(it, pa[0], alpha[0], pa[1], alpha[1]);
+            step(it, pa[0], alpha[0], pa[1], alpha[1], k_scale[1], k_scale[0]);
             if (it + 1 < n_tiles)
-                step(it + 1, pa[1], alpha[1], pa[0], alpha[0]);
+                step(it + 1, pa[1], alpha[1], pa[0], alpha[0], k_scale[0], k_scale[1]);
         }
         /* Every thread of a row holds the whole row sum; store_rows adds the
          * four threads' parts. */

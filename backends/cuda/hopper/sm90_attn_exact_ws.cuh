@@ -1,0 +1,253 @@
+/*
+ * sm_90a attention for EXACT (fp16/bf16 in, fp32 accumulation), warp-
+ * specialized: the FP8 TMA kernel's structure (sm90_attn_ws.cuh: a producer
+ * warpgroup issuing bulk tensor copies into an mbarrier ring, two consumer
+ * warpgroups of 64 query rows) with the EXACT kernel's math
+ * (sm90_attn_exact.cuh: S = Q K^T on HGMMA from shared memory, O += P V with
+ * P from registers and V read MN-major, O rescaled before each P V).
+ *
+ * The tensor maps read the caller's tensors directly: 4-D (D, tokens, heads,
+ * batch) with the tensor's own strides, in boxes of 64 channels (one
+ * 128-byte-swizzled column block) by 64 or 128 rows; rows past the sequence
+ * are zero-filled per head. The planner picks this kernel when every token,
+ * head and batch stride is a multiple of 8 elements (the copy engine's
+ * 16-byte rule); D = 256 exists only here (two 64 KiB stages).
+ */
+#ifndef QA_SM90_ATTN_EXACT_WS_CUH
+#define QA_SM90_ATTN_EXACT_WS_CUH
+
+#include "sm90_attn_ws.cuh"
+
+namespace qa {
+namespace sm90 {
+
+template <int D> struct ExactWsTraits {
+    static constexpr int kQBytes = kBlockM * D * 2;
+    static constexpr int kKBytes = kBlockN * D * 2;
+    static constexpr int kVBytes = kBlockN * D * 2;
+    static constexpr int kStageBytes = kKBytes + kVBytes;
+    /* As many stages as fit in 227 KiB next to Q. */
+    static constexpr int kStages = D == 256 ? 2 : D == 128 ? 6 : 8;
+    static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
+    static constexpr int kAlign = 1024;
+    static constexpr int kSmem = kBarOffset + 8 * (2 * kStages + 1) + kAlign;
+};
+
+#if defined(QA_SM90_DEVICE_CODE)
+QA_DEV void tma_load_4d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int c0, int c1, int c2, int c3)
+{
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
+                 "l"((uint64_t)map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+                 : "memory");
+}
+#endif
+
+template <int D, bool BF16>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    attention_exact_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
+{
+#if defined(QA_SM90_DEVICE_CODE)
+    using T = ExactWsTraits<D>;
+    constexpr int NT = kBlockN / 8; /* n8 column groups of S */
+    constexpr int DT = D / 8;       /* n8 column groups of O */
+    constexpr int KS = D / 16;      /* k16 steps of Q K^T */
+    constexpr int CB = D / 64;      /* 64-channel column blocks */
+    constexpr int S = T::kStages;
+
+    if (p.status && load_volatile(p.status))
+        return; /* non-finite input: leave the outputs untouched (every thread returns here) */
+
+    uint8_t *smem_raw = dynamic_smem();
+    uint8_t *smem = smem_raw + ((T::kAlign - (smem_u32(smem_raw) & (T::kAlign - 1))) & (T::kAlign - 1));
+    const uint32_t sQ = smem_u32(smem);
+    const uint32_t sStage = sQ + T::kQBytes;
+    const uint32_t bars = sQ + T::kBarOffset;
+    auto full_bar = [&](int it) { return bars + 8 * (it % S); };
+    auto empty_bar = [&](int it) { return bars + 8 * (S + it % S); };
+    const uint32_t q_bar = bars + 16 * S;
+
+    if (tid() == 0) {
+        for (int s = 0; s < S; s++) {
+            mbar_init(bars + 8 * s, 1);
+            mbar_init(bars + 8 * (S + s), 8); /* one arrival per consumer warp */
+        }
+        mbar_init(q_bar, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    sync_block();
+
+    const TileSpan ts = tile_span(p, kBlockM);
+    const int warp = warp_id();
+    if (warp < 4) {
+        setmaxnreg_dec<24>();
+        if (tid() == 0) {
+            prefetch_tensor_map(&maps.q);
+            prefetch_tensor_map(&maps.k);
+            prefetch_tensor_map(&maps.v);
+            mbar_expect_tx(q_bar, T::kQBytes);
+            for (int c = 0; c < CB; c++)
+                tma_load_4d(sQ + c * kBlockM * 128, &maps.q, q_bar, c * 64, ts.i0, ts.h, ts.b);
+            for (int it = 0; it < ts.n_tiles; it++) {
+                if (it >= S)
+                    mbar_wait(empty_bar(it), (uint32_t)((it / S - 1) & 1));
+                const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
+                mbar_expect_tx(full_bar(it), T::kStageBytes);
+                for (int c = 0; c < CB; c++) {
+                    tma_load_4d(stage + c * kBlockN * 128, &maps.k, full_bar(it), c * 64, it * kBlockN, ts.hk, ts.b);
+                    tma_load_4d(stage + T::kKBytes + c * kBlockN * 128, &maps.v, full_bar(it), c * 64, it * kBlockN,
+                                ts.hk, ts.b);
+                }
+            }
+        }
+    } else {
+        setmaxnreg_inc<240>();
+        const int lane = lane_id();
+        const int cw = (warp >> 2) - 1, wl = warp & 3;
+        const int g = lane >> 2, t = lane & 3;
+        const int i0 = ts.i0, diag = ts.diag, n_tiles = ts.n_tiles, n_plain = ts.n_plain;
+        const int row_base = cw * 64 + wl * 16 + g; /* this thread's rows: row_base and row_base + 8 */
+
+        float o[DT * 4];
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+QA_UNROLL
+        for (int i = 0; i < DT * 4; i++)
+            o[i] = 0.f;
+
+        /* Descriptors as in sm90_attn_exact.cuh. */
+        const uint64_t desc_q = smem_desc<128>(sQ + cw * 64 * 128);
+        const uint64_t desc_k0 = smem_desc<128>(sStage);
+        const uint64_t desc_v0 = smem_desc_mn128(sStage + T::kKBytes, kBlockN * 128);
+        auto stage_desc = [&](uint64_t base, int it) { return base + (uint64_t)((it % S) * (T::kStageBytes >> 4)); };
+
+        float s[NT * 4];
+QA_UNROLL
+        for (int i = 0; i < NT * 4; i++)
+            s[i] = 0.f;
+        auto qk_issue = [&](int it) {
+            const uint64_t desc_k = stage_desc(desc_k0, it);
+            fence_operands(s);
+            wgmma_fence();
+QA_UNROLL
+            for (int ks = 0; ks < KS; ks++) {
+                const uint64_t a = desc_q + (uint64_t)(((ks >> 2) * kBlockM * 128 + (ks & 3) * 32) >> 4);
+                const uint64_t bk = desc_k + (uint64_t)(((ks >> 2) * kBlockN * 128 + (ks & 3) * 32) >> 4);
+                if constexpr (BF16)
+                    wgmma_bf16_n64_ss(s, a, bk, ks);
+                else
+                    wgmma_f16_n64_ss(s, a, bk, ks);
+            }
+            wgmma_commit();
+        };
+        auto softmax = [&](int it, auto mask_tag, uint32_t (&pa)[4][4], float (&alpha)[2]) {
+            constexpr bool MASK = decltype(mask_tag)::value;
+            const int j0 = it * kBlockN;
+            float x[NT][4];
+QA_UNROLL
+            for (int j = 0; j < NT; j++)
+QA_UNROLL
+                for (int i = 0; i < 4; i++) {
+                    float v = s[4 * j + i] * p.scale_log2;
+                    if constexpr (MASK) {
+                        const int key = j0 + j * 8 + 2 * t + (i & 1);
+                        const int row = i0 + row_base + (i >> 1) * 8;
+                        if (key >= p.seq_k || (p.causal && key > row + diag))
+                            v = -INFINITY;
+                    }
+                    x[j][i] = v;
+                }
+            online_softmax(x, m, l, alpha, 0.f);
+QA_UNROLL
+            for (int kc = 0; kc < 4; kc++) {
+                if constexpr (BF16)
+                    pack_p16(pa[kc], x[2 * kc], x[2 * kc + 1], pack_bf16x2);
+                else
+                    pack_p16(pa[kc], x[2 * kc], x[2 * kc + 1], pack_f16x2);
+            }
+        };
+        auto softmax_tile = [&](int it, uint32_t (&pa)[4][4], float (&alpha)[2]) {
+            if (it < n_plain)
+                softmax(it, std::false_type(), pa, alpha);
+            else
+                softmax(it, std::true_type(), pa, alpha);
+        };
+        auto pv_issue = [&](int it, const uint32_t (&pa)[4][4], const float (&alpha)[2]) {
+            const uint64_t desc_v = stage_desc(desc_v0, it);
+QA_UNROLL
+            for (int n = 0; n < DT; n++)
+QA_UNROLL
+                for (int i = 0; i < 4; i++)
+                    o[4 * n + i] *= alpha[i >> 1];
+            fence_operands(o);
+            wgmma_fence();
+QA_UNROLL
+            for (int kc = 0; kc < 4; kc++) {
+                const uint64_t dv = desc_v + (uint64_t)(kc * (16 * 128 >> 4));
+                if constexpr (BF16) {
+                    if constexpr (D == 256)
+                        wgmma_bf16_n256_rs_tb(o, pa[kc], dv, 1);
+                    else if constexpr (D == 128)
+                        wgmma_bf16_n128_rs_tb(o, pa[kc], dv, 1);
+                    else
+                        wgmma_bf16_n64_rs_tb(o, pa[kc], dv, 1);
+                } else {
+                    if constexpr (D == 256)
+                        wgmma_f16_n256_rs_tb(o, pa[kc], dv, 1);
+                    else if constexpr (D == 128)
+                        wgmma_f16_n128_rs_tb(o, pa[kc], dv, 1);
+                    else
+                        wgmma_f16_n64_rs_tb(o, pa[kc], dv, 1);
+                }
+            }
+            wgmma_commit();
+        };
+        auto wait_tile = [&](int it) { mbar_wait(full_bar(it), (uint32_t)((it / S) & 1)); };
+        auto release_tile = [&](int it) {
+            if (lane == 0)
+                mbar_arrive(empty_bar(it));
+        };
+
+        uint32_t pa[2][4][4];
+        float alpha[2][2];
+        mbar_wait(q_bar, 0);
+        if (n_tiles > 0) {
+            wait_tile(0);
+            qk_issue(0);
+            wgmma_wait<0>();
+            fence_operands(s);
+            softmax_tile(0, pa[0], alpha[0]);
+        }
+        /* The FP8 TMA kernel's pipeline (see there). */
+        auto step = [&](int it, const uint32_t (&pa_cur)[4][4], const float (&alpha_cur)[2],
+                        uint32_t (&pa_next)[4][4], float (&alpha_next)[2]) {
+            const bool more = it + 1 < n_tiles;
+            const int next = more ? it + 1 : it;
+            if (more)
+                wait_tile(next);
+            qk_issue(next);
+            pv_issue(it, pa_cur, alpha_cur);
+            wgmma_wait<1>(); /* S of the next tile (committed first) */
+            fence_operands(s);
+            if (more)
+                softmax_tile(next, pa_next, alpha_next);
+            wgmma_wait<0>();
+            fence_operands(o);
+            release_tile(it);
+        };
+        for (int it = 0; it < n_tiles; it += 2) {
+            step(it, pa[0], alpha[0], pa[1], alpha[1]);
+            if (it + 1 < n_tiles)
+                step(it + 1, pa[1], alpha[1], pa[0], alpha[0]);
+        }
+        store_rows<D>(p, ts, row_base, o, m, l, nullptr, 0.f, nullptr);
+    }
+#else
+    (void)p;
+    (void)maps;
+#endif
+}
+
+} // namespace sm90
+} // namespace qa
+
+#endif

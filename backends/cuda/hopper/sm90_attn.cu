@@ -33,19 +33,30 @@ template <int D, bool BF16> static int sm90_exact_launch(const AttnParams *p, in
     return smem;
 }
 
-static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch);
+static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows);
+
+/* The kernel's parameters for CTAs of `rows` query rows (the planner counts
+ * query tiles of kBlockM rows; the warp-specialized kernels may take more). */
+static AttnParams with_cta_rows(const AttnParams &p, int rows)
+{
+    AttnParams r = p;
+    r.q_tiles = (p.seq_q + rows - 1) / rows;
+    return r;
+}
 
 template <int D, bool BF16> static int sm90_exact_ws_launch(const AttnParams *p, int grid, void *stream, bool prepare)
 {
     auto fn = &sm90::attention_exact_ws_kernel<D, BF16>;
-    const int smem = sm90::ExactWsTraits<D>::kSmem;
+    using T = sm90::ExactWsTraits<D>;
     if (prepare)
-        return QA_SET_SMEM(fn, smem) ? smem : 0;
+        return QA_SET_SMEM(fn, T::kSmem) ? T::kSmem : 0;
+    const int64_t batch = grid / ((int64_t)p->q_tiles * p->heads_q);
+    const AttnParams ap = with_cta_rows(*p, T::kRows);
     sm90::TmaMaps maps;
-    if (!encode_exact_maps(&maps, *p, D, grid / ((int64_t)p->q_tiles * p->heads_q)))
+    if (!encode_exact_maps(&maps, ap, D, batch, T::kRows))
         return -1;
-    fn<<<grid, sm90::kWsThreads, smem, (cudaStream_t)stream>>>(*p, maps);
-    return smem;
+    fn<<<(int)(ap.q_tiles * batch * ap.heads_q), T::kThreads, T::kSmem, (cudaStream_t)stream>>>(ap, maps);
+    return T::kSmem;
 }
 
 int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, bool tma, int grid, void *stream, bool prepare)
@@ -113,12 +124,12 @@ static bool encode_map(CUtensorMap *map, CUtensorMapDataType type, const void *b
 }
 
 /* The three maps of sm90_attn_ws.cuh for batch * heads of the workspace. */
-static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch)
+static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows)
 {
     const int swz = D == 128 ? 128 : 64;
     const uint64_t q_dims[2] = {(uint64_t)D, (uint64_t)(batch * p.heads_q * p.seq_q)};
     const uint64_t q_strides[1] = {(uint64_t)D};
-    const uint32_t q_box[2] = {(uint32_t)D, 128};
+    const uint32_t q_box[2] = {(uint32_t)D, (uint32_t)q_rows};
     const uint64_t k_dims[5] = {(uint64_t)D, 2, 4, 2, (uint64_t)(batch * p.heads_kv * p.seq_k / 16)};
     const uint64_t k_strides[4] = {(uint64_t)D, 4ull * D, 2ull * D, 16ull * D};
     const uint32_t k_box[5] = {(uint32_t)D, 2, 4, 2, kBlockN / 16};
@@ -133,7 +144,7 @@ static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t
 
 /* The maps of sm90_attn_exact_ws.cuh: the caller's 16-bit Q, K, V as
  * (D, tokens, heads, batch) with their element strides [b, h, n]. */
-static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch)
+static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows)
 {
     const CUtensorMapDataType u16 = CU_TENSOR_MAP_DATA_TYPE_UINT16;
     auto one = [&](CUtensorMap *map, const void *base, const int64_t st[3], int heads, int tokens, uint32_t rows) {
@@ -142,7 +153,7 @@ static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int6
         const uint32_t box[4] = {64, rows, 1, 1};
         return encode_map(map, u16, base, 4, dims, strides, box, 128);
     };
-    return one(&m->q, p.q, p.q_stride, p.heads_q, p.seq_q, kBlockM) &&
+    return one(&m->q, p.q, p.q_stride, p.heads_q, p.seq_q, (uint32_t)q_rows) &&
            one(&m->k, p.k, p.k_stride, p.heads_kv, p.seq_k, kBlockN) &&
            one(&m->v, p.v, p.v_stride, p.heads_kv, p.seq_k, kBlockN);
 }
@@ -151,14 +162,16 @@ template <int D, bool F16ACC, bool UNIFORM_K>
 static int sm90_fp8_ws_launch(const AttnParams *p, int grid, void *stream, bool prepare)
 {
     auto fn = &sm90::attention_fp8_ws_kernel<D, F16ACC, UNIFORM_K>;
-    const int smem = sm90::WsTraits<D>::kSmem;
+    using T = sm90::WsTraits<D>;
     if (prepare)
-        return QA_SET_SMEM(fn, smem) ? smem : 0;
+        return QA_SET_SMEM(fn, T::kSmem) ? T::kSmem : 0;
+    const int64_t batch = grid / ((int64_t)p->q_tiles * p->heads_q);
+    const AttnParams ap = with_cta_rows(*p, T::kRows);
     sm90::TmaMaps maps;
-    if (!encode_ws_maps(&maps, *p, D, grid / ((int64_t)p->q_tiles * p->heads_q)))
+    if (!encode_ws_maps(&maps, ap, D, batch, T::kRows))
         return -1;
-    fn<<<grid, sm90::kWsThreads, smem, (cudaStream_t)stream>>>(*p, maps);
-    return smem;
+    fn<<<(int)(ap.q_tiles * batch * ap.heads_q), T::kThreads, T::kSmem, (cudaStream_t)stream>>>(ap, maps);
+    return T::kSmem;
 }
 
 template <int D, bool F16ACC> static int sm90_fp8_ws(const AttnParams *p, int grid, void *stream, bool prepare)

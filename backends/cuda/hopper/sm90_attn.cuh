@@ -108,9 +108,12 @@ QA_DEV uint64_t smem_desc_mn128(uint32_t addr, int block_bytes)
     d |= (uint64_t)1 << 62;
     return d;
 }
-/* The query tile and key range of this CTA (both kernels): CTA bx covers
- * query rows i0.. of one (batch, head), last tiles first (most causal work);
- * keys [0, n_tiles * 64), of which the first n_plain tiles need no mask. */
+/* The query tile and key range of this CTA (every sm_90a kernel): CTA bx
+ * covers query rows i0.. of one (batch, head), a head's last tiles first (most
+ * causal work); keys [0, n_tiles * 64), of which the first n_plain tiles need
+ * no mask. The CTAs of one head run together and share its K/V in L2
+ * (ordering causal CTAs longest first over all heads measured no better:
+ * bench/NOTES.md). */
 struct TileSpan {
     int b, h, hk, i0, rows_valid, diag, n_tiles, n_plain;
     int64_t bhq, bhk;

@@ -21,16 +21,18 @@
 namespace qa {
 namespace sm90 {
 
-template <int D> struct ExactWsTraits {
-    static constexpr int kQBytes = kBlockM * D * 2;
+template <int D> struct ExactWsTraits : WsShape<D <= 128 ? 3 : 2> {
+    static constexpr int kQBytes = 64 * WsShape<D <= 128 ? 3 : 2>::kConsumers * D * 2;
     static constexpr int kKBytes = kBlockN * D * 2;
     static constexpr int kVBytes = kBlockN * D * 2;
     static constexpr int kStageBytes = kKBytes + kVBytes;
-    /* As many stages as fit in 227 KiB next to Q. */
-    static constexpr int kStages = D == 256 ? 2 : D == 128 ? 6 : 8;
+    /* As many stages as fit in 227 KiB next to Q. Three consumer warpgroups
+     * (160 registers each) for D <= 128: at D=128 that beat two (240
+     * registers, 6 stages) by 12-15% on the H200 (bench/NOTES.md). */
+    static constexpr int kStages = D == 256 ? 2 : D == 128 ? 5 : 8;
     static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
     static constexpr int kAlign = 1024;
-    static constexpr int kSmem = kBarOffset + 8 * (2 * kStages + 1) + kAlign;
+    static constexpr int kSmem = kBarOffset + 8 * (2 * kStages + 1) + kAlign;    static_assert(kSmem <= 232448, "more than the 227 KiB of shared memory a block may have");
 };
 
 #if defined(QA_SM90_DEVICE_CODE)
@@ -43,7 +45,7 @@ QA_DEV void tma_load_4d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int 
 #endif
 
 template <int D, bool BF16>
-__global__ void __launch_bounds__(kWsThreads, 1)
+__global__ void __launch_bounds__(ExactWsTraits<D>::kThreads, 1)
     attention_exact_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
 {
 #if defined(QA_SM90_DEVICE_CODE)
@@ -69,7 +71,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     if (tid() == 0) {
         for (int s = 0; s < S; s++) {
             mbar_init(bars + 8 * s, 1);
-            mbar_init(bars + 8 * (S + s), 8); /* one arrival per consumer warp */
+            mbar_init(bars + 8 * (S + s), 4 * T::kConsumers); /* one arrival per consumer warp */
         }
         mbar_init(q_bar, 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -77,17 +79,17 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     sync_block();
 
-    const TileSpan ts = tile_span(p, kBlockM);
+    const TileSpan ts = tile_span(p, T::kRows);
     const int warp = warp_id();
     if (warp < 4) {
-        setmaxnreg_dec<24>();
+        setmaxnreg_dec<T::kProducerRegs>();
         if (tid() == 0) {
             prefetch_tensor_map(&maps.q);
             prefetch_tensor_map(&maps.k);
             prefetch_tensor_map(&maps.v);
             mbar_expect_tx(q_bar, T::kQBytes);
             for (int c = 0; c < CB; c++)
-                tma_load_4d(sQ + c * kBlockM * 128, &maps.q, q_bar, c * 64, ts.i0, ts.h, ts.b);
+                tma_load_4d(sQ + c * T::kRows * 128, &maps.q, q_bar, c * 64, ts.i0, ts.h, ts.b);
             for (int it = 0; it < ts.n_tiles; it++) {
                 if (it >= S)
                     mbar_wait(empty_bar(it), (uint32_t)((it / S - 1) & 1));
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             }
         }
     } else {
-        setmaxnreg_inc<240>();
+        setmaxnreg_inc<T::kConsumerRegs>();
         const int lane = lane_id();
         const int cw = (warp >> 2) - 1, wl = warp & 3;
         const int g = lane >> 2, t = lane & 3;
@@ -130,7 +132,7 @@ QA_UNROLL
             wgmma_fence();
 QA_UNROLL
             for (int ks = 0; ks < KS; ks++) {
-                const uint64_t a = desc_q + (uint64_t)(((ks >> 2) * kBlockM * 128 + (ks & 3) * 32) >> 4);
+                const uint64_t a = desc_q + (uint64_t)(((ks >> 2) * T::kRows * 128 + (ks & 3) * 32) >> 4);
                 const uint64_t bk = desc_k + (uint64_t)(((ks >> 2) * kBlockN * 128 + (ks & 3) * 32) >> 4);
                 if constexpr (BF16)
                     wgmma_bf16_n64_ss(s, a, bk, ks);

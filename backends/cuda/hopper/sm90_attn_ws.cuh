@@ -39,15 +39,28 @@
 namespace qa {
 namespace sm90 {
 
-constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 constexpr int kWsStages = 8;
+
+/* Consumer warpgroups per CTA and their registers after setmaxnreg: two at
+ * 240, or (where the accumulators are small enough) three at 160, for a
+ * third warp per scheduler to hide latency with. The producer keeps 24: the
+ * registers it gives up are what the consumers take (at launch every thread
+ * has 65536 / threads). */
+template <int NWG> struct WsShape {
+    static_assert(NWG == 2 || NWG == 3, "two or three consumer warpgroups");
+    static constexpr int kConsumers = NWG;
+    static constexpr int kThreads = 128 * (NWG + 1);
+    static constexpr int kRows = 64 * NWG; /* query rows per CTA */
+    static constexpr int kConsumerRegs = NWG == 2 ? 240 : 160;
+    static constexpr int kProducerRegs = 24;
+};
 
 struct TmaMaps {
     CUtensorMap q, k, v;
 };
 
-template <int D> struct WsTraits {
-    static constexpr int kQBytes = 128 * D;          /* int8 Q, both consumers' rows */
+template <int D> struct WsTraits : WsShape<D == 64 ? 3 : 2> {
+    static constexpr int kQBytes = 64 * WsShape<D == 64 ? 3 : 2>::kConsumers * D; /* int8 Q, all consumers' rows */
     static constexpr int kKBytes = kBlockN * D;      /* int8 K, permuted key order */
     static constexpr int kVBytes = D * kBlockN;      /* FP8 V^T */
     static constexpr int kCopyBytes = kKBytes + kVBytes; /* what the TMA copies per stage */
@@ -58,7 +71,7 @@ template <int D> struct WsTraits {
     static constexpr int kBarOffset = kQBytes + kWsStages * kStageBytes;
     static constexpr int kAlign = 1024;
     static constexpr int kSmem = kBarOffset + 8 * (2 * kWsStages + 1) + kAlign;
-    static constexpr int kQKSwizzle = D == 128 ? 128 : 64;
+    static constexpr int kQKSwizzle = D == 128 ? 128 : 64;    static_assert(kSmem <= 232448, "more than the 227 KiB of shared memory a block may have");
 };
 
 #if defined(QA_SM90_DEVICE_CODE)
@@ -137,7 +150,7 @@ QA_UNROLL
 #endif
 
 template <int D, bool F16ACC, bool UNIFORM_K>
-__global__ void __launch_bounds__(kWsThreads, 1)
+__global__ void __launch_bounds__(WsTraits<D>::kThreads, 1)
     attention_fp8_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
 {
 #if defined(QA_SM90_DEVICE_CODE)
@@ -159,7 +172,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const uint32_t q_bar = bars + 16 * S;
 
     /* The ones block of every stage (never overwritten: the copies end before it). */
-    for (int i = tid(); i < S * T::kOnesBytes / 4; i += kWsThreads) {
+    for (int i = tid(); i < S * T::kOnesBytes / 4; i += T::kThreads) {
         const int stage = i / (T::kOnesBytes / 4), word = i % (T::kOnesBytes / 4);
         *(uint32_t *)(smem + T::kQBytes + stage * T::kStageBytes + T::kCopyBytes + 4 * word) = 0x38383838u; /* E4M3 1.0 */
     }
@@ -167,7 +180,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     if (tid() == 0) {
         for (int s = 0; s < S; s++) {
             mbar_init(bars + 8 * s, 1);       /* full: the producer's expect_tx, then the copies' bytes */
-            mbar_init(bars + 8 * (S + s), 8); /* empty: one arrival per consumer warp */
+            mbar_init(bars + 8 * (S + s), 4 * T::kConsumers); /* empty: one arrival per consumer warp */
         }
         mbar_init(q_bar, 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -175,11 +188,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     sync_block();
 
-    const TileSpan ts = tile_span(p, kBlockM);
+    const TileSpan ts = tile_span(p, T::kRows);
     const int warp = warp_id();
     if (warp < 4) {
         /* Producer: one thread issues every copy. */
-        setmaxnreg_dec<24>();
+        setmaxnreg_dec<T::kProducerRegs>();
         if (tid() == 0) {
             prefetch_tensor_map(&maps.q);
             prefetch_tensor_map(&maps.k);
@@ -198,7 +211,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             }
         }
     } else {
-        setmaxnreg_inc<240>();
+        setmaxnreg_inc<T::kConsumerRegs>();
         const int lane = lane_id();
         const int cw = (warp >> 2) - 1, wl = warp & 3; /* consumer warpgroup, warp within it */
         const int g = lane >> 2, t = lane & 3;

@@ -57,9 +57,10 @@ for n in (72, 136):
                     "uint32_t", n // 4, "r", True, ", 1, 1",
                     f"D(f16x2, 64x{n}) (+)= A(e4m3, registers) x B(e4m3, smem, K-major), k = 32"))
 for t in ("f16", "bf16"):
-    out.append(form(f"wgmma_{t}_n64_ss", f"wgmma.mma_async.sync.aligned.m64n64k16.f32.{t}.{t}",
-                    "float", 32, "f", False, ", 1, 1, 0, 0",
-                    f"D(f32, 64x64) (+)= A({t}, smem, K-major) x B({t}, smem, K-major), k = 16"))
+    for n in (64, 128):
+        out.append(form(f"wgmma_{t}_n{n}_ss", f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t}",
+                        "float", n // 2, "f", False, ", 1, 1, 0, 0",
+                        f"D(f32, 64x{n}) (+)= A({t}, smem, K-major) x B({t}, smem, K-major), k = 16"))
     for n in (64, 128, 256):
         out.append(form(f"wgmma_{t}_n{n}_rs_tb", f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t}",
                         "float", n // 2, "f", True, ", 1, 1, 1",

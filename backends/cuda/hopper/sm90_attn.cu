@@ -33,7 +33,7 @@ template <int D, bool BF16> static int sm90_exact_launch(const AttnParams *p, in
     return smem;
 }
 
-static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows);
+static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows, int kv_rows);
 
 /* The kernel's parameters for CTAs of `rows` query rows (the planner counts
  * query tiles of kBlockM rows; the warp-specialized kernels may take more). */
@@ -53,7 +53,7 @@ template <int D, bool BF16> static int sm90_exact_ws_launch(const AttnParams *p,
     const int64_t batch = grid / ((int64_t)p->q_tiles * p->heads_q);
     const AttnParams ap = with_cta_rows(*p, T::kRows);
     sm90::TmaMaps maps;
-    if (!encode_exact_maps(&maps, ap, D, batch, T::kRows))
+    if (!encode_exact_maps(&maps, ap, D, batch, T::kRows, T::kBN))
         return -1;
     fn<<<(int)(ap.q_tiles * batch * ap.heads_q), T::kThreads, T::kSmem, (cudaStream_t)stream>>>(ap, maps);
     return T::kSmem;
@@ -144,7 +144,7 @@ static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t
 
 /* The maps of sm90_attn_exact_ws.cuh: the caller's 16-bit Q, K, V as
  * (D, tokens, heads, batch) with their element strides [b, h, n]. */
-static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows)
+static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows, int kv_rows)
 {
     const CUtensorMapDataType u16 = CU_TENSOR_MAP_DATA_TYPE_UINT16;
     auto one = [&](CUtensorMap *map, const void *base, const int64_t st[3], int heads, int tokens, uint32_t rows) {
@@ -154,8 +154,8 @@ static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int6
         return encode_map(map, u16, base, 4, dims, strides, box, 128);
     };
     return one(&m->q, p.q, p.q_stride, p.heads_q, p.seq_q, (uint32_t)q_rows) &&
-           one(&m->k, p.k, p.k_stride, p.heads_kv, p.seq_k, kBlockN) &&
-           one(&m->v, p.v, p.v_stride, p.heads_kv, p.seq_k, kBlockN);
+           one(&m->k, p.k, p.k_stride, p.heads_kv, p.seq_k, (uint32_t)kv_rows) &&
+           one(&m->v, p.v, p.v_stride, p.heads_kv, p.seq_k, (uint32_t)kv_rows);
 }
 
 template <int D, bool F16ACC, bool UNIFORM_K>

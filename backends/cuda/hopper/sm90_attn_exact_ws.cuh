@@ -21,18 +21,28 @@
 namespace qa {
 namespace sm90 {
 
-template <int D> struct ExactWsTraits : WsShape<D <= 128 ? 3 : 2> {
-    static constexpr int kQBytes = 64 * WsShape<D <= 128 ? 3 : 2>::kConsumers * D * 2;
-    static constexpr int kKBytes = kBlockN * D * 2;
-    static constexpr int kVBytes = kBlockN * D * 2;
+/* Keys per pipeline step and consumer warpgroups per CTA. D <= 128: steps
+ * of 128 keys with two consumer warpgroups (FlashAttention-3's shape) beat
+ * 64-key steps with three by 0-12% on the H200 (bench/NOTES.md); D = 256
+ * keeps 64-key steps (O alone takes 128 registers). */
+template <int D> struct ExactWsConfig {
+    static constexpr int kBN = D <= 128 ? 128 : 64;
+    static constexpr int kNWG = 2;
+};
+template <int D> struct ExactWsTraits : WsShape<ExactWsConfig<D>::kNWG> {
+    using Shape = WsShape<ExactWsConfig<D>::kNWG>;
+    static constexpr int kBN = ExactWsConfig<D>::kBN;
+    static constexpr int kQBytes = Shape::kRows * D * 2;
+    static constexpr int kKBytes = kBN * D * 2;
+    static constexpr int kVBytes = kBN * D * 2;
     static constexpr int kStageBytes = kKBytes + kVBytes;
-    /* As many stages as fit in 227 KiB next to Q. Three consumer warpgroups
-     * (160 registers each) for D <= 128: at D=128 that beat two (240
-     * registers, 6 stages) by 12-15% on the H200 (bench/NOTES.md). */
-    static constexpr int kStages = D == 256 ? 2 : D == 128 ? 5 : 8;
-    static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
     static constexpr int kAlign = 1024;
-    static constexpr int kSmem = kBarOffset + 8 * (2 * kStages + 1) + kAlign;    static_assert(kSmem <= 232448, "more than the 227 KiB of shared memory a block may have");
+    /* As many stages as fit in 227 KiB next to Q (at most 8). */
+    static constexpr int kFit = (232448 - kAlign - 256 - kQBytes) / kStageBytes;
+    static constexpr int kStages = kFit < 8 ? kFit : 8;
+    static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
+    static constexpr int kSmem = kBarOffset + 8 * (2 * kStages + 1) + kAlign;
+    static_assert(kStages >= 2 && kSmem <= 232448, "more than the 227 KiB of shared memory a block may have");
 };
 
 #if defined(QA_SM90_DEVICE_CODE)
@@ -50,7 +60,8 @@ __global__ void __launch_bounds__(ExactWsTraits<D>::kThreads, 1)
 {
 #if defined(QA_SM90_DEVICE_CODE)
     using T = ExactWsTraits<D>;
-    constexpr int NT = kBlockN / 8; /* n8 column groups of S */
+    constexpr int BN = T::kBN;      /* keys per step */
+    constexpr int NT = BN / 8;      /* n8 column groups of S */
     constexpr int DT = D / 8;       /* n8 column groups of O */
     constexpr int KS = D / 16;      /* k16 steps of Q K^T */
     constexpr int CB = D / 64;      /* 64-channel column blocks */
@@ -79,7 +90,10 @@ __global__ void __launch_bounds__(ExactWsTraits<D>::kThreads, 1)
     }
     sync_block();
 
-    const TileSpan ts = tile_span(p, T::kRows);
+    TileSpan ts = tile_span(p, T::kRows);
+    /* tile_span counts 64-key tiles; steps here are BN keys. */
+    ts.n_tiles = (ts.n_tiles * kBlockN + BN - 1) / BN;
+    ts.n_plain = ts.n_plain * kBlockN / BN;
     const int warp = warp_id();
     if (warp < 4) {
         setmaxnreg_dec<T::kProducerRegs>();
@@ -96,9 +110,9 @@ __global__ void __launch_bounds__(ExactWsTraits<D>::kThreads, 1)
                 const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
                 mbar_expect_tx(full_bar(it), T::kStageBytes);
                 for (int c = 0; c < CB; c++) {
-                    tma_load_4d(stage + c * kBlockN * 128, &maps.k, full_bar(it), c * 64, it * kBlockN, ts.hk, ts.b);
-                    tma_load_4d(stage + T::kKBytes + c * kBlockN * 128, &maps.v, full_bar(it), c * 64, it * kBlockN,
-                                ts.hk, ts.b);
+                    tma_load_4d(stage + c * BN * 128, &maps.k, full_bar(it), c * 64, it * BN, ts.hk, ts.b);
+                    tma_load_4d(stage + T::kKBytes + c * BN * 128, &maps.v, full_bar(it), c * 64, it * BN, ts.hk,
+                                ts.b);
                 }
             }
         }
@@ -119,7 +133,7 @@ QA_UNROLL
         /* Descriptors as in sm90_attn_exact.cuh. */
         const uint64_t desc_q = smem_desc<128>(sQ + cw * 64 * 128);
         const uint64_t desc_k0 = smem_desc<128>(sStage);
-        const uint64_t desc_v0 = smem_desc_mn128(sStage + T::kKBytes, kBlockN * 128);
+        const uint64_t desc_v0 = smem_desc_mn128(sStage + T::kKBytes, BN * 128);
         auto stage_desc = [&](uint64_t base, int it) { return base + (uint64_t)((it % S) * (T::kStageBytes >> 4)); };
 
         float s[NT * 4];
@@ -133,17 +147,21 @@ QA_UNROLL
 QA_UNROLL
             for (int ks = 0; ks < KS; ks++) {
                 const uint64_t a = desc_q + (uint64_t)(((ks >> 2) * T::kRows * 128 + (ks & 3) * 32) >> 4);
-                const uint64_t bk = desc_k + (uint64_t)(((ks >> 2) * kBlockN * 128 + (ks & 3) * 32) >> 4);
-                if constexpr (BF16)
+                const uint64_t bk = desc_k + (uint64_t)(((ks >> 2) * BN * 128 + (ks & 3) * 32) >> 4);
+                if constexpr (BF16 && BN == 128)
+                    wgmma_bf16_n128_ss(s, a, bk, ks);
+                else if constexpr (BF16)
                     wgmma_bf16_n64_ss(s, a, bk, ks);
+                else if constexpr (BN == 128)
+                    wgmma_f16_n128_ss(s, a, bk, ks);
                 else
                     wgmma_f16_n64_ss(s, a, bk, ks);
             }
             wgmma_commit();
         };
-        auto softmax = [&](int it, auto mask_tag, uint32_t (&pa)[4][4], float (&alpha)[2]) {
+        auto softmax = [&](int it, auto mask_tag, uint32_t (&pa)[T::kBN / 16][4], float (&alpha)[2]) {
             constexpr bool MASK = decltype(mask_tag)::value;
-            const int j0 = it * kBlockN;
+            const int j0 = it * BN;
             float x[NT][4];
 QA_UNROLL
             for (int j = 0; j < NT; j++)
@@ -160,20 +178,20 @@ QA_UNROLL
                 }
             online_softmax(x, m, l, alpha, 0.f);
 QA_UNROLL
-            for (int kc = 0; kc < 4; kc++) {
+            for (int kc = 0; kc < BN / 16; kc++) {
                 if constexpr (BF16)
                     pack_p16(pa[kc], x[2 * kc], x[2 * kc + 1], pack_bf16x2);
                 else
                     pack_p16(pa[kc], x[2 * kc], x[2 * kc + 1], pack_f16x2);
             }
         };
-        auto softmax_tile = [&](int it, uint32_t (&pa)[4][4], float (&alpha)[2]) {
+        auto softmax_tile = [&](int it, uint32_t (&pa)[T::kBN / 16][4], float (&alpha)[2]) {
             if (it < n_plain)
                 softmax(it, std::false_type(), pa, alpha);
             else
                 softmax(it, std::true_type(), pa, alpha);
         };
-        auto pv_issue = [&](int it, const uint32_t (&pa)[4][4], const float (&alpha)[2]) {
+        auto pv_issue = [&](int it, const uint32_t (&pa)[T::kBN / 16][4], const float (&alpha)[2]) {
             const uint64_t desc_v = stage_desc(desc_v0, it);
 QA_UNROLL
             for (int n = 0; n < DT; n++)
@@ -183,7 +201,7 @@ QA_UNROLL
             fence_operands(o);
             wgmma_fence();
 QA_UNROLL
-            for (int kc = 0; kc < 4; kc++) {
+            for (int kc = 0; kc < BN / 16; kc++) {
                 const uint64_t dv = desc_v + (uint64_t)(kc * (16 * 128 >> 4));
                 if constexpr (BF16) {
                     if constexpr (D == 256)
@@ -209,7 +227,7 @@ QA_UNROLL
                 mbar_arrive(empty_bar(it));
         };
 
-        uint32_t pa[2][4][4];
+        uint32_t pa[2][BN / 16][4];
         float alpha[2][2];
         mbar_wait(q_bar, 0);
         if (n_tiles > 0) {
@@ -220,8 +238,8 @@ QA_UNROLL
             softmax_tile(0, pa[0], alpha[0]);
         }
         /* The FP8 TMA kernel's pipeline (see there). */
-        auto step = [&](int it, const uint32_t (&pa_cur)[4][4], const float (&alpha_cur)[2],
-                        uint32_t (&pa_next)[4][4], float (&alpha_next)[2]) {
+        auto step = [&](int it, const uint32_t (&pa_cur)[T::kBN / 16][4], const float (&alpha_cur)[2],
+                        uint32_t (&pa_next)[T::kBN / 16][4], float (&alpha_next)[2]) {
             const bool more = it + 1 < n_tiles;
             const int next = more ? it + 1 : it;
             if (more)

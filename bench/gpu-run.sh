@@ -5,11 +5,11 @@
 # the same run. Logs go to $OUT (or /tmp/qattn-gpu-run).
 #   scripts/gpu-kit.sh build-gpu gpu-kit   # on the build machine (-Dnvcc_archs=90a)
 #   bash bench/gpu-run.sh gpu-kit [SECTION...] # on the GPU machine
-# Sections (default: all): sass tests compare profile portable decode decode-portable
+# Sections (default: all): sass tests compare kernels profile portable decode decode-portable
 set -o pipefail
 K=${1:-gpu-kit}
 shift || true
-sections=" ${*:-sass tests compare profile portable decode decode-portable} "
+sections=" ${*:-sass tests compare kernels profile portable decode decode-portable} "
 want() { [[ $sections == *" $1 "* ]]; }
 O=${OUT:-/tmp/qattn-gpu-run}
 mkdir -p "$O" /tmp/qattn-clcache
@@ -51,6 +51,14 @@ echo "== compare.py (torch SDPA and qattn, TFLOP/s and accuracy)"
 timeout 300 python3 bench/compare.py --json "$O/compare.json" --markdown "$O/compare.md" > "$O/compare.log" 2>&1
 echo "rc=$?"
 cat "$O/compare.md"
+fi
+
+if want kernels; then
+echo "== device time per kernel of one call (torch profiler): the quantization passes apart from attention"
+timeout 200 python3 bench/kernel_times.py --d 128 --n 4096,16384 --modes int8_fp8,int8_fp8_f16acc,int8_fp16,exact \
+  > "$O/kernel_times.md" 2> "$O/kernel_times.err"
+echo "rc=$?"
+cat "$O/kernel_times.md"
 fi
 
 if want profile; then

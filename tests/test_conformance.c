@@ -365,6 +365,11 @@ static const conf_case cases[] = {
     {"exact_hnd_pad4", 1, 2, 2, 100, 100, 128, F16, F16, 1, 0, 4, DATA_RANDN, EXACT, 0, 0},
     {"int8_fp16_d64", 2, 2, 2, 200, 200, 64, F16, F16, 0, 0, 0, DATA_RANDN, I8F16, 0, 0},
     {"int8_fp16_d128_kbias_causal", 1, 4, 2, 260, 260, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F16, 0, 0},
+    /* INT8_FP16 on the sm_90a TMA kernel: more 128-key steps than stages,
+     * per-thread and per-block K scales, bf16 NHD input, decode. */
+    {"int8_fp16_long_gqa", 1, 4, 2, 1000, 1040, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F16, 0, 0},
+    {"int8_fp16_bf16_nhd_per_thread_causal", 1, 2, 2, 300, 333, 64, BF16, BF16, 1, 1, 8, DATA_RANDN, I8F16, THREAD, 0},
+    {"int8_fp16_decode_per_block", 3, 4, 1, 1, 700, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F16, BLOCK, 0},
     {"int8_fp8_d128", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, 0, 0},
     {"int8_fp8_d128_kbias", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, 0, 0},
     {"int8_fp8_d64_kbias_causal", 2, 4, 2, 333, 333, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0},

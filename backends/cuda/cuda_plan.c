@@ -81,8 +81,9 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
                  qattn_precision_name(plan->precision), cc,
                  cc >= 100  ? "FP8 P.V tensor cores"
                  : cc == 89 ? "INT8 Q.K and FP8 P.V tensor cores"
-                 : cc == 90 ? (sm90a_kernels ? "FP8 P.V on wgmma is faster at long sequences but stays below the "
-                                              "cos 0.9995 / relL1 0.03 bar that fp16 P.V meets"
+                 : cc == 90 ? (sm90a_kernels ? "INT8 Q.K with fp16 P.V on wgmma meets the cos 0.9995 / relL1 0.03 "
+                                              "bar; FP8 P.V is faster at long sequences but its E4M3 P and V stay "
+                                              "below it"
                                             : "mma.sync FP8 runs on the fp16 units on Hopper, so fp16 P.V is faster")
                             : "no FP8 tensor cores below sm_89");
     } else {
@@ -127,13 +128,15 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
     bool fp8 = plan->precision == QATTN_PRECISION_INT8_FP8 || plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC;
     /* sm_90 with the wgmma kernels: FP8 P.V at the FP8 tensor rate; otherwise
      * the mma.sync kernels (fp16 units on sm_90). */
-    const bool wgmma = (fp8 || plan->precision == QATTN_PRECISION_EXACT) && cc == 90 && sm90a_kernels;
+    /* The TMA kernels' coordinates are 32-bit row indices over all heads. */
+    const bool rows_fit_int32 = p->batch * p->heads_q * (p->seq_q + QA_CUDA_BLOCK_M) < INT32_MAX &&
+                                p->batch * p->heads_kv * (p->seq_k + 2 * QA_CUDA_BLOCK_N) < INT32_MAX;
+    const bool i8f16_tma = plan->precision == QATTN_PRECISION_INT8_FP16 && cc == 90 && sm90a_kernels && rows_fit_int32;
+    const bool wgmma = ((fp8 || plan->precision == QATTN_PRECISION_EXACT) && cc == 90 && sm90a_kernels) || i8f16_tma;
     const bool on_f16 = fp8 && qa_cuda_fp8_on_f16_mma(cc) && !wgmma;
     /* The TMA kernel's K tensor map runs over the keys of all heads in units
      * of 16 (see hopper/sm90_attn_ws.cuh), and its coordinates are 32-bit. */
-    const bool tma = exact_tma || (wgmma && fp8 && p->seq_k % 16 == 0 &&
-                                   p->batch * p->heads_q * (p->seq_q + QA_CUDA_BLOCK_M) < INT32_MAX &&
-                                   p->batch * p->heads_kv * (p->seq_k + QA_CUDA_BLOCK_N) < INT32_MAX);
+    const bool tma = exact_tma || i8f16_tma || (wgmma && fp8 && p->seq_k % 16 == 0 && rows_fit_int32);
     plan->impl = (void *)&plan_infos[tma ? 3 : wgmma ? 2 : on_f16 ? 1 : 0];
     plan->q_tile = QA_CUDA_BLOCK_M;
     plan->kv_tile = QA_CUDA_BLOCK_N;
@@ -142,23 +145,25 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
     snprintf(plan->kernel, sizeof(plan->kernel), "cuda_%s_%s%s_d%lld_sm%d%s", tma ? "wgmma_tma" : wgmma ? "wgmma" : "mma",
              mode_names[plan->precision],
              plan->precision == QATTN_PRECISION_EXACT ? (p->in_dtype == QATTN_DTYPE_BF16 ? "_bf16" : "_f16")
-             : wgmma                                  ? "_pv_e4m3"
-             : fp8                                    ? (on_f16 ? "_pv_f16mma" : "_pv_e4m3mma")
-                                                      : "",
+             : fp8 ? (wgmma ? "_pv_e4m3" : on_f16 ? "_pv_f16mma" : "_pv_e4m3mma")
+                   : "",
              (long long)p->head_dim, cc, wgmma ? "a" : "");
     if (wgmma) {
         size_t used = strlen(plan->why);
-        snprintf(plan->why + used, sizeof(plan->why) - used,
-                 tma ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory, a TMA producer warpgroup "
-                       "and two consumer warpgroups of 64 query rows, FP8 P.V accumulated per 64-key tile then "
-                       "added in fp32."
-                 : fp8 ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory, two warpgroups of 64 query "
-                         "rows, FP8 P.V accumulated per 64-key tile then added in fp32 (cp.async loads: Nk is not "
-                         "a multiple of 16)."
-                 : tma ? " sm_90a wgmma kernel: a TMA producer warpgroup and two consumer warpgroups of 64 query "
-                         "rows, fp32 accumulation."
-                       : " sm_90a wgmma kernel: two warpgroups of 64 query rows, fp32 accumulation (cp.async loads: a "
-                         "stride is not a multiple of 8 elements).");
+        const char *what =
+            fp8 && tma ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory fed by a TMA producer "
+                         "warpgroup, consumer warpgroups of 64 query rows (three at D=64, two at D=128), FP8 P.V "
+                         "accumulated per 64-key tile then added in fp32."
+            : fp8      ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory, two warpgroups of 64 query "
+                         "rows, FP8 P.V accumulated per 64-key tile then added in fp32 (cp.async loads: Nk is not a "
+                         "multiple of 16)."
+            : i8f16_tma ? " sm_90a wgmma kernel: INT8 Q.K (IGMMA) and fp16 P.V (HGMMA) fed by a TMA producer "
+                          "warpgroup, two consumer warpgroups of 64 query rows, 128-key steps, fp32 accumulation."
+            : tma ? " sm_90a wgmma kernel fed by a TMA producer warpgroup, two consumer warpgroups of 64 query rows, "
+                    "fp32 accumulation."
+                  : " sm_90a wgmma kernel: two warpgroups of 64 query rows, fp32 accumulation (cp.async loads: a "
+                    "stride is not a multiple of 8 elements).";
+        snprintf(plan->why + used, sizeof(plan->why) - used, "%s", what);
     }
     if (on_f16) {
         size_t used = strlen(plan->why);

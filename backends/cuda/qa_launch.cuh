@@ -33,6 +33,8 @@ int attn_int8_fp8_f16mma(const AttnParams *p, int head_dim, bool f16acc, int gri
 int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, bool tma, int grid, void *stream, bool prepare);
 /* EXACT on the sm_90a wgmma kernel (tma: the warp-specialized one, as attn_sm90_fp8). */
 int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, bool tma, int grid, void *stream, bool prepare);
+/* INT8_FP16 on the sm_90a TMA kernel (INT8 Q.K on IGMMA, fp16 P V); -1 as attn_sm90_fp8. */
+int attn_sm90_int8_fp16(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare);
 
 inline bool plan_wgmma(const qattn_plan *plan)
 {
@@ -93,7 +95,15 @@ inline int prepare_plan(const qattn_plan *plan)
             r = attn_exact(nullptr, d, pb.in_dtype == QATTN_DTYPE_BF16, 0, nullptr, true);
         }
         break;
-    case QATTN_PRECISION_INT8_FP16: r = attn_int8_fp16(nullptr, d, 0, nullptr, true); break;
+    case QATTN_PRECISION_INT8_FP16:
+        if (plan_wgmma(plan)) {
+#if !defined(QA_EMULATE)
+            r = attn_sm90_int8_fp16(nullptr, d, 0, nullptr, true);
+#endif
+        } else {
+            r = attn_int8_fp16(nullptr, d, 0, nullptr, true);
+        }
+        break;
     case QATTN_PRECISION_INT8_FP8:
     case QATTN_PRECISION_INT8_FP8_F16ACC: {
         const bool f16acc = plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC;
@@ -253,7 +263,15 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
     ap.k_inter = qq.k_interleave;
     int ok = 0;
     switch (plan->precision) {
-    case QATTN_PRECISION_INT8_FP16: ok = attn_int8_fp16(&ap, D, grid, a.stream, false); break;
+    case QATTN_PRECISION_INT8_FP16:
+        if (plan_wgmma(plan)) {
+#if !defined(QA_EMULATE)
+            ok = attn_sm90_int8_fp16(&ap, D, grid, a.stream, false);
+#endif
+        } else {
+            ok = attn_int8_fp16(&ap, D, grid, a.stream, false);
+        }
+        break;
     case QATTN_PRECISION_INT8_FP8:
     case QATTN_PRECISION_INT8_FP8_F16ACC: {
         const bool f16acc = plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC;

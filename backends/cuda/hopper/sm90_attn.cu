@@ -59,6 +59,33 @@ template <int D, bool BF16> static int sm90_exact_ws_launch(const AttnParams *p,
     return T::kSmem;
 }
 
+/* INT8_FP16 on the EXACT TMA kernel with INT8 Q.K (workspace Q, K int8 and V fp16). */
+static bool encode_i8f16_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows, int kv_rows);
+
+template <int D> static int sm90_i8f16_launch(const AttnParams *p, int grid, void *stream, bool prepare)
+{
+    auto fn = &sm90::attention_exact_ws_kernel<D, false, true>;
+    using T = sm90::ExactWsTraits<D, true>;
+    if (prepare)
+        return QA_SET_SMEM(fn, T::kSmem) ? T::kSmem : 0;
+    const int64_t batch = grid / ((int64_t)p->q_tiles * p->heads_q);
+    const AttnParams ap = with_cta_rows(*p, T::kRows);
+    sm90::TmaMaps maps;
+    if (!encode_i8f16_maps(&maps, ap, D, batch, T::kRows, T::kBN))
+        return -1;
+    fn<<<(int)(ap.q_tiles * batch * ap.heads_q), T::kThreads, T::kSmem, (cudaStream_t)stream>>>(ap, maps);
+    return T::kSmem;
+}
+
+int attn_sm90_int8_fp16(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare)
+{
+    switch (head_dim) {
+    case 64: return sm90_i8f16_launch<64>(p, grid, stream, prepare);
+    case 128: return sm90_i8f16_launch<128>(p, grid, stream, prepare);
+    default: return 0;
+    }
+}
+
 int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, bool tma, int grid, void *stream, bool prepare)
 {
     if (tma) {
@@ -144,18 +171,39 @@ static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t
 
 /* The maps of sm90_attn_exact_ws.cuh: the caller's 16-bit Q, K, V as
  * (D, tokens, heads, batch) with their element strides [b, h, n]. */
+/* A 16-bit (D, tokens, heads, batch) tensor with element strides [b, h, n],
+ * in boxes of 64 channels by `rows` tokens. */
+static bool encode_bhnd16(CUtensorMap *map, const void *base, const int64_t st[3], int D, int tokens, int heads,
+                          int64_t batch, int rows)
+{
+    const uint64_t dims[4] = {(uint64_t)D, (uint64_t)tokens, (uint64_t)heads, (uint64_t)batch};
+    const uint64_t strides[3] = {(uint64_t)st[2] * 2, (uint64_t)st[1] * 2, (uint64_t)st[0] * 2};
+    const uint32_t box[4] = {64, (uint32_t)rows, 1, 1};
+    return encode_map(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, base, 4, dims, strides, box, 128);
+}
+
 static bool encode_exact_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows, int kv_rows)
 {
-    const CUtensorMapDataType u16 = CU_TENSOR_MAP_DATA_TYPE_UINT16;
-    auto one = [&](CUtensorMap *map, const void *base, const int64_t st[3], int heads, int tokens, uint32_t rows) {
-        const uint64_t dims[4] = {(uint64_t)D, (uint64_t)tokens, (uint64_t)heads, (uint64_t)batch};
-        const uint64_t strides[3] = {(uint64_t)st[2] * 2, (uint64_t)st[1] * 2, (uint64_t)st[0] * 2};
-        const uint32_t box[4] = {64, rows, 1, 1};
-        return encode_map(map, u16, base, 4, dims, strides, box, 128);
-    };
-    return one(&m->q, p.q, p.q_stride, p.heads_q, p.seq_q, (uint32_t)q_rows) &&
-           one(&m->k, p.k, p.k_stride, p.heads_kv, p.seq_k, (uint32_t)kv_rows) &&
-           one(&m->v, p.v, p.v_stride, p.heads_kv, p.seq_k, (uint32_t)kv_rows);
+    return encode_bhnd16(&m->q, p.q, p.q_stride, D, p.seq_q, p.heads_q, batch, q_rows) &&
+           encode_bhnd16(&m->k, p.k, p.k_stride, D, p.seq_k, p.heads_kv, batch, kv_rows) &&
+           encode_bhnd16(&m->v, p.v, p.v_stride, D, p.seq_k, p.heads_kv, batch, kv_rows);
+}
+
+/* INT8_FP16: int8 Q and K rows of the workspace (all heads one after the
+ * other; a box past a head's last key reads the next head's rows, which the
+ * kernel masks), and its fp16 V as a (D, keys, heads, batch) tensor. */
+static bool encode_i8f16_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows, int kv_rows)
+{
+    const int swz = D == 128 ? 128 : 64;
+    const CUtensorMapDataType u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8;
+    const uint64_t q_dims[2] = {(uint64_t)D, (uint64_t)(batch * p.heads_q * p.seq_q)};
+    const uint64_t k_dims[2] = {(uint64_t)D, (uint64_t)(batch * p.heads_kv * p.seq_k)};
+    const uint64_t row_stride[1] = {(uint64_t)D};
+    const uint32_t q_box[2] = {(uint32_t)D, (uint32_t)q_rows}, k_box[2] = {(uint32_t)D, (uint32_t)kv_rows};
+    const int64_t v_st[3] = {(int64_t)p.heads_kv * p.seq_k * D, (int64_t)p.seq_k * D, D};
+    return encode_map(&m->q, u8, p.q8, 2, q_dims, row_stride, q_box, swz) &&
+           encode_map(&m->k, u8, p.k8, 2, k_dims, row_stride, k_box, swz) &&
+           encode_bhnd16(&m->v, p.vq, v_st, D, p.seq_k, p.heads_kv, batch, kv_rows);
 }
 
 template <int D, bool F16ACC, bool UNIFORM_K>

@@ -29,11 +29,14 @@ template <int D> struct ExactWsConfig {
     static constexpr int kBN = D <= 128 ? 128 : 64;
     static constexpr int kNWG = 2;
 };
-template <int D> struct ExactWsTraits : WsShape<ExactWsConfig<D>::kNWG> {
+/* INT8_QK: Q and K are the quantization pass's int8 rows (INT8_FP16 mode),
+ * S = Q K^T on IGMMA, then the same fp16 P V; otherwise 16-bit Q and K. */
+template <int D, bool INT8_QK = false> struct ExactWsTraits : WsShape<ExactWsConfig<D>::kNWG> {
     using Shape = WsShape<ExactWsConfig<D>::kNWG>;
     static constexpr int kBN = ExactWsConfig<D>::kBN;
-    static constexpr int kQBytes = Shape::kRows * D * 2;
-    static constexpr int kKBytes = kBN * D * 2;
+    static constexpr int kQKBytes = INT8_QK ? 1 : 2; /* bytes per Q/K element */
+    static constexpr int kQBytes = Shape::kRows * D * kQKBytes;
+    static constexpr int kKBytes = kBN * D * kQKBytes;
     static constexpr int kVBytes = kBN * D * 2;
     static constexpr int kStageBytes = kKBytes + kVBytes;
     static constexpr int kAlign = 1024;
@@ -54,12 +57,13 @@ QA_DEV void tma_load_4d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int 
 }
 #endif
 
-template <int D, bool BF16>
-__global__ void __launch_bounds__(ExactWsTraits<D>::kThreads, 1)
+template <int D, bool BF16, bool INT8_QK = false>
+__global__ void __launch_bounds__(ExactWsTraits<D, INT8_QK>::kThreads, 1)
     attention_exact_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
 {
 #if defined(QA_SM90_DEVICE_CODE)
-    using T = ExactWsTraits<D>;
+    static_assert(!(INT8_QK && BF16), "INT8 Q.K runs with fp16 P V");
+    using T = ExactWsTraits<D, INT8_QK>;
     constexpr int BN = T::kBN;      /* keys per step */
     constexpr int NT = BN / 8;      /* n8 column groups of S */
     constexpr int DT = D / 8;       /* n8 column groups of O */
@@ -102,15 +106,21 @@ __global__ void __launch_bounds__(ExactWsTraits<D>::kThreads, 1)
             prefetch_tensor_map(&maps.k);
             prefetch_tensor_map(&maps.v);
             mbar_expect_tx(q_bar, T::kQBytes);
-            for (int c = 0; c < CB; c++)
-                tma_load_4d(sQ + c * T::kRows * 128, &maps.q, q_bar, c * 64, ts.i0, ts.h, ts.b);
+            if constexpr (INT8_QK)
+                tma_load_2d(sQ, &maps.q, q_bar, 0, (int)(ts.bhq * p.seq_q + ts.i0));
+            else
+                for (int c = 0; c < CB; c++)
+                    tma_load_4d(sQ + c * T::kRows * 128, &maps.q, q_bar, c * 64, ts.i0, ts.h, ts.b);
             for (int it = 0; it < ts.n_tiles; it++) {
                 if (it >= S)
                     mbar_wait(empty_bar(it), (uint32_t)((it / S - 1) & 1));
                 const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
                 mbar_expect_tx(full_bar(it), T::kStageBytes);
+                if constexpr (INT8_QK) /* rows past this head's keys are masked */
+                    tma_load_2d(stage, &maps.k, full_bar(it), 0, (int)(ts.bhk * p.seq_k + it * BN));
                 for (int c = 0; c < CB; c++) {
-                    tma_load_4d(stage + c * BN * 128, &maps.k, full_bar(it), c * 64, it * BN, ts.hk, ts.b);
+                    if constexpr (!INT8_QK)
+                        tma_load_4d(stage + c * BN * 128, &maps.k, full_bar(it), c * 64, it * BN, ts.hk, ts.b);
                     tma_load_4d(stage + T::kKBytes + c * BN * 128, &maps.v, full_bar(it), c * 64, it * BN, ts.hk,
                                 ts.b);
                 }
@@ -130,44 +140,99 @@ QA_UNROLL
         for (int i = 0; i < DT * 4; i++)
             o[i] = 0.f;
 
-        /* Descriptors as in sm90_attn_exact.cuh. */
-        const uint64_t desc_q = smem_desc<128>(sQ + cw * 64 * 128);
-        const uint64_t desc_k0 = smem_desc<128>(sStage);
+        /* Descriptors as in sm90_attn_exact.cuh (16-bit Q/K: 64-column blocks
+         * of 128-byte rows) or sm90_attn.cuh (int8 Q/K: rows of D bytes). */
+        constexpr int QK_SWIZZLE = INT8_QK && D == 64 ? 64 : 128;
+        const uint64_t desc_q = smem_desc<QK_SWIZZLE>(sQ + cw * 64 * (INT8_QK ? D : 128));
+        const uint64_t desc_k0 = smem_desc<QK_SWIZZLE>(sStage);
         const uint64_t desc_v0 = smem_desc_mn128(sStage + T::kKBytes, BN * 128);
         auto stage_desc = [&](uint64_t base, int it) { return base + (uint64_t)((it % S) * (T::kStageBytes >> 4)); };
 
-        float s[NT * 4];
+        using Score = typename std::conditional<INT8_QK, int32_t, float>::type;
+        Score s[NT * 4];
 QA_UNROLL
         for (int i = 0; i < NT * 4; i++)
-            s[i] = 0.f;
+            s[i] = 0;
+        /* INT8: this thread's rows' Q scales (log2 domain) and the K scales of
+         * its columns: k_scale[block of 64 keys in the step][column parity]. */
+        float q_scale[2] = {0.f, 0.f};
+        if constexpr (INT8_QK) {
+QA_UNROLL
+            for (int hh = 0; hh < 2; hh++) {
+                const int row = i0 + row_base + hh * 8;
+                const int64_t grp = (int64_t)(row / p.q_block) * p.q_inter + (row % p.q_block) % p.q_inter;
+                q_scale[hh] = row < p.seq_q ? p.q_scale[ts.bhq * p.q_groups + grp] * p.scale_log2 : 0.f;
+            }
+        }
+        const int k_blocks = (p.seq_k + kBlockN - 1) / kBlockN;
+        auto load_k_scales = [&](int it, float (&ks)[BN / 64][2]) {
+QA_UNROLL
+            for (int b = 0; b < BN / 64; b++) {
+                const int blk = min(it * (BN / 64) + b, k_blocks - 1);
+                const float *kb = p.k_scale + ts.bhk * p.k_groups + (int64_t)blk * p.k_inter;
+QA_UNROLL
+                for (int cb = 0; cb < 2; cb++)
+                    ks[b][cb] = kb[p.k_inter == 1 ? 0 : 2 * t + cb]; /* natural key order: key % 8 = 2t + cb */
+            }
+        };
         auto qk_issue = [&](int it) {
             const uint64_t desc_k = stage_desc(desc_k0, it);
             fence_operands(s);
             wgmma_fence();
+            if constexpr (INT8_QK) {
 QA_UNROLL
-            for (int ks = 0; ks < KS; ks++) {
-                const uint64_t a = desc_q + (uint64_t)(((ks >> 2) * T::kRows * 128 + (ks & 3) * 32) >> 4);
-                const uint64_t bk = desc_k + (uint64_t)(((ks >> 2) * BN * 128 + (ks & 3) * 32) >> 4);
-                if constexpr (BF16 && BN == 128)
-                    wgmma_bf16_n128_ss(s, a, bk, ks);
-                else if constexpr (BF16)
-                    wgmma_bf16_n64_ss(s, a, bk, ks);
-                else if constexpr (BN == 128)
-                    wgmma_f16_n128_ss(s, a, bk, ks);
-                else
-                    wgmma_f16_n64_ss(s, a, bk, ks);
+                for (int ks = 0; ks < D / 32; ks++) { /* k32 steps: 32 bytes along the row */
+                    if constexpr (BN == 128)
+                        wgmma_s8_n128_ss(s, desc_q + 2 * ks, desc_k + 2 * ks, ks);
+                    else
+                        wgmma_s8_n64_ss(s, desc_q + 2 * ks, desc_k + 2 * ks, ks);
+                }
+            } else {
+QA_UNROLL
+                for (int ks = 0; ks < KS; ks++) {
+                    const uint64_t a = desc_q + (uint64_t)(((ks >> 2) * T::kRows * 128 + (ks & 3) * 32) >> 4);
+                    const uint64_t bk = desc_k + (uint64_t)(((ks >> 2) * BN * 128 + (ks & 3) * 32) >> 4);
+                    if constexpr (BF16 && BN == 128)
+                        wgmma_bf16_n128_ss(s, a, bk, ks);
+                    else if constexpr (BF16)
+                        wgmma_bf16_n64_ss(s, a, bk, ks);
+                    else if constexpr (BN == 128)
+                        wgmma_f16_n128_ss(s, a, bk, ks);
+                    else
+                        wgmma_f16_n64_ss(s, a, bk, ks);
+                }
             }
             wgmma_commit();
         };
-        auto softmax = [&](int it, auto mask_tag, uint32_t (&pa)[T::kBN / 16][4], float (&alpha)[2]) {
+        auto softmax = [&](int it, auto mask_tag, const float (&ksc)[T::kBN / 64][2], uint32_t (&pa)[T::kBN / 16][4],
+                           float (&alpha)[2]) {
             constexpr bool MASK = decltype(mask_tag)::value;
             const int j0 = it * BN;
             float x[NT][4];
+            /* INT8: the score from the int32 sum in one FFMA (the raw form of
+             * sm90_attn.cuh: the bits of s + 1.5 * 2^23 read as a float). */
+            [[maybe_unused]] float sc[BN / 64][2][2], nb[BN / 64][2][2];
+            if constexpr (INT8_QK) {
+QA_UNROLL
+                for (int b = 0; b < BN / 64; b++)
+QA_UNROLL
+                    for (int hh = 0; hh < 2; hh++)
+QA_UNROLL
+                        for (int cb = 0; cb < 2; cb++) {
+                            sc[b][hh][cb] = q_scale[hh] * ksc[b][cb];
+                            nb[b][hh][cb] = -12582912.0f * sc[b][hh][cb];
+                        }
+            }
 QA_UNROLL
             for (int j = 0; j < NT; j++)
 QA_UNROLL
                 for (int i = 0; i < 4; i++) {
-                    float v = s[4 * j + i] * p.scale_log2;
+                    float v;
+                    if constexpr (INT8_QK)
+                        v = fmaf(__int_as_float(s[4 * j + i] + 0x4B400000), sc[j >> 3][i >> 1][i & 1],
+                                 nb[j >> 3][i >> 1][i & 1]);
+                    else
+                        v = s[4 * j + i] * p.scale_log2;
                     if constexpr (MASK) {
                         const int key = j0 + j * 8 + 2 * t + (i & 1);
                         const int row = i0 + row_base + (i >> 1) * 8;
@@ -185,11 +250,12 @@ QA_UNROLL
                     pack_p16(pa[kc], x[2 * kc], x[2 * kc + 1], pack_f16x2);
             }
         };
-        auto softmax_tile = [&](int it, uint32_t (&pa)[T::kBN / 16][4], float (&alpha)[2]) {
+        auto softmax_tile = [&](int it, const float (&ksc)[T::kBN / 64][2], uint32_t (&pa)[T::kBN / 16][4],
+                                float (&alpha)[2]) {
             if (it < n_plain)
-                softmax(it, std::false_type(), pa, alpha);
+                softmax(it, std::false_type(), ksc, pa, alpha);
             else
-                softmax(it, std::true_type(), pa, alpha);
+                softmax(it, std::true_type(), ksc, pa, alpha);
         };
         auto pv_issue = [&](int it, const uint32_t (&pa)[T::kBN / 16][4], const float (&alpha)[2]) {
             const uint64_t desc_v = stage_desc(desc_v0, it);
@@ -229,19 +295,29 @@ QA_UNROLL
 
         uint32_t pa[2][BN / 16][4];
         float alpha[2][2];
+        /* INT8 K scales, loaded a step before their softmax (sm90_attn_ws.cuh);
+         * unused (and dropped by the compiler) for 16-bit Q/K. */
+        float k_scale[2][BN / 64][2] = {};
         mbar_wait(q_bar, 0);
         if (n_tiles > 0) {
             wait_tile(0);
+            if constexpr (INT8_QK) {
+                load_k_scales(0, k_scale[0]);
+                load_k_scales(min(1, n_tiles - 1), k_scale[1]);
+            }
             qk_issue(0);
             wgmma_wait<0>();
             fence_operands(s);
-            softmax_tile(0, pa[0], alpha[0]);
+            softmax_tile(0, k_scale[0], pa[0], alpha[0]);
         }
         /* The FP8 TMA kernel's pipeline (see there). */
         auto step = [&](int it, const uint32_t (&pa_cur)[T::kBN / 16][4], const float (&alpha_cur)[2],
-                        uint32_t (&pa_next)[T::kBN / 16][4], float (&alpha_next)[2]) {
+                        uint32_t (&pa_next)[T::kBN / 16][4], float (&alpha_next)[2],
+                        const float (&ks_next)[T::kBN / 64][2], float (&ks_after)[T::kBN / 64][2]) {
             const bool more = it + 1 < n_tiles;
             const int next = more ? it + 1 : it;
+            if constexpr (INT8_QK)
+                load_k_scales(min(it + 2, n_tiles - 1), ks_after);
             if (more)
                 wait_tile(next);
             qk_issue(next);
@@ -249,17 +325,17 @@ QA_UNROLL
             wgmma_wait<1>(); /* S of the next tile (committed first) */
             fence_operands(s);
             if (more)
-                softmax_tile(next, pa_next, alpha_next);
+                softmax_tile(next, ks_next, pa_next, alpha_next);
             wgmma_wait<0>();
             fence_operands(o);
             release_tile(it);
         };
         for (int it = 0; it < n_tiles; it += 2) {
-            step(it, pa[0], alpha[0], pa[1], alpha[1]);
+            step(it, pa[0], alpha[0], pa[1], alpha[1], k_scale[1], k_scale[0]);
             if (it + 1 < n_tiles)
-                step(it + 1, pa[1], alpha[1], pa[0], alpha[0]);
+                step(it + 1, pa[1], alpha[1], pa[0], alpha[0], k_scale[0], k_scale[1]);
         }
-        store_rows<D>(p, ts, row_base, o, m, l, nullptr, 0.f, nullptr);
+        store_rows<D>(p, ts, row_base, o, m, l, nullptr, 0.f, INT8_QK ? p.q_kmean : nullptr);
     }
 #else
     (void)p;

@@ -2,7 +2,8 @@
  * CPU flash attention: tiled, online softmax, O(tile) extra memory per thread.
  *
  * One work item is (batch, q head, tile of CPU_QT query rows); items run in
- * parallel (OpenMP). Each item walks key tiles of CPU_KT keys:
+ * parallel (OpenMP). Each item walks steps of CPU_KT keys (or CPU_KT_MAX, see
+ * cpu_flash_params.step):
  *   S = Q K^T        4-row x 64-key register blocks, vectorized over keys
  *   online softmax   exp2 of log2e-scaled scores, vectorized polynomial
  *   O = a*O + P V    4-row x 64-channel register blocks, vectorized over D
@@ -140,7 +141,8 @@ HOT void cpu_convert_row_i8(float *restrict dst, const int8_t *restrict src, int
     }
 }
 
-/* S[r][0..64) = sum_d Q[r][d] * Kt[d][0..64), rows r < rows. Q rows are ldq apart. */
+/* S[r][0..64) = sum_d Q[r][d] * Kt[d][0..64), rows r < rows. Q rows are ldq apart; Kt and S
+ * rows CPU_KT_MAX apart (a step of 128 keys is two calls). */
 HOT static void qk_tile(const float *restrict Q, int ldq, const float *restrict Kt, int D, float *restrict S, int rows)
 {
     int r = 0;
@@ -149,7 +151,7 @@ HOT static void qk_tile(const float *restrict Q, int ldq, const float *restrict 
         memset(acc, 0, sizeof(acc));
         const float *q0 = Q + (size_t)r * ldq;
         for (int d = 0; d < D; d++) {
-            const float *kr = Kt + (size_t)d * CPU_KT;
+            const float *kr = Kt + (size_t)d * CPU_KT_MAX;
             vf k0 = vload(kr), k1 = vload(kr + 16), k2 = vload(kr + 32), k3 = vload(kr + 48);
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) {
@@ -164,24 +166,24 @@ HOT static void qk_tile(const float *restrict Q, int ldq, const float *restrict 
         for (int i = 0; i < 4; i++)
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++)
-                vstore(S + (size_t)(r + i) * CPU_KT + c * VW, acc[i][c]);
+                vstore(S + (size_t)(r + i) * CPU_KT_MAX + c * VW, acc[i][c]);
     }
     for (; r < rows; r++) {
         vf acc[4];
         memset(acc, 0, sizeof(acc));
         for (int d = 0; d < D; d++) {
             vf qb = vsplat(Q[(size_t)r * ldq + d]);
-            const float *kr = Kt + (size_t)d * CPU_KT;
+            const float *kr = Kt + (size_t)d * CPU_KT_MAX;
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++)
                 acc[c] += qb * vload(kr + c * VW);
         }
         for (int c = 0; c < 4; c++)
-            vstore(S + (size_t)r * CPU_KT + c * VW, acc[c]);
+            vstore(S + (size_t)r * CPU_KT_MAX + c * VW, acc[c]);
     }
 }
 
-/* O[r][0..D) += sum_{j<keys} P[r][j] * V[j][0..D). P rows are CPU_KT apart, O rows D apart. */
+/* O[r][0..D) += sum_{j<keys} P[r][j] * V[j][0..D). P rows are CPU_KT_MAX apart, O rows D apart. */
 HOT static void pv_tile(const float *restrict P, const float *restrict V, int keys, int D, float *restrict O,
                         int rows)
 {
@@ -200,7 +202,7 @@ HOT static void pv_tile(const float *restrict P, const float *restrict V, int ke
                 vf v0 = vload(vr), v1 = vload(vr + 16), v2 = vload(vr + 32), v3 = vload(vr + 48);
 #pragma GCC unroll 4
                 for (int i = 0; i < 4; i++) {
-                    vf pb = vsplat(P[(size_t)(r + i) * CPU_KT + j]);
+                    vf pb = vsplat(P[(size_t)(r + i) * CPU_KT_MAX + j]);
                     acc[i][0] += pb * v0;
                     acc[i][1] += pb * v1;
                     acc[i][2] += pb * v2;
@@ -221,7 +223,7 @@ HOT static void pv_tile(const float *restrict P, const float *restrict V, int ke
                 vf vv = vload(V + (size_t)j * D + c0);
 #pragma GCC unroll 4
                 for (int i = 0; i < 4; i++)
-                    acc[i] += vsplat(P[(size_t)(r + i) * CPU_KT + j]) * vv;
+                    acc[i] += vsplat(P[(size_t)(r + i) * CPU_KT_MAX + j]) * vv;
             }
             for (int i = 0; i < 4; i++)
                 vstore(O + (size_t)(r + i) * D + c0, acc[i]);
@@ -231,7 +233,7 @@ HOT static void pv_tile(const float *restrict P, const float *restrict V, int ke
         for (int c0 = 0; c0 < D; c0 += VW) {
             vf acc = vload(O + (size_t)r * D + c0);
             for (int j = 0; j < keys; j++)
-                acc += vsplat(P[(size_t)r * CPU_KT + j]) * vload(V + (size_t)j * D + c0);
+                acc += vsplat(P[(size_t)r * CPU_KT_MAX + j]) * vload(V + (size_t)j * D + c0);
             vstore(O + (size_t)r * D + c0, acc);
         }
 }
@@ -241,30 +243,33 @@ HOT static void pv_tile(const float *restrict P, const float *restrict V, int ke
  * Updates m, l; writes P (the probabilities, unquantized) and each row's
  * rescale factor alpha for the previous output.
  */
-HOT static void softmax_tile(float *restrict S, int rows, float *restrict m, float *restrict l,
+HOT static void softmax_tile(float *restrict S, int rows, int step, float *restrict m, float *restrict l,
                              float *restrict alpha)
 {
     for (int r = 0; r < rows; r++) {
-        float *s = S + (size_t)r * CPU_KT;
-        vf s0 = vload(s), s1 = vload(s + 16), s2 = vload(s + 32), s3 = vload(s + 48);
-        float tile_max = hmax(vmax(vmax(s0, s1), vmax(s2, s3)));
+        float *s = S + (size_t)r * CPU_KT_MAX;
+        vf vmx = vload(s);
+        for (int c = VW; c < step; c += VW)
+            vmx = vmax(vmx, vload(s + c));
+        float tile_max = hmax(vmx);
         float m_new = tile_max > m[r] ? tile_max : m[r];
         if (m_new == -INFINITY) { /* every key so far masked: nothing to add */
             alpha[r] = 1.f;
-            memset(s, 0, CPU_KT * sizeof(float));
+            memset(s, 0, (size_t)step * sizeof(float));
             continue;
         }
         alpha[r] = m[r] == -INFINITY ? 0.f : exp2f(m[r] - m_new);
-        vf mb = vsplat(m_new);
-        s0 = vexp2(s0 - mb);
-        s1 = vexp2(s1 - mb);
-        s2 = vexp2(s2 - mb);
-        s3 = vexp2(s3 - mb);
-        vstore(s, s0);
-        vstore(s + 16, s1);
-        vstore(s + 32, s2);
-        vstore(s + 48, s3);
-        l[r] = l[r] * alpha[r] + hsum(s0 + s1 + s2 + s3);
+        vf mb = vsplat(m_new), sum = vsplat(0.f);
+        for (int c = 0; c < step; c += 4 * VW) { /* the sum in the same order as one 64-key block */
+            vf s0 = vexp2(vload(s + c) - mb), s1 = vexp2(vload(s + c + 16) - mb);
+            vf s2 = vexp2(vload(s + c + 32) - mb), s3 = vexp2(vload(s + c + 48) - mb);
+            vstore(s + c, s0);
+            vstore(s + c + 16, s1);
+            vstore(s + c + 32, s2);
+            vstore(s + c + 48, s3);
+            sum += s0 + s1 + s2 + s3;
+        }
+        l[r] = l[r] * alpha[r] + hsum(sum);
         m[r] = m_new;
     }
 }
@@ -295,11 +300,11 @@ void cpu_scratch_free(cpu_scratch *sc)
 bool cpu_scratch_alloc(cpu_scratch *sc, int D)
 {
     memset(sc, 0, sizeof(*sc));
-    size_t qd = (size_t)CPU_QT * D * sizeof(float), kd = (size_t)CPU_KT * D * sizeof(float);
+    size_t qd = (size_t)CPU_QT * D * sizeof(float), kd = (size_t)CPU_KT_MAX * D * sizeof(float);
     sc->Q = aligned_alloc(64, qd);
     sc->Kt = aligned_alloc(64, kd);
     sc->V = aligned_alloc(64, kd);
-    sc->S = aligned_alloc(64, (size_t)CPU_QT * CPU_KT * sizeof(float));
+    sc->S = aligned_alloc(64, (size_t)CPU_QT * CPU_KT_MAX * sizeof(float));
     sc->O = aligned_alloc(64, qd);
     sc->acc16 = aligned_alloc(64, qd);
     sc->part = aligned_alloc(64, qd);
@@ -368,38 +373,40 @@ void cpu_flash_loop(cpu_scratch *sc, int rows, const cpu_flash_params *fp, int64
         last = sc->key_end[r] > last ? sc->key_end[r] : last;
     if (last > key_end)
         last = key_end;
-    for (int64_t j0 = key_begin; j0 < last; j0 += CPU_KT) {
-        const int keys = (int)(last - j0 < CPU_KT ? last - j0 : CPU_KT);
-        load(loader_ctx, j0, keys, sc); /* Kt [D][CPU_KT] zero past `keys`, V [keys][D], kscale */
+    const int step = fp->step == CPU_KT_MAX ? CPU_KT_MAX : CPU_KT;
+    for (int64_t j0 = key_begin; j0 < last; j0 += step) {
+        const int keys = (int)(last - j0 < step ? last - j0 : step);
+        load(loader_ctx, j0, keys, sc); /* Kt [D][CPU_KT_MAX] zero past `keys`, V [keys][D], kscale */
 
-        qk_tile(sc->Q, D, sc->Kt, D, sc->S, rows);
+        for (int c0 = 0; c0 < step; c0 += CPU_KT)
+            qk_tile(sc->Q, D, sc->Kt + c0, D, sc->S + c0, rows);
 
         /* Dequantize scores, then mask keys each row may not see. */
         for (int r = 0; r < rows; r++) {
-            float *s = sc->S + (size_t)r * CPU_KT;
+            float *s = sc->S + (size_t)r * CPU_KT_MAX;
             if (quant) {
                 vf qs = vsplat(sc->qscale[r]);
-                for (int c = 0; c < CPU_KT; c += VW)
+                for (int c = 0; c < step; c += VW)
                     vstore(s + c, vload(s + c) * qs * vload(sc->kscale + c));
             }
             int64_t visible = sc->key_end[r] - j0;
             if (visible > keys)
                 visible = keys;
-            for (int64_t j = visible < 0 ? 0 : visible; j < CPU_KT; j++)
+            for (int64_t j = visible < 0 ? 0 : visible; j < step; j++)
                 s[j] = -INFINITY;
         }
 
-        softmax_tile(sc->S, rows, sc->m, sc->l, sc->alpha);
+        softmax_tile(sc->S, rows, step, sc->m, sc->l, sc->alpha);
         scale_rows(sc->O, rows, D, sc->alpha);
 
         if (prec == QATTN_PRECISION_INT8_FP16) {
             for (int r = 0; r < rows; r++)
                 for (int j = 0; j < keys; j++)
-                    sc->S[(size_t)r * CPU_KT + j] = qattn_round_f16(sc->S[(size_t)r * CPU_KT + j]);
+                    sc->S[(size_t)r * CPU_KT_MAX + j] = qattn_round_f16(sc->S[(size_t)r * CPU_KT_MAX + j]);
         } else if (fp8) {
             for (int r = 0; r < rows; r++)
                 for (int j = 0; j < keys; j++) {
-                    float *pp = &sc->S[(size_t)r * CPU_KT + j];
+                    float *pp = &sc->S[(size_t)r * CPU_KT_MAX + j];
                     *pp = e4m3[qattn_f32_to_e4m3(*pp * fp->quant->p_fp8_scale)];
                 }
         }
@@ -433,7 +440,7 @@ typedef struct dense_loader {
     int64_t b, hk;
 } dense_loader;
 
-/* K tile transposed to [D][CPU_KT] (zero past the last key) and V [keys][D]:
+/* K tile transposed to [D][CPU_KT_MAX] (zero past the last key) and V [keys][D]:
  * input values, or the quantized workspace's codes. */
 static void load_dense_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc)
 {
@@ -450,8 +457,8 @@ static void load_dense_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc
     const size_t es = qattn_dtype_size(p->in_dtype);
     const float *e4m3 = cpu_e4m3_table();
 
-    if (keys < CPU_KT)
-        memset(sc->Kt, 0, (size_t)D * CPU_KT * sizeof(float));
+    if (keys < CPU_KT_MAX)
+        memset(sc->Kt, 0, (size_t)D * CPU_KT_MAX * sizeof(float));
     for (int j = 0; j < keys; j++) {
         int64_t t = j0 + j;
         if (quant) {
@@ -463,9 +470,9 @@ static void load_dense_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc
             cpu_convert_row(sc->row, src, p->in_dtype, D, 1.f);
         }
         for (int d = 0; d < D; d++)
-            sc->Kt[(size_t)d * CPU_KT + j] = sc->row[d];
+            sc->Kt[(size_t)d * CPU_KT_MAX + j] = sc->row[d];
     }
-    for (int j = keys; j < CPU_KT; j++)
+    for (int j = keys; j < CPU_KT_MAX; j++)
         sc->kscale[j] = 0.f;
 
     for (int j = 0; j < keys; j++) {
@@ -516,7 +523,7 @@ static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, cp
         sc->key_end[r] = qattn_causal_key_end(p, i);
     }
 
-    cpu_flash_params fp = {.head_dim = D, .precision = plan->precision, .quant = qp};
+    cpu_flash_params fp = {.head_dim = D, .step = plan->kv_tile, .precision = plan->precision, .quant = qp};
     dense_loader dl = {.job = job, .b = b, .hk = hk};
     cpu_flash_loop(sc, rows, &fp, 0, p->seq_k, load_dense_kv, &dl);
 

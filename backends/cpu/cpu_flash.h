@@ -4,17 +4,18 @@
 
 #include "cpu_backend.h"
 
-#define CPU_KT 64 /* keys per tile */
+#define CPU_KT 64      /* keys per score block (the register-blocked S = Q K^T) */
+#define CPU_KT_MAX 128 /* keys per softmax step at most; the row stride of Kt, S and P */
 
-/* Per-thread scratch, sized for CPU_QT rows, CPU_KT keys and head dim D. */
+/* Per-thread scratch, sized for CPU_QT rows, CPU_KT_MAX keys and head dim D. */
 typedef struct cpu_scratch {
     float *Q;      /* [CPU_QT][D] query rows in the log2 domain (or INT8 codes) */
-    float *Kt;     /* [D][CPU_KT] keys, transposed */
-    float *V;      /* [CPU_KT][D] */
+    float *Kt;     /* [D][CPU_KT_MAX] keys, transposed */
+    float *V;      /* [CPU_KT_MAX][D] */
     float *S, *O, *acc16, *part, *row;
     float m[CPU_QT], l[CPU_QT], alpha[CPU_QT];
     float qscale[CPU_QT];   /* quantized modes: INT8 Q scale x sm_scale x log2(e) */
-    float kscale[CPU_KT];   /* quantized modes: INT8 K scale per key */
+    float kscale[CPU_KT_MAX]; /* quantized modes: INT8 K scale per key */
     int64_t key_end[CPU_QT]; /* keys each row may see: [0, key_end) */
 } cpu_scratch;
 
@@ -29,6 +30,10 @@ typedef void (*cpu_kv_loader)(const void *ctx, int64_t j0, int keys, cpu_scratch
 
 typedef struct cpu_flash_params {
     int head_dim;
+    /* Keys per online-softmax step, CPU_KT or CPU_KT_MAX: the FP8 modes round
+     * P to E4M3 against the running max of whole steps, so a reference run
+     * follows the step of the kernel it checks (its plan's kv_tile). */
+    int step;
     qattn_precision precision;
     const qattn_quant_params *quant; /* quantized modes */
 } cpu_flash_params;

@@ -265,13 +265,13 @@ static void load_paged_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc
     const int D = (int)c->head_dim;
     const float *ks = pl->cache->k_scale ? pl->cache->k_scale->host : NULL;
     const float *vs = pl->cache->v_scale ? pl->cache->v_scale->host : NULL;
-    if (keys < CPU_KT)
-        memset(sc->Kt, 0, (size_t)D * CPU_KT * sizeof(float));
+    if (keys < CPU_KT_MAX)
+        memset(sc->Kt, 0, (size_t)D * CPU_KT_MAX * sizeof(float));
     for (int j = 0; j < keys; j++) {
         int64_t t = j0 + j, page = view_page(pl->view, pl->b, t / c->page_size), off = t % c->page_size;
         load_cache_row(c, pl->cache->k->host, ks, page, off, pl->hk, sc->row);
         for (int d = 0; d < D; d++)
-            sc->Kt[(size_t)d * CPU_KT + j] = sc->row[d];
+            sc->Kt[(size_t)d * CPU_KT_MAX + j] = sc->row[d];
         load_cache_row(c, pl->cache->v->host, vs, page, off, pl->hk, sc->V + (size_t)j * D);
     }
 }

@@ -139,7 +139,9 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
     const bool tma = exact_tma || i8f16_tma || (wgmma && fp8 && p->seq_k % 16 == 0 && rows_fit_int32);
     plan->impl = (void *)&plan_infos[tma ? 3 : wgmma ? 2 : on_f16 ? 1 : 0];
     plan->q_tile = QA_CUDA_BLOCK_M;
-    plan->kv_tile = QA_CUDA_BLOCK_N;
+    /* The TMA kernels take 128 keys per online-softmax step at D <= 128
+     * (hopper/: FP8, INT8_FP16 and EXACT alike; 64 at D = 256). */
+    plan->kv_tile = tma && p->head_dim <= 128 ? 2 * QA_CUDA_BLOCK_N : QA_CUDA_BLOCK_N;
     plan->status_word = p->check_finite;
     static const char *const mode_names[] = {"auto", "exact", "int8_fp16", "int8_fp8", "int8_fp8_f16acc"};
     snprintf(plan->kernel, sizeof(plan->kernel), "cuda_%s_%s%s_d%lld_sm%d%s", tma ? "wgmma_tma" : wgmma ? "wgmma" : "mma",

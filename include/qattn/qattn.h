@@ -276,7 +276,8 @@ typedef struct qattn_plan_info {
     qattn_precision precision;     /* chosen (never AUTO) */
     qattn_granularity granularity; /* chosen (never DEFAULT for quantized modes) */
     int smooth_k;
-    int q_tile, kv_tile;           /* rows of Q and K per work tile */
+    int q_tile, kv_tile;           /* rows of Q and K per work tile (the FP8 modes round P to E4M3
+                                      against the running max of whole kv tiles) */
     /* INT8 scale groups: token t of a block of `block` tokens belongs to group
      * (t / block, t % interleave); one scale per group per head. */
     int q_quant_block, q_quant_interleave;

@@ -151,7 +151,7 @@ static bool encode_map(CUtensorMap *map, CUtensorMapDataType type, const void *b
 }
 
 /* The three maps of sm90_attn_ws.cuh for batch * heads of the workspace. */
-static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows)
+static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows, int kv_keys)
 {
     const int swz = D == 128 ? 128 : 64;
     const uint64_t q_dims[2] = {(uint64_t)D, (uint64_t)(batch * p.heads_q * p.seq_q)};
@@ -159,14 +159,14 @@ static bool encode_ws_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t
     const uint32_t q_box[2] = {(uint32_t)D, (uint32_t)q_rows};
     const uint64_t k_dims[5] = {(uint64_t)D, 2, 4, 2, (uint64_t)(batch * p.heads_kv * p.seq_k / 16)};
     const uint64_t k_strides[4] = {(uint64_t)D, 4ull * D, 2ull * D, 16ull * D};
-    const uint32_t k_box[5] = {(uint32_t)D, 2, 4, 2, kBlockN / 16};
+    const uint32_t k_box[5] = {(uint32_t)D, 2, 4, 2, (uint32_t)kv_keys / 16};
     const uint64_t v_dims[2] = {(uint64_t)p.v_keys_padded, (uint64_t)(batch * p.heads_kv * D)};
     const uint64_t v_strides[1] = {(uint64_t)p.v_keys_padded};
-    const uint32_t v_box[2] = {kBlockN, (uint32_t)D};
+    const uint32_t v_box[2] = {(uint32_t)kv_keys, (uint32_t)D};
     const CUtensorMapDataType u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8;
     return encode_map(&m->q, u8, p.q8, 2, q_dims, q_strides, q_box, swz) &&
            encode_map(&m->k, u8, p.k8, 5, k_dims, k_strides, k_box, swz) &&
-           encode_map(&m->v, u8, p.vq, 2, v_dims, v_strides, v_box, 64);
+           encode_map(&m->v, u8, p.vq, 2, v_dims, v_strides, v_box, kv_keys); /* rows of kv_keys bytes */
 }
 
 /* The maps of sm90_attn_exact_ws.cuh: the caller's 16-bit Q, K, V as
@@ -210,13 +210,13 @@ template <int D, bool F16ACC, bool UNIFORM_K>
 static int sm90_fp8_ws_launch(const AttnParams *p, int grid, void *stream, bool prepare)
 {
     auto fn = &sm90::attention_fp8_ws_kernel<D, F16ACC, UNIFORM_K>;
-    using T = sm90::WsTraits<D>;
+    using T = sm90::WsTraits<D, F16ACC>;
     if (prepare)
         return QA_SET_SMEM(fn, T::kSmem) ? T::kSmem : 0;
     const int64_t batch = grid / ((int64_t)p->q_tiles * p->heads_q);
     const AttnParams ap = with_cta_rows(*p, T::kRows);
     sm90::TmaMaps maps;
-    if (!encode_ws_maps(&maps, ap, D, batch, T::kRows))
+    if (!encode_ws_maps(&maps, ap, D, batch, T::kRows, T::kBN))
         return -1;
     fn<<<(int)(ap.q_tiles * batch * ap.heads_q), T::kThreads, T::kSmem, (cudaStream_t)stream>>>(ap, maps);
     return T::kSmem;

@@ -59,19 +59,33 @@ struct TmaMaps {
     CUtensorMap q, k, v;
 };
 
-template <int D> struct WsTraits : WsShape<D == 64 ? 3 : 2> {
-    static constexpr int kQBytes = 64 * WsShape<D == 64 ? 3 : 2>::kConsumers * D; /* int8 Q, all consumers' rows */
-    static constexpr int kKBytes = kBlockN * D;      /* int8 K, permuted key order */
-    static constexpr int kVBytes = D * kBlockN;      /* FP8 V^T */
+/* Keys per pipeline step and consumer warpgroups (as the EXACT kernel's). */
+#ifndef QA_FP8_WS_BN
+#define QA_FP8_WS_BN 128
+#endif
+template <int D, bool F16ACC> struct Fp8WsConfig {
+    static constexpr int kBN = QA_FP8_WS_BN;
+    static constexpr int kNWG = kBN == 64 && D == 64 ? 3 : 2;
+};
+template <int D, bool F16ACC> struct WsTraits : WsShape<Fp8WsConfig<D, F16ACC>::kNWG> {
+    using Shape = WsShape<Fp8WsConfig<D, F16ACC>::kNWG>;
+    static constexpr int kBN = Fp8WsConfig<D, F16ACC>::kBN;
+    static constexpr int kQBytes = Shape::kRows * D; /* int8 Q, all consumers' rows */
+    static constexpr int kKBytes = kBN * D;         /* int8 K, permuted key order in each 64 keys */
+    static constexpr int kVBytes = D * kBN;         /* FP8 V^T: D rows of kBN keys */
     static constexpr int kCopyBytes = kKBytes + kVBytes; /* what the TMA copies per stage */
     /* Then 8 rows of E4M3 ones (V^T rows D..D+7) so that P V also sums each
      * row of P; stages stay 1024-byte aligned for the 128-byte swizzle. */
-    static constexpr int kOnesBytes = 8 * kBlockN;
+    static constexpr int kOnesBytes = 8 * kBN;
     static constexpr int kStageBytes = (kCopyBytes + kOnesBytes + 1023) / 1024 * 1024;
-    static constexpr int kBarOffset = kQBytes + kWsStages * kStageBytes;
     static constexpr int kAlign = 1024;
-    static constexpr int kSmem = kBarOffset + 8 * (2 * kWsStages + 1) + kAlign;
-    static constexpr int kQKSwizzle = D == 128 ? 128 : 64;    static_assert(kSmem <= 232448, "more than the 227 KiB of shared memory a block may have");
+    static constexpr int kFit = (232448 - kAlign - 256 - kQBytes) / kStageBytes;
+    static constexpr int kStages = kFit < kWsStages ? kFit : kWsStages;
+    static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
+    static constexpr int kSmem = kBarOffset + 8 * (2 * kStages + 1) + kAlign;
+    static constexpr int kQKSwizzle = D == 128 ? 128 : 64;
+    static constexpr int kVSwizzle = kBN; /* V^T rows are kBN bytes: 64- or 128-byte swizzle */
+    static_assert(kStages >= 2 && kSmem <= 232448, "more than the 227 KiB of shared memory a block may have");
 };
 
 #if defined(QA_SM90_DEVICE_CODE)
@@ -114,50 +128,61 @@ QA_DEV void prefetch_tensor_map(const CUtensorMap *map)
 template <int N> QA_DEV void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N> QA_DEV void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 
-/* Online softmax of a 64-key tile whose K scale is one number (per-block and
- * per-warp K): the scores stay in their integer form r = 1.5 * 2^23 + s (read
- * as floats: exact, and ordered like s), so the row max needs no scaling and
- * each probability is one FFMA into ex2: exp2(r * sc - (1.5 * 2^23 * sc + m - p_log2)),
- * sc = q_scale * k_scale * log2(e) * sm_scale. Masked scores are -inf in r.
- * No row sums: P V sums the rows (the ones block after V^T). */
-template <int NT>
-QA_DEV void online_softmax_raw(float (&r)[NT][4], const float (&sc)[2], float (&m)[2], float (&alpha)[2],
+/* Online softmax of a step of NB 64-key blocks, each with one K scale
+ * (per-block and per-warp K): the scores stay in their integer form
+ * r = 1.5 * 2^23 + s (read as floats: exact, and ordered like s), so a
+ * block's max needs one scaling and each probability is one FFMA into ex2:
+ * exp2(r * sc - (1.5 * 2^23 * sc + m - p_log2)), sc = q_scale * k_scale *
+ * log2(e) * sm_scale of its block. Masked scores are -inf in r. No row sums:
+ * P V sums the rows (the ones block after V^T). */
+template <int NT, int NB>
+QA_DEV void online_softmax_raw(float (&r)[NT][4], const float (&sc)[2][NB], float (&m)[2], float (&alpha)[2],
                                float p_log2)
 {
+    constexpr int JB = NT / NB; /* column groups per block */
 QA_UNROLL
     for (int hh = 0; hh < 2; hh++) {
-        /* Four partial maxima: dependent chains of NT / 4, not NT. */
-        float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        float tile_max = -INFINITY; /* stays -inf for a row with no unmasked key */
 QA_UNROLL
-        for (int j = 0; j < NT; j++)
-            part[j & 3] = fmax_(part[j & 3], fmax_(r[j][2 * hh], r[j][2 * hh + 1]));
-        float mx = fmax_(fmax_(part[0], part[1]), fmax_(part[2], part[3]));
-        mx = fmax_(mx, shfl_xor(mx, 1));
-        mx = fmax_(mx, shfl_xor(mx, 2));
-        const float tile_max = (mx - 12582912.0f) * sc[hh]; /* -inf for a row with no unmasked key */
+        for (int b = 0; b < NB; b++) {
+            /* Four partial maxima: dependent chains of JB / 4, not JB. */
+            float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+QA_UNROLL
+            for (int j = b * JB; j < (b + 1) * JB; j++)
+                part[j & 3] = fmax_(part[j & 3], fmax_(r[j][2 * hh], r[j][2 * hh + 1]));
+            const float mx = fmax_(fmax_(part[0], part[1]), fmax_(part[2], part[3]));
+            tile_max = fmax_(tile_max, (mx - 12582912.0f) * sc[hh][b]);
+        }
+        tile_max = fmax_(tile_max, shfl_xor(tile_max, 1));
+        tile_max = fmax_(tile_max, shfl_xor(tile_max, 2));
         const float m_new = fmax_(m[hh], tile_max);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
         alpha[hh] = ex2(m[hh] - m_use);
         m[hh] = m_new;
-        const float bias = fmaf(12582912.0f, sc[hh], m_use - p_log2);
 QA_UNROLL
-        for (int j = 0; j < NT; j++)
+        for (int b = 0; b < NB; b++) {
+            const float bias = fmaf(12582912.0f, sc[hh][b], m_use - p_log2);
 QA_UNROLL
-            for (int e = 0; e < 2; e++)
-                r[j][2 * hh + e] = ex2(fmaf(r[j][2 * hh + e], sc[hh], -bias));
+            for (int j = b * JB; j < (b + 1) * JB; j++)
+QA_UNROLL
+                for (int e = 0; e < 2; e++)
+                    r[j][2 * hh + e] = ex2(fmaf(r[j][2 * hh + e], sc[hh][b], -bias));
+        }
     }
 }
 #endif
 
 template <int D, bool F16ACC, bool UNIFORM_K>
-__global__ void __launch_bounds__(WsTraits<D>::kThreads, 1)
+__global__ void __launch_bounds__(WsTraits<D, F16ACC>::kThreads, 1)
     attention_fp8_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
 {
 #if defined(QA_SM90_DEVICE_CODE)
-    using T = WsTraits<D>;
-    constexpr int NT = kBlockN / 8; /* n8 column groups of S */
+    using T = WsTraits<D, F16ACC>;
+    constexpr int BN = T::kBN;      /* keys per step */
+    constexpr int NB = BN / 64;     /* 64-key blocks (K quantization blocks) per step */
+    constexpr int NT = BN / 8;      /* n8 column groups of S */
     constexpr int DT = D / 8;       /* n8 column groups of O */
-    constexpr int S = kWsStages;
+    constexpr int S = T::kStages;
 
     if (p.status && load_volatile(p.status))
         return; /* non-finite input: leave the outputs untouched (every thread returns here) */
@@ -188,7 +213,10 @@ __global__ void __launch_bounds__(WsTraits<D>::kThreads, 1)
     }
     sync_block();
 
-    const TileSpan ts = tile_span(p, T::kRows);
+    TileSpan ts = tile_span(p, T::kRows);
+    /* tile_span counts 64-key tiles; steps here are BN keys. */
+    ts.n_tiles = (ts.n_tiles * kBlockN + BN - 1) / BN;
+    ts.n_plain = ts.n_plain * kBlockN / BN;
     const int warp = warp_id();
     if (warp < 4) {
         /* Producer: one thread issues every copy. */
@@ -206,8 +234,8 @@ __global__ void __launch_bounds__(WsTraits<D>::kThreads, 1)
                     mbar_wait(empty_bar(it), (uint32_t)((it / S - 1) & 1));
                 const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
                 mbar_expect_tx(full_bar(it), T::kCopyBytes);
-                tma_load_5d(stage, &maps.k, full_bar(it), key16 + it * (kBlockN / 16));
-                tma_load_2d(stage + T::kKBytes, &maps.v, full_bar(it), it * kBlockN, v_row);
+                tma_load_5d(stage, &maps.k, full_bar(it), key16 + it * (BN / 16));
+                tma_load_2d(stage + T::kKBytes, &maps.v, full_bar(it), it * BN, v_row);
             }
         }
     } else {
@@ -242,40 +270,56 @@ QA_UNROLL
             s[i] = 0;
         const uint64_t desc_q = smem_desc<T::kQKSwizzle>(sQ + cw * 64 * D);
         const uint64_t desc_k0 = smem_desc<T::kQKSwizzle>(sStage);
-        const uint64_t desc_v0 = smem_desc<64>(sStage + T::kKBytes);
+        const uint64_t desc_v0 = smem_desc<T::kVSwizzle>(sStage + T::kKBytes);
         auto stage_desc = [&](uint64_t base, int it) { return base + (uint64_t)((it % S) * (T::kStageBytes >> 4)); };
         auto qk_issue = [&](int it) {
             const uint64_t desc_k = stage_desc(desc_k0, it);
             fence_operands(s);
             wgmma_fence();
 QA_UNROLL
-            for (int ks = 0; ks < D / 32; ks++) /* k32 steps: 32 bytes along the row */
-                wgmma_s8_n64_ss(s, desc_q + 2 * ks, desc_k + 2 * ks, ks);
+            for (int ks = 0; ks < D / 32; ks++) { /* k32 steps: 32 bytes along the row */
+                if constexpr (BN == 128)
+                    wgmma_s8_n128_ss(s, desc_q + 2 * ks, desc_k + 2 * ks, ks);
+                else
+                    wgmma_s8_n64_ss(s, desc_q + 2 * ks, desc_k + 2 * ks, ks);
+            }
             wgmma_commit();
         };
 
-        /* The K scales of tile it that this thread's columns use (loaded before
-         * the GEMMs: a global load on the softmax's critical path would stall it). */
-        auto load_k_scales = [&](int it, float (&k_scale)[2][2]) {
-            const float *ks_tile = p.k_scale + bhk * p.k_groups + (int64_t)it * p.k_inter;
-            if constexpr (UNIFORM_K) {
-                k_scale[0][0] = k_scale[0][1] = k_scale[1][0] = k_scale[1][1] = ks_tile[0];
-            } else {
+        /* The K scales of step it that this thread's columns use, per 64-key
+         * block b: k_scale[b][column group parity][column parity] (loaded a
+         * step ahead: a global load on the softmax's critical path stalls it).
+         * Blocks past the last key (all masked) read the last block's. */
+        const int k_blocks = (p.seq_k + kBlockN - 1) / kBlockN;
+        auto load_k_scales = [&](int it, float (&k_scale)[T::kBN / 64][2][2]) {
 QA_UNROLL
-                for (int jb = 0; jb < 2; jb++)
+            for (int b = 0; b < NB; b++) {
+                const int blk = min(it * NB + b, k_blocks - 1);
+                const float *ks_tile = p.k_scale + bhk * p.k_groups + (int64_t)blk * p.k_inter;
+                if constexpr (UNIFORM_K) {
+                    k_scale[b][0][0] = k_scale[b][0][1] = k_scale[b][1][0] = k_scale[b][1][1] = ks_tile[0];
+                } else {
 QA_UNROLL
-                    for (int cb = 0; cb < 2; cb++)
-                        k_scale[jb][cb] = ks_tile[key_of<true>(jb, 2 * t + cb) % 8];
+                    for (int jb = 0; jb < 2; jb++)
+QA_UNROLL
+                        for (int cb = 0; cb < 2; cb++)
+                            k_scale[b][jb][cb] = ks_tile[key_of<true>(jb, 2 * t + cb) % 8];
+                }
             }
         };
-        auto softmax = [&](int it, auto mask_tag, const float (&k_scale)[2][2], uint32_t (&pa)[2][4],
-                           float (&alpha)[2]) {
+        auto softmax = [&](int it, auto mask_tag, const float (&k_scale)[T::kBN / 64][2][2],
+                           uint32_t (&pa)[T::kBN / 32][4], float (&alpha)[2]) {
             constexpr bool MASK = decltype(mask_tag)::value;
-            const int j0 = it * kBlockN;
+            const int j0 = it * BN;
             float x[NT][4];
             if constexpr (UNIFORM_K) {
                 /* The raw scores (see online_softmax_raw). */
-                const float sc[2] = {q_scale[0] * k_scale[0][0], q_scale[1] * k_scale[0][0]};
+                float sc[2][NB];
+QA_UNROLL
+                for (int b = 0; b < NB; b++) {
+                    sc[0][b] = q_scale[0] * k_scale[b][0][0];
+                    sc[1][b] = q_scale[1] * k_scale[b][0][0];
+                }
 QA_UNROLL
                 for (int j = 0; j < NT; j++)
 QA_UNROLL
@@ -293,22 +337,24 @@ QA_UNROLL
             } else {
                 /* Per-thread K scales differ between columns: scale each score
                  * (one FFMA from the raw form), then the float softmax. */
-                float sc[2][2][2], nb[2][2][2];
+                float sc[NB][2][2][2], nb[NB][2][2][2];
 QA_UNROLL
-                for (int jb = 0; jb < 2; jb++)
+                for (int b = 0; b < NB; b++)
 QA_UNROLL
-                    for (int hh = 0; hh < 2; hh++)
+                    for (int jb = 0; jb < 2; jb++)
 QA_UNROLL
-                        for (int cb = 0; cb < 2; cb++) {
-                            sc[jb][hh][cb] = q_scale[hh] * k_scale[jb][cb];
-                            nb[jb][hh][cb] = -12582912.0f * sc[jb][hh][cb];
-                        }
+                        for (int hh = 0; hh < 2; hh++)
+QA_UNROLL
+                            for (int cb = 0; cb < 2; cb++) {
+                                sc[b][jb][hh][cb] = q_scale[hh] * k_scale[b][jb][cb];
+                                nb[b][jb][hh][cb] = -12582912.0f * sc[b][jb][hh][cb];
+                            }
 QA_UNROLL
                 for (int j = 0; j < NT; j++)
 QA_UNROLL
                     for (int i = 0; i < 4; i++) {
-                        float v = fmaf(__int_as_float(s[4 * j + i] + 0x4B400000), sc[j & 1][i >> 1][i & 1],
-                                       nb[j & 1][i >> 1][i & 1]);
+                        float v = fmaf(__int_as_float(s[4 * j + i] + 0x4B400000), sc[j >> 3][j & 1][i >> 1][i & 1],
+                                       nb[j >> 3][j & 1][i >> 1][i & 1]);
                         if constexpr (MASK) {
                             const int key = j0 + key_of<true>(j, 2 * t + (i & 1));
                             const int row = i0 + row_base + (i >> 1) * 8;
@@ -321,7 +367,7 @@ QA_UNROLL
             }
             /* P x448 to E4M3 in the A-register layout (see sm90_attn.cuh). */
 QA_UNROLL
-            for (int kc = 0; kc < 2; kc++) {
+            for (int kc = 0; kc < BN / 32; kc++) {
                 const float *p0 = x[4 * kc], *p1 = x[4 * kc + 1], *p2 = x[4 * kc + 2], *p3 = x[4 * kc + 3];
                 pa[kc][0] = pack_e4m3x4(p0[0], p0[1], p1[0], p1[1]);
                 pa[kc][1] = pack_e4m3x4(p0[2], p0[3], p1[2], p1[3]);
@@ -329,7 +375,8 @@ QA_UNROLL
                 pa[kc][3] = pack_e4m3x4(p2[2], p2[3], p3[2], p3[3]);
             }
         };
-        auto softmax_tile = [&](int it, const float (&k_scale)[2][2], uint32_t (&pa)[2][4], float (&alpha)[2]) {
+        auto softmax_tile = [&](int it, const float (&k_scale)[T::kBN / 64][2][2], uint32_t (&pa)[T::kBN / 32][4],
+                                float (&alpha)[2]) {
             if (it < n_plain)
                 softmax(it, std::false_type(), k_scale, pa, alpha);
             else
@@ -337,29 +384,36 @@ QA_UNROLL
         };
 
         using Acc = typename std::conditional<F16ACC, uint32_t, float>::type;
-        /* D columns of P V and 8 of row sums of P (all equal). */
+        /* D columns of P V and 8 of row sums of P (all equal). F16ACC keeps
+         * one fp16 accumulator per 64 keys: 64 x 448 x the V scale bound is
+         * what keeps fp16 from overflowing (as the CPU reference's blocks). */
         constexpr int kAccRegs = F16ACC ? (DT + 1) * 2 : (DT + 1) * 4;
-        Acc acc[kAccRegs];
+        constexpr int NACC = F16ACC ? NB : 1;
+        Acc acc[NACC][kAccRegs];
 QA_UNROLL
-        for (int i = 0; i < kAccRegs; i++)
-            acc[i] = 0;
-        auto pv_issue = [&](int it, const uint32_t (&pa)[2][4]) {
+        for (int a = 0; a < NACC; a++)
+QA_UNROLL
+            for (int i = 0; i < kAccRegs; i++)
+                acc[a][i] = 0;
+        auto pv_issue = [&](int it, const uint32_t (&pa)[T::kBN / 32][4]) {
             const uint64_t desc_v = stage_desc(desc_v0, it);
-            const uint64_t dv[2] = {desc_v, desc_v + 2};
-            fence_operands(acc);
+QA_UNROLL
+            for (int a = 0; a < NACC; a++)
+                fence_operands(acc[a]);
             wgmma_fence();
 QA_UNROLL
-            for (int kc = 0; kc < 2; kc++) {
+            for (int kc = 0; kc < BN / 32; kc++) { /* k32 steps: 32 keys (bytes) along the V^T rows */
+                const uint64_t dv = desc_v + 2 * kc;
                 if constexpr (F16ACC) {
                     if constexpr (D == 128)
-                        wgmma_e4m3_n136_rs_f16(acc, pa[kc], dv[kc], kc);
+                        wgmma_e4m3_n136_rs_f16(acc[kc / 2], pa[kc], dv, kc % 2);
                     else
-                        wgmma_e4m3_n72_rs_f16(acc, pa[kc], dv[kc], kc);
+                        wgmma_e4m3_n72_rs_f16(acc[kc / 2], pa[kc], dv, kc % 2);
                 } else {
                     if constexpr (D == 128)
-                        wgmma_e4m3_n136_rs_f32(acc, pa[kc], dv[kc], kc);
+                        wgmma_e4m3_n136_rs_f32(acc[0], pa[kc], dv, kc);
                     else
-                        wgmma_e4m3_n72_rs_f32(acc, pa[kc], dv[kc], kc);
+                        wgmma_e4m3_n72_rs_f32(acc[0], pa[kc], dv, kc);
                 }
             }
             wgmma_commit();
@@ -368,22 +422,35 @@ QA_UNROLL
 QA_UNROLL
             for (int n = 0; n < DT; n++) {
                 if constexpr (F16ACC) {
-                    o[4 * n + 0] = o[4 * n + 0] * alpha[0] + f16_lo(acc[2 * n]);
-                    o[4 * n + 1] = o[4 * n + 1] * alpha[0] + f16_hi(acc[2 * n]);
-                    o[4 * n + 2] = o[4 * n + 2] * alpha[1] + f16_lo(acc[2 * n + 1]);
-                    o[4 * n + 3] = o[4 * n + 3] * alpha[1] + f16_hi(acc[2 * n + 1]);
+                    float add[4] = {0.f, 0.f, 0.f, 0.f};
+QA_UNROLL
+                    for (int a = 0; a < NACC; a++) {
+                        add[0] += f16_lo(acc[a][2 * n]);
+                        add[1] += f16_hi(acc[a][2 * n]);
+                        add[2] += f16_lo(acc[a][2 * n + 1]);
+                        add[3] += f16_hi(acc[a][2 * n + 1]);
+                    }
+QA_UNROLL
+                    for (int i = 0; i < 4; i++)
+                        o[4 * n + i] = o[4 * n + i] * alpha[i >> 1] + add[i];
                 } else {
 QA_UNROLL
                     for (int i = 0; i < 4; i++)
-                        o[4 * n + i] = o[4 * n + i] * alpha[i >> 1] + acc[4 * n + i];
+                        o[4 * n + i] = o[4 * n + i] * alpha[i >> 1] + acc[0][4 * n + i];
                 }
             }
             if constexpr (F16ACC) {
-                l[0] = l[0] * alpha[0] + f16_lo(acc[2 * DT]);
-                l[1] = l[1] * alpha[1] + f16_lo(acc[2 * DT + 1]);
+                float add[2] = {0.f, 0.f};
+QA_UNROLL
+                for (int a = 0; a < NACC; a++) {
+                    add[0] += f16_lo(acc[a][2 * DT]);
+                    add[1] += f16_lo(acc[a][2 * DT + 1]);
+                }
+                l[0] = l[0] * alpha[0] + add[0];
+                l[1] = l[1] * alpha[1] + add[1];
             } else {
-                l[0] = l[0] * alpha[0] + acc[4 * DT];
-                l[1] = l[1] * alpha[1] + acc[4 * DT + 2];
+                l[0] = l[0] * alpha[0] + acc[0][4 * DT];
+                l[1] = l[1] * alpha[1] + acc[0][4 * DT + 2];
             }
         };
         auto wait_tile = [&](int it) { mbar_wait(full_bar(it), (uint32_t)((it / S) & 1)); };
@@ -393,11 +460,11 @@ QA_UNROLL
                 mbar_arrive(empty_bar(it));
         };
 
-        uint32_t pa[2][2][4];
+        uint32_t pa[2][BN / 32][4];
         float alpha[2][2];
         /* K scales, loaded a step before their softmax (an L2 round trip is
          * longer than the S GEMM it would otherwise hide behind). */
-        float k_scale[2][2][2];
+        float k_scale[2][NB][2][2];
         mbar_wait(q_bar, 0);
         if (n_tiles > 0) {
             wait_tile(0);
@@ -412,9 +479,9 @@ QA_UNROLL
          * the softmax of tile it + 1 while P V runs (sm90_attn.cuh). The last
          * tile issues a throwaway S of itself so that every path has the same
          * wgmma groups in flight. */
-        auto step = [&](int it, const uint32_t (&pa_cur)[2][4], const float (&alpha_cur)[2],
-                        uint32_t (&pa_next)[2][4], float (&alpha_next)[2], const float (&ks_next)[2][2],
-                        float (&ks_after)[2][2]) {
+        auto step = [&](int it, const uint32_t (&pa_cur)[T::kBN / 32][4], const float (&alpha_cur)[2],
+                        uint32_t (&pa_next)[T::kBN / 32][4], float (&alpha_next)[2],
+                        const float (&ks_next)[T::kBN / 64][2][2], float (&ks_after)[T::kBN / 64][2][2]) {
             const bool more = it + 1 < n_tiles;
             const int next = more ? it + 1 : it;
             /* ks_after held tile it's scales, used by the previous softmax. */
@@ -428,7 +495,9 @@ QA_UNROLL
             if (more)
                 softmax_tile(next, ks_next, pa_next, alpha_next);
             wgmma_wait<0>();
-            fence_operands(acc);
+QA_UNROLL
+            for (int a = 0; a < NACC; a++)
+                fence_operands(acc[a]);
             release_tile(it);
             o_update(alpha_cur);
         };

@@ -723,8 +723,6 @@ template <> struct In<kF32> {
 };
 
 constexpr int kStatsThreads = 256;
-constexpr int kStatsBatch = 4;     /* tokens per thread loaded before they are summed */
-constexpr int kFinalizeBatch = 16; /* chunk partials per thread loaded before they are added */
 
 /* Per (b, kv head, chunk of tokens): partial per-channel sums of K (double)
  * and per-channel max |V|; flags non-finite K or V. */
@@ -746,33 +744,20 @@ template <int D, int DT> QA_KERNEL(kStatsThreads) kv_stats_kernel(const QuantPar
         amax[e] = 0.f;
     }
     /* Only what the mode needs: K sums for smooth K, V maxima for FP8 V (the
-     * finite check of K and V happens in k_v_quant_kernel, which reads all).
-     * Loads go out kStatsBatch at a time (K and V together): each thread has
-     * up to 2 x 4 16-byte loads in flight (8 cost a third of the occupancy);
-     * the sums still add the thread's tokens one by one in token order. */
+     * finite check of K and V happens in k_v_quant_kernel, which reads all). */
     const int t0 = chunk * p.chunk_tokens, t1 = min(p.seq_k, t0 + p.chunk_tokens);
-    for (int base = t0 + rl; base < t1; base += kStatsBatch * RP) {
-        Vec16 kx[kStatsBatch] = {}, vx[kStatsBatch] = {};
-        QA_UNROLL
-        for (int u = 0; u < kStatsBatch; u++) {
-            const int tkn = base + u * RP;
-            if (tkn < t1 && p.smooth_k)
-                kx[u] = load16(gk + ((int64_t)tkn * p.k_stride[2] + vc * VEC) * es);
-            if (tkn < t1 && p.fp8)
-                vx[u] = load16(gv + ((int64_t)tkn * p.v_stride[2] + vc * VEC) * es);
+    if (p.smooth_k)
+        for (int tkn = t0 + rl; tkn < t1; tkn += RP) {
+            Vec16 kv = load16(gk + ((int64_t)tkn * p.k_stride[2] + vc * VEC) * es);
+            for (int e = 0; e < VEC; e++)
+                sum[e] += (double)In<DT>::get(kv.b, e);
         }
-        QA_UNROLL
-        for (int u = 0; u < kStatsBatch; u++) {
-            if (base + u * RP >= t1)
-                break;
-            if (p.smooth_k)
-                for (int e = 0; e < VEC; e++)
-                    sum[e] += (double)In<DT>::get(kx[u].b, e);
-            if (p.fp8)
-                for (int e = 0; e < VEC; e++)
-                    amax[e] = fmaxf(amax[e], fabsf(In<DT>::get(vx[u].b, e)));
+    if (p.fp8)
+        for (int tkn = t0 + rl; tkn < t1; tkn += RP) {
+            Vec16 vv = load16(gv + ((int64_t)tkn * p.v_stride[2] + vc * VEC) * es);
+            for (int e = 0; e < VEC; e++)
+                amax[e] = fmaxf(amax[e], fabsf(In<DT>::get(vv.b, e)));
         }
-    }
     for (int e = 0; e < VEC; e++) {
         red_sum[rl * D + vc * VEC + e] = sum[e];
         red_amax[rl * D + vc * VEC + e] = amax[e];
@@ -794,28 +779,11 @@ template <int D, int DT> QA_KERNEL(kStatsThreads) kv_stats_kernel(const QuantPar
 template <int D> QA_KERNEL(D) kv_finalize_kernel(const QuantParams p)
 {
     const int bh = block_x(), d = tid();
-    const double *ps = p.part_sum + (int64_t)bh * p.chunks * D + d;
-    const float *pa = p.part_amax + (int64_t)bh * p.chunks * D + d;
     double s = 0.0;
     float a = 0.f;
-    /* kFinalizeBatch partials loaded before they are added (in chunk order):
-     * one L2 round trip per batch instead of per chunk. */
-    for (int c0 = 0; c0 < p.chunks; c0 += kFinalizeBatch) {
-        double sv[kFinalizeBatch];
-        float av[kFinalizeBatch];
-        QA_UNROLL
-        for (int u = 0; u < kFinalizeBatch; u++) {
-            const int c = min(c0 + u, p.chunks - 1);
-            sv[u] = p.smooth_k ? ps[(int64_t)c * D] : 0.0;
-            av[u] = p.fp8 ? pa[(int64_t)c * D] : 0.f;
-        }
-        QA_UNROLL
-        for (int u = 0; u < kFinalizeBatch; u++) {
-            if (c0 + u >= p.chunks)
-                break;
-            s += sv[u];
-            a = fmaxf(a, av[u]);
-        }
+    for (int c = 0; c < p.chunks; c++) {
+        s += p.part_sum[((int64_t)bh * p.chunks + c) * D + d];
+        a = fmaxf(a, p.part_amax[((int64_t)bh * p.chunks + c) * D + d]);
     }
     if (p.smooth_k)
         p.k_mean[(int64_t)bh * D + d] = (float)(s / (double)p.seq_k);
@@ -834,9 +802,9 @@ QA_DEV int8_t quant_i8(float x, float inv)
 
 /* Row-parallel access for the quantization passes: a row of D elements is
  * read by G = D / VEC consecutive lanes, 16 bytes each (coalesced); a CTA of
- * T threads covers T / G rows per pass. */
-template <int D, int DT, int T = kThreads> struct RowLanes {
-    static constexpr int VEC = In<DT>::kVec, G = D / VEC, RP = T / G;
+ * 128 threads covers 128 / G rows per pass. */
+template <int D, int DT> struct RowLanes {
+    static constexpr int VEC = In<DT>::kVec, G = D / VEC, RP = kThreads / G;
     static_assert(G <= 32 && 32 % G == 0, "a row's lanes stay inside one warp");
 };
 
@@ -869,19 +837,11 @@ template <int VEC> QA_DEV void store_codes(int8_t *dst, const int8_t *codes)
 
 /* Per (b, kv head, 64-key block): K minus its mean to INT8 with per-block or
  * per-thread (8 interleaved) scales; V to FP8 transposed [D][keys] (zero past
- * Nk up to the padding), or to fp16 [keys][D].
- * Each thread loads all its rows of K and of V (16 bytes per row) up front and
- * keeps them in registers: every load is in flight at once and K is read from
- * memory once. A thread owns runs of 4 consecutive keys, so its FP8 codes of
- * one channel pack into a 32-bit word; the words go through a shared V^T tile
- * and leave as 16-byte runs of a channel's keys. */
+ * Nk up to the padding), or to fp16 [keys][D]. */
 template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams p)
 {
     using RL = RowLanes<D, DT>;
     constexpr int VEC = RL::VEC, G = RL::G, RP = RL::RP;
-    constexpr int R = kBlockN / RP; /* rows per thread: 4 consecutive keys, then the next run 4 * RP keys on */
-    static_assert(R % 4 == 0, "rows come in runs of 4 keys");
-    constexpr int KW = kBlockN / 4; /* 32-bit words per channel row of the V^T tile */
     const int es = DT == kF32 ? 4 : 2;
     const int kblocks = p.fp8 ? (int)(p.v_keys_padded / kBlockN) : (p.seq_k + kBlockN - 1) / kBlockN;
     const int bh = block_x() / kblocks, blk = block_x() % kblocks;
@@ -889,47 +849,28 @@ template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams 
     const int j0 = blk * kBlockN;
     float *row_amax = (float *)dynamic_smem(); /* [64] */
     float *row_inv = row_amax + 64;            /* [64] */
-    uint32_t *vt = (uint32_t *)(row_inv + 64); /* [D][KW] FP8 V^T, swizzled (fp8 only) */
 
     const uint8_t *gk = p.k + (b * p.k_stride[0] + hk * p.k_stride[1]) * es;
     const uint8_t *gv = p.v + (b * p.v_stride[0] + hk * p.v_stride[1]) * es;
     const float *mean = p.smooth_k ? p.k_mean + (int64_t)bh * D : nullptr;
     const int lane_v = tid() % G, r_lane = tid() / G;
     const int c0 = lane_v * VEC;
-    auto row_of = [&](int i) { return 4 * r_lane + (i & 3) + (i >> 2) * 4 * RP; };
-    const bool has_keys = j0 < p.seq_k; /* uniform over the block */
-
-    /* All loads first (K, then V): zero rows past Nk. */
-    Vec16 kx[R] = {}, vx[R] = {};
-    if (has_keys) {
-        QA_UNROLL
-        for (int i = 0; i < R; i++) {
-            const int tkn = j0 + row_of(i);
-            if (tkn < p.seq_k)
-                kx[i] = load16(gk + ((int64_t)tkn * p.k_stride[2] + c0) * es);
-        }
-        QA_UNROLL
-        for (int i = 0; i < R; i++) {
-            const int tkn = j0 + row_of(i);
-            if (tkn < p.seq_k)
-                vx[i] = load16(gv + ((int64_t)tkn * p.v_stride[2] + c0) * es);
-        }
-    }
     float mv[VEC];
     for (int e = 0; e < VEC; e++)
         mv[e] = mean ? mean[c0 + e] : 0.f;
 
     bool finite = true; /* this pass reads every K and V element: it does the finite check */
-    if (has_keys) {
-        QA_UNROLL
-        for (int i = 0; i < R; i++) {
-            const int r = row_of(i);
+    if (j0 < p.seq_k) { /* uniform over the block */
+        for (int i = 0; i < kBlockN / RP; i++) {
+            int r = r_lane + i * RP, tkn = j0 + r;
             float amax = 0.f;
-            if (j0 + r < p.seq_k)
+            if (tkn < p.seq_k) {
+                Vec16 kv = load16(gk + ((int64_t)tkn * p.k_stride[2] + c0) * es);
                 for (int e = 0; e < VEC; e++) {
-                    amax = fmaxf(amax, fabsf(In<DT>::get(kx[i].b, e) - mv[e]));
-                    finite = finite && In<DT>::finite(kx[i].b, e) && In<DT>::finite(vx[i].b, e);
+                    amax = fmaxf(amax, fabsf(In<DT>::get(kv.b, e) - mv[e]));
+                    finite = finite && In<DT>::finite(kv.b, e);
                 }
+            }
             amax = row_max<G>(amax);
             if (lane_v == 0)
                 row_amax[r] = amax;
@@ -947,59 +888,51 @@ template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams 
             p.k_scale[(int64_t)bh * p.k_groups + (int64_t)blk * ki + g] = gmax / 127.f;
         }
         sync_block();
-        QA_UNROLL
-        for (int i = 0; i < R; i++) {
-            const int r = row_of(i), tkn = j0 + r;
+        for (int i = 0; i < kBlockN / RP; i++) {
+            int r = r_lane + i * RP, tkn = j0 + r;
             if (tkn >= p.seq_k)
                 continue;
+            Vec16 kv = load16(gk + ((int64_t)tkn * p.k_stride[2] + c0) * es);
             int8_t codes[VEC];
             for (int e = 0; e < VEC; e++)
-                codes[e] = quant_i8(In<DT>::get(kx[i].b, e) - mv[e], row_inv[r % ki]);
+                codes[e] = quant_i8(In<DT>::get(kv.b, e) - mv[e], row_inv[r % ki]);
             store_codes<VEC>(p.k8 + ((int64_t)bh * p.seq_k + tkn) * D + c0, codes);
         }
     }
 
     if (p.fp8) {
-        /* Word (channel c, keys 4w..4w+3) at c * KW + (w ^ swizzle(c)); the
-         * swizzle (a multiple of 4 words, from the thread's channel group)
-         * spreads a warp's stores over the banks and keeps 16-byte runs whole. */
-        auto swizzle = [](int c) { return ((c / VEC) & (KW / 4 - 1)) * 4; };
-        float inv[VEC];
-        for (int e = 0; e < VEC; e++)
-            inv[e] = p.v_inv[(int64_t)bh * D + c0 + e];
-        QA_UNROLL
-        for (int run = 0; run < R / 4; run++) {
-            const int w = r_lane + run * RP; /* keys 4w .. 4w + 3 of the block */
-            for (int e = 0; e < VEC; e++) {
-                uint32_t word = pack_e4m3x4(In<DT>::get(vx[4 * run].b, e) * inv[e],
-                                            In<DT>::get(vx[4 * run + 1].b, e) * inv[e],
-                                            In<DT>::get(vx[4 * run + 2].b, e) * inv[e],
-                                            In<DT>::get(vx[4 * run + 3].b, e) * inv[e]);
-                for (int j = 0; j < 4; j++) /* keys past Nk are zero (not e4m3(0 * inv): inv may be inf) */
-                    if (j0 + 4 * w + j >= p.seq_k)
-                        word &= ~(0xffu << (8 * j));
-                const int c = c0 + e;
-                vt[c * KW + (w ^ swizzle(c))] = word;
+        /* Thread = channel (and half of the keys when D = 64): the warp reads
+         * 32 neighbouring channels of one key at a time, then writes its
+         * channel's keys as 16-byte runs of the transposed, padded V. */
+        constexpr int SPLIT = kThreads / D, KEYS = kBlockN / SPLIT;
+        const int d = tid() % D, k0 = (tid() / D) * KEYS;
+        const float inv = p.v_inv[(int64_t)bh * D + d];
+        uint8_t *dst = p.vq + ((int64_t)bh * D + d) * p.v_keys_padded + j0 + k0;
+        for (int c = 0; c < KEYS; c += 16) {
+            Vec16 out;
+            for (int e = 0; e < 16; e++) {
+                int tkn = j0 + k0 + c + e;
+                out.b[e] = 0;
+                if (tkn < p.seq_k) {
+                    const uint8_t *src = gv + ((int64_t)tkn * p.v_stride[2] + d) * es;
+                    finite = finite && In<DT>::finite(src, 0);
+                    out.b[e] = e4m3(In<DT>::get(src, 0) * inv);
+                }
             }
+            store16(dst + c, out);
         }
-        sync_block();
-        /* 16-byte runs: 4 per channel row, kThreads / 4 channels per pass. */
-        QA_UNROLL
-        for (int pass = 0; pass < D * 4 / kThreads; pass++) {
-            const int c = tid() / 4 + pass * (kThreads / 4), qr = tid() % 4;
-            const Vec16 out = load16_shared((const uint8_t *)(vt + c * KW + ((4 * qr) ^ swizzle(c))));
-            store16(p.vq + ((int64_t)bh * D + c) * p.v_keys_padded + j0 + 16 * qr, out);
-        }
-    } else if (has_keys) {
+    } else if (j0 < p.seq_k) {
         uint16_t *dst = (uint16_t *)p.vq + (int64_t)bh * p.seq_k * D;
-        QA_UNROLL
-        for (int i = 0; i < R; i++) {
-            const int tkn = j0 + row_of(i);
+        for (int i = 0; i < kBlockN / RP; i++) {
+            int tkn = j0 + r_lane + i * RP;
             if (tkn >= p.seq_k)
                 continue;
+            Vec16 vv = load16(gv + ((int64_t)tkn * p.v_stride[2] + c0) * es);
             uint16_t h[VEC];
-            for (int e = 0; e < VEC; e++)
-                h[e] = f16_bits(In<DT>::get(vx[i].b, e));
+            for (int e = 0; e < VEC; e++) {
+                h[e] = f16_bits(In<DT>::get(vv.b, e));
+                finite = finite && In<DT>::finite(vv.b, e);
+            }
             for (int e = 0; e < VEC; e += 4) {
 #if defined(QA_EMULATE)
                 memcpy(dst + (int64_t)tkn * D + c0 + e, h + e, 8);
@@ -1013,18 +946,12 @@ template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams 
         atomic_or(p.status, 1u);
 }
 
-/* Threads of q_quant_kernel: 256, so that a thread's rows (128 / (256 / G),
- * 4 to 16) stay in registers between the scale and the quantization. */
-constexpr int kQuantThreads = 256;
-
 /* Per (b, q head, 128 rows): Q to INT8 with per-block, per-warp or per-thread
- * scales, the LSE correction sm_scale * dot(q, mean_k); flags non-finite Q.
- * Each thread loads all its rows first (all loads in flight) and keeps them in
- * registers for the quantization: Q is read from memory once. */
-template <int D, int DT> QA_KERNEL(kQuantThreads) q_quant_kernel(const QuantParams p)
+ * scales, the LSE correction sm_scale * dot(q, mean_k); flags non-finite Q. */
+template <int D, int DT> QA_KERNEL(kThreads) q_quant_kernel(const QuantParams p)
 {
-    using RL = RowLanes<D, DT, kQuantThreads>;
-    constexpr int VEC = RL::VEC, G = RL::G, RP = RL::RP, R = kBlockM / RP;
+    using RL = RowLanes<D, DT>;
+    constexpr int VEC = RL::VEC, G = RL::G, RP = RL::RP;
     const int es = DT == kF32 ? 4 : 2;
     const int qblocks = (p.seq_q + kBlockM - 1) / kBlockM;
     const int bh = block_x() / qblocks, blk = block_x() % qblocks;
@@ -1037,28 +964,20 @@ template <int D, int DT> QA_KERNEL(kQuantThreads) q_quant_kernel(const QuantPara
     const int lane_v = tid() % G, r_lane = tid() / G;
     const int c0 = lane_v * VEC;
     const int i0 = blk * kBlockM;
-
-    Vec16 qx[R] = {};
-    QA_UNROLL
-    for (int i = 0; i < R; i++) {
-        const int tkn = i0 + r_lane + i * RP;
-        if (tkn < p.seq_q)
-            qx[i] = load16(gq + ((int64_t)tkn * p.q_stride[2] + c0) * es);
-    }
     float mv[VEC];
     for (int e = 0; e < VEC; e++)
         mv[e] = mean ? mean[c0 + e] : 0.f;
 
     bool finite = true;
-    QA_UNROLL
-    for (int i = 0; i < R; i++) {
+    for (int i = 0; i < kBlockM / RP; i++) {
         int r = r_lane + i * RP, tkn = i0 + r;
         float amax = 0.f, dot = 0.f;
         if (tkn < p.seq_q) {
+            Vec16 qv = load16(gq + ((int64_t)tkn * p.q_stride[2] + c0) * es);
             for (int e = 0; e < VEC; e++) {
-                float x = In<DT>::get(qx[i].b, e);
+                float x = In<DT>::get(qv.b, e);
                 amax = fmaxf(amax, fabsf(x));
-                finite = finite && In<DT>::finite(qx[i].b, e);
+                finite = finite && In<DT>::finite(qv.b, e);
                 dot += x * mv[e];
             }
         }
@@ -1090,19 +1009,19 @@ template <int D, int DT> QA_KERNEL(kQuantThreads) q_quant_kernel(const QuantPara
             p.q_scale[(int64_t)bh * p.q_groups + (int64_t)first_block * qi + g] = gmax / 127.f;
     }
     sync_block();
-    if (tid() < kBlockM) {
+    {
         const int r = tid();
         row_inv[r] = group_inv[(r / qb) * qi + (r % qb) % qi];
     }
     sync_block();
-    QA_UNROLL
-    for (int i = 0; i < R; i++) {
+    for (int i = 0; i < kBlockM / RP; i++) {
         int r = r_lane + i * RP, tkn = i0 + r;
         if (tkn >= p.seq_q)
             continue;
+        Vec16 qv = load16(gq + ((int64_t)tkn * p.q_stride[2] + c0) * es);
         int8_t codes[VEC];
         for (int e = 0; e < VEC; e++)
-            codes[e] = quant_i8(In<DT>::get(qx[i].b, e), row_inv[r]);
+            codes[e] = quant_i8(In<DT>::get(qv.b, e), row_inv[r]);
         store_codes<VEC>(p.q8 + ((int64_t)bh * p.seq_q + tkn) * D + c0, codes);
     }
 }

@@ -103,6 +103,7 @@ static qattn_status run_on(qattn_ctx *c, const qattn_attention_desc *desc, void 
         plan->quant.k_interleave = geometry->quant.k_interleave;
         plan->quant.pv_f16_chunk = geometry->quant.pv_f16_chunk; /* F16ACC: the backend's exact-sum width */
         plan->kv_tile = geometry->kv_tile; /* FP8: P is rounded against the running max of whole key tiles */
+        plan->quant.v_fp8_max = geometry->quant.v_fp8_max; /* F16ACC: the V bound of the kernel's fp16 sums */
         assert_int_equal(qattn_workspace_layout_init(plan, plan->status_word), QATTN_OK);
     }
     if (info)
@@ -243,6 +244,8 @@ static void run_case(void **state)
         qattn_plan *plan = NULL;
         assert_int_equal(qattn_plan_create(ctx, &desc, &plan), QATTN_OK);
         plan->kv_tile = 128;
+        if (info.precision == QATTN_PRECISION_INT8_FP8_F16ACC)
+            plan->quant.v_fp8_max = 1.125f; /* as the CUDA planner bounds 128-key fp16 sums */
         outputs wide = {malloc(obytes), malloc(lse_count * 4)};
         assert_int_equal(run_on(ctx, &desc, host, &wide, plan, NULL), QATTN_OK);
         ref_compare wc = ref_check(&rp, wide.o, &desc.o, wide.lse, 0, &rng);

@@ -15,7 +15,7 @@
  *   INT8 Q.K: int8 products summed in fp32 are exact (|sum| <= 127^2 * 256 < 2^24)
  *   FP8 P.V:  products of two E4M3 values are exact in fp32
  *   F16ACC:   exact sums over pv_f16_chunk keys, accumulated with fp16 rounding
- *             over each 64-key block, then added to the fp32 output.
+ *             over each step (64 or 128 keys), then added to the fp32 output.
  */
 #include "cpu_backend.h"
 #include "cpu_flash.h"
@@ -31,7 +31,6 @@
 #include "numeric.h"
 
 #define VW 16                  /* floats per vector */
-#define F16ACC_BLOCK 64        /* keys per fp16 accumulation block (the 448*2.25*64 bound) */
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453
 
@@ -412,11 +411,12 @@ void cpu_flash_loop(cpu_scratch *sc, int rows, const cpu_flash_params *fp, int64
         }
 
         if (prec == QATTN_PRECISION_INT8_FP8_F16ACC) {
-            /* fp16 accumulation inside each 64-key block: exact chunk sums, rounded adds. */
+            /* fp16 accumulation over each step: exact chunk sums, rounded adds
+             * (the plan's V bound keeps step x 448 x v_fp8_max below 65504). */
             const int chunk = fp->quant->pv_f16_chunk;
-            for (int blk = 0; blk < keys; blk += F16ACC_BLOCK) {
+            for (int blk = 0; blk < keys; blk += step) {
                 memset(sc->acc16, 0, (size_t)rows * D * sizeof(float));
-                int blk_end = blk + F16ACC_BLOCK < keys ? blk + F16ACC_BLOCK : keys;
+                int blk_end = blk + step < keys ? blk + step : keys;
                 for (int c0 = blk; c0 < blk_end; c0 += chunk) {
                     int n = c0 + chunk < blk_end ? chunk : blk_end - c0;
                     memset(sc->part, 0, (size_t)rows * D * sizeof(float));

@@ -138,6 +138,11 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
      * of 16 (see hopper/sm90_attn_ws.cuh), and its coordinates are 32-bit. */
     const bool tma = exact_tma || i8f16_tma || (wgmma && fp8 && p->seq_k % 16 == 0 && rows_fit_int32);
     plan->impl = (void *)&plan_infos[tma ? 3 : wgmma ? 2 : on_f16 ? 1 : 0];
+    /* F16ACC on the TMA kernel accumulates a whole 128-key step in fp16:
+     * |V| <= 1.125 keeps 128 x 448 x 1.125 = 64512 below fp16's 65504 (the
+     * 64-key kernels use 2.25, SageAttention2++'s bound for 64 keys). */
+    if (tma && plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC && p->head_dim <= 128)
+        plan->quant.v_fp8_max = 1.125f;
     plan->q_tile = QA_CUDA_BLOCK_M;
     /* The TMA kernels take 128 keys per online-softmax step at D <= 128
      * (hopper/: FP8, INT8_FP16 and EXACT alike; 64 at D = 256). */

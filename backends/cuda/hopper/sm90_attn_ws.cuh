@@ -384,11 +384,11 @@ QA_UNROLL
         };
 
         using Acc = typename std::conditional<F16ACC, uint32_t, float>::type;
-        /* D columns of P V and 8 of row sums of P (all equal). F16ACC keeps
-         * one fp16 accumulator per 64 keys: 64 x 448 x the V scale bound is
-         * what keeps fp16 from overflowing (as the CPU reference's blocks). */
+        /* D columns of P V and 8 of row sums of P (all equal), fresh each
+         * step. F16ACC: fp16 over the whole step, kept finite by the plan's
+         * V bound (steps x 448 x v_fp8_max < 65504; cuda_plan.c). */
         constexpr int kAccRegs = F16ACC ? (DT + 1) * 2 : (DT + 1) * 4;
-        constexpr int NACC = F16ACC ? NB : 1;
+        constexpr int NACC = 1;
         Acc acc[NACC][kAccRegs];
 QA_UNROLL
         for (int a = 0; a < NACC; a++)
@@ -406,9 +406,9 @@ QA_UNROLL
                 const uint64_t dv = desc_v + 2 * kc;
                 if constexpr (F16ACC) {
                     if constexpr (D == 128)
-                        wgmma_e4m3_n136_rs_f16(acc[kc / 2], pa[kc], dv, kc % 2);
+                        wgmma_e4m3_n136_rs_f16(acc[0], pa[kc], dv, kc);
                     else
-                        wgmma_e4m3_n72_rs_f16(acc[kc / 2], pa[kc], dv, kc % 2);
+                        wgmma_e4m3_n72_rs_f16(acc[0], pa[kc], dv, kc);
                 } else {
                     if constexpr (D == 128)
                         wgmma_e4m3_n136_rs_f32(acc[0], pa[kc], dv, kc);

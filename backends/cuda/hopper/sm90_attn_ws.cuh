@@ -422,17 +422,10 @@ QA_UNROLL
 QA_UNROLL
             for (int n = 0; n < DT; n++) {
                 if constexpr (F16ACC) {
-                    float add[4] = {0.f, 0.f, 0.f, 0.f};
-QA_UNROLL
-                    for (int a = 0; a < NACC; a++) {
-                        add[0] += f16_lo(acc[a][2 * n]);
-                        add[1] += f16_hi(acc[a][2 * n]);
-                        add[2] += f16_lo(acc[a][2 * n + 1]);
-                        add[3] += f16_hi(acc[a][2 * n + 1]);
-                    }
-QA_UNROLL
-                    for (int i = 0; i < 4; i++)
-                        o[4 * n + i] = o[4 * n + i] * alpha[i >> 1] + add[i];
+                    o[4 * n + 0] = o[4 * n + 0] * alpha[0] + f16_lo(acc[0][2 * n]);
+                    o[4 * n + 1] = o[4 * n + 1] * alpha[0] + f16_hi(acc[0][2 * n]);
+                    o[4 * n + 2] = o[4 * n + 2] * alpha[1] + f16_lo(acc[0][2 * n + 1]);
+                    o[4 * n + 3] = o[4 * n + 3] * alpha[1] + f16_hi(acc[0][2 * n + 1]);
                 } else {
 QA_UNROLL
                     for (int i = 0; i < 4; i++)
@@ -440,14 +433,8 @@ QA_UNROLL
                 }
             }
             if constexpr (F16ACC) {
-                float add[2] = {0.f, 0.f};
-QA_UNROLL
-                for (int a = 0; a < NACC; a++) {
-                    add[0] += f16_lo(acc[a][2 * DT]);
-                    add[1] += f16_lo(acc[a][2 * DT + 1]);
-                }
-                l[0] = l[0] * alpha[0] + add[0];
-                l[1] = l[1] * alpha[1] + add[1];
+                l[0] = l[0] * alpha[0] + f16_lo(acc[0][2 * DT]);
+                l[1] = l[1] * alpha[1] + f16_lo(acc[0][2 * DT + 1]);
             } else {
                 l[0] = l[0] * alpha[0] + acc[0][4 * DT];
                 l[1] = l[1] * alpha[1] + acc[0][4 * DT + 2];

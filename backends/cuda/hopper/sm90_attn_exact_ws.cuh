@@ -74,30 +74,14 @@ __global__ void __launch_bounds__(ExactWsTraits<D, INT8_QK>::kThreads, 1)
     if (p.status && load_volatile(p.status))
         return; /* non-finite input: leave the outputs untouched (every thread returns here) */
 
-    uint8_t *smem_raw = dynamic_smem();
-    uint8_t *smem = smem_raw + ((T::kAlign - (smem_u32(smem_raw) & (T::kAlign - 1))) & (T::kAlign - 1));
-    const uint32_t sQ = smem_u32(smem);
+    const uint32_t sQ = smem_u32(aligned_smem<T::kAlign>());
     const uint32_t sStage = sQ + T::kQBytes;
-    const uint32_t bars = sQ + T::kBarOffset;
-    auto full_bar = [&](int it) { return bars + 8 * (it % S); };
-    auto empty_bar = [&](int it) { return bars + 8 * (S + it % S); };
-    const uint32_t q_bar = bars + 16 * S;
-
-    if (tid() == 0) {
-        for (int s = 0; s < S; s++) {
-            mbar_init(bars + 8 * s, 1);
-            mbar_init(bars + 8 * (S + s), 4 * T::kConsumers); /* one arrival per consumer warp */
-        }
-        mbar_init(q_bar, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        fence_proxy_async();
-    }
+    const StageRing<S> ring{sQ + T::kBarOffset};
+    if (tid() == 0)
+        ring.init(4 * T::kConsumers);
     sync_block();
 
-    TileSpan ts = tile_span(p, T::kRows);
-    /* tile_span counts 64-key tiles; steps here are BN keys. */
-    ts.n_tiles = (ts.n_tiles * kBlockN + BN - 1) / BN;
-    ts.n_plain = ts.n_plain * kBlockN / BN;
+    const TileSpan ts = tile_span_steps(p, T::kRows, BN);
     const int warp = warp_id();
     if (warp < 4) {
         setmaxnreg_dec<T::kProducerRegs>();
@@ -105,23 +89,22 @@ __global__ void __launch_bounds__(ExactWsTraits<D, INT8_QK>::kThreads, 1)
             prefetch_tensor_map(&maps.q);
             prefetch_tensor_map(&maps.k);
             prefetch_tensor_map(&maps.v);
-            mbar_expect_tx(q_bar, T::kQBytes);
+            mbar_expect_tx(ring.q(), T::kQBytes);
             if constexpr (INT8_QK)
-                tma_load_2d(sQ, &maps.q, q_bar, 0, (int)(ts.bhq * p.seq_q + ts.i0));
+                tma_load_2d(sQ, &maps.q, ring.q(), 0, (int)(ts.bhq * p.seq_q + ts.i0));
             else
                 for (int c = 0; c < CB; c++)
-                    tma_load_4d(sQ + c * T::kRows * 128, &maps.q, q_bar, c * 64, ts.i0, ts.h, ts.b);
+                    tma_load_4d(sQ + c * T::kRows * 128, &maps.q, ring.q(), c * 64, ts.i0, ts.h, ts.b);
             for (int it = 0; it < ts.n_tiles; it++) {
-                if (it >= S)
-                    mbar_wait(empty_bar(it), (uint32_t)((it / S - 1) & 1));
+                ring.acquire(it);
                 const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
-                mbar_expect_tx(full_bar(it), T::kStageBytes);
+                mbar_expect_tx(ring.full(it), T::kStageBytes);
                 if constexpr (INT8_QK) /* rows past this head's keys are masked */
-                    tma_load_2d(stage, &maps.k, full_bar(it), 0, (int)(ts.bhk * p.seq_k + it * BN));
+                    tma_load_2d(stage, &maps.k, ring.full(it), 0, (int)(ts.bhk * p.seq_k + it * BN));
                 for (int c = 0; c < CB; c++) {
                     if constexpr (!INT8_QK)
-                        tma_load_4d(stage + c * BN * 128, &maps.k, full_bar(it), c * 64, it * BN, ts.hk, ts.b);
-                    tma_load_4d(stage + T::kKBytes + c * BN * 128, &maps.v, full_bar(it), c * 64, it * BN, ts.hk,
+                        tma_load_4d(stage + c * BN * 128, &maps.k, ring.full(it), c * 64, it * BN, ts.hk, ts.b);
+                    tma_load_4d(stage + T::kKBytes + c * BN * 128, &maps.v, ring.full(it), c * 64, it * BN, ts.hk,
                                 ts.b);
                 }
             }
@@ -287,20 +270,15 @@ QA_UNROLL
             }
             wgmma_commit();
         };
-        auto wait_tile = [&](int it) { mbar_wait(full_bar(it), (uint32_t)((it / S) & 1)); };
-        auto release_tile = [&](int it) {
-            if (lane == 0)
-                mbar_arrive(empty_bar(it));
-        };
 
         uint32_t pa[2][BN / 16][4];
         float alpha[2][2];
         /* INT8 K scales, loaded a step before their softmax (sm90_attn_ws.cuh);
          * unused (and dropped by the compiler) for 16-bit Q/K. */
         float k_scale[2][BN / 64][2] = {};
-        mbar_wait(q_bar, 0);
+        mbar_wait(ring.q(), 0);
         if (n_tiles > 0) {
-            wait_tile(0);
+            ring.wait_full(0);
             if constexpr (INT8_QK) {
                 load_k_scales(0, k_scale[0]);
                 load_k_scales(min(1, n_tiles - 1), k_scale[1]);
@@ -319,7 +297,7 @@ QA_UNROLL
             if constexpr (INT8_QK)
                 load_k_scales(min(it + 2, n_tiles - 1), ks_after);
             if (more)
-                wait_tile(next);
+                ring.wait_full(next);
             qk_issue(next);
             pv_issue(it, pa_cur, alpha_cur);
             wgmma_wait<1>(); /* S of the next tile (committed first) */
@@ -328,7 +306,7 @@ QA_UNROLL
                 softmax_tile(next, ks_next, pa_next, alpha_next);
             wgmma_wait<0>();
             fence_operands(o);
-            release_tile(it);
+            ring.release(it, lane);
         };
         for (int it = 0; it < n_tiles; it += 2) {
             step(it, pa[0], alpha[0], pa[1], alpha[1], k_scale[1], k_scale[0]);

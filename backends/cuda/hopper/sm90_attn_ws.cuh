@@ -128,6 +128,58 @@ QA_DEV void prefetch_tensor_map(const CUtensorMap *map)
 template <int N> QA_DEV void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N> QA_DEV void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 
+/* The mbarriers of a ring of S stages plus Q's, 8 bytes each from `bars`:
+ * "full" completes when a stage's copies have landed (the producer's
+ * expect_tx, then the bytes), "empty" when every consumer warp has finished
+ * reading it (P V of that step completed). Both TMA kernels use it. */
+template <int S> struct StageRing {
+    uint32_t bars;
+    QA_DEV uint32_t full(int it) const { return bars + 8 * (it % S); }
+    QA_DEV uint32_t empty(int it) const { return bars + 8 * (S + it % S); }
+    QA_DEV uint32_t q() const { return bars + 16 * S; }
+    /* By one thread, before the block barrier that publishes the barriers. */
+    QA_DEV void init(int consumer_warps) const
+    {
+        for (int s = 0; s < S; s++) {
+            mbar_init(full(s), 1);
+            mbar_init(empty(s), consumer_warps);
+        }
+        mbar_init(q(), 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    /* Producer: wait until step it's stage is free (its previous use read). */
+    QA_DEV void acquire(int it) const
+    {
+        if (it >= S)
+            mbar_wait(empty(it), (uint32_t)((it / S - 1) & 1));
+    }
+    /* Consumers: wait for step it's data; release it once this warp's P V of it completed. */
+    QA_DEV void wait_full(int it) const { mbar_wait(full(it), (uint32_t)((it / S) & 1)); }
+    QA_DEV void release(int it, int lane) const
+    {
+        if (lane == 0)
+            mbar_arrive(empty(it));
+    }
+};
+
+/* Dynamic shared memory aligned to ALIGN bytes (the kernels ask for ALIGN more). */
+template <int ALIGN> QA_DEV uint8_t *aligned_smem()
+{
+    uint8_t *raw = dynamic_smem();
+    return raw + ((ALIGN - (smem_u32(raw) & (ALIGN - 1))) & (ALIGN - 1));
+}
+
+/* tile_span in steps of `keys` keys (it counts 64-key tiles): n_tiles rounds
+ * up, n_plain (steps needing no mask) down. */
+QA_DEV TileSpan tile_span_steps(const AttnParams &p, int rows, int keys)
+{
+    TileSpan ts = tile_span(p, rows);
+    ts.n_tiles = (ts.n_tiles * kBlockN + keys - 1) / keys;
+    ts.n_plain = ts.n_plain * kBlockN / keys;
+    return ts;
+}
+
 /* Online softmax of a step of NB 64-key blocks, each with one K scale
  * (per-block and per-warp K): the scores stay in their integer form
  * r = 1.5 * 2^23 + s (read as floats: exact, and ordered like s), so a
@@ -187,14 +239,10 @@ __global__ void __launch_bounds__(WsTraits<D, F16ACC>::kThreads, 1)
     if (p.status && load_volatile(p.status))
         return; /* non-finite input: leave the outputs untouched (every thread returns here) */
 
-    uint8_t *smem_raw = dynamic_smem();
-    uint8_t *smem = smem_raw + ((T::kAlign - (smem_u32(smem_raw) & (T::kAlign - 1))) & (T::kAlign - 1));
+    uint8_t *smem = aligned_smem<T::kAlign>();
     const uint32_t sQ = smem_u32(smem);
     const uint32_t sStage = sQ + T::kQBytes;
-    const uint32_t bars = sQ + T::kBarOffset;
-    auto full_bar = [&](int it) { return bars + 8 * (it % S); };
-    auto empty_bar = [&](int it) { return bars + 8 * (S + it % S); };
-    const uint32_t q_bar = bars + 16 * S;
+    const StageRing<S> ring{sQ + T::kBarOffset};
 
     /* The ones block of every stage (never overwritten: the copies end before it). */
     for (int i = tid(); i < S * T::kOnesBytes / 4; i += T::kThreads) {
@@ -202,21 +250,11 @@ __global__ void __launch_bounds__(WsTraits<D, F16ACC>::kThreads, 1)
         *(uint32_t *)(smem + T::kQBytes + stage * T::kStageBytes + T::kCopyBytes + 4 * word) = 0x38383838u; /* E4M3 1.0 */
     }
     fence_proxy_async(); /* generic-proxy writes that wgmma reads */
-    if (tid() == 0) {
-        for (int s = 0; s < S; s++) {
-            mbar_init(bars + 8 * s, 1);       /* full: the producer's expect_tx, then the copies' bytes */
-            mbar_init(bars + 8 * (S + s), 4 * T::kConsumers); /* empty: one arrival per consumer warp */
-        }
-        mbar_init(q_bar, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        fence_proxy_async();
-    }
+    if (tid() == 0)
+        ring.init(4 * T::kConsumers);
     sync_block();
 
-    TileSpan ts = tile_span(p, T::kRows);
-    /* tile_span counts 64-key tiles; steps here are BN keys. */
-    ts.n_tiles = (ts.n_tiles * kBlockN + BN - 1) / BN;
-    ts.n_plain = ts.n_plain * kBlockN / BN;
+    const TileSpan ts = tile_span_steps(p, T::kRows, BN);
     const int warp = warp_id();
     if (warp < 4) {
         /* Producer: one thread issues every copy. */
@@ -225,17 +263,16 @@ __global__ void __launch_bounds__(WsTraits<D, F16ACC>::kThreads, 1)
             prefetch_tensor_map(&maps.q);
             prefetch_tensor_map(&maps.k);
             prefetch_tensor_map(&maps.v);
-            mbar_expect_tx(q_bar, T::kQBytes);
-            tma_load_2d(sQ, &maps.q, q_bar, 0, (int)(ts.bhq * p.seq_q + ts.i0));
+            mbar_expect_tx(ring.q(), T::kQBytes);
+            tma_load_2d(sQ, &maps.q, ring.q(), 0, (int)(ts.bhq * p.seq_q + ts.i0));
             const int key16 = (int)(ts.bhk * p.seq_k / 16);
             const int v_row = (int)(ts.bhk * D);
             for (int it = 0; it < ts.n_tiles; it++) {
-                if (it >= S)
-                    mbar_wait(empty_bar(it), (uint32_t)((it / S - 1) & 1));
+                ring.acquire(it);
                 const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
-                mbar_expect_tx(full_bar(it), T::kCopyBytes);
-                tma_load_5d(stage, &maps.k, full_bar(it), key16 + it * (BN / 16));
-                tma_load_2d(stage + T::kKBytes, &maps.v, full_bar(it), it * BN, v_row);
+                mbar_expect_tx(ring.full(it), T::kCopyBytes);
+                tma_load_5d(stage, &maps.k, ring.full(it), key16 + it * (BN / 16));
+                tma_load_2d(stage + T::kKBytes, &maps.v, ring.full(it), it * BN, v_row);
             }
         }
     } else {
@@ -307,6 +344,13 @@ QA_UNROLL
                 }
             }
         };
+        /* -inf for a key past seq_k or (causal) right of this row's diagonal;
+         * column group j, element i of the S fragment, K rows in key_of order. */
+        auto masked = [&](float v, int j0, int j, int i) {
+            const int key = j0 + key_of<true>(j, 2 * t + (i & 1));
+            const int row = i0 + row_base + (i >> 1) * 8;
+            return key >= p.seq_k || (p.causal && key > row + diag) ? -INFINITY : v;
+        };
         auto softmax = [&](int it, auto mask_tag, const float (&k_scale)[T::kBN / 64][2][2],
                            uint32_t (&pa)[T::kBN / 32][4], float (&alpha)[2]) {
             constexpr bool MASK = decltype(mask_tag)::value;
@@ -325,13 +369,7 @@ QA_UNROLL
 QA_UNROLL
                     for (int i = 0; i < 4; i++) {
                         float v = __int_as_float(s[4 * j + i] + 0x4B400000);
-                        if constexpr (MASK) {
-                            const int key = j0 + key_of<true>(j, 2 * t + (i & 1));
-                            const int row = i0 + row_base + (i >> 1) * 8;
-                            if (key >= p.seq_k || (p.causal && key > row + diag))
-                                v = -INFINITY;
-                        }
-                        x[j][i] = v;
+                        x[j][i] = MASK ? masked(v, j0, j, i) : v;
                     }
                 online_softmax_raw(x, sc, m, alpha, kLog2P8);
             } else {
@@ -355,13 +393,7 @@ QA_UNROLL
                     for (int i = 0; i < 4; i++) {
                         float v = fmaf(__int_as_float(s[4 * j + i] + 0x4B400000), sc[j >> 3][j & 1][i >> 1][i & 1],
                                        nb[j >> 3][j & 1][i >> 1][i & 1]);
-                        if constexpr (MASK) {
-                            const int key = j0 + key_of<true>(j, 2 * t + (i & 1));
-                            const int row = i0 + row_base + (i >> 1) * 8;
-                            if (key >= p.seq_k || (p.causal && key > row + diag))
-                                v = -INFINITY;
-                        }
-                        x[j][i] = v;
+                        x[j][i] = MASK ? masked(v, j0, j, i) : v;
                     }
                 online_softmax<NT, false>(x, m, l, alpha, kLog2P8);
             }
@@ -440,21 +472,15 @@ QA_UNROLL
                 l[1] = l[1] * alpha[1] + acc[0][4 * DT + 2];
             }
         };
-        auto wait_tile = [&](int it) { mbar_wait(full_bar(it), (uint32_t)((it / S) & 1)); };
-        /* After this warp's P V of tile it has completed: the stage may be refilled. */
-        auto release_tile = [&](int it) {
-            if (lane == 0)
-                mbar_arrive(empty_bar(it));
-        };
 
         uint32_t pa[2][BN / 32][4];
         float alpha[2][2];
         /* K scales, loaded a step before their softmax (an L2 round trip is
          * longer than the S GEMM it would otherwise hide behind). */
         float k_scale[2][NB][2][2];
-        mbar_wait(q_bar, 0);
+        mbar_wait(ring.q(), 0);
         if (n_tiles > 0) {
-            wait_tile(0);
+            ring.wait_full(0);
             load_k_scales(0, k_scale[0]);
             load_k_scales(min(1, n_tiles - 1), k_scale[1]);
             qk_issue(0);
@@ -474,7 +500,7 @@ QA_UNROLL
             /* ks_after held tile it's scales, used by the previous softmax. */
             load_k_scales(min(it + 2, n_tiles - 1), ks_after);
             if (more)
-                wait_tile(next);
+                ring.wait_full(next);
             qk_issue(next);
             pv_issue(it, pa_cur);
             wgmma_wait<1>(); /* S of the next tile (committed first) */
@@ -485,7 +511,7 @@ QA_UNROLL
 QA_UNROLL
             for (int a = 0; a < NACC; a++)
                 fence_operands(acc[a]);
-            release_tile(it);
+            ring.release(it, lane);
             o_update(alpha_cur);
         };
         for (int it = 0; it < n_tiles; it += 2) {

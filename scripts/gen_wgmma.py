@@ -41,21 +41,14 @@ for n in (64, 128):
     out.append(form(f"wgmma_s8_n{n}_ss", f"wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8",
                     "int32_t", n // 2, "r", False, "",
                     f"D(s32, 64x{n}) (+)= A(s8, smem, K-major) x B(s8, smem, K-major), k = 32"))
-    out.append(form(f"wgmma_e4m3_n{n}_rs_f32", f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3",
-                    "float", n // 2, "f", True, ", 1, 1",
-                    f"D(f32, 64x{n}) (+)= A(e4m3, registers) x B(e4m3, smem, K-major), k = 32"))
-    out.append(form(f"wgmma_e4m3_n{n}_rs_f16", f"wgmma.mma_async.sync.aligned.m64n{n}k32.f16.e4m3.e4m3",
-                    "uint32_t", n // 4, "r", True, ", 1, 1",
-                    f"D(f16x2, 64x{n}) (+)= A(e4m3, registers) x B(e4m3, smem, K-major), k = 32"))
-# FP8 P V with 8 more columns of B: the FP8 kernel puts a block of ones after
-# V^T so that the tensor core also sums each row of P.
-for n in (72, 136):
-    out.append(form(f"wgmma_e4m3_n{n}_rs_f32", f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3",
-                    "float", n // 2, "f", True, ", 1, 1",
-                    f"D(f32, 64x{n}) (+)= A(e4m3, registers) x B(e4m3, smem, K-major), k = 32"))
-    out.append(form(f"wgmma_e4m3_n{n}_rs_f16", f"wgmma.mma_async.sync.aligned.m64n{n}k32.f16.e4m3.e4m3",
-                    "uint32_t", n // 4, "r", True, ", 1, 1",
-                    f"D(f16x2, 64x{n}) (+)= A(e4m3, registers) x B(e4m3, smem, K-major), k = 32"))
+# FP8 P V; n = 72 and 136 are D = 64 and 128 with 8 more columns of B: the
+# FP8 kernel puts a block of ones after V^T so that the tensor core also sums
+# each row of P.
+for n in (64, 128, 72, 136):
+    for acc, acc_type, regs, kind in (("f32", "float", n // 2, "f"), ("f16", "uint32_t", n // 4, "r")):
+        out.append(form(f"wgmma_e4m3_n{n}_rs_{acc}", f"wgmma.mma_async.sync.aligned.m64n{n}k32.{acc}.e4m3.e4m3",
+                        acc_type, regs, kind, True, ", 1, 1",
+                        f"D({acc if acc == 'f32' else 'f16x2'}, 64x{n}) (+)= A(e4m3, registers) x B(e4m3, smem, K-major), k = 32"))
 for t in ("f16", "bf16"):
     for n in (64, 128):
         out.append(form(f"wgmma_{t}_n{n}_ss", f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t}",

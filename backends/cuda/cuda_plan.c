@@ -24,11 +24,6 @@ static const qa_cuda_plan_info plan_infos[4] = {{.fp8_on_f16_mma = 0, .wgmma = 0
                                                 {.fp8_on_f16_mma = 0, .wgmma = 1, .tma = 0},
                                                 {.fp8_on_f16_mma = 0, .wgmma = 1, .tma = 1}};
 
-static bool strides_multiple_of(const int64_t stride[4], int64_t n)
-{
-    return stride[0] % n == 0 && stride[1] % n == 0 && stride[2] % n == 0;
-}
-
 int qa_cuda_fp8_on_f16_mma(int cc) { return cc >= 90 && cc < 100; }
 
 int qa_cuda_supports(int cc, qattn_precision precision)
@@ -100,15 +95,13 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
                                "cores take f16 or bf16; convert the inputs, or use a quantized precision)");
 
     /* EXACT through the TMA kernel reads the caller's tensors with the copy
-     * engine, whose strides are multiples of 16 bytes. */
-    const bool exact_tma = plan->precision == QATTN_PRECISION_EXACT && cc == 90 && sm90a_kernels &&
-                           strides_multiple_of(p->q_stride, 8) && strides_multiple_of(p->k_stride, 8) &&
-                           strides_multiple_of(p->v_stride, 8);
+     * engine: 16-byte aligned rows, which the core checks for this backend
+     * (tensor_alignment) before any plan. */
+    const bool exact_tma = plan->precision == QATTN_PRECISION_EXACT && cc == 90 && sm90a_kernels;
     if (p->head_dim == 256 && !exact_tma)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "head dim 256 on the cuda backend needs exact precision on an sm_90 GPU with the sm_90a "
-                               "kernels built, and token/head/batch strides that are multiples of 8 elements "
-                               "(this plan: %s precision, compute capability %d.%d%s)",
+                               "kernels built (this plan: %s precision, compute capability %d.%d%s)",
                                qattn_precision_name(plan->precision), cc / 10, cc % 10,
                                sm90a_kernels ? "" : ", no sm_90a kernels in this build");
     bool quantized = plan->precision != QATTN_PRECISION_EXACT;
@@ -166,10 +159,8 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
                          "multiple of 16)."
             : i8f16_tma ? " sm_90a wgmma kernel: INT8 Q.K (IGMMA) and fp16 P.V (HGMMA) fed by a TMA producer "
                           "warpgroup, two consumer warpgroups of 64 query rows, 128-key steps, fp32 accumulation."
-            : tma ? " sm_90a wgmma kernel fed by a TMA producer warpgroup, two consumer warpgroups of 64 query rows, "
-                    "fp32 accumulation."
-                  : " sm_90a wgmma kernel: two warpgroups of 64 query rows, fp32 accumulation (cp.async loads: a "
-                    "stride is not a multiple of 8 elements).";
+                        : " sm_90a wgmma kernel fed by a TMA producer warpgroup, two consumer warpgroups of 64 "
+                          "query rows, fp32 accumulation.";
         snprintf(plan->why + used, sizeof(plan->why) - used, "%s", what);
     }
     if (on_f16) {

@@ -31,8 +31,9 @@ int attn_int8_fp8_f16mma(const AttnParams *p, int head_dim, bool f16acc, int gri
 /* Both FP8 modes on the sm_90a wgmma kernel (hopper/sm90_attn.cu; not in the emulator). */
 /* tma: the warp-specialized TMA kernel (returns -1 if the tensor maps cannot be encoded). */
 int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, bool tma, int grid, void *stream, bool prepare);
-/* EXACT on the sm_90a wgmma kernel (tma: the warp-specialized one, as attn_sm90_fp8). */
-int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, bool tma, int grid, void *stream, bool prepare);
+/* EXACT on the sm_90a TMA kernel; -1 as attn_sm90_fp8. (The core has checked
+ * that Q, K, V and their strides are 16-byte aligned, as the copy engine needs.) */
+int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare);
 /* INT8_FP16 on the sm_90a TMA kernel (INT8 Q.K on IGMMA, fp16 P V); -1 as attn_sm90_fp8. */
 int attn_sm90_int8_fp16(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare);
 
@@ -85,11 +86,7 @@ inline int prepare_plan(const qattn_plan *plan)
     case QATTN_PRECISION_EXACT:
         if (plan_wgmma(plan)) {
 #if !defined(QA_EMULATE)
-            const bool bf16 = pb.in_dtype == QATTN_DTYPE_BF16;
-            r = attn_sm90_exact(nullptr, d, bf16, plan_tma(plan), 0, nullptr, true);
-            /* A run whose tensors are not 16-byte aligned takes the cp.async kernel (below). */
-            if (r > 0 && plan_tma(plan) && d != 256)
-                r = attn_sm90_exact(nullptr, d, bf16, false, 0, nullptr, true);
+            r = attn_sm90_exact(nullptr, d, pb.in_dtype == QATTN_DTYPE_BF16, 0, nullptr, true);
 #endif
         } else {
             r = attn_exact(nullptr, d, pb.in_dtype == QATTN_DTYPE_BF16, 0, nullptr, true);
@@ -182,13 +179,7 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
         int ok = 0;
         if (plan_wgmma(plan)) {
 #if !defined(QA_EMULATE)
-            /* The copy engine needs 16-byte aligned tensors (the strides were
-             * checked at plan time); D = 256 has no cp.async kernel. */
-            const bool aligned = (((uintptr_t)a.q | (uintptr_t)a.k | (uintptr_t)a.v) & 15) == 0;
-            if (plan_tma(plan) && !aligned && D == 256)
-                return "head dim 256 on the cuda backend needs Q, K and V at 16-byte aligned addresses";
-            ok = attn_sm90_exact(&ap, D, pb.in_dtype == QATTN_DTYPE_BF16, plan_tma(plan) && aligned, grid, a.stream,
-                                 false);
+            ok = attn_sm90_exact(&ap, D, pb.in_dtype == QATTN_DTYPE_BF16, grid, a.stream, false);
 #endif
         } else {
             ok = attn_exact(&ap, D, pb.in_dtype == QATTN_DTYPE_BF16, grid, a.stream, false);

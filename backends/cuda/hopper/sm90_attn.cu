@@ -4,7 +4,6 @@
  * was built with -Dnvcc_archs containing 90a (QA_SM90A_BUILT). */
 #include "qa_launch.cuh"
 #include "sm90_attn.cuh"
-#include "sm90_attn_exact.cuh"
 #include "sm90_attn_ws.cuh"
 #include "sm90_attn_exact_ws.cuh"
 
@@ -17,16 +16,6 @@ template <int D, bool F16ACC> static int sm90_fp8_launch(const AttnParams *p, in
 {
     auto fn = &sm90::attention_fp8_kernel<D, F16ACC>;
     const int smem = sm90::Sm90Traits<D>::kSmem;
-    if (prepare)
-        return QA_SET_SMEM(fn, smem) ? smem : 0;
-    fn<<<grid, sm90::kThreads90, smem, (cudaStream_t)stream>>>(*p);
-    return smem;
-}
-
-template <int D, bool BF16> static int sm90_exact_launch(const AttnParams *p, int grid, void *stream, bool prepare)
-{
-    auto fn = &sm90::attention_exact_kernel<D, BF16>;
-    const int smem = sm90::Sm90ExactTraits<D>::kSmem;
     if (prepare)
         return QA_SET_SMEM(fn, smem) ? smem : 0;
     fn<<<grid, sm90::kThreads90, smem, (cudaStream_t)stream>>>(*p);
@@ -86,24 +75,15 @@ int attn_sm90_int8_fp16(const AttnParams *p, int head_dim, int grid, void *strea
     }
 }
 
-int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, bool tma, int grid, void *stream, bool prepare)
+int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare)
 {
-    if (tma) {
-        switch (head_dim) {
-        case 64: return bf16 ? sm90_exact_ws_launch<64, true>(p, grid, stream, prepare)
-                             : sm90_exact_ws_launch<64, false>(p, grid, stream, prepare);
-        case 128: return bf16 ? sm90_exact_ws_launch<128, true>(p, grid, stream, prepare)
-                              : sm90_exact_ws_launch<128, false>(p, grid, stream, prepare);
-        case 256: return bf16 ? sm90_exact_ws_launch<256, true>(p, grid, stream, prepare)
-                              : sm90_exact_ws_launch<256, false>(p, grid, stream, prepare);
-        default: return 0;
-        }
-    }
     switch (head_dim) {
-    case 64: return bf16 ? sm90_exact_launch<64, true>(p, grid, stream, prepare)
-                         : sm90_exact_launch<64, false>(p, grid, stream, prepare);
-    case 128: return bf16 ? sm90_exact_launch<128, true>(p, grid, stream, prepare)
-                          : sm90_exact_launch<128, false>(p, grid, stream, prepare);
+    case 64: return bf16 ? sm90_exact_ws_launch<64, true>(p, grid, stream, prepare)
+                         : sm90_exact_ws_launch<64, false>(p, grid, stream, prepare);
+    case 128: return bf16 ? sm90_exact_ws_launch<128, true>(p, grid, stream, prepare)
+                          : sm90_exact_ws_launch<128, false>(p, grid, stream, prepare);
+    case 256: return bf16 ? sm90_exact_ws_launch<256, true>(p, grid, stream, prepare)
+                          : sm90_exact_ws_launch<256, false>(p, grid, stream, prepare);
     default: return 0;
     }
 }

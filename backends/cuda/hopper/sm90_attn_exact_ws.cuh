@@ -2,16 +2,17 @@
  * sm_90a attention for EXACT (fp16/bf16 in, fp32 accumulation), warp-
  * specialized: the FP8 TMA kernel's structure (sm90_attn_ws.cuh: a producer
  * warpgroup issuing bulk tensor copies into an mbarrier ring, two consumer
- * warpgroups of 64 query rows) with the EXACT kernel's math
- * (sm90_attn_exact.cuh: S = Q K^T on HGMMA from shared memory, O += P V with
- * P from registers and V read MN-major, O rescaled before each P V).
+ * warpgroups of 64 query rows) with 16-bit math: S = Q K^T on HGMMA from
+ * shared memory (Q and K in 64-column blocks of 128-byte rows, 128-byte
+ * swizzle), O += P V with P from registers and V read MN-major (transposed
+ * B), accumulated in fp32 straight into O, which is rescaled before each P V
+ * is issued (FlashAttention-3's order).
  *
  * The tensor maps read the caller's tensors directly: 4-D (D, tokens, heads,
  * batch) with the tensor's own strides, in boxes of 64 channels (one
  * 128-byte-swizzled column block) by 64 or 128 rows; rows past the sequence
- * are zero-filled per head. The planner picks this kernel when every token,
- * head and batch stride is a multiple of 8 elements (the copy engine's
- * 16-byte rule); D = 256 exists only here (two 64 KiB stages).
+ * are zero-filled per head (the core has checked the 16-byte alignment the
+ * copy engine needs). D = 256 exists only here (two 64 KiB stages).
  */
 #ifndef QA_SM90_ATTN_EXACT_WS_CUH
 #define QA_SM90_ATTN_EXACT_WS_CUH
@@ -123,8 +124,9 @@ QA_UNROLL
         for (int i = 0; i < DT * 4; i++)
             o[i] = 0.f;
 
-        /* Descriptors as in sm90_attn_exact.cuh (16-bit Q/K: 64-column blocks
-         * of 128-byte rows) or sm90_attn.cuh (int8 Q/K: rows of D bytes). */
+        /* Descriptors: 16-bit Q/K in 64-column blocks of 128-byte rows, or
+         * int8 Q/K in rows of D bytes (as sm90_attn.cuh); V MN-major, its
+         * 64-channel blocks BN * 128 bytes apart, k16 steps 2048 bytes apart. */
         constexpr int QK_SWIZZLE = INT8_QK && D == 64 ? 64 : 128;
         const uint64_t desc_q = smem_desc<QK_SWIZZLE>(sQ + cw * 64 * (INT8_QK ? D : 128));
         const uint64_t desc_k0 = smem_desc<QK_SWIZZLE>(sStage);

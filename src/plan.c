@@ -255,11 +255,12 @@ qattn_status qattn_plan_create(qattn_ctx *ctx, const qattn_attention_desc *desc,
         for (int dim = 0; dim < 3; dim++) {
             size_t es = qattn_dtype_size(i == 3 ? p->out_dtype : p->in_dtype);
             if (((size_t)strides[i][dim] * es) % ta) {
+                const long long stride = (long long)strides[i][dim]; /* it lives in the plan freed below */
                 free(plan);
                 return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                        "%s.stride[%d]=%lld elements is not a multiple of %zu bytes, which backend %s "
                                        "requires",
-                                       names[i], dim, (long long)strides[i][dim], ta, ctx->backend->name);
+                                       names[i], dim, stride, ta, ctx->backend->name);
             }
         }
     plan->precision = desc->precision;

@@ -152,8 +152,8 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
         size_t used = strlen(plan->why);
         const char *what =
             fp8 && tma ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory fed by a TMA producer "
-                         "warpgroup, consumer warpgroups of 64 query rows (three at D=64, two at D=128), FP8 P.V "
-                         "accumulated per 64-key tile then added in fp32."
+                         "warpgroup, two consumer warpgroups of 64 query rows, 128-key steps, FP8 P.V accumulated "
+                         "per step then added in fp32."
             : fp8      ? " sm_90a wgmma kernel: INT8 Q.K and FP8 P.V from shared memory, two warpgroups of 64 query "
                          "rows, FP8 P.V accumulated per 64-key tile then added in fp32 (cp.async loads: Nk is not a "
                          "multiple of 16)."

@@ -190,7 +190,7 @@ template <int D, bool F16ACC, bool UNIFORM_K>
 static int sm90_fp8_ws_launch(const AttnParams *p, int grid, void *stream, bool prepare)
 {
     auto fn = &sm90::attention_fp8_ws_kernel<D, F16ACC, UNIFORM_K>;
-    using T = sm90::WsTraits<D, F16ACC>;
+    using T = sm90::WsTraits<D>;
     if (prepare)
         return QA_SET_SMEM(fn, T::kSmem) ? T::kSmem : 0;
     const int64_t batch = grid / ((int64_t)p->q_tiles * p->heads_q);

@@ -22,31 +22,22 @@
 namespace qa {
 namespace sm90 {
 
-/* Keys per pipeline step and consumer warpgroups per CTA. D <= 128: steps
- * of 128 keys with two consumer warpgroups (FlashAttention-3's shape) beat
- * 64-key steps with three by 0-12% on the H200 (bench/NOTES.md); D = 256
- * keeps 64-key steps (O alone takes 128 registers). */
-template <int D> struct ExactWsConfig {
-    static constexpr int kBN = D <= 128 ? 128 : 64;
-    static constexpr int kNWG = 2;
-};
 /* INT8_QK: Q and K are the quantization pass's int8 rows (INT8_FP16 mode),
- * S = Q K^T on IGMMA, then the same fp16 P V; otherwise 16-bit Q and K. */
-template <int D, bool INT8_QK = false> struct ExactWsTraits : WsShape<ExactWsConfig<D>::kNWG> {
-    using Shape = WsShape<ExactWsConfig<D>::kNWG>;
-    static constexpr int kBN = ExactWsConfig<D>::kBN;
+ * S = Q K^T on IGMMA, then the same fp16 P V; otherwise 16-bit Q and K.
+ * Keys per step: 128 at D <= 128 (FlashAttention-3's tile; it beat 64-key
+ * steps with three consumers by 0-12% on the H200, bench/NOTES.md); 64 at
+ * D = 256, where O alone takes 128 registers. */
+template <int D, bool INT8_QK = false> struct ExactWsTraits : WsShape {
+    static constexpr int kBN = D <= 128 ? 128 : 64;
     static constexpr int kQKBytes = INT8_QK ? 1 : 2; /* bytes per Q/K element */
-    static constexpr int kQBytes = Shape::kRows * D * kQKBytes;
+    static constexpr int kQBytes = kRows * D * kQKBytes;
     static constexpr int kKBytes = kBN * D * kQKBytes;
     static constexpr int kVBytes = kBN * D * 2;
     static constexpr int kStageBytes = kKBytes + kVBytes;
-    static constexpr int kAlign = 1024;
-    /* As many stages as fit in 227 KiB next to Q (at most 8). */
-    static constexpr int kFit = (232448 - kAlign - 256 - kQBytes) / kStageBytes;
-    static constexpr int kStages = kFit < 8 ? kFit : 8;
+    static constexpr int kStages = stages(kQBytes, kStageBytes);
     static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
     static constexpr int kSmem = kBarOffset + 8 * (2 * kStages + 1) + kAlign;
-    static_assert(kStages >= 2 && kSmem <= 232448, "more than the 227 KiB of shared memory a block may have");
+    static_assert(kStages >= 2 && kSmem <= kSmemLimit, "more shared memory than a block may have");
 };
 
 #if defined(QA_SM90_DEVICE_CODE)
@@ -59,7 +50,7 @@ QA_DEV void tma_load_4d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int 
 #endif
 
 template <int D, bool BF16, bool INT8_QK = false>
-__global__ void __launch_bounds__(ExactWsTraits<D, INT8_QK>::kThreads, 1)
+__global__ void __launch_bounds__(WsShape::kThreads, 1)
     attention_exact_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
 {
 #if defined(QA_SM90_DEVICE_CODE)

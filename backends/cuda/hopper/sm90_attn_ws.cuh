@@ -39,38 +39,37 @@
 namespace qa {
 namespace sm90 {
 
-constexpr int kWsStages = 8;
-
-/* Consumer warpgroups per CTA and their registers after setmaxnreg: two at
- * 240, or (where the accumulators are small enough) three at 160, for a
- * third warp per scheduler to hide latency with. The producer keeps 24: the
- * registers it gives up are what the consumers take (at launch every thread
- * has 65536 / threads). */
-template <int NWG> struct WsShape {
-    static_assert(NWG == 2 || NWG == 3, "two or three consumer warpgroups");
-    static constexpr int kConsumers = NWG;
-    static constexpr int kThreads = 128 * (NWG + 1);
-    static constexpr int kRows = 64 * NWG; /* query rows per CTA */
-    static constexpr int kConsumerRegs = NWG == 2 ? 240 : 160;
+/* The CTA of both TMA kernels: a producer warpgroup and two consumer
+ * warpgroups of 64 query rows. After setmaxnreg the consumers hold 240
+ * registers and the producer 24: what the producer gives up is what the
+ * consumers take (at launch every thread has 65536 / 384 = 168). (Three
+ * consumers at 160 registers lost to 128-key steps with two: NOTES.md.) */
+struct WsShape {
+    static constexpr int kConsumers = 2;
+    static constexpr int kThreads = 128 * (kConsumers + 1);
+    static constexpr int kRows = 64 * kConsumers; /* query rows per CTA */
+    static constexpr int kConsumerRegs = 240;
     static constexpr int kProducerRegs = 24;
+    static constexpr int kSmemLimit = 232448; /* 227 KiB: the most dynamic shared memory a block may have */
+    static constexpr int kAlign = 1024;       /* the 128-byte swizzle repeats every 1024 bytes */
+    /* Stages of stage_bytes that fit next to Q (q_bytes) and the barriers, at most 8. */
+    static constexpr int stages(int q_bytes, int stage_bytes)
+    {
+        return (kSmemLimit - kAlign - 256 - q_bytes) / stage_bytes < 8
+                   ? (kSmemLimit - kAlign - 256 - q_bytes) / stage_bytes
+                   : 8;
+    }
 };
 
 struct TmaMaps {
     CUtensorMap q, k, v;
 };
 
-/* Keys per pipeline step and consumer warpgroups (as the EXACT kernel's). */
-#ifndef QA_FP8_WS_BN
-#define QA_FP8_WS_BN 128
-#endif
-template <int D, bool F16ACC> struct Fp8WsConfig {
-    static constexpr int kBN = QA_FP8_WS_BN;
-    static constexpr int kNWG = kBN == 64 && D == 64 ? 3 : 2;
-};
-template <int D, bool F16ACC> struct WsTraits : WsShape<Fp8WsConfig<D, F16ACC>::kNWG> {
-    using Shape = WsShape<Fp8WsConfig<D, F16ACC>::kNWG>;
-    static constexpr int kBN = Fp8WsConfig<D, F16ACC>::kBN;
-    static constexpr int kQBytes = Shape::kRows * D; /* int8 Q, all consumers' rows */
+/* The FP8 kernel: steps of 128 keys (as the EXACT kernel's at D <= 128;
+ * the plan's kv_tile says so). */
+template <int D> struct WsTraits : WsShape {
+    static constexpr int kBN = 128;
+    static constexpr int kQBytes = kRows * D;       /* int8 Q, all consumers' rows */
     static constexpr int kKBytes = kBN * D;         /* int8 K, permuted key order in each 64 keys */
     static constexpr int kVBytes = D * kBN;         /* FP8 V^T: D rows of kBN keys */
     static constexpr int kCopyBytes = kKBytes + kVBytes; /* what the TMA copies per stage */
@@ -78,14 +77,12 @@ template <int D, bool F16ACC> struct WsTraits : WsShape<Fp8WsConfig<D, F16ACC>::
      * row of P; stages stay 1024-byte aligned for the 128-byte swizzle. */
     static constexpr int kOnesBytes = 8 * kBN;
     static constexpr int kStageBytes = (kCopyBytes + kOnesBytes + 1023) / 1024 * 1024;
-    static constexpr int kAlign = 1024;
-    static constexpr int kFit = (232448 - kAlign - 256 - kQBytes) / kStageBytes;
-    static constexpr int kStages = kFit < kWsStages ? kFit : kWsStages;
+    static constexpr int kStages = stages(kQBytes, kStageBytes);
     static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
     static constexpr int kSmem = kBarOffset + 8 * (2 * kStages + 1) + kAlign;
     static constexpr int kQKSwizzle = D == 128 ? 128 : 64;
     static constexpr int kVSwizzle = kBN; /* V^T rows are kBN bytes: 64- or 128-byte swizzle */
-    static_assert(kStages >= 2 && kSmem <= 232448, "more than the 227 KiB of shared memory a block may have");
+    static_assert(kStages >= 2 && kSmem <= kSmemLimit, "more shared memory than a block may have");
 };
 
 #if defined(QA_SM90_DEVICE_CODE)
@@ -225,11 +222,11 @@ QA_UNROLL
 #endif
 
 template <int D, bool F16ACC, bool UNIFORM_K>
-__global__ void __launch_bounds__(WsTraits<D, F16ACC>::kThreads, 1)
+__global__ void __launch_bounds__(WsShape::kThreads, 1)
     attention_fp8_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
 {
 #if defined(QA_SM90_DEVICE_CODE)
-    using T = WsTraits<D, F16ACC>;
+    using T = WsTraits<D>;
     constexpr int BN = T::kBN;      /* keys per step */
     constexpr int NB = BN / 64;     /* 64-key blocks (K quantization blocks) per step */
     constexpr int NT = BN / 8;      /* n8 column groups of S */

@@ -16,10 +16,10 @@ template <int D, int DT> static void quantize_all(const QuantParams &qp, const q
     }
     int kblocks = qp.fp8 ? (int)(qp.v_keys_padded / kBlockN) : (qp.seq_k + kBlockN - 1) / kBlockN;
     auto kv = &k_v_quant_kernel<D, DT>;
-    QA_LAUNCH(kv, kblocks * kv_heads, kThreads, 2 * kBlockN * (int)sizeof(float), stream, qp);
+    QA_LAUNCH(kv, kblocks * kv_heads, kThreads, k_v_quant_smem<D>(), stream, qp);
     int qblocks = (qp.seq_q + kBlockM - 1) / kBlockM;
     auto q = &q_quant_kernel<D, DT>;
-    QA_LAUNCH(q, qblocks * q_heads, kThreads, (2 * kBlockM + 32) * (int)sizeof(float), stream, qp);
+    QA_LAUNCH(q, qblocks * q_heads, kQuantQThreads, q_quant_smem(), stream, qp);
 }
 
 bool quantize(const QuantParams &qp, const qattn_problem &pb, void *stream)

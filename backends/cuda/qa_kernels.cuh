@@ -746,18 +746,19 @@ template <int D, int DT> QA_KERNEL(kStatsThreads) kv_stats_kernel(const QuantPar
     /* Only what the mode needs: K sums for smooth K, V maxima for FP8 V (the
      * finite check of K and V happens in k_v_quant_kernel, which reads all). */
     const int t0 = chunk * p.chunk_tokens, t1 = min(p.seq_k, t0 + p.chunk_tokens);
-    if (p.smooth_k)
-        for (int tkn = t0 + rl; tkn < t1; tkn += RP) {
+    /* One loop over the chunk for both, so K and V loads are in flight together. */
+    for (int tkn = t0 + rl; tkn < t1; tkn += RP) {
+        if (p.smooth_k) {
             Vec16 kv = load16(gk + ((int64_t)tkn * p.k_stride[2] + vc * VEC) * es);
             for (int e = 0; e < VEC; e++)
                 sum[e] += (double)In<DT>::get(kv.b, e);
         }
-    if (p.fp8)
-        for (int tkn = t0 + rl; tkn < t1; tkn += RP) {
+        if (p.fp8) {
             Vec16 vv = load16(gv + ((int64_t)tkn * p.v_stride[2] + vc * VEC) * es);
             for (int e = 0; e < VEC; e++)
                 amax[e] = fmaxf(amax[e], fabsf(In<DT>::get(vv.b, e)));
         }
+    }
     for (int e = 0; e < VEC; e++) {
         red_sum[rl * D + vc * VEC + e] = sum[e];
         red_amax[rl * D + vc * VEC + e] = amax[e];
@@ -800,12 +801,15 @@ QA_DEV int8_t quant_i8(float x, float inv)
     return (int8_t)(int)r;
 }
 
-/* Row-parallel access for the quantization passes: a row of D elements is
- * read by G = D / VEC consecutive lanes, 16 bytes each (coalesced); a CTA of
- * 128 threads covers 128 / G rows per pass. */
-template <int D, int DT> struct RowLanes {
-    static constexpr int VEC = In<DT>::kVec, G = D / VEC, RP = kThreads / G;
+/* A quantization CTA's rows, held in registers: a row of D elements is read
+ * by G = D / VEC consecutive lanes, 16 bytes each (coalesced); lane group
+ * r_lane holds the R consecutive rows from R * r_lane. Every load of the CTA
+ * is issued before the first reduction, and the group maxima are reduced in
+ * parallel (a single thread walking a group's rows stalled the whole CTA). */
+template <int D, int DT, int THREADS, int ROWS> struct RowTile {
+    static constexpr int VEC = In<DT>::kVec, G = D / VEC, RP = THREADS / G, R = ROWS / RP;
     static_assert(G <= 32 && 32 % G == 0, "a row's lanes stay inside one warp");
+    static_assert(ROWS % RP == 0 && R % 4 == 0, "whole rows per lane group, 4-key words of FP8 V");
 };
 
 /* Sum and max over the G lanes of a row (all 32 lanes call it). */
@@ -822,6 +826,14 @@ template <int G> QA_DEV float row_sum(float v)
     return v;
 }
 
+/* Max over the lanes of a warp that share lane % stride (stride divides 32). */
+QA_DEV float lanes_max(float v, int stride)
+{
+    for (int o = 16; o >= stride; o >>= 1)
+        v = fmax_(v, shfl_xor(v, o));
+    return v;
+}
+
 /* Stores VEC INT8 codes (VEC = 4 or 8 bytes). */
 template <int VEC> QA_DEV void store_codes(int8_t *dst, const int8_t *codes)
 {
@@ -835,109 +847,171 @@ template <int VEC> QA_DEV void store_codes(int8_t *dst, const int8_t *codes)
 #endif
 }
 
+/* 32-bit shared-memory words (the emulator has no alignment guarantees to lean on). */
+QA_DEV void store_word(uint8_t *p, uint32_t v)
+{
+#if defined(QA_EMULATE)
+    memcpy(p, &v, 4);
+#else
+    *(uint32_t *)p = v;
+#endif
+}
+QA_DEV uint32_t load_word(const uint8_t *p)
+{
+#if defined(QA_EMULATE)
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+#else
+    return *(const uint32_t *)p;
+#endif
+}
+
+/* Makes the compiler forget what it knows of v's value, so that the values
+ * it converted from v before a barrier are converted again after it rather
+ * than held in registers (twice the registers of the packed row). */
+QA_DEV void forget_converted(Vec16 &v)
+{
+#if !defined(QA_EMULATE)
+    uint32_t *w = (uint32_t *)v.b;
+    asm volatile("" : "+r"(w[0]), "+r"(w[1]), "+r"(w[2]), "+r"(w[3]));
+#else
+    (void)v;
+#endif
+}
+
+/* Loads rows [r0, r0 + R) of a tile starting at token t0 (zeros past n). */
+template <int R>
+QA_DEV void load_rows(Vec16 *dst, const uint8_t *g, int64_t row_stride_bytes, int t0, int n)
+{
+    for (int i = 0; i < R; i++) {
+        if (t0 + i < n)
+            dst[i] = load16(g + (int64_t)(t0 + i) * row_stride_bytes);
+        else
+            for (int e = 0; e < 16; e++)
+                dst[i].b[e] = 0;
+    }
+}
+
+/* FP8 V^T staging in shared memory: [D][kBlockN] bytes, 32-bit words swizzled
+ * by channel so the transposing stores of one warp spread over the banks. */
+QA_DEV int vt_word(int d, int w) { return d * (kBlockN / 4) + (w ^ ((d >> 3) & (kBlockN / 4 - 1))); }
+
 /* Per (b, kv head, 64-key block): K minus its mean to INT8 with per-block or
  * per-thread (8 interleaved) scales; V to FP8 transposed [D][keys] (zero past
  * Nk up to the padding), or to fp16 [keys][D]. */
 template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams p)
 {
-    using RL = RowLanes<D, DT>;
-    constexpr int VEC = RL::VEC, G = RL::G, RP = RL::RP;
+    using RT = RowTile<D, DT, kThreads, kBlockN>;
+    constexpr int VEC = RT::VEC, G = RT::G, R = RT::R;
+    static_assert(kBlockN == 64, "the K group reduction reads two rows per lane");
     const int es = DT == kF32 ? 4 : 2;
     const int kblocks = p.fp8 ? (int)(p.v_keys_padded / kBlockN) : (p.seq_k + kBlockN - 1) / kBlockN;
     const int bh = block_x() / kblocks, blk = block_x() % kblocks;
     const int b = bh / p.heads_kv, hk = bh % p.heads_kv;
     const int j0 = blk * kBlockN;
     float *row_amax = (float *)dynamic_smem(); /* [64] */
-    float *row_inv = row_amax + 64;            /* [64] */
+    float *group_inv = row_amax + kBlockN;     /* [8] */
+    uint8_t *vt = (uint8_t *)(group_inv + 8);  /* [D][64] FP8 V^T, 16-byte aligned */
 
-    const uint8_t *gk = p.k + (b * p.k_stride[0] + hk * p.k_stride[1]) * es;
-    const uint8_t *gv = p.v + (b * p.v_stride[0] + hk * p.v_stride[1]) * es;
-    const float *mean = p.smooth_k ? p.k_mean + (int64_t)bh * D : nullptr;
-    const int lane_v = tid() % G, r_lane = tid() / G;
-    const int c0 = lane_v * VEC;
-    float mv[VEC];
-    for (int e = 0; e < VEC; e++)
-        mv[e] = mean ? mean[c0 + e] : 0.f;
+    const int lane_v = tid() % G, r0 = (tid() / G) * R, c0 = lane_v * VEC;
+    const int64_t k_row = p.k_stride[2] * es, v_row = p.v_stride[2] * es;
+    const uint8_t *gk = p.k + (b * p.k_stride[0] + hk * p.k_stride[1] + c0) * es;
+    const uint8_t *gv = p.v + (b * p.v_stride[0] + hk * p.v_stride[1] + c0) * es;
+    const bool has_keys = j0 < p.seq_k; /* uniform over the block; false only in FP8 V padding */
+
+    Vec16 kv[R];
+    load_rows<R>(kv, gk, k_row, j0 + r0, has_keys ? p.seq_k : 0);
 
     bool finite = true; /* this pass reads every K and V element: it does the finite check */
-    if (j0 < p.seq_k) { /* uniform over the block */
-        for (int i = 0; i < kBlockN / RP; i++) {
-            int r = r_lane + i * RP, tkn = j0 + r;
+    if (has_keys) {
+        const float *mean = p.smooth_k ? p.k_mean + (int64_t)bh * D : nullptr;
+        float mv[VEC];
+        for (int e = 0; e < VEC; e++)
+            mv[e] = mean ? mean[c0 + e] : 0.f;
+        for (int i = 0; i < R; i++) {
             float amax = 0.f;
-            if (tkn < p.seq_k) {
-                Vec16 kv = load16(gk + ((int64_t)tkn * p.k_stride[2] + c0) * es);
+            if (j0 + r0 + i < p.seq_k)
                 for (int e = 0; e < VEC; e++) {
-                    amax = fmaxf(amax, fabsf(In<DT>::get(kv.b, e) - mv[e]));
-                    finite = finite && In<DT>::finite(kv.b, e);
+                    amax = fmaxf(amax, fabsf(In<DT>::get(kv[i].b, e) - mv[e]));
+                    finite = finite && In<DT>::finite(kv[i].b, e);
                 }
-            }
             amax = row_max<G>(amax);
             if (lane_v == 0)
-                row_amax[r] = amax;
+                row_amax[r0 + i] = amax;
         }
         sync_block();
         /* The block is one K group (per-block) or k_inter groups of every
-         * k_inter-th key: one thread per group walks its keys. */
+         * k_inter-th key (k_inter divides 32): warp 0 reduces them. */
         const int ki = p.k_inter;
-        if (tid() < ki) {
-            const int g = tid();
-            float gmax = 0.f;
-            for (int r = g; r < kBlockN; r += ki)
-                gmax = fmaxf(gmax, row_amax[r]);
-            row_inv[g] = gmax > 0.f ? 127.f / gmax : 0.f;
-            p.k_scale[(int64_t)bh * p.k_groups + (int64_t)blk * ki + g] = gmax / 127.f;
+        if (warp_id() == 0) {
+            float gmax = lanes_max(fmaxf(row_amax[lane_id()], row_amax[lane_id() + 32]), ki);
+            if (lane_id() < ki) {
+                group_inv[lane_id()] = gmax > 0.f ? 127.f / gmax : 0.f;
+                p.k_scale[(int64_t)bh * p.k_groups + (int64_t)blk * ki + lane_id()] = gmax / 127.f;
+            }
         }
         sync_block();
-        for (int i = 0; i < kBlockN / RP; i++) {
-            int r = r_lane + i * RP, tkn = j0 + r;
+        for (int i = 0; i < R; i++) {
+            const int tkn = j0 + r0 + i;
             if (tkn >= p.seq_k)
                 continue;
-            Vec16 kv = load16(gk + ((int64_t)tkn * p.k_stride[2] + c0) * es);
+            forget_converted(kv[i]);
             int8_t codes[VEC];
             for (int e = 0; e < VEC; e++)
-                codes[e] = quant_i8(In<DT>::get(kv.b, e) - mv[e], row_inv[r % ki]);
+                codes[e] = quant_i8(In<DT>::get(kv[i].b, e) - mv[e], group_inv[(r0 + i) % ki]);
             store_codes<VEC>(p.k8 + ((int64_t)bh * p.seq_k + tkn) * D + c0, codes);
         }
     }
 
+    Vec16 vv[R];
+    load_rows<R>(vv, gv, v_row, j0 + r0, p.seq_k);
+    for (int i = 0; i < R; i++)
+        if (j0 + r0 + i < p.seq_k)
+            for (int e = 0; e < VEC; e++)
+                finite = finite && In<DT>::finite(vv[i].b, e);
+
     if (p.fp8) {
-        /* Thread = channel (and half of the keys when D = 64): the warp reads
-         * 32 neighbouring channels of one key at a time, then writes its
-         * channel's keys as 16-byte runs of the transposed, padded V. */
-        constexpr int SPLIT = kThreads / D, KEYS = kBlockN / SPLIT;
-        const int d = tid() % D, k0 = (tid() / D) * KEYS;
-        const float inv = p.v_inv[(int64_t)bh * D + d];
-        uint8_t *dst = p.vq + ((int64_t)bh * D + d) * p.v_keys_padded + j0 + k0;
-        for (int c = 0; c < KEYS; c += 16) {
-            Vec16 out;
-            for (int e = 0; e < 16; e++) {
-                int tkn = j0 + k0 + c + e;
-                out.b[e] = 0;
-                if (tkn < p.seq_k) {
-                    const uint8_t *src = gv + ((int64_t)tkn * p.v_stride[2] + d) * es;
-                    finite = finite && In<DT>::finite(src, 0);
-                    out.b[e] = e4m3(In<DT>::get(src, 0) * inv);
-                }
+        /* Each lane packs its R keys of a channel as E4M3 bytes (key order),
+         * stages them transposed, then the CTA writes 16-byte runs of the
+         * padded [D][keys] layout. */
+        const float *inv = p.v_inv + (int64_t)bh * D + c0;
+        for (int e = 0; e < VEC; e++) {
+            const float s = inv[e];
+            for (int w = 0; w < R / 4; w++) {
+                float x[4];
+                for (int k = 0; k < 4; k++)
+                    x[k] = j0 + r0 + 4 * w + k < p.seq_k ? In<DT>::get(vv[4 * w + k].b, e) * s : 0.f;
+                store_word(vt + 4 * vt_word(c0 + e, r0 / 4 + w), pack_e4m3x4(x[0], x[1], x[2], x[3]));
             }
-            store16(dst + c, out);
         }
-    } else if (j0 < p.seq_k) {
-        uint16_t *dst = (uint16_t *)p.vq + (int64_t)bh * p.seq_k * D;
-        for (int i = 0; i < kBlockN / RP; i++) {
-            int tkn = j0 + r_lane + i * RP;
+        sync_block();
+        constexpr int RUNS = kBlockN / 16; /* 16-byte runs per channel */
+        uint8_t *dst = p.vq + (int64_t)bh * D * p.v_keys_padded + j0;
+        for (int c = tid(); c < D * RUNS; c += kThreads) {
+            const int d = c / RUNS, run = c % RUNS;
+            Vec16 out;
+            for (int w = 0; w < 4; w++) {
+                uint32_t word = load_word(vt + 4 * vt_word(d, 4 * run + w));
+                for (int k = 0; k < 4; k++)
+                    out.b[4 * w + k] = (uint8_t)(word >> (8 * k));
+            }
+            store16(dst + (int64_t)d * p.v_keys_padded + 16 * run, out);
+        }
+    } else if (has_keys) {
+        uint16_t *dst = (uint16_t *)p.vq + (int64_t)bh * p.seq_k * D + c0;
+        for (int i = 0; i < R; i++) {
+            const int tkn = j0 + r0 + i;
             if (tkn >= p.seq_k)
                 continue;
-            Vec16 vv = load16(gv + ((int64_t)tkn * p.v_stride[2] + c0) * es);
             uint16_t h[VEC];
-            for (int e = 0; e < VEC; e++) {
-                h[e] = f16_bits(In<DT>::get(vv.b, e));
-                finite = finite && In<DT>::finite(vv.b, e);
-            }
+            for (int e = 0; e < VEC; e++)
+                h[e] = f16_bits(In<DT>::get(vv[i].b, e));
             for (int e = 0; e < VEC; e += 4) {
 #if defined(QA_EMULATE)
-                memcpy(dst + (int64_t)tkn * D + c0 + e, h + e, 8);
+                memcpy(dst + (int64_t)tkn * D + e, h + e, 8);
 #else
-                *(uint2 *)(dst + (int64_t)tkn * D + c0 + e) = *(const uint2 *)(h + e);
+                *(uint2 *)(dst + (int64_t)tkn * D + e) = *(const uint2 *)(h + e);
 #endif
             }
         }
@@ -946,41 +1020,50 @@ template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams 
         atomic_or(p.status, 1u);
 }
 
+/* Bytes of dynamic shared memory of k_v_quant_kernel. */
+template <int D> constexpr int k_v_quant_smem() { return (kBlockN + 8) * (int)sizeof(float) + D * kBlockN; }
+
+/* q_quant_kernel's CTA: 256 threads over 128 rows keeps 8 rows (32 registers) per lane at D = 128. */
+constexpr int kQuantQThreads = 256;
+
 /* Per (b, q head, 128 rows): Q to INT8 with per-block, per-warp or per-thread
  * scales, the LSE correction sm_scale * dot(q, mean_k); flags non-finite Q. */
-template <int D, int DT> QA_KERNEL(kThreads) q_quant_kernel(const QuantParams p)
+template <int D, int DT> QA_KERNEL(kQuantQThreads) q_quant_kernel(const QuantParams p)
 {
-    using RL = RowLanes<D, DT>;
-    constexpr int VEC = RL::VEC, G = RL::G, RP = RL::RP;
+    using RT = RowTile<D, DT, kQuantQThreads, kBlockM>;
+    constexpr int VEC = RT::VEC, G = RT::G, R = RT::R;
+    constexpr int kWarpsM = kBlockM / 32;
     const int es = DT == kF32 ? 4 : 2;
     const int qblocks = (p.seq_q + kBlockM - 1) / kBlockM;
     const int bh = block_x() / qblocks, blk = block_x() % qblocks;
     const int b = bh / p.heads_q, h = bh % p.heads_q;
     const int64_t bhk = (int64_t)b * p.heads_kv + h / p.group;
     float *row_amax = (float *)dynamic_smem(); /* [128] */
-    float *row_inv = row_amax + kBlockM;       /* [128] */
-    const uint8_t *gq = p.q + (b * p.q_stride[0] + h * p.q_stride[1]) * es;
-    const float *mean = p.smooth_k ? p.k_mean + bhk * D : nullptr;
-    const int lane_v = tid() % G, r_lane = tid() / G;
-    const int c0 = lane_v * VEC;
+    float *part = row_amax + kBlockM;          /* [4 warps of rows][8 lanes] */
+    float *group_inv = part + kWarpsM * 8;     /* [n_local <= 32] */
+    const int lane_v = tid() % G, r0 = (tid() / G) * R, c0 = lane_v * VEC;
     const int i0 = blk * kBlockM;
+    const uint8_t *gq = p.q + (b * p.q_stride[0] + h * p.q_stride[1] + c0) * es;
+
+    Vec16 qv[R];
+    load_rows<R>(qv, gq, p.q_stride[2] * es, i0 + r0, p.seq_q);
+
+    const float *mean = p.smooth_k ? p.k_mean + bhk * D : nullptr;
     float mv[VEC];
     for (int e = 0; e < VEC; e++)
         mv[e] = mean ? mean[c0 + e] : 0.f;
 
     bool finite = true;
-    for (int i = 0; i < kBlockM / RP; i++) {
-        int r = r_lane + i * RP, tkn = i0 + r;
+    for (int i = 0; i < R; i++) {
+        const int r = r0 + i, tkn = i0 + r;
         float amax = 0.f, dot = 0.f;
-        if (tkn < p.seq_q) {
-            Vec16 qv = load16(gq + ((int64_t)tkn * p.q_stride[2] + c0) * es);
+        if (tkn < p.seq_q)
             for (int e = 0; e < VEC; e++) {
-                float x = In<DT>::get(qv.b, e);
+                float x = In<DT>::get(qv[i].b, e);
                 amax = fmaxf(amax, fabsf(x));
-                finite = finite && In<DT>::finite(qv.b, e);
+                finite = finite && In<DT>::finite(qv[i].b, e);
                 dot += x * mv[e];
             }
-        }
         amax = row_max<G>(amax);
         dot = row_sum<G>(dot);
         if (lane_v == 0) {
@@ -992,39 +1075,45 @@ template <int D, int DT> QA_KERNEL(kThreads) q_quant_kernel(const QuantParams p)
     if (!finite && p.status)
         atomic_or(p.status, 1u);
     sync_block();
-    /* Scale groups inside this CTA's 128 rows (q_block divides 128, so they
-     * do not straddle CTAs): local group g = block (g / q_inter) of q_block
-     * rows, lane g % q_inter. One thread per group walks its rows. */
+    /* Scale groups inside this CTA's 128 rows: local group g = block
+     * (g / q_inter) of q_block rows, lane g % q_inter. q_block is a multiple
+     * of 32 dividing 128 and q_inter divides 8, so a row's group lane is its
+     * lane % q_inter: each warp of rows reduces its lanes, then one thread
+     * per group combines the warps of its block. */
     const int qb = p.q_block, qi = p.q_inter;
     const int n_local = kBlockM / qb * qi;
-    float *group_inv = row_inv + kBlockM; /* [n_local <= 32] */
+    if (warp_id() < kWarpsM) {
+        float m = lanes_max(row_amax[tid()], qi);
+        if (lane_id() < qi)
+            part[warp_id() * 8 + lane_id()] = m;
+    }
+    sync_block();
     if (tid() < n_local) {
         const int g = tid(), gb = g / qi, gl = g % qi;
         float gmax = 0.f;
-        for (int r = gb * qb + gl; r < (gb + 1) * qb; r += qi)
-            gmax = fmaxf(gmax, row_amax[r]);
+        for (int w = gb * qb / 32; w < (gb + 1) * qb / 32; w++)
+            gmax = fmaxf(gmax, part[w * 8 + gl]);
         group_inv[g] = gmax > 0.f ? 127.f / gmax : 0.f;
         const int first_block = i0 / qb, q_blocks_total = (p.seq_q + qb - 1) / qb;
         if (first_block + gb < q_blocks_total)
             p.q_scale[(int64_t)bh * p.q_groups + (int64_t)first_block * qi + g] = gmax / 127.f;
     }
     sync_block();
-    {
-        const int r = tid();
-        row_inv[r] = group_inv[(r / qb) * qi + (r % qb) % qi];
-    }
-    sync_block();
-    for (int i = 0; i < kBlockM / RP; i++) {
-        int r = r_lane + i * RP, tkn = i0 + r;
+    for (int i = 0; i < R; i++) {
+        const int r = r0 + i, tkn = i0 + r;
         if (tkn >= p.seq_q)
             continue;
-        Vec16 qv = load16(gq + ((int64_t)tkn * p.q_stride[2] + c0) * es);
+        const float inv = group_inv[(r / qb) * qi + r % qi];
+        forget_converted(qv[i]);
         int8_t codes[VEC];
         for (int e = 0; e < VEC; e++)
-            codes[e] = quant_i8(In<DT>::get(qv.b, e), row_inv[r]);
+            codes[e] = quant_i8(In<DT>::get(qv[i].b, e), inv);
         store_codes<VEC>(p.q8 + ((int64_t)bh * p.seq_q + tkn) * D + c0, codes);
     }
 }
+
+/* Bytes of dynamic shared memory of q_quant_kernel. */
+constexpr int q_quant_smem() { return (kBlockM + (kBlockM / 32) * 8 + 32) * (int)sizeof(float); }
 
 /* Exact mode's finite check: one pass over Q, K and V. */
 struct ScanParams {

@@ -234,6 +234,11 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
     qp.status = status;
     if (qq.k_block != kBlockN)
         return "the K quantization block must be the kernel's key tile";
+    /* The quantization kernels reduce scale groups with warp shuffles: Q
+     * blocks are whole warps of rows inside a CTA and the interleaves divide
+     * a warp (every granularity the plan picks is such). */
+    if (qp.q_block % 32 != 0 || kBlockM % qp.q_block != 0 || 8 % qp.q_inter != 0 || 8 % qp.k_inter != 0)
+        return "the quantization groups must be whole warps of rows with interleaves dividing 8";
     if (!quantize(qp, pb, a.stream))
         return "no quantization kernels for this head dim and dtype";
     if ((err = launch_error()))

@@ -39,5 +39,5 @@ void main()
         }
     }
     if (bad)
-        atomicOr(ws_u32[(R.ws_off + P.ws_status) >> 2], 1u << which);
+        atomicOr(ws_u32[(R.ws_off + P.ws_status) >> 2], 1u << which); /* NONFINITE_Q, _K, _V of status.glsl */
 }

@@ -6,12 +6,13 @@
  * Two kernels from this source:
  *
  * CHECK (-DCHECK): everything the append could reject, before anything is
- *   written. Work groups [0, A.dup_groups) take 256 tokens each: a slot past
- *   the cache (status[0] = the first such token, atomicMin), then a slot
- *   given twice (status[1] = the smallest such slot), comparing each token
- *   with every later one through shared memory. The other groups scan the
- *   new values for NaN/Inf (status[2] bit 0); the first of them checks the
- *   per-head scales (bit 1: a scale that is not finite and > 0).
+ *   written, as flags in the status words (src/internal.h, QATTN_STATUS_*):
+ *   work groups [0, A.dup_groups) take 256 tokens each and flag word 1 for a
+ *   slot past the cache or given twice (comparing each token with every later
+ *   one through shared memory); the other groups scan the new values for
+ *   NaN/Inf (word 0, QATTN_NONFINITE_NEW_KV) and the first of them the
+ *   per-head scales (word 1: a scale that is not finite and > 0). The host
+ *   names the offending entry from copies (src/checks.c).
  * WRITE: one work group per (token, head, K or V) row at a time; nothing
  *   when the check's status words are set. FP8: code = e4m3(x * (1 / scale)),
  *   INT8 per head: rne(x * (1 / scale)) clamped to +-127, INT8 per row:
@@ -24,6 +25,7 @@
  */
 #extension GL_EXT_shader_16bit_storage : require
 #include "numeric.glsl"
+#include "status.glsl"
 
 #ifdef CHECK
 #define WG 256u
@@ -93,7 +95,7 @@ void main()
         const uint t = group * WG + tid;
         const uint slot = t < A.num_tokens ? slot_of(t) : NONE;
         if (slot == A.capacity)
-            atomicMin(status[0], t);
+            atomicOr(status[STATUS_BOUNDS], 1u);
         const bool mine = slot < A.capacity;
         bool dup = false;
         for (uint g = group; g < A.dup_groups; g++) {
@@ -110,7 +112,7 @@ void main()
                     }
         }
         if (dup)
-            atomicMin(status[1], slot);
+            atomicOr(status[STATUS_BOUNDS], 1u);
         return;
     }
     const uint per_token = A.heads * A.head_dim, n = A.num_tokens * per_token;
@@ -121,13 +123,13 @@ void main()
         bad = bad || !finite_bits(new_bits(0u, A.k_off + rel)) || !finite_bits(new_bits(1u, A.v_off + rel));
     }
     if (bad)
-        atomicOr(status[2], 1u);
+        atomicOr(status[STATUS_NONFINITE], NONFINITE_NEW_KV);
     if (group == A.dup_groups && (FMT == 2u || FMT == 3u)) {
         bool scale_bad = false;
         for (uint h = tid; h < A.heads; h += WG)
             scale_bad = scale_bad || !scale_ok(ks_bits[h]) || !scale_ok(vs_bits[h]);
         if (scale_bad)
-            atomicOr(status[2], 2u);
+            atomicOr(status[STATUS_BOUNDS], 1u);
     }
 }
 
@@ -137,7 +139,7 @@ shared uint red[WG];
 
 void main()
 {
-    if ((A.flags & APPEND_CHECK) != 0u && (status[0] != NONE || status[1] != NONE || status[2] != 0u))
+    if ((A.flags & APPEND_CHECK) != 0u && (status[STATUS_NONFINITE] | status[STATUS_BOUNDS]) != 0u)
         return;
     const uint tid = gl_LocalInvocationID.x;
     const uint H = A.heads, D = A.head_dim, P = A.page_size;

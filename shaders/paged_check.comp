@@ -4,10 +4,10 @@
  * The paged run's check, before anything is written: the page tables
  * (work groups [0, A.items): one sequence at a time) and the queries' NaN/Inf
  * scan (the other groups, striding over the rows qo_indptr[0] ..
- * qo_indptr[batch]). Findings are flags in the workspace status words:
- * [0] a table entry is bad, [1] Q holds NaN or Inf. The attention and merge
- * kernels write nothing when either is set; the host then reads the tables
- * back to name the first bad entry.
+ * qo_indptr[batch]). Findings are flags in the workspace status words
+ * (status.glsl): a bad table entry in STATUS_BOUNDS, NaN or Inf in Q in
+ * STATUS_NONFINITE. The attention and merge kernels write nothing when either
+ * is set; the host then reads the tables back to name the first bad entry.
  */
 #include "paged_common.glsl"
 
@@ -16,7 +16,7 @@ layout(constant_id = 0) const uint D = 128;
 
 const uint WG = 128u;
 
-void flag(uint word) { atomicOr(ws_u32[A.ws_off + A.ws_status + word], 1u); }
+void flag(uint word, uint bits) { atomicOr(ws_u32[A.ws_off + A.ws_status + word], bits); }
 
 /* Every violation the reference (backends/cpu) rejects, plus a CSR sequence
  * longer than max_pages_per_seq; a negative qo_indptr / indptr entry is
@@ -47,7 +47,7 @@ void check_sequence(uint b)
     }
     if (bad) {
         if (tid == 0u)
-            flag(0u);
+            flag(STATUS_BOUNDS, 1u);
         return;
     }
     bool page_bad = false;
@@ -56,7 +56,7 @@ void check_sequence(uint b)
         page_bad = page_bad || page < 0 || page >= int(A.num_pages);
     }
     if (page_bad)
-        flag(0u);
+        flag(STATUS_BOUNDS, 1u);
 }
 
 bool q_nonfinite(uint i)
@@ -89,5 +89,5 @@ void main()
         bad = bad || q_nonfinite(A.q_off + row * A.q_s0 + (rest / D) * A.q_s1 + rest % D);
     }
     if (bad)
-        flag(1u);
+        flag(STATUS_NONFINITE, NONFINITE_Q);
 }

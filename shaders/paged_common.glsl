@@ -13,6 +13,7 @@
 #extension GL_EXT_shader_16bit_storage : require
 
 #include "numeric.glsl"
+#include "status.glsl"
 
 #define DT_F32 0u
 #define DT_F16 1u
@@ -62,7 +63,11 @@ float load_q(uint i)
     return bf16_bits_to_f32(uint(q_u16[i]));
 }
 
-bool status_set() { return (A.flags & ARG_CHECK) != 0u && (ws_u32[A.ws_off + A.ws_status] | ws_u32[A.ws_off + A.ws_status + 1u]) != 0u; }
+bool status_set()
+{
+    return (A.flags & ARG_CHECK) != 0u &&
+           (ws_u32[A.ws_off + A.ws_status + STATUS_NONFINITE] | ws_u32[A.ws_off + A.ws_status + STATUS_BOUNDS]) != 0u;
+}
 
 /* One sequence as the kernels see it, clamped so that unchecked bad tables
  * never reach outside any buffer. */

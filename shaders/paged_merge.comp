@@ -14,6 +14,7 @@
  */
 #extension GL_EXT_shader_16bit_storage : require
 #include "numeric.glsl"
+#include "status.glsl"
 
 layout(local_size_x = 64) in;
 
@@ -65,7 +66,7 @@ float lse_of(uint st, uint r, uint h) { return s_f32[M.s_off + st * M.s_s0 + r *
 
 void main()
 {
-    if ((M.flags & MERGE_CHECK) != 0u && (s_u32[M.status_word] | s_u32[M.status_word + 1u]) != 0u)
+    if ((M.flags & MERGE_CHECK) != 0u && (s_u32[M.status_word + STATUS_NONFINITE] | s_u32[M.status_word + STATUS_BOUNDS]) != 0u)
         return;
     const uint tid = gl_LocalInvocationID.x;
     uint lo = 0u, hi = M.rows;

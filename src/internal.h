@@ -20,10 +20,35 @@
 extern "C" {
 #endif
 
-#define QATTN_BACKEND_API_VERSION 1
+#define QATTN_BACKEND_API_VERSION 2
 #define QATTN_ERROR_MAX 2048
 #define QATTN_WS_ALIGN 256 /* every workspace region starts on this boundary */
 #define QATTN_WS_ABSENT SIZE_MAX
+
+/* ----------------------------------------------------- small helpers */
+
+#define QATTN_LOG2E 1.4426950408889634 /* log2(e): softmax in base 2 */
+
+static inline int64_t qattn_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static inline size_t qattn_round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+static inline int64_t qattn_min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t qattn_clamp_i64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+/* ------------------------------------------------------- status words */
+
+/*
+ * A run or append with its checks on leaves QATTN_STATUS_BYTES of status words
+ * in device memory (the workspace's `status` region, or the backend's own for
+ * an append): zeroed before the checks, read back by the host afterwards.
+ *   word QATTN_STATUS_NONFINITE: QATTN_NONFINITE_* bits of the inputs holding NaN or Inf;
+ *   word QATTN_STATUS_BOUNDS:    non-zero when an index (a page-table entry, a
+ *                                slot) or a per-head scale is out of bounds.
+ * Kernels write no output once either word is set. Devices only flag; the
+ * core names the offending entry from host copies (qattn_paged_status_error,
+ * qattn_kv_append_status_error), so every backend reports it in the same words.
+ */
+enum { QATTN_STATUS_NONFINITE = 0, QATTN_STATUS_BOUNDS = 1, QATTN_STATUS_WORDS = 4 };
+#define QATTN_STATUS_BYTES 16
 
 /* --------------------------------------------------------------- problem */
 
@@ -126,6 +151,35 @@ typedef struct qattn_paged_problem {
     int num_splits;  /* requested (0: decide); the backend stores its choice */
 } qattn_paged_problem;
 
+/* The page formats the paged kernels are made for; every backend's kernels
+ * number them this way (CUDA, GLSL and OpenCL C mirror the values). */
+typedef enum qattn_kv_format {
+    QATTN_KV_FMT_F16 = 0,
+    QATTN_KV_FMT_BF16 = 1,
+    QATTN_KV_FMT_FP8 = 2,    /* E4M3 codes, a scale per KV head */
+    QATTN_KV_FMT_I8 = 3,     /* INT8 codes, a scale per KV head */
+    QATTN_KV_FMT_I8_ROW = 4, /* INT8 codes, a scale per (token, head) */
+    QATTN_KV_FMT_COUNT = 5
+} qattn_kv_format;
+
+static inline qattn_kv_format qattn_kv_format_of(const qattn_kv_cache_desc *c)
+{
+    switch (c->dtype) {
+    case QATTN_DTYPE_F16: return QATTN_KV_FMT_F16;
+    case QATTN_DTYPE_BF16: return QATTN_KV_FMT_BF16;
+    case QATTN_DTYPE_FP8_E4M3: return QATTN_KV_FMT_FP8;
+    default: return c->scales == QATTN_KV_SCALES_PER_ROW ? QATTN_KV_FMT_I8_ROW : QATTN_KV_FMT_I8;
+    }
+}
+
+/* Element strides of a validated cache: between pages, a page's tokens, and heads. */
+static inline void qattn_kv_cache_strides(const qattn_kv_cache_desc *c, int64_t *page, int64_t *token, int64_t *head)
+{
+    *page = c->page_size * c->heads_kv * c->head_dim;
+    *token = c->layout == QATTN_KV_NHD ? c->heads_kv * c->head_dim : c->head_dim;
+    *head = c->layout == QATTN_KV_NHD ? c->head_dim : c->page_size * c->head_dim;
+}
+
 /* Key range of split s (of n) over a sequence bound of max_keys, in whole
  * pages so a split never straddles one: [begin, end). */
 static inline void qattn_split_range(int64_t max_pages, int64_t page_size, int s, int n, int64_t *begin, int64_t *end)
@@ -137,8 +191,8 @@ static inline void qattn_split_range(int64_t max_pages, int64_t page_size, int s
 
 /* The split count (1..1024) an automatic paged plan uses, for `items` work
  * groups per split of which `slots` run at once: it minimizes waves x (keys
- * per split + a group's start-up) plus a merge's cost. One copy so that the
- * OpenCL and Vulkan backends choose alike. */
+ * per split + a group's start-up) plus a merge's cost. One copy, so that
+ * every GPU backend chooses alike. */
 int qattn_paged_choose_splits(int64_t items, int64_t slots, int64_t max_pages, int64_t page_size);
 
 struct qattn_plan {
@@ -157,6 +211,11 @@ struct qattn_plan {
     char why[512];
     void *impl;          /* the backend's plan */
 };
+
+/* Ends qattn_plan_create and qattn_paged_plan_create once the backend's
+ * plan_init returned s: lays out the workspace, runs plan_finish, and hands
+ * the plan out, or destroys it (through the backend's release) on failure. */
+qattn_status qattn_plan_finish(qattn_plan *plan, qattn_status s, qattn_plan **out);
 
 /* A run whose buffers the core has checked against the plan. */
 typedef struct qattn_run_bound {
@@ -201,10 +260,16 @@ struct qattn_backend_iface {
      * (maybe DEFAULT); the backend resolves both (AUTO and DEFAULT never leave
      * here), fills quant (qattn_quant_defaults helps), tiles, kernel, why and
      * backend_workspace, and may set impl. Unsupported: QATTN_ERR_UNSUPPORTED
-     * with a message. The core lays out the workspace afterwards.
+     * with a message. The core lays out the workspace afterwards (plan->ws).
      */
     qattn_status (*plan_init)(qattn_ctx *ctx, qattn_plan *plan);
-    void (*plan_release)(qattn_ctx *ctx, qattn_plan *plan); /* optional */
+    /* Optional: runs once plan->ws is laid out, for what depends on its
+     * offsets (parameter buffers, descriptor sets). Plain plans only: paged
+     * kernels take their workspace offsets as run arguments. */
+    qattn_status (*plan_finish)(qattn_ctx *ctx, qattn_plan *plan);
+    /* Optional: frees plan->impl of a plain plan. The core also calls it when
+     * plan_init or plan_finish failed, so it must accept a partly made impl. */
+    void (*plan_release)(qattn_ctx *ctx, qattn_plan *plan);
 
     qattn_status (*run)(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run);
 
@@ -215,6 +280,7 @@ struct qattn_backend_iface {
      * arrive validated (src/paged.c). */
     qattn_status (*kv_append)(qattn_ctx *ctx, const qattn_kv_append_args *args, const qattn_kv_cache_sizes *sizes);
     qattn_status (*paged_plan_init)(qattn_ctx *ctx, qattn_plan *plan); /* sets num_splits, tiles, kernel, ... */
+    void (*paged_plan_release)(qattn_ctx *ctx, qattn_plan *plan);       /* optional; as plan_release */
     qattn_status (*paged_run)(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args);
     qattn_status (*merge_states)(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
 };
@@ -242,12 +308,60 @@ qattn_status qattn_set_error(qattn_ctx *ctx, qattn_status status, const char *fm
 qattn_status qattn_set_errorv(qattn_ctx *ctx, qattn_status status, const char *fmt, va_list ap);
 void qattn_clear_error(qattn_ctx *ctx);
 
-/* Which inputs the finite check found NaN or Inf in (bit i: q, k, v). */
-enum { QATTN_NONFINITE_Q = 1u << 0, QATTN_NONFINITE_K = 1u << 1, QATTN_NONFINITE_V = 1u << 2 };
+/* Which inputs the finite check found NaN or Inf in (bit i: q, k, v; the
+ * new tokens of an append). Devices set these bits in QATTN_STATUS_NONFINITE. */
+enum {
+    QATTN_NONFINITE_Q = 1u << 0,
+    QATTN_NONFINITE_K = 1u << 1,
+    QATTN_NONFINITE_V = 1u << 2,
+    QATTN_NONFINITE_NEW_KV = 1u << 3 /* k_new or v_new of qattn_kv_append */
+};
 /* Records QATTN_ERR_NONFINITE_INPUT with the message every backend gives for
  * a failed finite check (naming the flagged inputs); returns that status. One
  * helper so that the wording, which tests and users match, cannot drift. */
 qattn_status qattn_nonfinite_error(qattn_ctx *ctx, uint32_t flags);
+
+/* ------------------------------------- checks of indices (src/checks.c) */
+
+/* A run's page tables in host memory (NULL where the table kind has none). */
+typedef struct qattn_page_tables {
+    const int32_t *qo_indptr;
+    const int32_t *block_table, *seq_lens;           /* DENSE */
+    const int32_t *indptr, *indices, *last_page_len; /* CSR */
+    int64_t indices_count;                           /* entries the indices buffer holds */
+} qattn_page_tables;
+
+/* Of checked tables: the cache page holding sequence b's i-th page of keys, and its key count. */
+static inline int64_t qattn_table_page(const qattn_paged_problem *pp, const qattn_page_tables *t, int64_t b, int64_t i)
+{
+    return pp->table == QATTN_PAGES_DENSE ? t->block_table[b * pp->max_pages_per_seq + i] : t->indices[t->indptr[b] + i];
+}
+static inline int64_t qattn_table_kv_len(const qattn_paged_problem *pp, const qattn_page_tables *t, int64_t b)
+{
+    if (pp->table == QATTN_PAGES_DENSE)
+        return t->seq_lens[b];
+    const int64_t pages = t->indptr[b + 1] - t->indptr[b];
+    return pages == 0 ? 0 : (pages - 1) * pp->cache.page_size + t->last_page_len[b];
+}
+
+/* Checks a paged run's tables; the error names the first bad entry. A
+ * backend whose tables live in host memory calls it before its kernels. */
+qattn_status qattn_paged_check_tables(qattn_ctx *ctx, const qattn_paged_problem *pp, const qattn_page_tables *t);
+
+/* An append's checks, in the order every backend reports them: slots (in the
+ * cache or negative, none twice), then the finite check's flags (nonfinite:
+ * QATTN_NONFINITE_NEW_KV or 0), then the per-head scales (finite and > 0).
+ * slots or the scales may be NULL to skip that part. */
+qattn_status qattn_kv_append_check(qattn_ctx *ctx, const qattn_kv_append_args *args, const int64_t *slots,
+                                   uint32_t nonfinite, const float *k_scale, const float *v_scale);
+
+/* After a checked paged run or append whose status words (QATTN_STATUS_*)
+ * say something is wrong: downloads the indices involved and returns the
+ * error that names the first bad entry (QATTN_OK when the words are clear). */
+qattn_status qattn_paged_status_error(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args,
+                                      const uint32_t words[QATTN_STATUS_WORDS]);
+qattn_status qattn_kv_append_status_error(qattn_ctx *ctx, const qattn_kv_append_args *args,
+                                          const uint32_t words[QATTN_STATUS_WORDS]);
 
 /* Logging to stderr, filtered by QATTN_LOG (error|warn|info|debug). */
 typedef enum qattn_log_level { QATTN_LOG_ERROR = 0, QATTN_LOG_WARN, QATTN_LOG_INFO, QATTN_LOG_DEBUG } qattn_log_level;

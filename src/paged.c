@@ -274,20 +274,10 @@ qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, 
     plan->paged = true;
     plan->pp = pp;
     plan->precision = QATTN_PRECISION_EXACT;
-    if ((s = ctx->backend->paged_plan_init(ctx, plan))) {
-        free(plan);
-        return s;
-    }
-    if (plan->pp.num_splits < 1) {
-        qattn_plan_destroy(plan);
-        return qattn_set_error(ctx, QATTN_ERR_INTERNAL, "backend %s left num_splits unresolved", ctx->backend->name);
-    }
-    if ((s = qattn_workspace_layout_init(plan, plan->status_word))) {
-        qattn_plan_destroy(plan);
-        return s;
-    }
-    *out = plan;
-    return QATTN_OK;
+    s = ctx->backend->paged_plan_init(ctx, plan);
+    if (!s && plan->pp.num_splits < 1)
+        s = qattn_set_error(ctx, QATTN_ERR_INTERNAL, "backend %s left num_splits unresolved", ctx->backend->name);
+    return qattn_plan_finish(plan, s, out);
 }
 
 qattn_status qattn_paged_run(const qattn_plan *plan, const qattn_paged_args *a)

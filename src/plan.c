@@ -268,19 +268,22 @@ qattn_status qattn_plan_create(qattn_ctx *ctx, const qattn_attention_desc *desc,
     plan->quant.smooth_k = desc->smooth_k != QATTN_OFF;
 
     s = ctx->backend->plan_init(ctx, plan);
+    if (!s && (plan->precision == QATTN_PRECISION_AUTO ||
+               (plan->precision != QATTN_PRECISION_EXACT && plan->granularity == QATTN_GRANULARITY_DEFAULT)))
+        s = qattn_set_error(ctx, QATTN_ERR_INTERNAL, "backend %s left the precision or granularity unresolved",
+                            ctx->backend->name);
+    return qattn_plan_finish(plan, s, out);
+}
+
+qattn_status qattn_plan_finish(qattn_plan *plan, qattn_status s, qattn_plan **out)
+{
+    qattn_ctx *ctx = plan->ctx;
+    if (!s)
+        s = qattn_workspace_layout_init(plan, plan->status_word);
+    if (!s && !plan->paged && ctx->backend->plan_finish)
+        s = ctx->backend->plan_finish(ctx, plan);
     if (s) {
-        free(plan);
-        return s;
-    }
-    if (plan->precision == QATTN_PRECISION_AUTO ||
-        (plan->precision != QATTN_PRECISION_EXACT && plan->granularity == QATTN_GRANULARITY_DEFAULT)) {
-        qattn_plan_destroy(plan);
-        return qattn_set_error(ctx, QATTN_ERR_INTERNAL, "backend %s left the precision or granularity unresolved",
-                               ctx->backend->name);
-    }
-    s = qattn_workspace_layout_init(plan, plan->status_word);
-    if (s) {
-        qattn_plan_destroy(plan);
+        qattn_plan_destroy(plan); /* the backend's release takes back what its init made */
         return s;
     }
     *out = plan;
@@ -291,8 +294,10 @@ void qattn_plan_destroy(qattn_plan *plan)
 {
     if (!plan)
         return;
-    if (plan->ctx && plan->ctx->backend->plan_release)
-        plan->ctx->backend->plan_release(plan->ctx, plan);
+    const qattn_backend_iface *b = plan->ctx ? plan->ctx->backend : NULL;
+    void (*release)(qattn_ctx *, qattn_plan *) = !b ? NULL : plan->paged ? b->paged_plan_release : b->plan_release;
+    if (release)
+        release(plan->ctx, plan);
     free(plan);
 }
 

@@ -69,6 +69,9 @@ qattn_status qattn_set_error(qattn_ctx *ctx, qattn_status status, const char *fm
 
 qattn_status qattn_nonfinite_error(qattn_ctx *ctx, uint32_t flags)
 {
+    if (flags & QATTN_NONFINITE_NEW_KV)
+        return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
+                               "k_new or v_new contains NaN or Inf; the cache was not written");
     static const char *const names[3] = {"q", "k", "v"};
     char which[16] = "";
     int named = 0;

@@ -13,16 +13,14 @@
 #include "cpu_flash.h"
 #include "numeric.h"
 
-#define LOG2E 1.4426950408889634f
-
 static void *host_at(const qattn_buffer *b, size_t offset) { return b ? (char *)b->host + offset : NULL; }
 
 /* Element index of (page, offset in page, head)'s first value. */
 static int64_t cache_row(const qattn_kv_cache_desc *c, int64_t page, int64_t off, int64_t h)
 {
-    int64_t page_elems = c->page_size * c->heads_kv * c->head_dim;
-    int64_t within = c->layout == QATTN_KV_NHD ? (off * c->heads_kv + h) : (h * c->page_size + off);
-    return page * page_elems + within * c->head_dim;
+    int64_t page_stride, token_stride, head_stride;
+    qattn_kv_cache_strides(c, &page_stride, &token_stride, &head_stride);
+    return page * page_stride + off * token_stride + h * head_stride;
 }
 
 /* Dequantizes one cached row into dst[D]. */
@@ -49,12 +47,6 @@ static void load_cache_row(const qattn_kv_cache_desc *c, const void *cache, cons
     }
 }
 
-static int cmp_i64(const void *a, const void *b)
-{
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
-}
-
 qattn_status cpu_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const qattn_kv_cache_sizes *sizes)
 {
     (void)sizes;
@@ -64,43 +56,15 @@ qattn_status cpu_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const 
     const int64_t *slots = host_at(a->slot_mapping, a->slot_mapping_offset);
     const char *k_new = host_at(a->k_new, a->k_new_offset), *v_new = host_at(a->v_new, a->v_new_offset);
     const size_t es = qattn_dtype_size(a->new_dtype);
-    const bool check = !(a->flags & QATTN_FLAG_NO_FINITE_CHECK);
     float *k_scale = host_at(a->buffers->k_scale, 0), *v_scale = host_at(a->buffers->v_scale, 0);
 
-    if (check) {
-        int64_t *sorted = malloc((size_t)T * sizeof(int64_t));
-        if (!sorted)
-            return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory checking the slot mapping");
-        int64_t used = 0;
-        for (int64_t t = 0; t < T; t++) {
-            if (slots[t] >= capacity) {
-                free(sorted);
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                       "slot_mapping[%lld]=%lld is outside the cache's %lld slots", (long long)t,
-                                       (long long)slots[t], (long long)capacity);
-            }
-            if (slots[t] >= 0)
-                sorted[used++] = slots[t];
-        }
-        qsort(sorted, (size_t)used, sizeof(int64_t), cmp_i64);
-        for (int64_t i = 1; i < used; i++)
-            if (sorted[i] == sorted[i - 1]) {
-                int64_t dup = sorted[i];
-                free(sorted);
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "slot %lld appears twice in slot_mapping",
-                                       (long long)dup);
-            }
-        free(sorted);
+    if (!(a->flags & QATTN_FLAG_NO_FINITE_CHECK)) {
         int64_t shape[4] = {1, H, T, D}, stride[4] = {1, a->new_stride[1], a->new_stride[0], 1};
-        if (!qattn_host_tensor_is_finite(k_new, a->new_dtype, shape, stride) ||
-            !qattn_host_tensor_is_finite(v_new, a->new_dtype, shape, stride))
-            return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
-                                   "k_new or v_new contains NaN or Inf; the cache was not written");
-        if (c->scales == QATTN_KV_SCALES_PER_HEAD)
-            for (int64_t h = 0; h < H; h++)
-                if (!(k_scale[h] > 0.f && isfinite(k_scale[h])) || !(v_scale[h] > 0.f && isfinite(v_scale[h])))
-                    return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                           "per-head scale of head %lld must be finite and > 0", (long long)h);
+        const bool finite = qattn_host_tensor_is_finite(k_new, a->new_dtype, shape, stride) &&
+                            qattn_host_tensor_is_finite(v_new, a->new_dtype, shape, stride);
+        qattn_status s = qattn_kv_append_check(ctx, a, slots, finite ? 0u : QATTN_NONFINITE_NEW_KV, k_scale, v_scale);
+        if (s)
+            return s;
     }
 
 #if defined(_OPENMP)
@@ -182,78 +146,9 @@ qattn_status cpu_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     return QATTN_OK;
 }
 
-/* The host view of a run's page tables, checked. */
-typedef struct page_view {
-    const qattn_paged_problem *pp;
-    const int32_t *qo_indptr, *block_table, *seq_lens, *indptr, *indices, *last_page_len;
-} page_view;
-
-static int64_t view_kv_len(const page_view *v, int64_t b)
-{
-    if (v->pp->table == QATTN_PAGES_DENSE)
-        return v->seq_lens[b];
-    int64_t pages = v->indptr[b + 1] - v->indptr[b];
-    return pages == 0 ? 0 : (pages - 1) * v->pp->cache.page_size + v->last_page_len[b];
-}
-
-static int64_t view_page(const page_view *v, int64_t b, int64_t i)
-{
-    return v->pp->table == QATTN_PAGES_DENSE ? v->block_table[b * v->pp->max_pages_per_seq + i]
-                                             : v->indices[v->indptr[b] + i];
-}
-
-static qattn_status check_tables(qattn_ctx *ctx, const page_view *v, size_t indices_bytes)
-{
-    const qattn_paged_problem *pp = v->pp;
-    const int64_t P = pp->cache.page_size;
-    if (v->qo_indptr[0] < 0)
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "qo_indptr[0]=%d is negative", v->qo_indptr[0]);
-    for (int64_t b = 0; b < pp->batch; b++) {
-        int64_t q_len = (int64_t)v->qo_indptr[b + 1] - v->qo_indptr[b];
-        if (q_len < 0 || q_len > pp->max_q_len || v->qo_indptr[b + 1] > pp->total_q)
-            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                   "qo_indptr[%lld..%lld] = %d..%d: query counts must be in [0, max_q_len=%lld] "
-                                   "and rows below total_q=%lld",
-                                   (long long)b, (long long)b + 1, v->qo_indptr[b], v->qo_indptr[b + 1],
-                                   (long long)pp->max_q_len, (long long)pp->total_q);
-        int64_t pages;
-        if (pp->table == QATTN_PAGES_DENSE) {
-            if (v->seq_lens[b] < 0 || v->seq_lens[b] > pp->max_pages_per_seq * P)
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                       "seq_lens[%lld]=%d must be in [0, max_pages_per_seq * page_size = %lld]",
-                                       (long long)b, v->seq_lens[b], (long long)(pp->max_pages_per_seq * P));
-            pages = (v->seq_lens[b] + P - 1) / P;
-        } else {
-            if (v->indptr[0] < 0 || v->indptr[b + 1] < v->indptr[b] ||
-                (size_t)v->indptr[b + 1] * 4 > indices_bytes)
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                       "indptr[%lld..%lld] = %d..%d must be non-decreasing, from >= 0, and inside "
-                                       "the %zu-byte indices buffer",
-                                       (long long)b, (long long)b + 1, v->indptr[b], v->indptr[b + 1], indices_bytes);
-            pages = v->indptr[b + 1] - v->indptr[b];
-            if (pages > pp->max_pages_per_seq) /* splits cover max_pages_per_seq pages: more would be dropped */
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                       "sequence %lld has %lld pages in its CSR table, more than "
-                                       "max_pages_per_seq=%lld",
-                                       (long long)b, (long long)pages, (long long)pp->max_pages_per_seq);
-            if (pages > 0 && (v->last_page_len[b] < 1 || v->last_page_len[b] > P))
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                       "last_page_len[%lld]=%d must be in [1, page_size=%lld]", (long long)b,
-                                       v->last_page_len[b], (long long)P);
-        }
-        for (int64_t i = 0; i < pages; i++) {
-            int64_t page = view_page(v, b, i);
-            if (page < 0 || page >= pp->cache.num_pages)
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                       "sequence %lld's page %lld is %lld, outside the cache's %lld pages",
-                                       (long long)b, (long long)i, (long long)page, (long long)pp->cache.num_pages);
-        }
-    }
-    return QATTN_OK;
-}
-
 typedef struct paged_loader {
-    const page_view *view;
+    const qattn_paged_problem *pp;
+    const qattn_page_tables *tables;
     const qattn_kv_cache_buffers *cache;
     int64_t b, hk;
 } paged_loader;
@@ -261,14 +156,14 @@ typedef struct paged_loader {
 static void load_paged_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc)
 {
     const paged_loader *pl = ctx;
-    const qattn_kv_cache_desc *c = &pl->view->pp->cache;
+    const qattn_kv_cache_desc *c = &pl->pp->cache;
     const int D = (int)c->head_dim;
     const float *ks = pl->cache->k_scale ? pl->cache->k_scale->host : NULL;
     const float *vs = pl->cache->v_scale ? pl->cache->v_scale->host : NULL;
     if (keys < CPU_KT_MAX)
         memset(sc->Kt, 0, (size_t)D * CPU_KT_MAX * sizeof(float));
     for (int j = 0; j < keys; j++) {
-        int64_t t = j0 + j, page = view_page(pl->view, pl->b, t / c->page_size), off = t % c->page_size;
+        int64_t t = j0 + j, page = qattn_table_page(pl->pp, pl->tables, pl->b, t / c->page_size), off = t % c->page_size;
         load_cache_row(c, pl->cache->k->host, ks, page, off, pl->hk, sc->row);
         for (int d = 0; d < D; d++)
             sc->Kt[(size_t)d * CPU_KT_MAX + j] = sc->row[d];
@@ -307,17 +202,17 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
     const qattn_paged_problem *pp = &plan->pp;
     if (a->stream)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the cpu backend");
-    page_view view = {
-        .pp = pp,
+    const qattn_page_tables tables = {
         .qo_indptr = a->qo_indptr->host,
         .block_table = a->block_table ? a->block_table->host : NULL,
         .seq_lens = a->seq_lens ? a->seq_lens->host : NULL,
         .indptr = a->indptr ? a->indptr->host : NULL,
         .indices = a->indices ? a->indices->host : NULL,
         .last_page_len = a->last_page_len ? a->last_page_len->host : NULL,
+        .indices_count = a->indices ? (int64_t)(a->indices->size / 4) : 0,
     };
     /* Host tables are cheap to check: the CPU always does, so it never reads outside the cache. */
-    qattn_status s = check_tables(ctx, &view, a->indices ? a->indices->size : 0);
+    qattn_status s = qattn_paged_check_tables(ctx, pp, &tables);
     if (s)
         return s;
     const char *q = host_at(a->q, a->q_offset);
@@ -325,7 +220,7 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
     const size_t es = qattn_dtype_size(pp->q_dtype);
     if (pp->check) {
         for (int64_t b = 0; b < pp->batch; b++) {
-            int64_t q0 = view.qo_indptr[b], n = view.qo_indptr[b + 1] - q0;
+            int64_t q0 = tables.qo_indptr[b], n = tables.qo_indptr[b + 1] - q0;
             int64_t shape[4] = {1, Hq, n, D}, stride[4] = {1, pp->q_stride[1], pp->q_stride[0], 1};
             if (n > 0 && !qattn_host_tensor_is_finite(q + (size_t)(q0 * pp->q_stride[0]) * es, pp->q_dtype, shape,
                                                       stride))
@@ -347,7 +242,7 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
         part_o = (float *)host_at(a->workspace, a->workspace_offset + plan->ws.backend);
         part_lse = part_o + (size_t)splits * pp->total_q * Hq * D;
     }
-    const float qk_to_log2 = pp->sm_scale * LOG2E;
+    const float qk_to_log2 = pp->sm_scale * (float)QATTN_LOG2E;
     const cpu_flash_params fp = {.head_dim = (int)D, .precision = QATTN_PRECISION_EXACT};
 
 #if defined(_OPENMP)
@@ -356,7 +251,7 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
     for (int64_t it = 0; it < items; it++) {
         const int split = (int)(it % splits);
         const int64_t tile = (it / splits) % tiles, hk = (it / splits / tiles) % Hkv, b = it / splits / tiles / Hkv;
-        const int64_t q0 = view.qo_indptr[b], q_len = view.qo_indptr[b + 1] - q0, kv_len = view_kv_len(&view, b);
+        const int64_t q0 = tables.qo_indptr[b], q_len = tables.qo_indptr[b + 1] - q0, kv_len = qattn_table_kv_len(pp, &tables, b);
         const int64_t first = tile * CPU_QT, rows_total = q_len * G;
         if (first >= rows_total)
             continue;
@@ -374,7 +269,7 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
             qattn_split_range(pp->max_pages_per_seq, pp->cache.page_size, split, splits, &begin, &end);
             end = end < kv_len ? end : kv_len;
         }
-        paged_loader pl = {.view = &view, .cache = a->cache, .b = b, .hk = hk};
+        paged_loader pl = {.pp = pp, .tables = &tables, .cache = a->cache, .b = b, .hk = hk};
         cpu_flash_loop(mine, rows, &fp, begin, end, load_paged_kv, &pl);
 
         for (int r = 0; r < rows; r++) {
@@ -400,7 +295,7 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
     if (splits > 1) { /* exact merge of the splits through their LSE */
         float *merged = sc[0].row;
         for (int64_t b = 0; b < pp->batch; b++)
-            for (int64_t row = view.qo_indptr[b]; row < view.qo_indptr[b + 1]; row++)
+            for (int64_t row = tables.qo_indptr[b]; row < tables.qo_indptr[b + 1]; row++)
                 for (int64_t h = 0; h < Hq; h++) {
                     size_t first = (size_t)row * Hq + h, stride = (size_t)pp->total_q * Hq;
                     float lse = merge_one(splits, (int)D, part_o + first * D, QATTN_DTYPE_F32, (int64_t)(stride * D),

@@ -307,18 +307,16 @@ static qattn_status cuda_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn
         return qattn_set_error(ctx, QATTN_ERR_BACKEND, "%s", err);
     }
     if (p->check_finite) {
-        /* The kernels skipped writing the outputs if the flag is set. */
-        uint32_t flag = 0;
-        cudaError_t e = cudaMemcpyAsync(&flag, ws + plan->ws.status, sizeof(flag), cudaMemcpyDeviceToHost,
+        /* The kernels skipped writing the outputs if a word is set. */
+        uint32_t words[QATTN_STATUS_WORDS];
+        cudaError_t e = cudaMemcpyAsync(words, ws + plan->ws.status, QATTN_STATUS_BYTES, cudaMemcpyDeviceToHost,
                                         (cudaStream_t)stream);
         if (e == cudaSuccess)
             e = cudaStreamSynchronize((cudaStream_t)stream);
         if (e != cudaSuccess)
-            return cuda_fail(ctx, e, "reading the finite-check flag");
-        if (flag)
-            return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
-                                   "q, k or v contains NaN or Inf; outputs were not written (set "
-                                   "QATTN_FLAG_NO_FINITE_CHECK to skip this scan)");
+            return cuda_fail(ctx, e, "reading the finite check's status words");
+        if (words[QATTN_STATUS_NONFINITE])
+            return qattn_nonfinite_error(ctx, words[QATTN_STATUS_NONFINITE]);
     }
     return QATTN_OK;
 }

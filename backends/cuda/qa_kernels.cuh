@@ -22,6 +22,7 @@
 #ifndef QA_KERNELS_CUH
 #define QA_KERNELS_CUH
 
+#include "internal.h"
 #include "qa_arch.cuh"
 
 namespace qa {
@@ -56,7 +57,7 @@ struct AttnParams {
     int64_t o_stride[3];
     int out_dtype;
     float *lse;
-    const uint32_t *status; /* finite-check flag, or NULL */
+    const uint32_t *status; /* the status words (QATTN_STATUS_*), or NULL */
     int heads_q, heads_kv, group, seq_q, seq_k, q_tiles;
     int causal;
     float scale_log2; /* sm_scale * log2(e) */
@@ -923,7 +924,8 @@ template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams 
     Vec16 kv[R];
     load_rows<R>(kv, gk, k_row, j0 + r0, has_keys ? p.seq_k : 0);
 
-    bool finite = true; /* this pass reads every K and V element: it does the finite check */
+    /* This pass reads every K and V element: it does their finite check. */
+    bool k_finite = true, v_finite = true;
     if (has_keys) {
         const float *mean = p.smooth_k ? p.k_mean + (int64_t)bh * D : nullptr;
         float mv[VEC];
@@ -934,7 +936,7 @@ template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams 
             if (j0 + r0 + i < p.seq_k)
                 for (int e = 0; e < VEC; e++) {
                     amax = fmaxf(amax, fabsf(In<DT>::get(kv[i].b, e) - mv[e]));
-                    finite = finite && In<DT>::finite(kv[i].b, e);
+                    k_finite = k_finite && In<DT>::finite(kv[i].b, e);
                 }
             amax = row_max<G>(amax);
             if (lane_v == 0)
@@ -969,7 +971,7 @@ template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams 
     for (int i = 0; i < R; i++)
         if (j0 + r0 + i < p.seq_k)
             for (int e = 0; e < VEC; e++)
-                finite = finite && In<DT>::finite(vv[i].b, e);
+                v_finite = v_finite && In<DT>::finite(vv[i].b, e);
 
     if (p.fp8) {
         /* Each lane packs its R keys of a channel as E4M3 bytes (key order),
@@ -1016,8 +1018,9 @@ template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams 
             }
         }
     }
-    if (!finite && p.status)
-        atomic_or(p.status, 1u);
+    const uint32_t flags = (k_finite ? 0u : (uint32_t)QATTN_NONFINITE_K) | (v_finite ? 0u : (uint32_t)QATTN_NONFINITE_V);
+    if (flags && p.status)
+        atomic_or(p.status + QATTN_STATUS_NONFINITE, flags);
 }
 
 /* Bytes of dynamic shared memory of k_v_quant_kernel. */
@@ -1073,7 +1076,7 @@ template <int D, int DT> QA_KERNEL(kQuantQThreads) q_quant_kernel(const QuantPar
         }
     }
     if (!finite && p.status)
-        atomic_or(p.status, 1u);
+        atomic_or(p.status + QATTN_STATUS_NONFINITE, QATTN_NONFINITE_Q);
     sync_block();
     /* Scale groups inside this CTA's 128 rows: local group g = block
      * (g / q_inter) of q_block rows, lane g % q_inter. q_block is a multiple
@@ -1147,7 +1150,7 @@ template <int DT> QA_KERNEL(256) finite_scan_kernel(const ScanParams p)
     const int vpr = p.head_dim / VEC, rows_per_pass = 256 / vpr;
     const int vc = tid() % vpr, r0 = tid() / vpr;
     const int64_t total = scan_items(p);
-    bool finite = true;
+    uint32_t flags = 0; /* QATTN_NONFINITE_Q << x for a bad item of tensor x */
     for (int64_t it = block_x(); it < total; it += grid_x()) {
         int64_t item = it, chunks = 0;
         int x = 0;
@@ -1163,14 +1166,17 @@ template <int DT> QA_KERNEL(256) finite_scan_kernel(const ScanParams p)
         const int64_t hh = bh % p.heads[x], bb = bh / p.heads[x];
         const uint8_t *base = p.base[x] + (bb * p.stride[x][0] + hh * p.stride[x][1] + (int64_t)vc * VEC) * es;
         const int64_t n1 = min(p.seq[x], (chunk + 1) * kScanRows);
+        bool finite = true;
         for (int64_t n = chunk * kScanRows + r0; n < n1; n += rows_per_pass) {
             Vec16 v = load16(base + n * p.stride[x][2] * es);
             for (int e = 0; e < VEC; e++)
                 finite = finite && In<DT>::finite(v.b, e);
         }
+        if (!finite)
+            flags |= (uint32_t)QATTN_NONFINITE_Q << x;
     }
-    if (!finite)
-        atomic_or(p.status, 1u);
+    if (flags)
+        atomic_or(p.status + QATTN_STATUS_NONFINITE, flags);
 }
 
 } // namespace qa

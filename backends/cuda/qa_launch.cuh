@@ -129,7 +129,7 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
     uint32_t *status = pb.check_finite ? (uint32_t *)(a.ws + L.status) : nullptr;
     const char *err;
 
-    if (status && !memset_async(status, 0, 16, a.stream))
+    if (status && !memset_async(status, 0, QATTN_STATUS_BYTES, a.stream))
         return "clearing the finite-check flag (cudaMemsetAsync)";
 
     AttnParams ap;

@@ -597,10 +597,6 @@ typedef struct ocl_plan {
 
 static void ocl_plan_release(qattn_ctx *ctx, qattn_plan *plan)
 {
-    if (plan->paged) {
-        qattn_opencl_paged_plan_release(ctx, plan);
-        return;
-    }
     ocl_plan *op = plan->impl;
     if (!op)
         return;
@@ -714,7 +710,7 @@ static qattn_status ocl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     ocl_plan *op = calloc(1, sizeof(*op));
     if (!op)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");
-    plan->impl = op;
+    plan->impl = op; /* from here on a failure leaves it to the core, which calls the release slot */
     qattn_status s = QATTN_OK;
     const char *flash_parts[2] = {qattn_opencl_src_common, qattn_opencl_src_flash};
     const char *prep_parts[2] = {qattn_opencl_src_common, qattn_opencl_src_prep};
@@ -740,14 +736,14 @@ static qattn_status ocl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
             continue;
         }
         if (s || (s = make_kernel(ctx, prog, "flash_attention", &op->flash)))
-            goto fail;
+            return s;
         /* Registers may cap the work-group below 128: retry with 4 rows per work-item. */
         size_t wg = 0;
         cl_int err = c->cl->clGetKernelWorkGroupInfo(op->flash, d->id, CL_KERNEL_WORK_GROUP_SIZE, sizeof(wg), &wg,
                                                      NULL);
         if (err != CL_SUCCESS) {
             s = cl_error(ctx, err, "clGetKernelWorkGroupInfo", "flash_attention");
-            goto fail;
+            return s;
         }
         if (wg >= OCL_WG) {
             /* Private memory per work-item beyond registers means spills: worth knowing when tuning. */
@@ -771,7 +767,7 @@ static qattn_status ocl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                                 "the opencl flash kernel at D=%lld runs at most %zu work-items per group on %s; it "
                                 "needs %d",
                                 (long long)D, wg, d->name, OCL_WG);
-            goto fail;
+            return s;
         }
         tm = 4;
     }
@@ -782,17 +778,17 @@ static qattn_status ocl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                  (long long)D, dtype_code(p->in_dtype), d->fp16, d->fp64);
         cl_program prog = NULL;
         if ((s = qattn_opencl_get_program(ctx, "prep", prep_parts, 2, options, &prog)))
-            goto fail;
+            return s;
         if (p->check_finite && (s = make_kernel(ctx, prog, "finite_scan", &op->scan)))
-            goto fail;
+            return s;
         if (quant) {
             const char *vname = plan->precision == QATTN_PRECISION_INT8_FP16 ? "quant_v_f16" : "quant_v_fp8";
             if ((s = make_kernel(ctx, prog, "quant_rows", &op->quant_rows)) ||
                 (s = make_kernel(ctx, prog, vname, &op->quant_v)))
-                goto fail;
+                return s;
             if (plan->quant.smooth_k && ((s = make_kernel(ctx, prog, "k_mean", &op->k_mean)) ||
                                          (s = make_kernel(ctx, prog, "q_kmean", &op->q_kmean))))
-                goto fail;
+                return s;
         }
     }
 
@@ -801,7 +797,7 @@ static qattn_status ocl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     if ((uint64_t)op->nqb * (uint64_t)(p->batch * p->heads_q) > INT32_MAX) {
         s = qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                             "B*Hq*ceil(Nq/%d) work-groups exceed 2^31-1, the opencl backend's launch limit", 8 * tm);
-        goto fail;
+        return s;
     }
     plan->q_tile = 8 * tm;
     plan->kv_tile = OCL_BK;
@@ -810,9 +806,6 @@ static qattn_status ocl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     snprintf(plan->kernel, sizeof(plan->kernel), "opencl_flash_%s_d%lld_r%d%s", qattn_precision_name(plan->precision),
              (long long)D, 8 * tm, use_dot ? "_dot4" : "");
     return QATTN_OK;
-fail:
-    ocl_plan_release(ctx, plan);
-    return s;
 }
 
 /* ------------------------------------------------------------------ run */
@@ -848,8 +841,8 @@ static qattn_status enqueue_scan(qattn_ctx *ctx, const run_state *rs)
     const ocl_plan *op = rs->plan->impl;
     size_t es = qattn_dtype_size(p->in_dtype);
     cl_uint zero = 0;
-    cl_int err = c->cl->clEnqueueFillBuffer(c->queue, rs->ws, &zero, sizeof(zero), (size_t)rs->status_at, 16, 0, NULL,
-                                            NULL);
+    cl_int err = c->cl->clEnqueueFillBuffer(c->queue, rs->ws, &zero, sizeof(zero), (size_t)rs->status_at,
+                                            QATTN_STATUS_BYTES, 0, NULL, NULL);
     if (err != CL_SUCCESS)
         return cl_error(ctx, err, "clEnqueueFillBuffer", "the status word");
     const struct {
@@ -871,7 +864,7 @@ static qattn_status enqueue_scan(qattn_ctx *ctx, const run_state *rs)
         arg_mem(&a, rs->ws);
         arg_long(&a, rs->status_at);
         arg_uint(&a, 1u << i);
-        size_t local = OCL_SCAN_WG, global = round_up((size_t)rows, local);
+        size_t local = OCL_SCAN_WG, global = qattn_round_up((size_t)rows, local);
         qattn_status s = launch(ctx, &a, 1, &global, &local);
         if (s)
             return s;
@@ -933,7 +926,7 @@ static qattn_status enqueue_quantize(qattn_ctx *ctx, const run_state *rs)
         arg_mem(&a, rs->ws);
         arg_long(&a, region(rs, L->k_mean));
         arg_long(&a, rs->status_at);
-        size_t local = 64, global = round_up((size_t)(bhk * p->head_dim), local);
+        size_t local = 64, global = qattn_round_up((size_t)(bhk * p->head_dim), local);
         if ((s = launch(ctx, &a, 1, &global, &local)))
             return s;
     }
@@ -951,7 +944,7 @@ static qattn_status enqueue_quantize(qattn_ctx *ctx, const run_state *rs)
         arg_mem(&a, rs->ws);
         arg_long(&a, region(rs, L->v_q));
         arg_long(&a, rs->status_at);
-        size_t local = 256, global = round_up((size_t)total, local);
+        size_t local = 256, global = qattn_round_up((size_t)total, local);
         if ((s = launch(ctx, &a, 1, &global, &local)))
             return s;
     } else {
@@ -988,7 +981,7 @@ static qattn_status enqueue_quantize(qattn_ctx *ctx, const run_state *rs)
         arg_long(&a, region(rs, L->k_mean));
         arg_long(&a, region(rs, L->q_kmean));
         arg_long(&a, rs->status_at);
-        size_t local = 64, global = round_up((size_t)rows, local);
+        size_t local = 64, global = qattn_round_up((size_t)rows, local);
         if ((s = launch(ctx, &a, 1, &global, &local)))
             return s;
     }
@@ -1026,7 +1019,7 @@ static qattn_status enqueue_flash(qattn_ctx *ctx, const run_state *rs)
     arg_int(&a, p->seq_q);
     arg_int(&a, p->seq_k);
     arg_int(&a, p->causal);
-    arg_float(&a, p->sm_scale * 1.4426950408889634f);
+    arg_float(&a, p->sm_scale * (float)QATTN_LOG2E);
     arg_int(&a, op->nqb);
     arg_long(&a, rs->status_at);
     arg_long(&a, quant ? region(rs, L->q_i8) : -1);
@@ -1073,21 +1066,21 @@ static qattn_status ocl_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_
         s = enqueue_quantize(ctx, &rs);
     if (!s)
         s = enqueue_flash(ctx, &rs);
-    cl_uint flags = 0;
-    s = qattn_opencl_finish_run(ctx, s, rs.ws, p->check_finite ? rs.status_at : -1, "run", &flags);
-    if (!s && flags)
-        return qattn_nonfinite_error(ctx, flags);
+    uint32_t words[QATTN_STATUS_WORDS];
+    s = qattn_opencl_finish_run(ctx, s, rs.ws, p->check_finite ? rs.status_at : -1, "run", words);
+    if (!s && words[QATTN_STATUS_NONFINITE])
+        return qattn_nonfinite_error(ctx, words[QATTN_STATUS_NONFINITE]);
     return s;
 }
 
 qattn_status qattn_opencl_finish_run(qattn_ctx *ctx, qattn_status s, cl_mem ws, int64_t status_at, const char *what,
-                                     cl_uint *flags)
+                                     uint32_t words[QATTN_STATUS_WORDS])
 {
     ocl_ctx *c = impl_of(ctx);
     cl_event read = NULL;
-    *flags = 0;
+    memset(words, 0, QATTN_STATUS_BYTES);
     if (!s && status_at >= 0) {
-        cl_int err = c->cl->clEnqueueReadBuffer(c->queue, ws, CL_FALSE, (size_t)status_at, sizeof(*flags), flags, 0,
+        cl_int err = c->cl->clEnqueueReadBuffer(c->queue, ws, CL_FALSE, (size_t)status_at, QATTN_STATUS_BYTES, words, 0,
                                                 NULL, &read);
         if (err != CL_SUCCESS)
             s = cl_error(ctx, err, "clEnqueueReadBuffer", "the status word");
@@ -1126,6 +1119,7 @@ const qattn_backend_iface qattn_backend_opencl = {
     .tensor_alignment = 1,
     .kv_append = qattn_opencl_kv_append,
     .paged_plan_init = qattn_opencl_paged_plan_init,
+    .paged_plan_release = qattn_opencl_paged_plan_release,
     .paged_run = qattn_opencl_paged_run,
     .merge_states = qattn_opencl_merge_states,
 };

@@ -61,12 +61,12 @@ static inline qattn_status cl_error(qattn_ctx *ctx, cl_int err, const char *call
 
 /*
  * Ends a run whose kernels were enqueued under c->lock (s: the status so far):
- * enqueues the read of the status word at `status_at` of ws (status_at < 0:
+ * enqueues the read of the status words at `status_at` of ws (status_at < 0:
  * no check, just flushes), releases c->lock, then waits for the read. On
- * success *flags holds the word (0 without a check); the caller interprets it.
+ * success `words` holds them (zeros without a check); the caller decodes them.
  */
 qattn_status qattn_opencl_finish_run(qattn_ctx *ctx, qattn_status s, cl_mem ws, int64_t status_at, const char *what,
-                                     cl_uint *flags);
+                                     uint32_t words[QATTN_STATUS_WORDS]);
 
 /*
  * The program built from `parts` with `options` on ctx's device (ctx must be
@@ -130,8 +130,6 @@ static inline arg_list args_for(const ocl_ctx *c, cl_kernel k, const char *name)
     arg_list a = {.cl = c->cl, .kernel = k, .next = 0, .err = CL_SUCCESS, .name = name};
     return a;
 }
-
-static inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
 /* Enqueues a kernel whose arguments were set through `a` (event may be NULL). */
 static inline qattn_status launch_event(qattn_ctx *ctx, arg_list *a, cl_uint dims, const size_t *global,

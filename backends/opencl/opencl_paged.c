@@ -27,29 +27,6 @@
 #define SCAN_WG 64
 #define MAX_GROUPS 65536 /* work-groups of the grid-stride kernels (merge, append) */
 
-/* paged.cl's CACHE_FMT codes. */
-enum { FMT_F16 = 0, FMT_BF16 = 1, FMT_FP8 = 2, FMT_I8 = 3, FMT_I8_ROW = 4 };
-
-static int cache_format(const qattn_kv_cache_desc *c)
-{
-    switch (c->dtype) {
-    case QATTN_DTYPE_F16: return FMT_F16;
-    case QATTN_DTYPE_BF16: return FMT_BF16;
-    case QATTN_DTYPE_FP8_E4M3: return FMT_FP8;
-    default: return c->scales == QATTN_KV_SCALES_PER_ROW ? FMT_I8_ROW : FMT_I8;
-    }
-}
-
-/* Element strides of the cache: between pages, between a page's tokens, between heads. */
-static void cache_strides(const qattn_kv_cache_desc *c, int64_t *page, int64_t *tok, int64_t *head)
-{
-    *page = c->page_size * c->heads_kv * c->head_dim;
-    *tok = c->layout == QATTN_KV_NHD ? c->heads_kv * c->head_dim : c->head_dim;
-    *head = c->layout == QATTN_KV_NHD ? c->head_dim : c->page_size * c->head_dim;
-}
-
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 /* Releases the kernels a call made for itself. */
 static void release_kernels(const ocl_ctx *c, cl_kernel *k, size_t n)
 {
@@ -148,7 +125,7 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                                "the opencl paged kernels need work-groups of %d work-items; %s allows %zu", PAGED_WG,
                                d->name, d->max_wg);
 
-    const int fmt = cache_format(&pp->cache);
+    const int fmt = qattn_kv_format_of(&pp->cache);
     const int64_t es = (int64_t)qattn_dtype_size(pp->cache.dtype), rowb = D * es;
     /* Keys per tile: a K and a V tile of at most 20 KiB together, so a few work-groups share a compute unit. */
     int bk = 64;
@@ -169,7 +146,7 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "the opencl paged kernel needs %zu bytes of local memory at D=%lld; %s has %" PRIu64,
                                paged_local_bytes(D, es, &geo), (long long)D, d->name, (uint64_t)d->local_mem);
-    const int64_t q_tiles = ceil_div(rows_needed, rt);
+    const int64_t q_tiles = qattn_ceil_div(rows_needed, rt);
     const int64_t items = pp->batch * pp->cache.heads_kv * q_tiles;
     /* Work-groups resident at once: a few per GPU compute unit, one per CPU thread. */
     const int64_t slots = (int64_t)d->compute_units * ((d->type & CL_DEVICE_TYPE_CPU) ? 1 : 4);
@@ -198,7 +175,7 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     ocl_paged_plan *op = calloc(1, sizeof(*op));
     if (!op)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");
-    plan->impl = op;
+    plan->impl = op; /* from here on a failure leaves it to the core, which calls the release slot */
     op->geo = geo;
     op->q_tiles = (int)q_tiles;
     qattn_status s;
@@ -213,20 +190,20 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     if ((s = qattn_opencl_get_program(ctx, "paged", paged_parts, 2, options, &prog)) ||
         (s = make_kernel(ctx, prog, "paged_attention", &op->attention)) ||
         (pp->check && (s = make_kernel(ctx, prog, "paged_check", &op->check))))
-        goto fail;
+        return s;
     size_t wg = 0;
     cl_int err = c->cl->clGetKernelWorkGroupInfo(op->attention, d->id, CL_KERNEL_WORK_GROUP_SIZE, sizeof(wg), &wg,
                                                  NULL);
     if (err != CL_SUCCESS) {
         s = cl_error(ctx, err, "clGetKernelWorkGroupInfo", "paged_attention");
-        goto fail;
+        return s;
     }
     if (wg < PAGED_WG) {
         s = qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                             "the opencl paged kernel at D=%lld runs at most %zu work-items per group on %s; it "
                             "needs %d",
                             (long long)D, wg, d->name, PAGED_WG);
-        goto fail;
+        return s;
     }
     if (pp->num_splits > 1) {
         snprintf(options, sizeof(options), "-cl-std=CL1.2 -DIN_DTYPE=0 -DOUT_DTYPE=%d -DHAS_FP16=%d -DHAS_FP64=%d",
@@ -234,14 +211,14 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
         const char *merge_parts[2] = {qattn_opencl_src_common, qattn_opencl_src_merge};
         if ((s = qattn_opencl_get_program(ctx, "merge", merge_parts, 2, options, &prog)) ||
             (s = make_kernel(ctx, prog, "merge_states", &op->merge)))
-            goto fail;
+            return s;
     }
-    const int64_t per = ceil_div(pp->max_pages_per_seq, pp->num_splits);
+    const int64_t per = qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits);
     plan->q_tile = rt;
     plan->kv_tile = pp->num_splits > 1 ? (int)(per * P) : 0;
     plan->status_word = pp->check;
     snprintf(plan->kernel, sizeof(plan->kernel), "opencl_paged_%s%s_d%lld_r%d_k%d", qattn_dtype_name(pp->cache.dtype),
-             fmt == FMT_I8_ROW ? "_row" : "", (long long)D, rt, bk);
+             fmt == QATTN_KV_FMT_I8_ROW ? "_row" : "", (long long)D, rt, bk);
     size_t used = strlen(plan->why);
     snprintf(plan->why + used, sizeof(plan->why) - used,
              " Tiles of %d rows (the %lld query heads of a KV head x queries) x %d keys; scores by %d row group(s) "
@@ -249,112 +226,9 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
              "memory.",
              rt, (long long)G, bk, geo.ag, geo.dg, geo.tw, geo.rg, geo.ks, paged_local_bytes(D, es, &geo));
     return QATTN_OK;
-fail:
-    qattn_opencl_paged_plan_release(ctx, plan);
-    return s;
 }
 
 /* ------------------------------------------------------------------ run */
-
-/* Reads `count` int32 at index `at` of a table buffer; false on failure. */
-static bool read_ints(qattn_ctx *ctx, const qattn_buffer *b, int64_t at, int64_t count, int32_t *dst)
-{
-    ocl_ctx *c = impl_of(ctx);
-    if (count <= 0)
-        return true;
-    return c->cl->clEnqueueReadBuffer(c->queue, mem_of(b), CL_TRUE, (size_t)at * 4, (size_t)count * 4, dst, 0, NULL,
-                                      NULL) == CL_SUCCESS;
-}
-
-/* The message for the first bad table entry (the device check only says that
- * there is one): the CPU backend's checks, on downloaded tables. */
-static qattn_status table_error(qattn_ctx *ctx, const qattn_paged_problem *pp, const qattn_paged_args *a)
-{
-    const int64_t B = pp->batch, P = pp->cache.page_size;
-    const bool dense = pp->table == QATTN_PAGES_DENSE;
-    const size_t indices_bytes = dense ? 0 : a->indices->size;
-    int32_t *qo = malloc((size_t)(B + 1) * 4), *lens = malloc((size_t)(B + 1) * 4), *last = malloc((size_t)B * 4);
-    int32_t *list = malloc(dense ? (size_t)(B * pp->max_pages_per_seq) * 4 : indices_bytes);
-    qattn_status s = QATTN_OK;
-    if (!qo || !lens || !last || !list) {
-        s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                            "the paged tables are invalid (out of host memory to find the entry)");
-        goto done;
-    }
-    bool ok = read_ints(ctx, a->qo_indptr, 0, B + 1, qo) &&
-              (dense ? read_ints(ctx, a->seq_lens, 0, B, lens) &&
-                           read_ints(ctx, a->block_table, 0, B * pp->max_pages_per_seq, list)
-                     : read_ints(ctx, a->indptr, 0, B + 1, lens) && read_ints(ctx, a->last_page_len, 0, B, last) &&
-                           read_ints(ctx, a->indices, 0, (int64_t)(indices_bytes / 4), list));
-    if (!ok) {
-        s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                            "the paged tables are invalid (reading them back to find the entry failed)");
-        goto done;
-    }
-    if (qo[0] < 0) {
-        s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "qo_indptr[0]=%d is negative", qo[0]);
-        goto done;
-    }
-    for (int64_t b = 0; b < B; b++) {
-        int64_t q_len = (int64_t)qo[b + 1] - qo[b];
-        if (q_len < 0 || q_len > pp->max_q_len || qo[b + 1] > pp->total_q) {
-            s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                "qo_indptr[%lld..%lld] = %d..%d: query counts must be in [0, max_q_len=%lld] and rows "
-                                "below total_q=%lld",
-                                (long long)b, (long long)b + 1, qo[b], qo[b + 1], (long long)pp->max_q_len,
-                                (long long)pp->total_q);
-            goto done;
-        }
-        int64_t pages, first;
-        if (dense) {
-            if (lens[b] < 0 || lens[b] > pp->max_pages_per_seq * P) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "seq_lens[%lld]=%d must be in [0, max_pages_per_seq * page_size = %lld]",
-                                    (long long)b, lens[b], (long long)(pp->max_pages_per_seq * P));
-                goto done;
-            }
-            pages = (lens[b] + P - 1) / P;
-            first = b * pp->max_pages_per_seq;
-        } else {
-            if (lens[0] < 0 || lens[b + 1] < lens[b] || (size_t)lens[b + 1] * 4 > indices_bytes) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "indptr[%lld..%lld] = %d..%d must be non-decreasing, from >= 0, and inside the "
-                                    "%zu-byte indices buffer",
-                                    (long long)b, (long long)b + 1, lens[b], lens[b + 1], indices_bytes);
-                goto done;
-            }
-            pages = lens[b + 1] - lens[b];
-            first = lens[b];
-            if (pages > pp->max_pages_per_seq) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "sequence %lld has %lld pages in its CSR table, more than max_pages_per_seq=%lld",
-                                    (long long)b, (long long)pages, (long long)pp->max_pages_per_seq);
-                goto done;
-            }
-            if (pages > 0 && (last[b] < 1 || last[b] > P)) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "last_page_len[%lld]=%d must be in [1, page_size=%lld]", (long long)b, last[b],
-                                    (long long)P);
-                goto done;
-            }
-        }
-        for (int64_t i = 0; i < pages; i++)
-            if (list[first + i] < 0 || list[first + i] >= pp->cache.num_pages) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "sequence %lld's page %lld is %d, outside the cache's %lld pages", (long long)b,
-                                    (long long)i, list[first + i], (long long)pp->cache.num_pages);
-                goto done;
-            }
-    }
-    /* The tables changed between the check and the download (another thread's upload). */
-    s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "the paged tables were invalid when the run checked them");
-done:
-    free(qo);
-    free(lens);
-    free(last);
-    free(list);
-    return s;
-}
 
 /* The table arguments shared by paged_check and paged_attention, after their tensors. */
 static void arg_tables(arg_list *al, const qattn_paged_args *a)
@@ -375,7 +249,8 @@ static qattn_status enqueue_check(qattn_ctx *ctx, const qattn_plan *plan, const 
     const ocl_paged_plan *op = plan->impl;
     const size_t es = qattn_dtype_size(pp->q_dtype);
     cl_uint zero = 0;
-    cl_int err = c->cl->clEnqueueFillBuffer(c->queue, ws, &zero, sizeof(zero), (size_t)status_at, 16, 0, NULL, NULL);
+    cl_int err = c->cl->clEnqueueFillBuffer(c->queue, ws, &zero, sizeof(zero), (size_t)status_at, QATTN_STATUS_BYTES,
+                                            0, NULL, NULL);
     if (err != CL_SUCCESS)
         return cl_error(ctx, err, "clEnqueueFillBuffer", "the status word");
     arg_list al = args_for(c, op->check, "paged_check");
@@ -395,7 +270,7 @@ static qattn_status enqueue_check(qattn_ctx *ctx, const qattn_plan *plan, const 
     arg_int(&al, pp->heads_q);
     arg_mem(&al, ws);
     arg_long(&al, status_at);
-    int64_t scan = ceil_div(pp->total_q * pp->heads_q, CHECK_WG);
+    int64_t scan = qattn_ceil_div(pp->total_q * pp->heads_q, CHECK_WG);
     scan = scan < 1 ? 1 : scan > 1024 ? 1024 : scan;
     size_t local = CHECK_WG, global = (size_t)(pp->batch + scan) * local;
     return launch(ctx, &al, 1, &global, &local);
@@ -409,7 +284,7 @@ static qattn_status enqueue_attention(qattn_ctx *ctx, const qattn_plan *plan, co
     const ocl_paged_plan *op = plan->impl;
     const size_t es = qattn_dtype_size(pp->q_dtype);
     int64_t page_stride, tok_stride, head_stride;
-    cache_strides(&pp->cache, &page_stride, &tok_stride, &head_stride);
+    qattn_kv_cache_strides(&pp->cache, &page_stride, &tok_stride, &head_stride);
     arg_list al = args_for(c, op->attention, "paged_attention");
     arg_mem(&al, mem_of(a->q));
     arg_mem(&al, mem_of(a->o));
@@ -442,7 +317,7 @@ static qattn_status enqueue_attention(qattn_ctx *ctx, const qattn_plan *plan, co
     arg_int(&al, pp->max_q_len);
     arg_long(&al, a->indices ? (int64_t)(a->indices->size / 4) : 0);
     arg_int(&al, pp->num_splits);
-    arg_int(&al, ceil_div(pp->max_pages_per_seq, pp->num_splits));
+    arg_int(&al, qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits));
     arg_int(&al, op->q_tiles);
     arg_int(&al, pp->causal);
     arg_float(&al, pp->sm_scale * 1.4426950408889634f);
@@ -520,15 +395,9 @@ qattn_status qattn_opencl_paged_run(qattn_ctx *ctx, const qattn_plan *plan, cons
         s = enqueue_attention(ctx, plan, a, ws, status_at, part_o_at, part_lse_at);
     if (!s && pp->num_splits > 1)
         s = enqueue_split_merge(ctx, plan, a, ws, status_at, part_o_at, part_lse_at);
-    cl_uint flags = 0;
-    s = qattn_opencl_finish_run(ctx, s, ws, pp->check ? status_at : -1, "paged run", &flags);
-    if (s)
-        return s;
-    if (flags & 1u)
-        return table_error(ctx, pp, a);
-    if (flags & 2u)
-        return qattn_nonfinite_error(ctx, QATTN_NONFINITE_Q);
-    return QATTN_OK;
+    uint32_t words[QATTN_STATUS_WORDS];
+    s = qattn_opencl_finish_run(ctx, s, ws, pp->check ? status_at : -1, "paged run", words);
+    return s ? s : qattn_paged_status_error(ctx, plan, a, words);
 }
 
 /* ---------------------------------------------------------------- merge */
@@ -589,42 +458,36 @@ qattn_status qattn_opencl_merge_states(qattn_ctx *ctx, const qattn_merge_desc *d
 
 /* --------------------------------------------------------------- append */
 
-static int cmp_i64(const void *pa, const void *pb)
-{
-    int64_t x = *(const int64_t *)pa, y = *(const int64_t *)pb;
-    return (x > y) - (x < y);
-}
-
-/* The append's checks, in the CPU backend's order: slot range, duplicate
- * slots (on a host copy of the slots), NaN/Inf in the new values (a device
- * scan), per-head scales (a host copy). Nothing is written before they pass. */
+/* The append's checks: NaN/Inf in the new values by a device scan, the
+ * slots and per-head scales on host copies (the device has no sort for
+ * duplicates); the core words the result. Nothing is written before they pass. */
 static qattn_status append_check(qattn_ctx *ctx, const qattn_kv_append_args *a, cl_kernel scan)
 {
     ocl_ctx *c = impl_of(ctx);
     const qattn_kv_cache_desc *cd = a->cache;
-    const int64_t T = a->num_tokens, H = cd->heads_kv, capacity = cd->num_pages * cd->page_size;
+    const int64_t T = a->num_tokens, H = cd->heads_kv;
     const bool head_scales = cd->scales == QATTN_KV_SCALES_PER_HEAD;
     const size_t es = qattn_dtype_size(a->new_dtype);
-    int64_t *slots = malloc((size_t)T * 8), *sorted = malloc((size_t)T * 8);
+    int64_t *slots = malloc((size_t)T * 8);
     float *scales = head_scales ? malloc((size_t)H * 8) : NULL;
-    if (!slots || !sorted || (head_scales && !scales)) {
+    if (!slots || (head_scales && !scales)) {
         free(slots);
-        free(sorted);
         free(scales);
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory checking the slot mapping");
     }
-    cl_uint flags = 0;
+    uint32_t words[QATTN_STATUS_WORDS] = {0};
     qattn_status s = QATTN_OK;
     cl_int err = CL_SUCCESS;
     pthread_mutex_lock(&c->lock); /* the status buffer is the context's */
     if (!c->append_status) {
-        c->append_status = c->cl->clCreateBuffer(c->context, CL_MEM_READ_WRITE, 16, NULL, &err);
+        c->append_status = c->cl->clCreateBuffer(c->context, CL_MEM_READ_WRITE, QATTN_STATUS_BYTES, NULL, &err);
         if (!c->append_status)
-            s = cl_error(ctx, err, "clCreateBuffer", "the append check's status word");
+            s = cl_error(ctx, err, "clCreateBuffer", "the append check's status words");
     }
     cl_uint zero = 0;
-    if (!s && (err = c->cl->clEnqueueFillBuffer(c->queue, c->append_status, &zero, 4, 0, 16, 0, NULL, NULL)))
-        s = cl_error(ctx, err, "clEnqueueFillBuffer", "the append check's status word");
+    if (!s && (err = c->cl->clEnqueueFillBuffer(c->queue, c->append_status, &zero, 4, 0, QATTN_STATUS_BYTES, 0, NULL,
+                                                NULL)))
+        s = cl_error(ctx, err, "clEnqueueFillBuffer", "the append check's status words");
     if (!s) {
         int64_t rows = T * H;
         arg_list al = args_for(c, scan, "append_scan");
@@ -637,7 +500,7 @@ static qattn_status append_check(qattn_ctx *ctx, const qattn_kv_append_args *a, 
         arg_int(&al, H);
         arg_long(&al, rows);
         arg_mem(&al, c->append_status);
-        size_t local = SCAN_WG, global = round_up((size_t)rows, local);
+        size_t local = SCAN_WG, global = qattn_round_up((size_t)rows, local);
         s = launch(ctx, &al, 1, &global, &local);
     }
     if (!s && (err = c->cl->clEnqueueReadBuffer(c->queue, mem_of(a->slot_mapping), CL_FALSE, a->slot_mapping_offset,
@@ -650,41 +513,15 @@ static qattn_status append_check(qattn_ctx *ctx, const qattn_kv_append_args *a, 
                                            scales + H, 0, NULL, NULL))))
         s = cl_error(ctx, err, "clEnqueueReadBuffer", "the per-head scales");
     /* in-order queue: the last read is done when all of them are */
-    if (!s && (err = c->cl->clEnqueueReadBuffer(c->queue, c->append_status, CL_TRUE, 0, 4, &flags, 0, NULL, NULL)))
-        s = cl_error(ctx, err, "clEnqueueReadBuffer", "the append check's status word");
+    if (!s && (err = c->cl->clEnqueueReadBuffer(c->queue, c->append_status, CL_TRUE, 0, QATTN_STATUS_BYTES, words, 0,
+                                                NULL, NULL)))
+        s = cl_error(ctx, err, "clEnqueueReadBuffer", "the append check's status words");
     if (s) /* reads may still be in flight into our host memory */
         c->cl->clFinish(c->queue);
     pthread_mutex_unlock(&c->lock);
-
-    if (!s) {
-        int64_t used = 0;
-        for (int64_t t = 0; t < T && !s; t++) {
-            if (slots[t] >= capacity)
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "slot_mapping[%lld]=%lld is outside the cache's %lld slots", (long long)t,
-                                    (long long)slots[t], (long long)capacity);
-            else if (slots[t] >= 0)
-                sorted[used++] = slots[t];
-        }
-        if (!s) {
-            qsort(sorted, (size_t)used, sizeof(int64_t), cmp_i64);
-            for (int64_t i = 1; i < used && !s; i++)
-                if (sorted[i] == sorted[i - 1])
-                    s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "slot %lld appears twice in slot_mapping",
-                                        (long long)sorted[i]);
-        }
-    }
-    if (!s && flags)
-        s = qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
-                            "k_new or v_new contains NaN or Inf; the cache was not written");
-    for (int64_t h = 0; !s && head_scales && h < H; h++) {
-        float ks = scales[h], vs = scales[H + h];
-        if (!(ks > 0.f && ks <= 3.402823466e38f) || !(vs > 0.f && vs <= 3.402823466e38f))
-            s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "per-head scale of head %lld must be finite and > 0",
-                                (long long)h);
-    }
+    if (!s)
+        s = qattn_kv_append_check(ctx, a, slots, words[QATTN_STATUS_NONFINITE], scales, scales ? scales + H : NULL);
     free(slots);
-    free(sorted);
     free(scales);
     return s;
 }
@@ -700,7 +537,7 @@ qattn_status qattn_opencl_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *
                                "args.stream must be NULL on the opencl backend (it runs on the context's queue)");
     /* The quantized formats divide with common.cl's div_rn (integer arithmetic), so their codes equal the CPU
      * reference's on every device, whatever its fp32 division accuracy or fp64 support. */
-    const int fmt = cache_format(cd);
+    const int fmt = qattn_kv_format_of(cd);
     char options[512];
     snprintf(options, sizeof(options),
              "-cl-std=CL1.2 -DHEAD_DIM=%lld -DCACHE_FMT=%d -DIN_DTYPE=%d -DOUT_DTYPE=0 -DHAS_FP16=%d -DHAS_FP64=%d",
@@ -718,7 +555,7 @@ qattn_status qattn_opencl_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *
         goto done;
 
     int64_t page_stride, tok_stride, head_stride;
-    cache_strides(cd, &page_stride, &tok_stride, &head_stride);
+    qattn_kv_cache_strides(cd, &page_stride, &tok_stride, &head_stride);
     const size_t es = qattn_dtype_size(a->new_dtype);
     const int64_t rows = a->num_tokens * cd->heads_kv * 2;
     arg_list al = args_for(c, kernels[0], "append_write");

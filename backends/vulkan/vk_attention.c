@@ -42,6 +42,7 @@ typedef struct vk_dispatch {
 #define MAX_DISPATCH 8
 
 typedef struct vk_plan {
+    bool coopmat, emulated; /* the kernel variant plan_init chose */
     vk_params params;
     vk_mem params_buf;
     VkDescriptorPool pool;
@@ -63,8 +64,6 @@ enum { SPEC_D = 0, SPEC_IN_DTYPE = 1, SPEC_OUT_DTYPE = 2, SPEC_BR = 3, SPEC_BC =
 #define QATTN_VK_COOPMAT_PREFETCH 1
 #endif
 _Static_assert(QATTN_VK_COOPMAT_BC == 32 || QATTN_VK_COOPMAT_BC == 64, "the coopmat key tile is 32 or 64");
-
-#define LOG2E 1.4426950408889634
 
 static uint32_t min_u32(uint64_t a, uint64_t b) { return (uint32_t)(a < b ? a : b); }
 
@@ -112,10 +111,6 @@ static qattn_status upload_params(qattn_ctx *ctx, vk_ctx *vc, vk_plan *vp)
 
 void vk_plan_release(qattn_ctx *ctx, qattn_plan *plan)
 {
-    if (plan->paged) {
-        vk_paged_plan_release(ctx, plan);
-        return;
-    }
     vk_ctx *vc = ctx->impl;
     vk_plan *vp = plan->impl;
     if (!vp)
@@ -146,8 +141,6 @@ static qattn_status add_dispatch(qattn_ctx *ctx, vk_ctx *vc, vk_plan *vp, const 
     vp->count++;
     return QATTN_OK;
 }
-
-static qattn_status build_plan(qattn_ctx *ctx, qattn_plan *plan, bool coopmat, bool emulated);
 
 qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
 {
@@ -270,26 +263,25 @@ qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                  caps->int_dot && vk_spirv_find("attn_scalar_intdot") ? "packed integer dot products"
                                                                       : "unpacked 8-bit integer products");
     }
-    /* The core lays the workspace out after this returns; the kernels need
-     * its offsets now, and the layout is a pure function of the plan. */
-    qattn_status s = qattn_workspace_layout_init(plan, plan->status_word);
-    if (!s)
-        s = build_plan(ctx, plan, coopmat, emulated);
-    if (s)
-        vk_plan_release(ctx, plan);
-    return s;
+    vk_plan *vp = calloc(1, sizeof(*vp));
+    if (!vp)
+        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");
+    vp->coopmat = coopmat;
+    vp->emulated = emulated;
+    plan->impl = vp;
+    return QATTN_OK;
 }
 
-/* Builds the plan's device objects: parameters, descriptor set, pipelines.
- * Needs the workspace layout, which plan_init computes first. */
-static qattn_status build_plan(qattn_ctx *ctx, qattn_plan *plan, bool coopmat, bool emulated)
+/* The plan's device objects: parameters, descriptor set, pipelines; they
+ * need the workspace layout, which the core makes after plan_init. On
+ * failure the core calls vk_plan_release, which frees what was made. */
+qattn_status vk_plan_finish(qattn_ctx *ctx, qattn_plan *plan)
 {
     vk_ctx *vc = ctx->impl;
     const vk_device_caps *caps = vc->caps;
     const qattn_problem *p = &plan->problem;
-    vk_plan *vp = calloc(1, sizeof(*vp));
-    if (!vp)
-        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");
+    vk_plan *vp = plan->impl;
+    const bool coopmat = vp->coopmat, emulated = vp->emulated;
     const bool quant = plan->precision != QATTN_PRECISION_EXACT;
     const qattn_workspace_layout *L = &plan->ws;
     const uint32_t br = (uint32_t)plan->q_tile, bc = (uint32_t)plan->kv_tile;
@@ -312,7 +304,7 @@ static qattn_status build_plan(qattn_ctx *ctx, qattn_plan *plan, bool coopmat, b
     pr->v_sb = st[0], pr->v_sh = st[1], pr->v_sn = st[2];
     put_strides(qshape, p->o_stride, st);
     pr->o_sb = st[0], pr->o_sh = st[1], pr->o_sn = st[2];
-    pr->qk_scale_log2 = (float)((double)p->sm_scale * LOG2E);
+    pr->qk_scale_log2 = (float)((double)p->sm_scale * QATTN_LOG2E);
     pr->sm_scale = p->sm_scale;
     size_t regions[] = {L->q_i8, L->k_i8, L->v_q, L->q_scale, L->k_scale, L->k_mean, L->q_kmean, L->status};
     uint32_t *dst[] = {&pr->ws_q_i8, &pr->ws_k_i8, &pr->ws_v_q, &pr->ws_q_scale,
@@ -406,7 +398,6 @@ static qattn_status build_plan(qattn_ctx *ctx, qattn_plan *plan, bool coopmat, b
                           : 0;
         s = add_dispatch(ctx, vc, vp, shader, spec, sg, min_u32(pr->q_tiles, cap), min_u32(bhq, cap), 0, true);
     }
-    plan->impl = vp; /* vk_plan_release frees what was made, also on failure */
     return s;
 }
 

@@ -959,11 +959,13 @@ const qattn_backend_iface qattn_backend_vulkan = {
     .buffer_download = vk_buffer_download,
     .buffer_fill = vk_buffer_fill,
     .plan_init = vk_plan_init,
+    .plan_finish = vk_plan_finish,
     .plan_release = vk_plan_release,
     .run = vk_run,
     .tensor_alignment = 16,
     .kv_append = vk_kv_append,
     .paged_plan_init = vk_paged_plan_init,
+    .paged_plan_release = vk_paged_plan_release,
     .paged_run = vk_paged_run,
     .merge_states = vk_merge_states,
 };

@@ -191,6 +191,7 @@ qattn_status vk_submit_wait(qattn_ctx *ctx, vk_ctx *vc);
 
 /* vk_attention.c */
 qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan);
+qattn_status vk_plan_finish(qattn_ctx *ctx, qattn_plan *plan);
 void vk_plan_release(qattn_ctx *ctx, qattn_plan *plan);
 qattn_status vk_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run);
 

@@ -20,7 +20,6 @@
 #define PAGED_WG 128u    /* invocations of paged_attn / paged_check */
 #define MERGE_WG 64u     /* of paged_merge, and of the append's write */
 #define APPEND_CHECK_WG 256u
-#define LOG2E 1.4426950408889634
 
 /* The attention kernel's preferred keys per tile; a build may override it
  * (-Dc_args=-DQATTN_VK_PAGED_BC=64) to compare variants. */
@@ -29,9 +28,6 @@
 #endif
 _Static_assert(QATTN_VK_PAGED_BC == 16 || QATTN_VK_PAGED_BC == 32 || QATTN_VK_PAGED_BC == 64,
                "the paged key tile is 16, 32 or 64");
-
-/* Page formats, as the shaders number them (FMT). */
-enum { FMT_F16 = 0, FMT_BF16 = 1, FMT_FP8 = 2, FMT_I8 = 3, FMT_I8_ROW = 4 };
 
 /* Argument flags of paged_check / paged_attn (shaders/paged_common.glsl). */
 enum { ARG_CHECK = 1, ARG_LSE = 2, ARG_CAUSAL = 4, ARG_DENSE = 8, ARG_HND = 16 };
@@ -72,16 +68,6 @@ typedef struct vk_append_args {
 _Static_assert(sizeof(vk_paged_args) <= VK_PAGED_PUSH_BYTES && sizeof(vk_merge_args) <= VK_PAGED_PUSH_BYTES &&
                    sizeof(vk_append_args) <= VK_PAGED_PUSH_BYTES,
                "push constants fit the paged layout's range");
-
-static int page_format(const qattn_kv_cache_desc *c)
-{
-    switch (c->dtype) {
-    case QATTN_DTYPE_F16: return FMT_F16;
-    case QATTN_DTYPE_BF16: return FMT_BF16;
-    case QATTN_DTYPE_FP8_E4M3: return FMT_FP8;
-    default: return c->scales == QATTN_KV_SCALES_PER_ROW ? FMT_I8_ROW : FMT_I8;
-    }
-}
 
 static VkBuffer vk_of(const qattn_buffer *b) { return b ? ((vk_buffer *)b->impl)->mem.buffer : VK_NULL_HANDLE; }
 
@@ -131,13 +117,13 @@ static void read_status_back(vk_ctx *vc, VkBuffer src, VkDeviceSize at)
 }
 
 /* After the submission completed: the status words the readback buffer holds. */
-static void status_words(vk_ctx *vc, uint32_t words[4])
+static void status_words(vk_ctx *vc, uint32_t words[QATTN_STATUS_WORDS])
 {
     /* The readback memory may be non-coherent when it is host cached. */
     VkMappedMemoryRange range = {.sType = VK_STRUCTURE_TYPE_MAPPED_MEMORY_RANGE, .memory = vc->readback.memory,
                                  .offset = 0, .size = VK_WHOLE_SIZE};
     vc->vk.vkInvalidateMappedMemoryRanges(vc->device, 1, &range);
-    memcpy(words, vc->readback.mapped, 16);
+    memcpy(words, vc->readback.mapped, QATTN_STATUS_BYTES);
 }
 
 static void dispatch(vk_ctx *vc, VkPipeline pipeline, const void *args, size_t args_bytes, const uint32_t grid[2])
@@ -258,8 +244,8 @@ qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
     if (s)
         return s;
     const qattn_kv_cache_desc *c = a->cache;
-    const int fmt = page_format(c);
-    const bool eight = fmt >= FMT_FP8, check = !(a->flags & QATTN_FLAG_NO_FINITE_CHECK);
+    const int fmt = qattn_kv_format_of(c);
+    const bool eight = fmt >= QATTN_KV_FMT_FP8, check = !(a->flags & QATTN_FLAG_NO_FINITE_CHECK);
     if (eight && c->head_dim % 4)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "head dim %lld: the vulkan backend writes 8-bit pages four codes to a word (head dims "
@@ -300,7 +286,7 @@ qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
         [4] = vk_of(cb->v_scale), [7] = vc->paged_status.buffer, [8] = vk_of(a->slot_mapping),
         [12] = vk_of(a->v_new),
     };
-    uint32_t check_grid[2], write_grid[2], words[4] = {0, 0, 0, 0};
+    uint32_t check_grid[2], write_grid[2], words[QATTN_STATUS_WORDS] = {0};
     grid_of(dup_groups + scan_groups, check_grid);
     grid_of(T * H * 2 < 65535 ? T * H * 2 : 65535, write_grid);
 
@@ -310,8 +296,7 @@ qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
     if (!s) {
         VkCommandBuffer cmd = vc->cmd;
         if (check) {
-            vc->vk.vkCmdFillBuffer(cmd, vc->paged_status.buffer, 0, 8, 0xffffffffu); /* first bad token, slot */
-            vc->vk.vkCmdFillBuffer(cmd, vc->paged_status.buffer, 8, 8, 0);           /* flags */
+            vc->vk.vkCmdFillBuffer(cmd, vc->paged_status.buffer, 0, QATTN_STATUS_BYTES, 0);
             transfer_to_compute(vc);
         }
         vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vc->paged_set, 0,
@@ -330,32 +315,7 @@ qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
     pthread_mutex_unlock(&vc->lock);
     if (s || !check)
         return s;
-
-    if (words[0] != UINT32_MAX) { /* the first token whose slot is past the cache */
-        long long slot = -1;
-        qattn_buffer_download(a->slot_mapping, a->slot_mapping_offset + (size_t)words[0] * 8, &slot, 8);
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                               "slot_mapping[%u]=%lld is outside the cache's %lld slots", words[0], slot,
-                               (long long)(c->num_pages * c->page_size));
-    }
-    if (words[1] != UINT32_MAX)
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "slot %u appears twice in slot_mapping", words[1]);
-    if (words[2] & 1)
-        return qattn_set_error(ctx, QATTN_ERR_NONFINITE_INPUT,
-                               "k_new or v_new contains NaN or Inf; the cache was not written");
-    if (words[2] & 2) {
-        long long head = -1;
-        float *hs = malloc((size_t)H * 8);
-        if (hs && !qattn_buffer_download(cb->k_scale, 0, hs, (size_t)H * 4) &&
-            !qattn_buffer_download(cb->v_scale, 0, hs + H, (size_t)H * 4))
-            for (uint64_t i = 0; i < 2 * H && head < 0; i++)
-                if (!(hs[i] > 0.f && isfinite(hs[i])))
-                    head = (long long)(i % H);
-        free(hs);
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "per-head scale of head %lld must be finite and > 0",
-                               head);
-    }
-    return QATTN_OK;
+    return qattn_kv_append_status_error(ctx, a, words);
 }
 
 /* ------------------------------------------------------------------ plans */
@@ -367,8 +327,6 @@ static uint32_t next_pow2(uint64_t x)
         p <<= 1;
     return p;
 }
-
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* The attention kernel's shape: rows per item, keys per tile and how its
  * phases divide the work (shaders/paged_attn.comp, whose spec constants
@@ -454,8 +412,8 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                                (long long)pp->max_pages_per_seq, (long long)P);
 
     /* Rows per item: the group's heads times the queries, as one tile if it fits. */
-    const int fmt = page_format(&pp->cache);
-    const bool eight = fmt >= FMT_FP8;
+    const int fmt = qattn_kv_format_of(&pp->cache);
+    const bool eight = fmt >= QATTN_KV_FMT_FP8;
     const uint32_t smem_limit = caps->props.limits.maxComputeSharedMemorySize;
     const uint64_t rows = (uint64_t)pp->group * (uint64_t)pp->max_q_len;
     paged_geometry g = {0};
@@ -472,7 +430,7 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "head dim %lld needs more than the %u bytes of shared memory device %s offers",
                                (long long)D, smem_limit, caps->props.deviceName);
-    const int64_t q_tiles = (int64_t)ceil_div((int64_t)rows, g.br);
+    const int64_t q_tiles = (int64_t)qattn_ceil_div((int64_t)rows, g.br);
     const int64_t items = pp->batch * Hkv * q_tiles;
 
     if (pp->num_splits == 0) {
@@ -510,12 +468,13 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                                    (unsigned long long)max_buffer);
         plan->backend_workspace = (size_t)bytes;
     }
-    const int64_t per = ceil_div(pp->max_pages_per_seq, pp->num_splits);
+    const int64_t per = qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits);
     plan->q_tile = (int)g.br;
     plan->kv_tile = pp->num_splits > 1 ? (int)(per * P) : 0;
     plan->status_word = pp->check;
     snprintf(plan->kernel, sizeof(plan->kernel), "vulkan_paged_%s%s_d%lld_r%u_k%u_p%u",
-             qattn_dtype_name(pp->cache.dtype), fmt == FMT_I8_ROW ? "_row" : "", (long long)D, g.br, g.bc, g.kp);
+             qattn_dtype_name(pp->cache.dtype), fmt == QATTN_KV_FMT_I8_ROW ? "_row" : "", (long long)D, g.br, g.bc,
+             g.kp);
 
     vk_paged_plan *vp = calloc(1, sizeof(*vp));
     if (!vp)
@@ -551,102 +510,10 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                                           .pSetLayouts = &vc->paged_set_layout};
         s = vk_check(ctx, vc->vk.vkAllocateDescriptorSets(vc->device, &ai, &vp->set), "vkAllocateDescriptorSets");
     }
-    if (s)
-        vk_paged_plan_release(ctx, plan); /* the core frees the plan without calling plan_release */
-    return s;
+    return s; /* on failure the core calls vk_paged_plan_release, which frees what was made */
 }
 
 /* ------------------------------------------------------------------- runs */
-
-/* Reads `count` int32 of a table buffer; false when the copy fails. */
-static bool read_ints(const qattn_buffer *b, int64_t at, int64_t count, int32_t *dst)
-{
-    return count <= 0 || !qattn_buffer_download(b, (size_t)at * 4, dst, (size_t)count * 4);
-}
-
-/* The check kernel found a bad table entry: read the tables back and name the first, as backends/cpu does. */
-static qattn_status table_error(qattn_ctx *ctx, const qattn_paged_problem *pp, const qattn_paged_args *a)
-{
-    const int64_t B = pp->batch, P = pp->cache.page_size;
-    const bool dense = pp->table == QATTN_PAGES_DENSE;
-    const int64_t indices_count = dense ? 0 : (int64_t)(a->indices->size / 4);
-    int32_t *qo = malloc((size_t)(B + 1) * 4), *lens = malloc((size_t)(B + 1) * 4);
-    int32_t *pages = NULL;
-    qattn_status s = QATTN_OK;
-    bool ok = qo && lens && read_ints(a->qo_indptr, 0, B + 1, qo) &&
-              (dense ? read_ints(a->seq_lens, 0, B, lens) : read_ints(a->indptr, 0, B + 1, lens));
-    const int32_t *indptr = lens;
-    for (int64_t b = 0; ok && b < B && !s; b++) {
-        int64_t q_len = (int64_t)qo[b + 1] - qo[b];
-        if (b == 0 && qo[0] < 0) {
-            s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "qo_indptr[0]=%d is negative", qo[0]);
-            break;
-        }
-        if (q_len < 0 || q_len > pp->max_q_len || qo[b + 1] > pp->total_q) {
-            s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                "qo_indptr[%lld..%lld] = %d..%d: query counts must be in [0, max_q_len=%lld] and "
-                                "rows below total_q=%lld",
-                                (long long)b, (long long)b + 1, qo[b], qo[b + 1], (long long)pp->max_q_len,
-                                (long long)pp->total_q);
-            break;
-        }
-        int64_t count, first;
-        if (dense) {
-            if (lens[b] < 0 || lens[b] > pp->max_pages_per_seq * P) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "seq_lens[%lld]=%d must be in [0, max_pages_per_seq * page_size = %lld]",
-                                    (long long)b, lens[b], (long long)(pp->max_pages_per_seq * P));
-                break;
-            }
-            count = (lens[b] + P - 1) / P;
-            first = b * pp->max_pages_per_seq;
-        } else {
-            if (indptr[0] < 0 || indptr[b + 1] < indptr[b] || indptr[b + 1] > indices_count) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "indptr[%lld..%lld] = %d..%d must be non-decreasing, from >= 0, and inside the "
-                                    "%zu-byte indices buffer",
-                                    (long long)b, (long long)b + 1, indptr[b], indptr[b + 1], a->indices->size);
-                break;
-            }
-            count = indptr[b + 1] - indptr[b];
-            first = indptr[b];
-            if (count > pp->max_pages_per_seq) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "sequence %lld has %lld pages in its CSR table, more than max_pages_per_seq=%lld",
-                                    (long long)b, (long long)count, (long long)pp->max_pages_per_seq);
-                break;
-            }
-            int32_t last = 0;
-            if (count > 0 && (!read_ints(a->last_page_len, b, 1, &last) || last < 1 || last > P)) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "last_page_len[%lld]=%d must be in [1, page_size=%lld]", (long long)b, last,
-                                    (long long)P);
-                break;
-            }
-        }
-        free(pages);
-        pages = malloc((size_t)(count > 0 ? count : 1) * 4);
-        if (!pages || !read_ints(dense ? a->block_table : a->indices, first, count, pages)) {
-            ok = false;
-            break;
-        }
-        for (int64_t i = 0; i < count; i++)
-            if (pages[i] < 0 || pages[i] >= pp->cache.num_pages) {
-                s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                    "sequence %lld's page %lld is %d, outside the cache's %lld pages", (long long)b,
-                                    (long long)i, pages[i], (long long)pp->cache.num_pages);
-                break;
-            }
-    }
-    free(qo);
-    free(lens);
-    free(pages);
-    if (!s)
-        s = qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                            "the page tables hold an entry outside their bounds (reading them back to name it %s)",
-                            ok ? "found nothing: were they changed meanwhile?" : "failed");
-    return s;
-}
 
 qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a)
 {
@@ -677,10 +544,10 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
         .total_q = (uint32_t)pp->total_q,
         .max_q_len = (uint32_t)pp->max_q_len,
         .splits = (uint32_t)pp->num_splits,
-        .pages_per_split = (uint32_t)ceil_div(pp->max_pages_per_seq, pp->num_splits),
-        .q_tiles = (uint32_t)ceil_div(pp->group * pp->max_q_len, vp->g.br),
+        .pages_per_split = (uint32_t)qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits),
+        .q_tiles = (uint32_t)qattn_ceil_div(pp->group * pp->max_q_len, vp->g.br),
         .indices_count = dense ? 0u : min_u32(a->indices->size / 4, UINT32_MAX),
-        .qk_scale_log2 = (float)((double)pp->sm_scale * LOG2E),
+        .qk_scale_log2 = (float)((double)pp->sm_scale * QATTN_LOG2E),
         .flags = (pp->check ? ARG_CHECK : 0u) | (pp->return_lse ? ARG_LSE : 0u) | (pp->causal ? ARG_CAUSAL : 0u) |
                  (dense ? ARG_DENSE : 0u) | (pp->cache.layout == QATTN_KV_HND ? ARG_HND : 0u),
         .ws_status = pp->check ? (uint32_t)(plan->ws.status / 4) : 0u,
@@ -721,7 +588,7 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
         [12] = ws,
     };
     const VkDeviceSize status_at = a->workspace_offset + plan->ws.status;
-    uint32_t words[4] = {0, 0, 0, 0};
+    uint32_t words[QATTN_STATUS_WORDS] = {0};
 
     pthread_mutex_lock(&vc->lock);
     bind_all(vc, vp->set, bufs, vk_of(a->q));
@@ -729,7 +596,7 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
     if (!s) {
         VkCommandBuffer cmd = vc->cmd;
         if (pp->check) {
-            vc->vk.vkCmdFillBuffer(cmd, ws, status_at, 16, 0);
+            vc->vk.vkCmdFillBuffer(cmd, ws, status_at, QATTN_STATUS_BYTES, 0);
             transfer_to_compute(vc);
         }
         vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vp->set, 0, NULL);
@@ -751,13 +618,7 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
             status_words(vc, words);
     }
     pthread_mutex_unlock(&vc->lock);
-    if (s)
-        return s;
-    if (words[0])
-        return table_error(ctx, pp, a);
-    if (words[1])
-        return qattn_nonfinite_error(ctx, QATTN_NONFINITE_Q);
-    return QATTN_OK;
+    return s ? s : qattn_paged_status_error(ctx, plan, a, words);
 }
 
 /* ------------------------------------------------------------------ merge */

@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(PA_THREADS) pa_append_write_kernel(const __gri
 }
 
 /* The append check's status words: static device memory, so an append allocates nothing. */
-static __device__ unsigned long long pa_append_status_words[4];
+static __device__ uint32_t pa_append_status_words[QATTN_STATUS_WORDS];
 
 static const void *pa_attn_fn(int fmt, int d)
 {
@@ -153,14 +153,14 @@ static int pa_rt_launch_append_write(long long grid, const pa_append_params *p, 
     return pa_launched();
 }
 
-static unsigned long long *pa_rt_append_status(void)
+static uint32_t *pa_rt_append_status(void)
 {
     void *p = NULL;
     if (cudaGetSymbolAddress(&p, pa_append_status_words) != cudaSuccess) {
         (void)cudaGetLastError();
         return NULL;
     }
-    return (unsigned long long *)p;
+    return (uint32_t *)p;
 }
 
 #include "paged_host.inc"

@@ -310,14 +310,5 @@ PA_DEV void pa_atomic_or(uint32_t *p, uint32_t v)
     atomicOr((unsigned int *)p, v);
 #endif
 }
-PA_DEV void pa_atomic_max64(unsigned long long *p, unsigned long long v)
-{
-#if defined(PA_EMULATE)
-    if (v > *p)
-        *p = v;
-#else
-    atomicMax(p, v);
-#endif
-}
 
 #endif

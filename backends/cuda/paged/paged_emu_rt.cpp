@@ -22,7 +22,7 @@ qattn_status qa_paged_emu_run(qattn_ctx *ctx, const qattn_plan *plan, const qatt
 qattn_status qa_paged_emu_merge_states(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
 }
 
-static unsigned long long pa_append_status_words[4];
+static uint32_t pa_append_status_words[QATTN_STATUS_WORDS];
 
 static const char *pa_rt_error_text(int code, int *lost, int *oom)
 {
@@ -127,6 +127,6 @@ static int pa_rt_launch_append_write(long long grid, const pa_append_params *p, 
     return 0;
 }
 
-static unsigned long long *pa_rt_append_status(void) { return pa_append_status_words; }
+static uint32_t *pa_rt_append_status(void) { return pa_append_status_words; }
 
 #include "paged_host.inc"

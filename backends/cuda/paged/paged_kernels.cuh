@@ -21,6 +21,7 @@
 #ifndef QATTN_PAGED_KERNELS_CUH
 #define QATTN_PAGED_KERNELS_CUH
 
+#include "internal.h"
 #include "paged_device.cuh"
 #include "paged_params.h"
 
@@ -170,7 +171,7 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
     static_assert(4 * 16 * D * 4 + 3 * 64 * 4 <= NS * STAGEB, "the warps' states fit in the stages");
     const float inf = pa_inf();
 
-    if (p.status && (p.status[0] | p.status[1] | p.status[2]))
+    if (p.status && (p.status[QATTN_STATUS_NONFINITE] | p.status[QATTN_STATUS_BOUNDS]))
         return; /* the check found bad tables or a non-finite Q: write nothing */
 
     const pa_tables &tb = p.tab;
@@ -554,39 +555,31 @@ PA_DEV void pa_check_body(const pa_check_params &p)
     const int tid = pa_tid();
     if (blk < tb.batch) {
         const int b = (int)blk, P = tb.page_size;
-        int kind = 0;
-        if (b == 0 && tb.qo_indptr[0] < 0)
-            kind = PA_BAD_QO_FIRST;
         const long long q_len = (long long)tb.qo_indptr[b + 1] - tb.qo_indptr[b];
-        if (!kind && (q_len < 0 || q_len > tb.max_q_len || tb.qo_indptr[b + 1] > tb.total_q))
-            kind = PA_BAD_QO_RANGE;
+        bool bad = (b == 0 && tb.qo_indptr[0] < 0) || q_len < 0 || q_len > tb.max_q_len ||
+                   tb.qo_indptr[b + 1] > tb.total_q;
         long long pages = 0, first = 0;
-        if (!kind && tb.dense) {
+        if (!bad && tb.dense) {
             const int len = tb.seq_lens[b];
-            if (len < 0 || len > (long long)tb.max_pages * P)
-                kind = PA_BAD_SEQ_LEN;
+            bad = len < 0 || len > (long long)tb.max_pages * P;
             pages = ((long long)len + P - 1) / P;
             first = (long long)b * tb.max_pages;
-        } else if (!kind) {
+        } else if (!bad) {
             const long long a0 = tb.indptr[b], a1 = tb.indptr[b + 1];
-            if (tb.indptr[0] < 0 || a1 < a0 || a1 > tb.indices_count)
-                kind = PA_BAD_INDPTR;
-            else if (a1 - a0 > tb.max_pages)
-                kind = PA_BAD_TOO_LONG;
-            else if (a1 > a0 && (tb.last_page_len[b] < 1 || tb.last_page_len[b] > P))
-                kind = PA_BAD_LAST_LEN;
+            bad = tb.indptr[0] < 0 || a1 < a0 || a1 > tb.indices_count || a1 - a0 > tb.max_pages ||
+                  (a1 > a0 && (tb.last_page_len[b] < 1 || tb.last_page_len[b] > P));
             pages = a1 - a0;
             first = a0;
         }
-        if (kind) {
+        if (bad) { /* the host names the entry from the tables (src/checks.c) */
             if (tid == 0)
-                pa_atomic_max64((unsigned long long *)p.status, ~(((unsigned long long)b << 8) | (unsigned)kind));
+                pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
             return;
         }
         for (long long i = tid; i < pages; i += PA_THREADS) {
             const int page = tb.dense ? tb.block_table[first + i] : tb.indices[first + i];
             if (page < 0 || page >= tb.num_pages) {
-                pa_atomic_max64((unsigned long long *)p.status, ~(((unsigned long long)b << 8) | PA_BAD_PAGE));
+                pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
                 break;
             }
         }
@@ -603,7 +596,7 @@ PA_DEV void pa_check_body(const pa_check_params &p)
         bad |= !pa_elem_finite(p.q, p.q_elem, row * p.q_stride0 + h * p.q_stride1 + d);
     }
     if (bad)
-        pa_atomic_or(p.status + 2, 1u);
+        pa_atomic_or(p.status + QATTN_STATUS_NONFINITE, QATTN_NONFINITE_Q);
 }
 
 /* ------------------------------------------------------------------ merge */
@@ -630,7 +623,7 @@ PA_DEV long long pa_merge_chunks(int head_dim) { return (head_dim + 31) / 32; }
  * accumulating them, so the partials' latencies overlap instead of queueing. */
 PA_DEV void pa_merge_body(const pa_merge_params &p)
 {
-    if (p.status && (p.status[0] | p.status[1] | p.status[2]))
+    if (p.status && (p.status[QATTN_STATUS_NONFINITE] | p.status[QATTN_STATUS_BOUNDS]))
         return;
     const float inf = pa_inf();
     const int lane = pa_tid() & 31;
@@ -707,7 +700,7 @@ PA_DEV void pa_append_check_body(const pa_append_params &p, long long dup_blocks
         const long long t = blk * PA_THREADS + tid;
         const long long slot = t < p.num_tokens ? p.slots[t] : -1;
         if (slot >= p.capacity)
-            pa_atomic_max64(&p.status[0], ~(unsigned long long)t);
+            pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
         long long *other = (long long *)pa_smem();
         bool dup = false;
         for (long long jb = blk; jb < dup_blocks; jb++) {
@@ -723,7 +716,7 @@ PA_DEV void pa_append_check_body(const pa_append_params &p, long long dup_blocks
                     }
         }
         if (dup)
-            pa_atomic_max64(&p.status[1], ~(unsigned long long)slot);
+            pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
         return;
     }
     const long long per_token = (long long)p.heads_kv * p.head_dim, n = p.num_tokens * per_token;
@@ -735,12 +728,12 @@ PA_DEV void pa_append_check_body(const pa_append_params &p, long long dup_blocks
         bad |= !pa_elem_finite(p.k_new, p.new_elem, at) || !pa_elem_finite(p.v_new, p.new_elem, at);
     }
     if (bad)
-        pa_atomic_or((uint32_t *)&p.status[2], 1u);
+        pa_atomic_or(p.status + QATTN_STATUS_NONFINITE, QATTN_NONFINITE_NEW_KV);
     if (blk == dup_blocks && (p.cache_format == PA_FMT_FP8 || p.cache_format == PA_FMT_I8))
         for (int h = tid; h < p.heads_kv; h += PA_THREADS) {
             const float ks = p.k_scale[h], vs = p.v_scale[h];
             if (!(ks > 0.f && pa_finite(ks)) || !(vs > 0.f && pa_finite(vs)))
-                pa_atomic_or((uint32_t *)&p.status[2], 2u);
+                pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
         }
 }
 

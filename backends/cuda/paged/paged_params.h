@@ -22,18 +22,9 @@ enum pa_elem { PA_ELEM_F32 = 0, PA_ELEM_F16 = 1, PA_ELEM_BF16 = 2 };
 
 #define PA_KEY_TILE 64 /* keys per pipeline stage */
 
-/* Status words in the paged plan's workspace (16 bytes, zeroed before the check):
- * [0] (u64) the first bad table entry as ~((sequence << 8) | kind), 0 when none;
- * [1] (u32) non-zero when Q holds NaN or Inf. Kernels write nothing when any is set. */
-enum pa_table_error {
-    PA_BAD_QO_FIRST = 1,   /* qo_indptr[0] < 0 */
-    PA_BAD_QO_RANGE = 2,   /* a query count outside [0, max_q_len] or past total_q */
-    PA_BAD_SEQ_LEN = 3,    /* DENSE: seq_lens outside [0, max_pages_per_seq * page_size] */
-    PA_BAD_INDPTR = 4,     /* CSR: indptr decreasing, negative or past the indices buffer */
-    PA_BAD_TOO_LONG = 5,   /* CSR: more pages than max_pages_per_seq */
-    PA_BAD_LAST_LEN = 6,   /* CSR: last_page_len outside [1, page_size] */
-    PA_BAD_PAGE = 7        /* a page outside the cache */
-};
+/* Status words (QATTN_STATUS_* of src/internal.h) in the paged plan's
+ * workspace, zeroed before the check: the check kernel flags bad tables and a
+ * non-finite Q there, and the kernels write nothing when a word is set. */
 
 /* The page tables of one run. */
 typedef struct pa_tables {
@@ -89,8 +80,9 @@ typedef struct pa_merge_params {
     const uint32_t *status;
 } pa_merge_params;
 
-/* Status of an append's check: [0] ~first token whose slot is past the cache, [1] ~smallest slot
- * given twice, [2] bit 0: NaN/Inf in the new tokens, bit 1: a per-head scale that is not finite and > 0. */
+/* An append's check flags a bad slot or per-head scale and non-finite new
+ * tokens in its status words (QATTN_STATUS_*); the write runs only after the
+ * host has read them clear. */
 typedef struct pa_append_params {
     const int64_t *slots;
     int64_t num_tokens, capacity;
@@ -101,7 +93,7 @@ typedef struct pa_append_params {
     uint8_t *k, *v;
     float *k_scale, *v_scale;
     int64_t page_stride, tok_stride, head_stride;
-    unsigned long long *status;        /* the check's status words */
+    uint32_t *status;                  /* the check's status words */
 } pa_append_params;
 
 #endif

@@ -29,7 +29,7 @@ static int pa_rt_launch_check(long long grid, const pa_check_params *p, pa_strea
 static int pa_rt_launch_merge(long long grid, const pa_merge_params *p, pa_stream stream);
 static int pa_rt_launch_append_check(long long grid, long long dup_blocks, const pa_append_params *p, pa_stream stream);
 static int pa_rt_launch_append_write(long long grid, const pa_append_params *p, pa_stream stream);
-/* Device address of the append check's status words (4 x u64, static device memory). */
-static unsigned long long *pa_rt_append_status(void);
+/* Device address of the append check's status words (QATTN_STATUS_WORDS, static device memory). */
+static uint32_t *pa_rt_append_status(void);
 
 #endif

@@ -17,6 +17,24 @@
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 #endif
 
+/* The status words of a checked run (src/internal.h, QATTN_STATUS_*): word 0
+ * holds bits of the inputs with NaN or Inf, word 1 is non-zero when an index
+ * or a per-head scale is out of bounds. Kernels write nothing once either is
+ * set; the host names the offending entry (src/checks.c). */
+#define STATUS_NONFINITE 0
+#define STATUS_BOUNDS 1
+#define NONFINITE_Q 1u
+#define NONFINITE_K 2u
+#define NONFINITE_V 4u
+#define NONFINITE_NEW_KV 8u
+
+/* The status words at byte status_at of ws (>= 0 when the checks are on) are set. */
+static inline bool stopped(global const uchar *ws, long status_at)
+{
+    global const uint *w = (global const uint *)(ws + status_at);
+    return status_at >= 0 && (w[STATUS_NONFINITE] | w[STATUS_BOUNDS]) != 0u;
+}
+
 /* Inputs and outputs travel as raw bits; loads widen them to float. */
 #if IN_DTYPE == DT_F32
 typedef uint in_bits;

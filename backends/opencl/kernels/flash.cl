@@ -132,7 +132,7 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void flash_attention(
     const int bhk = b * heads_kv + hk;
     const int row0 = qblk * BQ;
 
-    if (status_at >= 0 && ((global const uint *)(ws + status_at))[0] != 0u)
+    if (stopped(ws, status_at))
         return; /* the finite scan failed: leave the outputs untouched */
 
     /* Keys the block's last row may see; tiles past it are fully masked. */

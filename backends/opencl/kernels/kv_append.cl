@@ -23,8 +23,8 @@
 #define APPEND_WG 64
 #define XN ((HEAD_DIM + APPEND_WG - 1) / APPEND_WG) /* channels per work-item */
 
-/* One work-item per (token, head) row of k_new and v_new: bit 1 of the status
- * word when any value is NaN or Inf (an all-ones exponent). */
+/* One work-item per (token, head) row of k_new and v_new: NONFINITE_NEW_KV in
+ * the status words when any value is NaN or Inf (an all-ones exponent). */
 kernel void append_scan(global const in_bits *k_new, global const in_bits *v_new, long k_off, long v_off, long s0,
                         long s1, int heads, long rows, global uint *status)
 {
@@ -44,7 +44,7 @@ kernel void append_scan(global const in_bits *k_new, global const in_bits *v_new
     for (int d = 0; d < HEAD_DIM; d++)
         bad |= ((uint)kp[d] & mask) == mask || ((uint)vp[d] & mask) == mask;
     if (bad)
-        atomic_or(status, 1u);
+        atomic_or(status + STATUS_NONFINITE, NONFINITE_NEW_KV);
 }
 
 /* A work-group per (token, head, K or V) row at a time: convert or quantize it into its slot. */

@@ -24,7 +24,7 @@ kernel __attribute__((reqd_work_group_size(MERGE_WG, 1, 1))) void merge_states(
     int states, long rows, int heads, int head_dim,
     global const int *qo_indptr, int batch, int use_qo, global const uchar *ws, long status_at)
 {
-    if (status_at >= 0 && ((global const uint *)(ws + status_at))[0] != 0u)
+    if (stopped(ws, status_at))
         return;
     const int lid = get_local_id(0);
     long lo = 0, hi = rows;

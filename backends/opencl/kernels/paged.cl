@@ -118,10 +118,6 @@ static inline float wvec_at(wvec v, int e)
 #endif
 }
 
-static inline bool stopped(global const uchar *ws, long status_at)
-{
-    return status_at >= 0 && ((global const uint *)(ws + status_at))[0] != 0u;
-}
 
 /* The tile maximum of row r from its NSUB partial maxima. */
 static inline float tile_max(local const float *red, int r)
@@ -428,10 +424,9 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void paged_attention(
 
 /*
  * The page-table check and Q's NaN/Inf scan, before attention when checks
- * are on. Work-groups [0, batch): sequence g's table entries (bit 1 of the
- * status word); the rest: one work-item per (row, head) of Q scans its
- * HEAD_DIM values (bit 2). The host finds the first bad entry for the
- * message when bit 1 is set.
+ * are on. Work-groups [0, batch): sequence g's table entries (STATUS_BOUNDS);
+ * the rest: one work-item per (row, head) of Q scans its HEAD_DIM values
+ * (STATUS_NONFINITE). The host names the first bad entry from the tables.
  */
 #define CHECK_WG 128
 kernel __attribute__((reqd_work_group_size(CHECK_WG, 1, 1))) void paged_check(
@@ -463,13 +458,13 @@ kernel __attribute__((reqd_work_group_size(CHECK_WG, 1, 1))) void paged_check(
         }
         if (bad) {
             if (lid == 0)
-                atomic_or(status, 1u);
+                atomic_or(status + STATUS_BOUNDS, 1u);
             return;
         }
         for (long i = lid; i < pages; i += CHECK_WG) {
             int page = dense ? block_table[first + i] : indices[first + i];
             if (page < 0 || page >= num_pages) {
-                atomic_or(status, 1u);
+                atomic_or(status + STATUS_BOUNDS, 1u);
                 break;
             }
         }
@@ -493,5 +488,5 @@ kernel __attribute__((reqd_work_group_size(CHECK_WG, 1, 1))) void paged_check(
             bad |= ((uint)p[d] & mask) == mask;
     }
     if (bad)
-        atomic_or(status, 2u);
+        atomic_or(status + STATUS_NONFINITE, NONFINITE_Q);
 }

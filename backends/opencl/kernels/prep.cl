@@ -22,14 +22,9 @@ static inline long row_base(long off, long sb, long sh, long sn, long b, long h,
     return off + b * sb + h * sh + t * sn;
 }
 
-/* The status word at status_at (>= 0 when the finite check is on) is set. */
-static inline bool stopped(global const uchar *ws, long status_at)
-{
-    return status_at >= 0 && ((global const uint *)(ws + status_at))[0] != 0u;
-}
 
-/* One work-item per row of HEAD_DIM elements: sets `flag` in the status word
- * when any element is NaN or Inf (an all-ones exponent). */
+/* One work-item per row of HEAD_DIM elements: sets `flag` (NONFINITE_Q, _K or
+ * _V) in the status words when any element is NaN or Inf (an all-ones exponent). */
 kernel void finite_scan(global const in_bits *x, long off, long sb, long sh, long sn, int heads, int n, long rows,
                         global uchar *ws, long status_at, uint flag)
 {
@@ -49,7 +44,7 @@ kernel void finite_scan(global const in_bits *x, long off, long sb, long sh, lon
     for (int d = 0; d < HEAD_DIM; d++)
         bad |= ((uint)p[d] & mask) == mask;
     if (bad)
-        atomic_or((global uint *)(ws + status_at), flag);
+        atomic_or((global uint *)(ws + status_at) + STATUS_NONFINITE, flag);
 }
 
 #if HAS_FP64

@@ -63,9 +63,11 @@ kernel __attribute__((reqd_work_group_size(APPEND_WG, 1, 1))) void append_write(
         const long t = w / (2 * heads);
         const int rem = (int)(w - t * 2 * heads), h = rem >> 1, which = rem & 1;
         const long slot = slots[slot_off + t];
-        if (slot < 0 || slot >= capacity) /* padding (or out of range when unchecked); uniform in the group */
-            continue;
-        const long page = slot / page_size, off = slot - page * page_size;
+        /* Padding (or, unchecked, out of range): the row is read and reduced
+         * like any other but not stored, so every work-item of the group meets
+         * the same barriers (PoCL miscompiles a `continue` ahead of them). */
+        const bool store = slot >= 0 && slot < capacity;
+        const long page = store ? slot / page_size : 0, off = store ? slot - page * page_size : 0;
         global const in_bits *src = (which ? v_new + v_off : k_new + k_off) + t * s0 + (long)h * s1;
         const long dst = page * page_stride + off * tok_stride + (long)h * head_stride;
         float x[XN];
@@ -77,7 +79,7 @@ kernel __attribute__((reqd_work_group_size(APPEND_WG, 1, 1))) void append_write(
         global ushort *cache = (global ushort *)(which ? vc : kc);
         for (int i = 0; i < XN; i++) {
             int d = lid + APPEND_WG * i;
-            if (d < HEAD_DIM) {
+            if (store && d < HEAD_DIM) {
 #if CACHE_FMT == FMT_F16
                 vstore_half_rte(x[i], dst + d, (global half *)cache);
 #else
@@ -101,7 +103,7 @@ kernel __attribute__((reqd_work_group_size(APPEND_WG, 1, 1))) void append_write(
         }
         amax = red[0];
         barrier(CLK_LOCAL_MEM_FENCE); /* red is reused by the next row */
-        if (lid == 0)
+        if (store && lid == 0)
             scales[(page * page_size + off) * heads + h] = div_rn(amax, 127.0f);
         inv = amax > 0.0f ? div_rn(127.0f, amax) : 0.0f;
 #else
@@ -111,7 +113,7 @@ kernel __attribute__((reqd_work_group_size(APPEND_WG, 1, 1))) void append_write(
         global uchar *cache = which ? vc : kc;
         for (int i = 0; i < XN; i++) {
             int d = lid + APPEND_WG * i;
-            if (d < HEAD_DIM) {
+            if (store && d < HEAD_DIM) {
                 float y = x[i] * inv;
 #if CACHE_FMT == FMT_FP8
                 cache[dst + d] = float_to_e4m3(y);

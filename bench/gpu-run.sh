@@ -34,13 +34,11 @@ echo "== conformance (full log: tests.log)"
     echo "### conformance $b"; timeout 240 "$K/tests/test_conformance" $b; echo "rc=$?"
     echo "### workspace $b"; timeout 60 "$K/tests/test_workspace" $b; echo "rc=$?"
     echo "### paged $b"; timeout 120 "$K/tests/test_paged" $b; echo "rc=$?"
+    echo "### paged-vs-cpu $b"; timeout 300 "$K/tests/test_paged_vs_cpu" $b; echo "rc=$?"
   done
-  for check in opencl_ws_check opencl_paged_check vulkan_paged_vs_cpu; do
-    if [[ -x $K/tests/$check ]]; then
-      echo "### $check"; LD_LIBRARY_PATH=$PWD/$K${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} timeout 120 "$K/tests/$check"
-      echo "rc=$?"
-    fi
-  done
+  if [[ -x $K/tests/test_opencl ]]; then
+    echo "### opencl-specific"; timeout 120 "$K/tests/test_opencl"; echo "rc=$?"
+  fi
   echo "### api"; "$K/tests/test_api"; echo "rc=$?"
 } > "$O/tests.log" 2>&1
 grep -E "^### |^\[  (PASSED|FAILED|SKIPPED) \]|^rc=|passed|failed" "$O/tests.log"

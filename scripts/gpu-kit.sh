@@ -10,14 +10,9 @@ kit=${2:-gpu-kit}
 rm -rf "$kit"
 mkdir -p "$kit/tests" "$kit/bench" "$kit/tools"
 cp -a "$build"/libqattn.so* "$kit/"
-for program in tests/test_conformance tests/test_workspace tests/test_paged tests/test_api \
-               bench/qattn-bench bench/qattn-decode-bench tools/qattn-info; do
+# test_opencl exists only in builds with the OpenCL backend.
+for program in tests/test_conformance tests/test_workspace tests/test_paged tests/test_paged_vs_cpu \
+               tests/test_opencl tests/test_api bench/qattn-bench bench/qattn-decode-bench tools/qattn-info; do
   if [[ -f $build/$program ]]; then cp -a "$build/$program" "$kit/$program"; fi
-done
-# Backend-specific checks (the OpenCL ones link the core statically; the Vulkan
-# one finds libqattn through LD_LIBRARY_PATH, which bench/gpu-run.sh sets).
-for check in backends/opencl/check/opencl_paged_check backends/opencl/check/opencl_ws_check \
-             backends/vulkan/check/vulkan_paged_vs_cpu; do
-  if [[ -f $build/$check ]]; then cp -a "$build/$check" "$kit/tests/"; fi
 done
 du -sh "$kit"

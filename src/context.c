@@ -12,35 +12,63 @@ typedef struct registry_entry {
     const char *name;
     const qattn_backend_iface *iface; /* NULL: not built */
     const char *build_hint;
+    bool test_only; /* listed only where linked in (the test programs) and never chosen by auto */
 } registry_entry;
 
+#if defined(__GNUC__)
+/* The emulated CUDA backend (backends/cuda/emu) is linked into the test
+ * programs only; elsewhere this weak reference stays NULL and the entry is
+ * not listed. */
+extern const qattn_backend_iface qattn_backend_cuda_emu __attribute__((weak));
+#endif
+
 static const registry_entry registry[] = {
-    {"cpu", &qattn_backend_cpu, ""},
+    {"cpu", &qattn_backend_cpu, "", false},
 #if QATTN_WITH_CUDA
-    {"cuda", &qattn_backend_cuda, ""},
+    {"cuda", &qattn_backend_cuda, "", false},
 #else
-    {"cuda", NULL, "configure with -Dcuda=enabled and nvcc on PATH"},
+    {"cuda", NULL, "configure with -Dcuda=enabled and nvcc on PATH", false},
 #endif
 #if QATTN_WITH_VULKAN
-    {"vulkan", &qattn_backend_vulkan, ""},
+    {"vulkan", &qattn_backend_vulkan, "", false},
 #else
-    {"vulkan", NULL, "configure with -Dvulkan=enabled and a GLSL compiler (glslc or glslang)"},
+    {"vulkan", NULL, "configure with -Dvulkan=enabled and a GLSL compiler (glslc or glslang)", false},
 #endif
 #if QATTN_WITH_OPENCL
-    {"opencl", &qattn_backend_opencl, ""},
+    {"opencl", &qattn_backend_opencl, "", false},
 #else
-    {"opencl", NULL, "configure with -Dopencl=enabled and the OpenCL ICD loader headers"},
+    {"opencl", NULL, "configure with -Dopencl=enabled and the OpenCL ICD loader headers", false},
+#endif
+#if defined(__GNUC__)
+    {"cuda-emu", &qattn_backend_cuda_emu, "", true},
 #endif
 };
 #define REGISTRY_SIZE ((int)(sizeof(registry) / sizeof(registry[0])))
 #define VALID_BACKENDS "cpu, cuda, vulkan, opencl, auto"
 
-int qattn_backend_count(void) { return REGISTRY_SIZE; }
+static bool listed(const registry_entry *e) { return !e->test_only || e->iface; }
+
+/* The index-th listed entry, or NULL. */
+static const registry_entry *listed_at(int index)
+{
+    for (int i = 0; i < REGISTRY_SIZE; i++)
+        if (listed(&registry[i]) && index-- == 0)
+            return &registry[i];
+    return NULL;
+}
+
+int qattn_backend_count(void)
+{
+    int n = 0;
+    for (int i = 0; i < REGISTRY_SIZE; i++)
+        n += listed(&registry[i]);
+    return n;
+}
 
 static const registry_entry *find_backend(const char *name)
 {
     for (int i = 0; i < REGISTRY_SIZE; i++)
-        if (strcmp(registry[i].name, name) == 0)
+        if (listed(&registry[i]) && strcmp(registry[i].name, name) == 0)
             return &registry[i];
     return NULL;
 }
@@ -71,10 +99,11 @@ qattn_status qattn_backend_query(int index, qattn_backend_info *info)
 {
     if (!info)
         return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT, "info is NULL");
-    if (index < 0 || index >= REGISTRY_SIZE)
+    const registry_entry *e = index >= 0 ? listed_at(index) : NULL;
+    if (!e)
         return qattn_set_error(NULL, QATTN_ERR_NOT_FOUND, "backend index %d is out of range [0, %d)", index,
-                               REGISTRY_SIZE);
-    probe_entry(&registry[index], info);
+                               qattn_backend_count());
+    probe_entry(e, info);
     return QATTN_OK;
 }
 
@@ -190,7 +219,7 @@ qattn_status qattn_ctx_create(const qattn_ctx_params *params, qattn_ctx **out)
         for (int round = 0; round < REGISTRY_SIZE && !chosen; round++) {
             int best = -1;
             for (int i = 0; i < REGISTRY_SIZE; i++)
-                if (!tried[i] && registry[i].iface &&
+                if (!tried[i] && registry[i].iface && !registry[i].test_only &&
                     (best < 0 || auto_score_of(registry[i].iface) > auto_score_of(registry[best].iface)))
                     best = i;
             if (best < 0)

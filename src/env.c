@@ -45,6 +45,25 @@ void qattn_env_read(qattn_env *env, const char **bad)
             *bad = "QATTN_NUM_THREADS";
     }
 
+    env->cuda_emu_cc = 89;
+    env->cuda_emu_sms = 132;
+    const struct {
+        const char *name;
+        int *value;
+        long lo, hi;
+    } ints[] = {{"QATTN_CUDA_EMU_CC", &env->cuda_emu_cc, 80, 120}, {"QATTN_CUDA_EMU_SMS", &env->cuda_emu_sms, 1, 1024}};
+    for (int i = 0; i < 2; i++) {
+        const char *text = nonempty(ints[i].name);
+        if (!text)
+            continue;
+        char *end = NULL;
+        long n = strtol(text, &end, 10);
+        if (end && *end == '\0' && n >= ints[i].lo && n <= ints[i].hi)
+            *ints[i].value = (int)n;
+        else if (bad)
+            *bad = ints[i].name;
+    }
+
     const char *coopmat = nonempty("QATTN_VULKAN_COOPMAT");
     if (coopmat) {
         if (strcmp(coopmat, "0") == 0)

@@ -6,6 +6,10 @@
 
 #include "internal.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct qattn_env {
     const char *backend;     /* QATTN_BACKEND: cpu|cuda|vulkan|opencl|auto (NULL: unset) */
     const char *device;      /* QATTN_DEVICE: index or name substring (NULL: unset) */
@@ -13,10 +17,16 @@ typedef struct qattn_env {
     int num_threads;         /* QATTN_NUM_THREADS: CPU workers (0: unset) */
     bool vulkan_coopmat;     /* QATTN_VULKAN_COOPMAT=0 turns the cooperative-matrix variant off */
     const char *opencl_cache;/* QATTN_OPENCL_CACHE: program-binary cache folder (NULL: none) */
+    int cuda_emu_cc;         /* QATTN_CUDA_EMU_CC: compute capability the test-only cuda-emu backend plays (89) */
+    int cuda_emu_sms;        /* QATTN_CUDA_EMU_SMS: its SM count, which the planners size grids by (132) */
 } qattn_env;
 
 /* Reads the environment now (it may change between calls). Invalid values are
  * reported through *bad (the variable's name) and left at their default. */
 void qattn_env_read(qattn_env *env, const char **bad);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

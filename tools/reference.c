@@ -199,7 +199,7 @@ ref_compare ref_check(const ref_problem *p, const void *o, const qattn_tensor_de
 int ref_backend_context(int argc, char **argv, const char *program, qattn_ctx **ctx)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s <cpu|cuda|vulkan|opencl>\n", program);
+        fprintf(stderr, "usage: %s <cpu|cuda|vulkan|opencl|cuda-emu>\n", program);
         return 2;
     }
     qattn_ctx_params params = {.backend = argv[1]};

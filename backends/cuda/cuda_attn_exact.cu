@@ -1,7 +1,7 @@
 /* Exact attention kernels: fp16 and bf16 inputs, fp32 accumulation. */
-#include "qa_launch.cuh"
+#include "cuda_launch.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 int attn_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare)
 {
     switch (head_dim) {
@@ -14,4 +14,4 @@ int attn_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *str
     default: return 0;
     }
 }
-} // namespace qa
+QA_NAMESPACE_END

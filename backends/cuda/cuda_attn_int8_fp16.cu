@@ -1,7 +1,7 @@
 /* INT8_FP16 attention kernels (SageAttention): INT8 Q.K, fp16 P.V with fp32 accumulation. */
-#include "qa_launch.cuh"
+#include "cuda_launch.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 int attn_int8_fp16(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare)
 {
     switch (head_dim) {
@@ -10,4 +10,4 @@ int attn_int8_fp16(const AttnParams *p, int head_dim, int grid, void *stream, bo
     default: return 0;
     }
 }
-} // namespace qa
+QA_NAMESPACE_END

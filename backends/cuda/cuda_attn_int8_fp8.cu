@@ -1,9 +1,9 @@
 /* INT8_FP8 attention kernels (SageAttention2): INT8 Q.K, FP8 P.V accumulated
  * per 64-key block, then in fp32. The e4m3 mma needs sm_89; older
  * architectures compile a trap in its place and plan_init never picks it there. */
-#include "qa_launch.cuh"
+#include "cuda_launch.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 int attn_int8_fp8(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare)
 {
     switch (head_dim) {
@@ -12,4 +12,4 @@ int attn_int8_fp8(const AttnParams *p, int head_dim, int grid, void *stream, boo
     default: return 0;
     }
 }
-} // namespace qa
+QA_NAMESPACE_END

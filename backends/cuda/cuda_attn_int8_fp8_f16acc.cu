@@ -1,8 +1,8 @@
 /* INT8_FP8_F16ACC attention kernels (SageAttention2++): as INT8_FP8, but
  * P.V accumulated in fp16 over each 64-key block (mma ... .f16.e4m3.e4m3.f16). */
-#include "qa_launch.cuh"
+#include "cuda_launch.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 int attn_int8_fp8_f16acc(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare)
 {
     switch (head_dim) {
@@ -11,4 +11,4 @@ int attn_int8_fp8_f16acc(const AttnParams *p, int head_dim, int grid, void *stre
     default: return 0;
     }
 }
-} // namespace qa
+QA_NAMESPACE_END

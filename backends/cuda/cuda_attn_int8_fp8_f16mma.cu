@@ -3,9 +3,9 @@
  * E4M3 value is exact in fp16). Hopper has no FP8 mma.sync; ptxas expands
  * mma.e4m3 into per-instruction unpacks plus two fp16 mmas, which costs more
  * registers and issue slots than widening V^T once per tile. */
-#include "qa_launch.cuh"
+#include "cuda_launch.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 int attn_int8_fp8_f16mma(const AttnParams *p, int head_dim, bool f16acc, int grid, void *stream, bool prepare)
 {
     switch (head_dim) {
@@ -18,4 +18,4 @@ int attn_int8_fp8_f16mma(const AttnParams *p, int head_dim, bool f16acc, int gri
     default: return 0;
     }
 }
-} // namespace qa
+QA_NAMESPACE_END

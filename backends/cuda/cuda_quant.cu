@@ -1,7 +1,7 @@
 /* The quantization passes and the exact mode's finite check. */
-#include "qa_launch.cuh"
+#include "cuda_launch.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 
 template <int D, int DT> static void quantize_all(const QuantParams &qp, const qattn_problem &pb, void *stream)
 {
@@ -65,4 +65,4 @@ bool finite_scan(const ScanParams &sp, int dtype, void *stream)
     }
 }
 
-} // namespace qa
+QA_NAMESPACE_END

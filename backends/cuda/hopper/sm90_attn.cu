@@ -2,16 +2,12 @@
  * CUDA build; the kernels have bodies only in the sm_90a machine code, and
  * the planner selects them only on compute capability 9.0 when the library
  * was built with -Dnvcc_archs containing 90a (QA_SM90A_BUILT). */
-#include "qa_launch.cuh"
+#include "cuda_launch.cuh"
 #include "sm90_attn.cuh"
 #include "sm90_attn_ws.cuh"
 #include "sm90_attn_exact_ws.cuh"
 
-#ifndef QA_SM90A_BUILT
-#define QA_SM90A_BUILT 0
-#endif
-
-namespace qa {
+QA_NAMESPACE_BEGIN
 template <int D, bool F16ACC> static int sm90_fp8_launch(const AttnParams *p, int grid, void *stream, bool prepare)
 {
     auto fn = &sm90::attention_fp8_kernel<D, F16ACC>;
@@ -232,6 +228,4 @@ int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, bool tma, int 
     default: return 0;
     }
 }
-} // namespace qa
-
-extern "C" int qa_cuda_sm90a_built(void) { return QA_SM90A_BUILT; }
+QA_NAMESPACE_END

@@ -33,10 +33,10 @@
 #ifndef QA_SM90_ATTN_CUH
 #define QA_SM90_ATTN_CUH
 
-#include "qa_kernels.cuh"
+#include "cuda_kernels.cuh"
 #include "sm90_wgmma.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 namespace sm90 {
 
 constexpr int kWarpgroups = 2;
@@ -523,6 +523,6 @@ QA_UNROLL
 }
 
 } // namespace sm90
-} // namespace qa
+QA_NAMESPACE_END
 
 #endif

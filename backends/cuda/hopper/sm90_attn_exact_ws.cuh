@@ -19,7 +19,7 @@
 
 #include "sm90_attn_ws.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 namespace sm90 {
 
 /* INT8_QK: Q and K are the quantization pass's int8 rows (INT8_FP16 mode),
@@ -315,6 +315,6 @@ QA_UNROLL
 }
 
 } // namespace sm90
-} // namespace qa
+QA_NAMESPACE_END
 
 #endif

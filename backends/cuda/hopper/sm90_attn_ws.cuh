@@ -36,7 +36,7 @@
 
 #include "sm90_attn.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 namespace sm90 {
 
 /* The CTA of both TMA kernels: a producer warpgroup and two consumer
@@ -529,6 +529,6 @@ QA_UNROLL
 }
 
 } // namespace sm90
-} // namespace qa
+QA_NAMESPACE_END
 
 #endif

@@ -2,8 +2,8 @@
 #ifndef QA_SM90_WGMMA_CUH
 #define QA_SM90_WGMMA_CUH
 #include <stdint.h>
-#include "qa_arch.cuh"
-namespace qa {
+#include "cuda_device.cuh"
+QA_NAMESPACE_BEGIN
 namespace sm90 {
 
 /* D(s32, 64x64) (+)= A(s8, smem, K-major) x B(s8, smem, K-major), k = 32 */
@@ -247,5 +247,5 @@ QA_DEV void wgmma_bf16_n256_rs_tb(float (&d)[128], const uint32_t (&a)[4], uint6
 }
 
 } // namespace sm90
-} // namespace qa
+QA_NAMESPACE_END
 #endif

@@ -1,8 +1,8 @@
 /*
- * The paged KV-cache kernels (bodies shared by the CUDA build and the CPU
- * emulator; see paged_device.cuh):
+ * The paged KV-cache kernels (namespace qa::paged; one source for the nvcc
+ * build and the CPU emulator, on the primitives of cuda_device.cuh):
  *
- *  - pa_attn_body: paged attention, decode and (chunked) prefill. A block of
+ *  - attention_body: paged attention, decode and (chunked) prefill. A block of
  *    4 warps takes one (sequence, KV head, query tile, key split). Its rows are
  *    the query heads of the GQA group times the queries (row = query * group +
  *    member), so every K/V row read from memory serves the whole group. Keys
@@ -14,93 +14,100 @@
  *    accumulators. Decode (16 rows or fewer) gives each warp its own 16 keys of
  *    a stage and merges the four warps' states at the end; prefill gives each
  *    warp its own 16 rows.
- *  - pa_check_body: the page-table check and the Q finite scan (status words).
- *  - pa_merge_body: the exact LSE merge (split-KV partials, qattn_merge_states).
- *  - pa_append_check_body / pa_append_write_body: reshape_and_cache.
+ *  - check_body: the page-table check and the Q finite scan (status words).
+ *  - merge_body: the exact LSE merge (split-KV partials, qattn_merge_states).
+ *  - append_check_body / append_write_body: reshape_and_cache.
  */
-#ifndef QATTN_PAGED_KERNELS_CUH
-#define QATTN_PAGED_KERNELS_CUH
+#ifndef QA_CUDA_PAGED_KERNELS_CUH
+#define QA_CUDA_PAGED_KERNELS_CUH
 
-#include "internal.h"
-#include "paged_device.cuh"
-#include "paged_params.h"
+#include "cuda_device.cuh"
+#include "cuda_internal.h"
 
-#define PA_LN2 0.69314718055994531f
+QA_NAMESPACE_BEGIN
+namespace paged {
 
-PA_HOST_DEV float pa_inf() { return pa_u2f(0x7f800000u); }
+constexpr float kLn2 = 0.69314718055994531f;
 
-PA_HOST_DEV int pa_min(int a, int b) { return a < b ? a : b; }
-PA_HOST_DEV int pa_max(int a, int b) { return a > b ? a : b; }
-PA_HOST_DEV long long pa_min64(long long a, long long b) { return a < b ? a : b; }
-PA_HOST_DEV int pa_clamp(int x, int lo, int hi) { return x < lo ? lo : x > hi ? hi : x; }
-PA_HOST_DEV long long pa_clamp64(long long x, long long lo, long long hi) { return x < lo ? lo : x > hi ? hi : x; }
+QA_HOSTDEV int imin(int a, int b) { return a < b ? a : b; }
+QA_HOSTDEV int imax(int a, int b) { return a > b ? a : b; }
+QA_HOSTDEV long long min64(long long a, long long b) { return a < b ? a : b; }
+
+/* D = A * B + D, m16n8k16, fp32 accumulators; BF16 picks bf16 operands. */
+template <bool BF16> QA_DEV void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
+{
+    const uint32_t b[2] = {b0, b1};
+    if (BF16)
+        mma_bf16_f32(c, a, b);
+    else
+        mma_f16_f32(c, a, b);
+}
 
 /* ------------------------------------------------------- element access */
 
-PA_DEV float pa_load_elem(const void *base, int elem, long long i)
+QA_DEV float load_elem(const void *base, int elem, long long i)
 {
-    if (elem == PA_ELEM_F16)
-        return pa_f16_to_f32(((const uint16_t *)base)[i]);
-    if (elem == PA_ELEM_BF16)
-        return pa_bf16_to_f32(((const uint16_t *)base)[i]);
+    if (elem == QA_ELEM_F16)
+        return f16_to_f32(((const uint16_t *)base)[i]);
+    if (elem == QA_ELEM_BF16)
+        return bf16_to_f32(((const uint16_t *)base)[i]);
     return ((const float *)base)[i];
 }
 
-PA_DEV void pa_store_elem(void *base, int elem, long long i, float x)
+QA_DEV void store_elem(void *base, int elem, long long i, float x)
 {
-    if (elem == PA_ELEM_F16)
-        ((uint16_t *)base)[i] = pa_f32_to_f16(x);
-    else if (elem == PA_ELEM_BF16)
-        ((uint16_t *)base)[i] = pa_f32_to_bf16(x);
+    if (elem == QA_ELEM_F16)
+        ((uint16_t *)base)[i] = f16_bits(x);
+    else if (elem == QA_ELEM_BF16)
+        ((uint16_t *)base)[i] = bf16_bits(x);
     else
         ((float *)base)[i] = x;
 }
 
 /* Integer test, immune to fast-math: not NaN and not +-Inf. */
-PA_DEV bool pa_elem_finite(const void *base, int elem, long long i)
+QA_DEV bool elem_finite(const void *base, int elem, long long i)
 {
-    if (elem == PA_ELEM_F16)
+    if (elem == QA_ELEM_F16)
         return (((const uint16_t *)base)[i] & 0x7c00u) != 0x7c00u;
-    if (elem == PA_ELEM_BF16)
+    if (elem == QA_ELEM_BF16)
         return (((const uint16_t *)base)[i] & 0x7f80u) != 0x7f80u;
     return (((const uint32_t *)base)[i] & 0x7f800000u) != 0x7f800000u;
 }
-PA_DEV bool pa_finite(float x) { return (pa_f2u(x) & 0x7f800000u) != 0x7f800000u; }
 
 /* ------------------------------------------------------ attention config */
 
-template <int FMT> struct pa_traits {
-    static constexpr int ES = (FMT == PA_FMT_F16 || FMT == PA_FMT_BF16) ? 2 : 1; /* bytes per cached element */
+template <int FMT> struct Traits {
+    static constexpr int ES = (FMT == QATTN_KV_FMT_F16 || FMT == QATTN_KV_FMT_BF16) ? 2 : 1; /* bytes per cached element */
     static constexpr bool EIGHT = ES == 1;
-    static constexpr bool BF16 = FMT == PA_FMT_BF16;  /* bf16 MMA operands (else f16) */
-    static constexpr bool FP8 = FMT == PA_FMT_FP8;
-    static constexpr bool ROW = FMT == PA_FMT_I8_ROW; /* a scale per cached row */
-    static constexpr bool HEAD = FMT == PA_FMT_FP8 || FMT == PA_FMT_I8;
+    static constexpr bool BF16 = FMT == QATTN_KV_FMT_BF16;  /* bf16 MMA operands (else f16) */
+    static constexpr bool FP8 = FMT == QATTN_KV_FMT_FP8;
+    static constexpr bool ROW = FMT == QATTN_KV_FMT_I8_ROW; /* a scale per cached row */
+    static constexpr bool HEAD = FMT == QATTN_KV_FMT_FP8 || FMT == QATTN_KV_FMT_I8;
 };
 
-PA_HOST_DEV constexpr int pa_row_bytes(int fmt, int d) { return d * (fmt == PA_FMT_F16 || fmt == PA_FMT_BF16 ? 2 : 1); }
+QA_HOSTDEV constexpr int row_bytes(int fmt, int d) { return d * (fmt == QATTN_KV_FMT_F16 || fmt == QATTN_KV_FMT_BF16 ? 2 : 1); }
 /* One stage: a K tile and a V tile of 64 rows, plus their per-row scales. */
-PA_HOST_DEV constexpr int pa_stage_bytes(int fmt, int d)
+QA_HOSTDEV constexpr int stage_bytes(int fmt, int d)
 {
-    return 2 * PA_KEY_TILE * pa_row_bytes(fmt, d) + (fmt == PA_FMT_I8_ROW ? 2 * PA_KEY_TILE * 4 : 0);
+    return 2 * QA_PAGED_KEY_TILE * row_bytes(fmt, d) + (fmt == QATTN_KV_FMT_I8_ROW ? 2 * QA_PAGED_KEY_TILE * 4 : 0);
 }
 /* Stages in flight: up to 96 KiB of them, at least 2, at most 4. */
-PA_HOST_DEV constexpr int pa_stages(int fmt, int d)
+QA_HOSTDEV constexpr int stages(int fmt, int d)
 {
-    return 98304 / pa_stage_bytes(fmt, d) < 2 ? 2 : 98304 / pa_stage_bytes(fmt, d) > 4 ? 4 : 98304 / pa_stage_bytes(fmt, d);
+    return 98304 / stage_bytes(fmt, d) < 2 ? 2 : 98304 / stage_bytes(fmt, d) > 4 ? 4 : 98304 / stage_bytes(fmt, d);
 }
 
 /* Dynamic shared memory of the attention kernel: the stages (reused at the
  * end for the warps' partial states), Q as fp32 rows, per-row Q multipliers,
  * and the low parts of Q's fragments when Q does not fit the operand type. */
-typedef struct pa_smem_layout {
+typedef struct SmemLayout {
     int q, qmul, qlo, total;
-} pa_smem_layout;
+} SmemLayout;
 
-PA_HOST_DEV pa_smem_layout pa_attn_smem(int fmt, int d, int row_warps, int need_lo)
+QA_HOSTDEV SmemLayout attention_smem(int fmt, int d, int row_warps, int need_lo)
 {
-    pa_smem_layout l;
-    l.q = pa_stages(fmt, d) * pa_stage_bytes(fmt, d);
+    SmemLayout l;
+    l.q = stages(fmt, d) * stage_bytes(fmt, d);
     l.qmul = l.q + 16 * row_warps * (d + 4) * 4;
     l.qlo = l.qmul + 64 * 4;
     l.total = l.qlo + (need_lo ? 4 * (d / 16) * 32 * 16 : 0);
@@ -109,73 +116,73 @@ PA_HOST_DEV pa_smem_layout pa_attn_smem(int fmt, int d, int row_warps, int need_
 
 /* Row swizzle of the 16-byte chunks in a K/V tile: the 8 rows an ldmatrix
  * phase reads land in 8 different bank groups. */
-template <int CPR> PA_DEV int pa_swizzle(int row) { return CPR >= 8 ? (row & 7) : ((row >> 1) & 3); }
+template <int CPR> QA_DEV int swizzle(int row) { return CPR >= 8 ? (row & 7) : ((row >> 1) & 3); }
 
 /* Four 8-bit codes of one cached row (4 consecutive dims) to two f16 pairs. */
-template <bool FP8> PA_DEV void pa_decode4(uint32_t w, uint32_t &lo, uint32_t &hi)
+template <bool FP8> QA_DEV void decode4(uint32_t w, uint32_t &lo, uint32_t &hi)
 {
     if (FP8) {
-        lo = pa_e4m3x2_to_f16x2(w & 0xffffu);
-        hi = pa_e4m3x2_to_f16x2(w >> 16);
+        lo = e4m3x2_to_f16x2(w & 0xffffu);
+        hi = e4m3x2_to_f16x2(w >> 16);
     } else { /* f16 with bits 0x64xx is 1024 + xx: bias the codes by 128, subtract 1152 */
         uint32_t x = w ^ 0x80808080u;
-        lo = pa_hsub2(pa_prmt(x, 0x64646464u, 0x4140), 0x64806480u);
-        hi = pa_hsub2(pa_prmt(x, 0x64646464u, 0x4342), 0x64806480u);
+        lo = hsub2(prmt(x, 0x64646464u, 0x4140), 0x64806480u);
+        hi = hsub2(prmt(x, 0x64646464u, 0x4342), 0x64806480u);
     }
 }
 
 /* An f16 pair of keys (low: byte `sel` 0, high: byte `sel` 2 of x) for one dim: V fragments. */
-template <bool FP8> PA_DEV void pa_decode_pairs(uint32_t a, uint32_t c, uint32_t b[2][2])
+template <bool FP8> QA_DEV void decode_pairs(uint32_t a, uint32_t c, uint32_t b[2][2])
 {
     /* a: keys 2t, 2t+1 (bytes: k2t d, k2t d+1, k2t+1 d, k2t+1 d+1); c: keys 2t+8, 2t+9, same dims.
      * b[e][0]: keys (2t, 2t+1) of dim d+e; b[e][1]: keys (2t+8, 2t+9). */
     if (FP8) {
-        uint32_t even = pa_prmt(a, c, 0x6420), odd = pa_prmt(a, c, 0x7531);
-        b[0][0] = pa_e4m3x2_to_f16x2(even & 0xffffu);
-        b[0][1] = pa_e4m3x2_to_f16x2(even >> 16);
-        b[1][0] = pa_e4m3x2_to_f16x2(odd & 0xffffu);
-        b[1][1] = pa_e4m3x2_to_f16x2(odd >> 16);
+        uint32_t even = prmt(a, c, 0x6420), odd = prmt(a, c, 0x7531);
+        b[0][0] = e4m3x2_to_f16x2(even & 0xffffu);
+        b[0][1] = e4m3x2_to_f16x2(even >> 16);
+        b[1][0] = e4m3x2_to_f16x2(odd & 0xffffu);
+        b[1][1] = e4m3x2_to_f16x2(odd >> 16);
     } else {
         uint32_t xa = a ^ 0x80808080u, xc = c ^ 0x80808080u;
-        b[0][0] = pa_hsub2(pa_prmt(xa, 0x64646464u, 0x4240), 0x64806480u);
-        b[0][1] = pa_hsub2(pa_prmt(xc, 0x64646464u, 0x4240), 0x64806480u);
-        b[1][0] = pa_hsub2(pa_prmt(xa, 0x64646464u, 0x4341), 0x64806480u);
-        b[1][1] = pa_hsub2(pa_prmt(xc, 0x64646464u, 0x4341), 0x64806480u);
+        b[0][0] = hsub2(prmt(xa, 0x64646464u, 0x4240), 0x64806480u);
+        b[0][1] = hsub2(prmt(xc, 0x64646464u, 0x4240), 0x64806480u);
+        b[1][0] = hsub2(prmt(xa, 0x64646464u, 0x4341), 0x64806480u);
+        b[1][1] = hsub2(prmt(xc, 0x64646464u, 0x4341), 0x64806480u);
     }
 }
 
-template <bool BF16> PA_DEV uint32_t pa_pack(float x, float y) { return BF16 ? pa_pack_bf16(x, y) : pa_pack_f16(x, y); }
-template <bool BF16> PA_DEV float pa_half_value(uint32_t r, int part)
+template <bool BF16> QA_DEV uint32_t pack(float x, float y) { return BF16 ? pack_bf16x2(x, y) : pack_f16x2(x, y); }
+template <bool BF16> QA_DEV float half_value(uint32_t r, int part)
 {
     uint16_t h = (uint16_t)(r >> (16 * part));
-    return BF16 ? pa_bf16_to_f32(h) : pa_f16_to_f32(h);
+    return BF16 ? bf16_to_f32(h) : f16_to_f32(h);
 }
 
 /* Head dim of output column n (0..7) of accumulator tile nt. 16-bit V: the
  * natural order. 8-bit V: tiles come in (32-dim block, 16-dim half, parity). */
-template <bool EIGHT> PA_DEV int pa_out_dim(int nt, int n)
+template <bool EIGHT> QA_DEV int out_dim(int nt, int n)
 {
     return EIGHT ? 32 * (nt >> 2) + 16 * ((nt >> 1) & 1) + 2 * n + (nt & 1) : 8 * nt + n;
 }
 
 /* -------------------------------------------------------------- attention */
 
-template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
+template <int FMT, int D> QA_DEV void attention_body(const qa_paged_attn_params &p)
 {
-    typedef pa_traits<FMT> T;
-    constexpr int ES = T::ES, ROWB = D * ES, CPR = ROWB / 16, KT = PA_KEY_TILE;
-    constexpr int RSTEP = PA_THREADS / CPR, NR = KT / RSTEP; /* rows per copy pass; rows a thread copies */
-    constexpr int TILEB = KT * ROWB, STAGEB = pa_stage_bytes(FMT, D), NS = pa_stages(FMT, D);
+    typedef Traits<FMT> T;
+    constexpr int ES = T::ES, ROWB = D * ES, CPR = ROWB / 16, KT = QA_PAGED_KEY_TILE;
+    constexpr int RSTEP = QA_PAGED_THREADS / CPR, NR = KT / RSTEP; /* rows per copy pass; rows a thread copies */
+    constexpr int TILEB = KT * ROWB, STAGEB = stage_bytes(FMT, D), NS = stages(FMT, D);
     constexpr int NKS = D / 16, NNT = D / 8, QLD = D + 4;
-    static_assert(CPR >= 4 && CPR <= PA_THREADS && PA_THREADS == 2 * KT, "tile geometry");
+    static_assert(CPR >= 4 && CPR <= QA_PAGED_THREADS && QA_PAGED_THREADS == 2 * KT, "tile geometry");
     static_assert(4 * 16 * D * 4 + 3 * 64 * 4 <= NS * STAGEB, "the warps' states fit in the stages");
-    const float inf = pa_inf();
+    const float inf = inf_f32();
 
     if (p.status && (p.status[QATTN_STATUS_NONFINITE] | p.status[QATTN_STATUS_BOUNDS]))
         return; /* the check found bad tables or a non-finite Q: write nothing */
 
-    const pa_tables &tb = p.tab;
-    long long item = pa_bid();
+    const qa_paged_tables &tb = p.tab;
+    long long item = block_x();
     const int split = (int)(item % p.splits);
     item /= p.splits;
     const int qt = (int)(item % p.q_tiles);
@@ -185,33 +192,33 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
     const int P = tb.page_size, G = p.group;
 
     /* The sequence, clamped so that bad tables (unchecked) never read outside the buffers. */
-    const int q0 = pa_clamp(tb.qo_indptr[b], 0, tb.total_q);
-    const int q1 = pa_clamp(tb.qo_indptr[b + 1], q0, tb.total_q);
-    const int q_len = pa_min(q1 - q0, tb.max_q_len);
+    const int q0 = clamp<int>(tb.qo_indptr[b], 0, tb.total_q);
+    const int q1 = clamp<int>(tb.qo_indptr[b + 1], q0, tb.total_q);
+    const int q_len = imin(q1 - q0, tb.max_q_len);
     long long p0 = 0;
     int kv_len;
     if (tb.dense) {
-        kv_len = pa_clamp(tb.seq_lens[b], 0, tb.max_pages * P);
+        kv_len = clamp<int>(tb.seq_lens[b], 0, tb.max_pages * P);
     } else {
-        p0 = pa_clamp64(tb.indptr[b], 0, tb.indices_count);
-        long long p1 = pa_clamp64(tb.indptr[b + 1], p0, tb.indices_count);
-        int pages = (int)pa_min64(p1 - p0, tb.max_pages);
-        kv_len = pages ? (pages - 1) * P + pa_clamp(tb.last_page_len[b], 1, P) : 0;
+        p0 = clamp<long long>(tb.indptr[b], 0, tb.indices_count);
+        long long p1 = clamp<long long>(tb.indptr[b + 1], p0, tb.indices_count);
+        int pages = (int)min64(p1 - p0, tb.max_pages);
+        kv_len = pages ? (pages - 1) * P + clamp<int>(tb.last_page_len[b], 1, P) : 0;
     }
     const int RT = 16 * p.row_warps, WK = 4 / p.row_warps;
-    const int row_base = qt * RT, rows = pa_min(RT, q_len * G - row_base);
+    const int row_base = qt * RT, rows = imin(RT, q_len * G - row_base);
     if (rows <= 0)
         return;
     const long long span = (long long)p.pages_per_split * P;
-    const int kb = (int)pa_min64((long long)split * span, kv_len);
-    int ke = (int)pa_min64((long long)(split + 1) * span, kv_len);
+    const int kb = (int)min64((long long)split * span, kv_len);
+    int ke = (int)min64((long long)(split + 1) * span, kv_len);
     if (p.causal) /* the tile's last query sees the most keys */
-        ke = pa_min(ke, pa_max(kb, (row_base + rows - 1) / G + 1 + kv_len - q_len));
+        ke = imin(ke, imax(kb, (row_base + rows - 1) / G + 1 + kv_len - q_len));
     const int ntiles = (ke - kb + KT - 1) / KT;
 
-    uint8_t *const smem = pa_smem();
-    const pa_smem_layout lay = pa_attn_smem(FMT, D, p.row_warps, p.need_lo);
-    const int tid = pa_tid();
+    uint8_t *const smem = dynamic_smem();
+    const SmemLayout lay = attention_smem(FMT, D, p.row_warps, p.need_lo);
+    const int tid = qa::tid();
 
     /* --- the copy pipeline: thread tid copies chunk tid % CPR of NR rows per tile */
     const int ld_chunk = tid % CPR, ld_row0 = tid / CPR;
@@ -219,7 +226,7 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
     /* The sequence's page list: row b of the dense table, or its CSR slice. */
     const int32_t *const page_list = tb.dense ? tb.block_table + (long long)b * tb.max_pages : tb.indices + p0;
     auto page_index = [&](int j) -> int { /* j / P without a division */
-        return p.page_div_mul ? (int)(pa_umulhi((uint32_t)j, p.page_div_mul) >> p.page_div_shr) : j;
+        return p.page_div_mul ? (int)(umulhi((uint32_t)j, p.page_div_mul) >> p.page_div_shr) : j;
     };
     int ld_page[NR]; /* raw page ids of the next tile to copy (clamped when used) */
     int sc_page = 0;
@@ -227,9 +234,9 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
         /* All loads issued together, branch-free (rows past the range re-read the last
          * valid entry); nothing uses them before the next tile's copies are issued. */
         for (int k = 0; k < NR; k++)
-            ld_page[k] = pa_load_early(page_list + page_index(pa_min(kb + u * KT + ld_row0 + k * RSTEP, ke - 1)));
+            ld_page[k] = load_early(page_list + page_index(imin(kb + u * KT + ld_row0 + k * RSTEP, ke - 1)));
         if (T::ROW)
-            sc_page = pa_load_early(page_list + page_index(pa_min(kb + u * KT + (tid & (KT - 1)), ke - 1)));
+            sc_page = load_early(page_list + page_index(imin(kb + u * KT + (tid & (KT - 1)), ke - 1)));
     };
     auto issue = [&](int u) {
         uint8_t *st = smem + (u % NS) * STAGEB;
@@ -237,20 +244,20 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
             int r = ld_row0 + k * RSTEP, j = kb + u * KT + r;
             bool valid = j < ke; /* rows past the range are zero-filled, never read */
             int off = valid ? j - page_index(j) * P : 0;
-            int page = pa_clamp(ld_page[k], 0, tb.num_pages - 1); /* unchecked tables never reach outside */
+            int page = clamp<int>(ld_page[k], 0, tb.num_pages - 1); /* unchecked tables never reach outside */
             long long at = ((long long)page * p.page_stride + (long long)off * p.tok_stride + head_off) * ES +
                            ld_chunk * 16;
-            int dst = r * ROWB + ((ld_chunk ^ pa_swizzle<CPR>(r)) << 4);
-            pa_cp16(st + dst, valid ? p.k + at : p.k, valid);
-            pa_cp16(st + TILEB + dst, valid ? p.v + at : p.v, valid);
+            int dst = r * ROWB + ((ld_chunk ^ swizzle<CPR>(r)) << 4);
+            cp_async16(st + dst, valid ? p.k + at : p.k, valid);
+            cp_async16(st + TILEB + dst, valid ? p.v + at : p.v, valid);
         }
         if (T::ROW) { /* threads 0..63: K scales of rows 0..63; 64..127: V scales */
             int r = tid & (KT - 1), j = kb + u * KT + r;
             bool valid = j < ke;
             int off = valid ? j - page_index(j) * P : 0;
-            int page = pa_clamp(sc_page, 0, tb.num_pages - 1);
+            int page = clamp<int>(sc_page, 0, tb.num_pages - 1);
             const float *src = (tid < KT ? p.k_scale : p.v_scale) + ((long long)page * P + off) * p.heads_kv + hk;
-            pa_cp4(st + 2 * TILEB + (tid < KT ? 0 : KT * 4) + r * 4, valid ? src : p.k_scale, valid);
+            cp_async4(st + 2 * TILEB + (tid < KT ? 0 : KT * 4) + r * 4, valid ? src : p.k_scale, valid);
         }
     };
     if (ntiles > 0)
@@ -260,44 +267,44 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
             issue(s);
             fetch_pages(s + 1);
         }
-        pa_cp_commit();
+        cp_async_commit();
     }
 
     /* --- Q: stage the tile's rows as fp32, scale each row by a power of two so
      * it fits f16's range (not needed for f16 Q or bf16 operands), split into the
      * MMA operand type plus a low part when that type cannot hold Q exactly. */
     float *qs = (float *)(smem + lay.q), *qmul = (float *)(smem + lay.qmul);
-    for (int idx = tid; idx < RT * D; idx += PA_THREADS) {
+    for (int idx = tid; idx < RT * D; idx += QA_PAGED_THREADS) {
         int r = idx / D, d = idx - r * D;
         float x = 0.f;
         if (r < rows) {
             int pr = row_base + r, i = pr / G, member = pr - i * G;
-            x = pa_load_elem(p.q, p.q_elem,
+            x = load_elem(p.q, p.q_elem,
                              (long long)(q0 + i) * p.q_stride0 + (long long)(hk * G + member) * p.q_stride1 + d);
         }
         qs[r * QLD + d] = x;
     }
-    pa_sync();
-    if (!T::BF16 && p.q_elem != PA_ELEM_F16) {
+    sync_block();
+    if (!T::BF16 && p.q_elem != QA_ELEM_F16) {
         /* each row's amax over 128 / RT consecutive lanes, then a shuffle reduction among them */
-        const int lanes = PA_THREADS / RT, row = tid / lanes, sub = tid % lanes;
+        const int lanes = QA_PAGED_THREADS / RT, row = tid / lanes, sub = tid % lanes;
         float amax = 0.f;
         for (int d = sub; d < D; d += lanes)
             amax = fmaxf(amax, fabsf(qs[row * QLD + d]));
         for (int m = 1; m < lanes; m <<= 1)
-            amax = fmaxf(amax, pa_shfl_xor_f(amax, m));
+            amax = fmaxf(amax, shfl_xor(amax, m));
         float mul = 1.f;
-        if (amax > 0.f && pa_finite(amax)) {
+        if (amax > 0.f && is_finite(amax)) {
             int ex;
             frexpf(amax, &ex); /* amax in [2^(ex-1), 2^ex): bring it to [2^13, 2^14) */
-            mul = ldexpf(1.f, pa_min(14 - ex, 100));
+            mul = ldexpf(1.f, imin(14 - ex, 100));
         }
         if (sub == 0)
             qmul[row] = mul;
     } else if (tid < RT) {
         qmul[tid] = 1.f;
     }
-    pa_sync();
+    sync_block();
 
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int wm = warp / WK, wk = warp % WK;
@@ -311,18 +318,18 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
             int row = (ri & 1) ? r1 : r0;
             int d = T::EIGHT ? 16 * ks + 4 * t + 2 * (ri >> 1) : 16 * ks + 2 * t + 8 * (ri >> 1);
             float x0 = qs[row * QLD + d] * qmul[row], x1 = qs[row * QLD + d + 1] * qmul[row];
-            uint32_t hi = pa_pack<T::BF16>(x0, x1);
+            uint32_t hi = pack<T::BF16>(x0, x1);
             qa[ks][ri] = hi;
             if (p.need_lo)
                 qlo[(ks * 32 + lane) * 4 + ri] =
-                    pa_pack<T::BF16>(x0 - pa_half_value<T::BF16>(hi, 0), x1 - pa_half_value<T::BF16>(hi, 1));
+                    pack<T::BF16>(x0 - half_value<T::BF16>(hi, 0), x1 - half_value<T::BF16>(hi, 1));
         }
     const float k_head = T::HEAD ? p.k_scale[hk] : 1.f;
     const float qm0 = p.scale_log2 * k_head / qmul[r0], qm1 = p.scale_log2 * k_head / qmul[r1];
     auto row_end = [&](int r) -> int { /* keys of row r: [kb, end) */
         if (!p.causal || r >= rows)
             return ke;
-        return pa_min(ke, (row_base + r) / G + 1 + kv_len - q_len);
+        return imin(ke, (row_base + r) / G + 1 + kv_len - q_len);
     };
     const int kend0 = row_end(r0), kend1 = row_end(r1);
 
@@ -335,16 +342,16 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
     const int mi = lane >> 3, r8 = lane & 7;
     const int k_row = T::EIGHT ? (mi & 1) * 8 + r8 : (mi >> 1) * 8 + r8, k_cadd = T::EIGHT ? (mi >> 1) : (mi & 1);
     const int v_row = (mi & 1) * 8 + r8, v_cadd = mi >> 1;
-    const int swz = pa_swizzle<CPR>(r8);
+    const int swz = swizzle<CPR>(r8);
 
     for (int u = 0; u < ntiles; u++) {
-        pa_cp_wait<NS - 2>();
-        pa_sync(); /* tile u has landed for all threads; everyone is done with tile u - 1's stage */
+        cp_async_wait<NS - 2>();
+        sync_block(); /* tile u has landed for all threads; everyone is done with tile u - 1's stage */
         if (u + NS - 1 < ntiles) {
             issue(u + NS - 1);
             fetch_pages(u + NS);
         }
-        pa_cp_commit();
+        cp_async_commit();
         const uint8_t *kt = smem + (u % NS) * STAGEB, *vt = kt + TILEB;
         const float *ksc = (const float *)(kt + 2 * TILEB), *vsc = ksc + KT;
 
@@ -361,30 +368,30 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
                 for (int ks = 0; ks < NKS; ks++) {
                     uint32_t kf[4];
                     float(*acc)[4] = (ks & 1) ? s_odd : s;
-                    pa_ldsm_x4(kf, krow + (((2 * ks + k_cadd) ^ swz) << 4));
-                    pa_mma<T::BF16>(acc[0], qa[ks], kf[0], kf[1]);
-                    pa_mma<T::BF16>(acc[1], qa[ks], kf[2], kf[3]);
+                    ldsm_x4(kf, smem_addr(krow + (((2 * ks + k_cadd) ^ swz) << 4)));
+                    mma16816<T::BF16>(acc[0], qa[ks], kf[0], kf[1]);
+                    mma16816<T::BF16>(acc[1], qa[ks], kf[2], kf[3]);
                     if (p.need_lo) {
                         const uint32_t *lo = qlo + (ks * 32 + lane) * 4;
                         uint32_t a[4] = {lo[0], lo[1], lo[2], lo[3]};
-                        pa_mma<T::BF16>(acc[0], a, kf[0], kf[1]);
-                        pa_mma<T::BF16>(acc[1], a, kf[2], kf[3]);
+                        mma16816<T::BF16>(acc[0], a, kf[0], kf[1]);
+                        mma16816<T::BF16>(acc[1], a, kf[2], kf[3]);
                     }
                 }
             } else {
                 for (int c2 = 0; c2 < D / 32; c2++) {
                     uint32_t kf[4];
-                    pa_ldsm_x4(kf, krow + (((2 * c2 + k_cadd) ^ swz) << 4));
+                    ldsm_x4(kf, smem_addr(krow + (((2 * c2 + k_cadd) ^ swz) << 4)));
                     for (int q = 0; q < 4; q++) { /* matrix q: keys 8 * (q & 1) .., k-step 2 * c2 + q / 2 */
                         uint32_t b0, b1;
-                        pa_decode4<T::FP8>(kf[q], b0, b1);
+                        decode4<T::FP8>(kf[q], b0, b1);
                         const int ks = 2 * c2 + (q >> 1), nt = q & 1;
                         float *acc = (q >> 1) ? s_odd[nt] : s[nt];
-                        pa_mma<false>(acc, qa[ks], b0, b1);
+                        mma16816<false>(acc, qa[ks], b0, b1);
                         if (p.need_lo) {
                             const uint32_t *lo = qlo + (ks * 32 + lane) * 4;
                             uint32_t a[4] = {lo[0], lo[1], lo[2], lo[3]};
-                            pa_mma<false>(acc, a, b0, b1);
+                            mma16816<false>(acc, a, b0, b1);
                         }
                     }
                 }
@@ -408,17 +415,17 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
                 }
             float alpha[2], base[2];
             for (int h = 0; h < 2; h++) {
-                mx[h] = fmaxf(mx[h], pa_shfl_xor_f(mx[h], 1));
-                mx[h] = fmaxf(mx[h], pa_shfl_xor_f(mx[h], 2));
+                mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 1));
+                mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 2));
                 float m_new = fmaxf(m_run[h], mx[h]);
                 base[h] = m_new == -inf ? 0.f : m_new; /* a row that has seen no key yet */
-                alpha[h] = pa_exp2(m_run[h] - base[h]);
+                alpha[h] = ex2(m_run[h] - base[h]);
                 m_run[h] = m_new;
             }
             float pr[2][4], lsum[2] = {0.f, 0.f};
             for (int nt = 0; nt < 2; nt++)
                 for (int e = 0; e < 4; e++) {
-                    pr[nt][e] = pa_exp2(s[nt][e] - base[e >> 1]);
+                    pr[nt][e] = ex2(s[nt][e] - base[e >> 1]);
                     lsum[e >> 1] += pr[nt][e];
                 }
             l_run[0] = l_run[0] * alpha[0] + lsum[0];
@@ -429,21 +436,21 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
                 float my[2] = {-inf, -inf};
                 for (int nt = 0; nt < 2; nt++)
                     for (int e = 0; e < 4; e++) {
-                        float y = s[nt][e] + pa_log2(vsc[kg * 16 + nt * 8 + 2 * t + (e & 1)]);
+                        float y = s[nt][e] + lg2(vsc[kg * 16 + nt * 8 + 2 * t + (e & 1)]);
                         pr[nt][e] = y;
                         my[e >> 1] = fmaxf(my[e >> 1], y);
                     }
                 for (int h = 0; h < 2; h++) {
-                    my[h] = fmaxf(my[h], pa_shfl_xor_f(my[h], 1));
-                    my[h] = fmaxf(my[h], pa_shfl_xor_f(my[h], 2));
+                    my[h] = fmaxf(my[h], shfl_xor(my[h], 1));
+                    my[h] = fmaxf(my[h], shfl_xor(my[h], 2));
                     float mo_new = fmaxf(mo_run[h], my[h]);
                     base[h] = mo_new == -inf ? 0.f : mo_new;
-                    alpha[h] = pa_exp2(mo_run[h] - base[h]);
+                    alpha[h] = ex2(mo_run[h] - base[h]);
                     mo_run[h] = mo_new;
                 }
                 for (int nt = 0; nt < 2; nt++)
                     for (int e = 0; e < 4; e++)
-                        pr[nt][e] = pa_exp2(pr[nt][e] - base[e >> 1]);
+                        pr[nt][e] = ex2(pr[nt][e] - base[e >> 1]);
             }
             if (alpha[0] != 1.f || alpha[1] != 1.f) /* once the maxima settle, most groups skip this */
                 for (int nt = 0; nt < NNT; nt++) {
@@ -453,14 +460,14 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
                     o[nt][3] *= alpha[1];
                 }
             /* P as the A operand: registers (row g, keys 2t..), (row g+8, ..), (row g, keys 8+2t..), (row g+8, ..) */
-            uint32_t pa[4] = {pa_pack<T::BF16>(pr[0][0], pr[0][1]), pa_pack<T::BF16>(pr[0][2], pr[0][3]),
-                              pa_pack<T::BF16>(pr[1][0], pr[1][1]), pa_pack<T::BF16>(pr[1][2], pr[1][3])};
-            uint32_t pa_lo[4] = {0, 0, 0, 0};
+            uint32_t pa[4] = {pack<T::BF16>(pr[0][0], pr[0][1]), pack<T::BF16>(pr[0][2], pr[0][3]),
+                              pack<T::BF16>(pr[1][0], pr[1][1]), pack<T::BF16>(pr[1][2], pr[1][3])};
+            uint32_t p_lo[4] = {0, 0, 0, 0};
             if (T::BF16) { /* bf16 keeps 8 bits: carry P's next 8 in a second operand */
-                pa_lo[0] = pa_pack<true>(pr[0][0] - pa_half_value<true>(pa[0], 0), pr[0][1] - pa_half_value<true>(pa[0], 1));
-                pa_lo[1] = pa_pack<true>(pr[0][2] - pa_half_value<true>(pa[1], 0), pr[0][3] - pa_half_value<true>(pa[1], 1));
-                pa_lo[2] = pa_pack<true>(pr[1][0] - pa_half_value<true>(pa[2], 0), pr[1][1] - pa_half_value<true>(pa[2], 1));
-                pa_lo[3] = pa_pack<true>(pr[1][2] - pa_half_value<true>(pa[3], 0), pr[1][3] - pa_half_value<true>(pa[3], 1));
+                p_lo[0] = pack<true>(pr[0][0] - half_value<true>(pa[0], 0), pr[0][1] - half_value<true>(pa[0], 1));
+                p_lo[1] = pack<true>(pr[0][2] - half_value<true>(pa[1], 0), pr[0][3] - half_value<true>(pa[1], 1));
+                p_lo[2] = pack<true>(pr[1][0] - half_value<true>(pa[2], 0), pr[1][1] - half_value<true>(pa[2], 1));
+                p_lo[3] = pack<true>(pr[1][2] - half_value<true>(pa[3], 0), pr[1][3] - half_value<true>(pa[3], 1));
             }
 
             /* O += P V */
@@ -468,49 +475,49 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
             if (!T::EIGHT) {
                 for (int j = 0; j < D / 16; j++) {
                     uint32_t vf[4];
-                    pa_ldsm_x4_t(vf, vrow + (((2 * j + v_cadd) ^ swz) << 4));
-                    pa_mma<T::BF16>(o[2 * j], pa, vf[0], vf[1]);
-                    pa_mma<T::BF16>(o[2 * j + 1], pa, vf[2], vf[3]);
+                    ldsm_x4_t(vf, smem_addr(vrow + (((2 * j + v_cadd) ^ swz) << 4)));
+                    mma16816<T::BF16>(o[2 * j], pa, vf[0], vf[1]);
+                    mma16816<T::BF16>(o[2 * j + 1], pa, vf[2], vf[3]);
                     if (T::BF16) {
-                        pa_mma<true>(o[2 * j], pa_lo, vf[0], vf[1]);
-                        pa_mma<true>(o[2 * j + 1], pa_lo, vf[2], vf[3]);
+                        mma16816<true>(o[2 * j], p_lo, vf[0], vf[1]);
+                        mma16816<true>(o[2 * j + 1], p_lo, vf[2], vf[3]);
                     }
                 }
             } else {
                 for (int j = 0; j < D / 32; j++) {
                     uint32_t vf[4];
-                    pa_ldsm_x4_t(vf, vrow + (((2 * j + v_cadd) ^ swz) << 4));
+                    ldsm_x4_t(vf, smem_addr(vrow + (((2 * j + v_cadd) ^ swz) << 4)));
                     for (int h = 0; h < 2; h++) { /* h: the 16 dims of chunk 2j + h */
                         uint32_t bb[2][2];
-                        pa_decode_pairs<T::FP8>(vf[2 * h], vf[2 * h + 1], bb);
-                        pa_mma<false>(o[4 * j + 2 * h], pa, bb[0][0], bb[0][1]);
-                        pa_mma<false>(o[4 * j + 2 * h + 1], pa, bb[1][0], bb[1][1]);
+                        decode_pairs<T::FP8>(vf[2 * h], vf[2 * h + 1], bb);
+                        mma16816<false>(o[4 * j + 2 * h], pa, bb[0][0], bb[0][1]);
+                        mma16816<false>(o[4 * j + 2 * h + 1], pa, bb[1][0], bb[1][1]);
                     }
                 }
             }
         }
     }
-    pa_cp_wait<0>();
+    cp_async_wait<0>();
 
     /* --- merge the warps that shared rows, normalize, write */
     for (int h = 0; h < 2; h++) {
-        l_run[h] += pa_shfl_xor_f(l_run[h], 1);
-        l_run[h] += pa_shfl_xor_f(l_run[h], 2);
+        l_run[h] += shfl_xor(l_run[h], 1);
+        l_run[h] += shfl_xor(l_run[h], 2);
     }
-    pa_sync(); /* every warp is done with the stages: reuse them */
+    sync_block(); /* every warp is done with the stages: reuse them */
     float *osm = (float *)smem, *msm = osm + 4 * 16 * D, *lsm = msm + 64, *mosm = lsm + 64;
     for (int nt = 0; nt < NNT; nt++)
         for (int e = 0; e < 4; e++)
-            osm[(warp * 16 + g + 8 * (e >> 1)) * D + pa_out_dim<T::EIGHT>(nt, 2 * t + (e & 1))] = o[nt][e];
+            osm[(warp * 16 + g + 8 * (e >> 1)) * D + out_dim<T::EIGHT>(nt, 2 * t + (e & 1))] = o[nt][e];
     if (t == 0)
         for (int h = 0; h < 2; h++) {
             msm[warp * 16 + g + 8 * h] = m_run[h];
             lsm[warp * 16 + g + 8 * h] = l_run[h];
             mosm[warp * 16 + g + 8 * h] = T::ROW ? mo_run[h] : m_run[h];
         }
-    pa_sync();
+    sync_block();
     const float v_head = T::HEAD ? p.v_scale[hk] : 1.f;
-    for (int idx = tid; idx < rows * D; idx += PA_THREADS) {
+    for (int idx = tid; idx < rows * D; idx += QA_PAGED_THREADS) {
         const int r = idx / D, d = idx - r * D, grp = r >> 4, rr = r & 15;
         float M = -inf, MO = -inf;
         for (int w = 0; w < WK; w++) {
@@ -521,14 +528,14 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
         for (int w = 0; w < WK; w++) {
             const int at = (grp * WK + w) * 16 + rr;
             if (msm[at] != -inf)
-                L += lsm[at] * pa_exp2(msm[at] - M);
+                L += lsm[at] * ex2(msm[at] - M);
             if (mosm[at] != -inf)
-                acc += osm[at * D + d] * pa_exp2(mosm[at] - MO);
+                acc += osm[at * D + d] * ex2(mosm[at] - MO);
         }
         float out = 0.f, lse = -inf;
         if (L > 0.f) {
-            out = acc * pa_exp2(MO - M) * v_head / L;
-            lse = (M + log2f(L)) * PA_LN2;
+            out = acc * ex2(MO - M) * v_head / L;
+            lse = (M + log2f(L)) * kLn2;
         }
         const int pr = row_base + r, i = pr / G, head = hk * G + (pr - i * G);
         const long long row = q0 + i;
@@ -538,7 +545,7 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
             if (d == 0)
                 p.part_lse[at] = lse;
         } else {
-            pa_store_elem(p.o, p.q_elem, row * p.o_stride0 + (long long)head * p.o_stride1 + d, out);
+            store_elem(p.o, p.q_elem, row * p.o_stride0 + (long long)head * p.o_stride1 + d, out);
             if (d == 0 && p.lse)
                 p.lse[row * p.heads_q + head] = lse;
         }
@@ -548,11 +555,11 @@ template <int FMT, int D> PA_DEV void pa_attn_body(const pa_attn_params &p)
 /* ------------------------------------------------------------------ check */
 
 /* Blocks [0, batch): sequence `block`'s table entries; the rest: Q's NaN/Inf scan. */
-PA_DEV void pa_check_body(const pa_check_params &p)
+QA_DEV void check_body(const qa_paged_check_params &p)
 {
-    const pa_tables &tb = p.tab;
-    const long long blk = pa_bid();
-    const int tid = pa_tid();
+    const qa_paged_tables &tb = p.tab;
+    const long long blk = block_x();
+    const int tid = qa::tid();
     if (blk < tb.batch) {
         const int b = (int)blk, P = tb.page_size;
         const long long q_len = (long long)tb.qo_indptr[b + 1] - tb.qo_indptr[b];
@@ -573,68 +580,68 @@ PA_DEV void pa_check_body(const pa_check_params &p)
         }
         if (bad) { /* the host names the entry from the tables (src/checks.c) */
             if (tid == 0)
-                pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
+                atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
             return;
         }
-        for (long long i = tid; i < pages; i += PA_THREADS) {
+        for (long long i = tid; i < pages; i += QA_PAGED_THREADS) {
             const int page = tb.dense ? tb.block_table[first + i] : tb.indices[first + i];
             if (page < 0 || page >= tb.num_pages) {
-                pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
+                atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
                 break;
             }
         }
         return;
     }
-    const long long lo = pa_clamp64(tb.qo_indptr[0], 0, tb.total_q);
-    const long long hi = pa_clamp64(tb.qo_indptr[tb.batch], lo, tb.total_q);
+    const long long lo = clamp<long long>(tb.qo_indptr[0], 0, tb.total_q);
+    const long long hi = clamp<long long>(tb.qo_indptr[tb.batch], lo, tb.total_q);
     const long long n = (hi - lo) * p.heads_q * p.head_dim;
-    const long long step = (pa_nblocks() - tb.batch) * PA_THREADS;
+    const long long step = ((long long)grid_x() - tb.batch) * QA_PAGED_THREADS;
     bool bad = false;
-    for (long long idx = (blk - tb.batch) * PA_THREADS + tid; idx < n; idx += step) {
+    for (long long idx = (blk - tb.batch) * QA_PAGED_THREADS + tid; idx < n; idx += step) {
         const long long d = idx % p.head_dim, rest = idx / p.head_dim;
         const long long h = rest % p.heads_q, row = lo + rest / p.heads_q;
-        bad |= !pa_elem_finite(p.q, p.q_elem, row * p.q_stride0 + h * p.q_stride1 + d);
+        bad |= !elem_finite(p.q, p.q_elem, row * p.q_stride0 + h * p.q_stride1 + d);
     }
     if (bad)
-        pa_atomic_or(p.status + QATTN_STATUS_NONFINITE, QATTN_NONFINITE_Q);
+        atomic_or(p.status + QATTN_STATUS_NONFINITE, QATTN_NONFINITE_Q);
 }
 
 /* ------------------------------------------------------------------ merge */
 
-PA_DEV float pa_warp_max(float x)
+QA_DEV float warp_max(float x)
 {
     for (int m = 16; m; m >>= 1)
-        x = fmaxf(x, pa_shfl_xor_f(x, m));
+        x = fmaxf(x, shfl_xor(x, m));
     return x;
 }
-PA_DEV float pa_warp_sum(float x)
+QA_DEV float warp_sum(float x)
 {
     for (int m = 16; m; m >>= 1)
-        x += pa_shfl_xor_f(x, m);
+        x += shfl_xor(x, m);
     return x;
 }
 
 /* Work units of the merge: one warp per (row, head, 32 channels). */
-PA_DEV long long pa_merge_chunks(int head_dim) { return (head_dim + 31) / 32; }
+QA_DEV long long merge_chunks(int head_dim) { return (head_dim + 31) / 32; }
 
 /* lse = log(sum_s exp(lse_s)), o = sum_s exp(lse_s - lse) o_s. One warp per
  * (row, head, 32-channel chunk), so a single sequence's split-KV merge still
  * spreads over many warps; each lane issues the loads of four states before
  * accumulating them, so the partials' latencies overlap instead of queueing. */
-PA_DEV void pa_merge_body(const pa_merge_params &p)
+QA_DEV void merge_body(const qa_merge_params &p)
 {
     if (p.status && (p.status[QATTN_STATUS_NONFINITE] | p.status[QATTN_STATUS_BOUNDS]))
         return;
-    const float inf = pa_inf();
-    const int lane = pa_tid() & 31;
+    const float inf = inf_f32();
+    const int lane = tid() & 31;
     long long row_lo = 0, row_hi = p.rows;
     if (p.qo_indptr) {
-        row_lo = pa_clamp64(p.qo_indptr[0], 0, p.rows);
-        row_hi = pa_clamp64(p.qo_indptr[p.batch], row_lo, p.rows);
+        row_lo = clamp<long long>(p.qo_indptr[0], 0, p.rows);
+        row_hi = clamp<long long>(p.qo_indptr[p.batch], row_lo, p.rows);
     }
-    const long long chunks = pa_merge_chunks(p.head_dim);
-    const long long units = (row_hi - row_lo) * p.heads * chunks, warps = pa_nblocks() * (PA_THREADS / 32);
-    for (long long w = pa_bid() * (PA_THREADS / 32) + (pa_tid() >> 5); w < units; w += warps) {
+    const long long chunks = merge_chunks(p.head_dim);
+    const long long units = (row_hi - row_lo) * p.heads * chunks, warps = (long long)grid_x() * (QA_PAGED_THREADS / 32);
+    for (long long w = block_x() * (QA_PAGED_THREADS / 32) + (tid() >> 5); w < units; w += warps) {
         const long long pair = w / chunks;
         const int d = (int)(w - pair * chunks) * 32 + lane;
         const long long r = row_lo + pair / p.heads;
@@ -643,7 +650,7 @@ PA_DEV void pa_merge_body(const pa_merge_params &p)
         float M = -inf;
         for (int st = lane; st < p.states; st += 32)
             M = fmaxf(M, s[st * p.s_stride[0]]);
-        M = pa_warp_max(M);
+        M = warp_max(M);
         float total = 0.f;
         if (M != -inf)
             for (int st = lane; st < p.states; st += 32) {
@@ -651,7 +658,7 @@ PA_DEV void pa_merge_body(const pa_merge_params &p)
                 if (x != -inf)
                     total += expf(x - M);
             }
-        total = pa_warp_sum(total);
+        total = warp_sum(total);
         const long long vbase = r * p.v_stride[1] + (long long)h * p.v_stride[2];
         const int dd = d < p.head_dim ? d : 0; /* lanes past the head dim read channel 0 and store nothing */
         float acc = 0.f;
@@ -659,28 +666,28 @@ PA_DEV void pa_merge_body(const pa_merge_params &p)
             /* lane k holds state s0 + k's weight; every lane takes each in turn */
             const float x = s0 + lane < p.states ? s[(s0 + lane) * p.s_stride[0]] : -inf;
             const float w_mine = x != -inf ? expf(x - M) : 0.f;
-            const int n = pa_min(32, p.states - s0);
+            const int n = imin(32, p.states - s0);
             const long long at = vbase + (long long)s0 * p.v_stride[0] + dd;
             int k = 0;
             for (; k + 4 <= n; k += 4) {
                 float v[4];
                 for (int u = 0; u < 4; u++)
-                    v[u] = pa_load_elem(p.v, p.v_elem, at + (long long)(k + u) * p.v_stride[0]);
+                    v[u] = load_elem(p.v, p.v_elem, at + (long long)(k + u) * p.v_stride[0]);
                 for (int u = 0; u < 4; u++) {
-                    const float wk = pa_shfl_idx_f(w_mine, k + u);
+                    const float wk = shfl_idx(w_mine, k + u);
                     if (wk != 0.f) /* an empty split's partial may hold anything */
                         acc += wk * v[u];
                 }
             }
             for (; k < n; k++) {
-                const float vk = pa_load_elem(p.v, p.v_elem, at + (long long)k * p.v_stride[0]);
-                const float wk = pa_shfl_idx_f(w_mine, k);
+                const float vk = load_elem(p.v, p.v_elem, at + (long long)k * p.v_stride[0]);
+                const float wk = shfl_idx(w_mine, k);
                 if (wk != 0.f)
                     acc += wk * vk;
             }
         }
         if (d < p.head_dim)
-            pa_store_elem(p.o, p.o_elem, r * p.o_stride[0] + (long long)h * p.o_stride[1] + d,
+            store_elem(p.o, p.o_elem, r * p.o_stride[0] + (long long)h * p.o_stride[1] + d,
                           M != -inf ? acc / total : 0.f);
         if (lane == 0 && d == 0 && p.lse)
             p.lse[r * p.heads + h] = M != -inf ? M + logf(total) : -inf;
@@ -692,57 +699,57 @@ PA_DEV void pa_merge_body(const pa_merge_params &p)
 /* Blocks [0, dup_blocks): block i checks tokens [128 i, 128 i + 128) against
  * the cache's range and every later token for a repeated slot. Then blocks
  * scan the new tokens for NaN/Inf (and the first of them the per-head scales). */
-PA_DEV void pa_append_check_body(const pa_append_params &p, long long dup_blocks)
+QA_DEV void append_check_body(const qa_append_params &p, long long dup_blocks)
 {
-    const long long blk = pa_bid();
-    const int tid = pa_tid();
+    const long long blk = block_x();
+    const int tid = qa::tid();
     if (blk < dup_blocks) {
-        const long long t = blk * PA_THREADS + tid;
+        const long long t = blk * QA_PAGED_THREADS + tid;
         const long long slot = t < p.num_tokens ? p.slots[t] : -1;
         if (slot >= p.capacity)
-            pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
-        long long *other = (long long *)pa_smem();
+            atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
+        long long *other = (long long *)dynamic_smem();
         bool dup = false;
         for (long long jb = blk; jb < dup_blocks; jb++) {
-            pa_sync();
-            const long long j = jb * PA_THREADS + tid;
+            sync_block();
+            const long long j = jb * QA_PAGED_THREADS + tid;
             other[tid] = j < p.num_tokens ? p.slots[j] : -1;
-            pa_sync();
+            sync_block();
             if (slot >= 0 && slot < p.capacity && !dup)
-                for (int k = jb == blk ? tid + 1 : 0; k < PA_THREADS; k++)
+                for (int k = jb == blk ? tid + 1 : 0; k < QA_PAGED_THREADS; k++)
                     if (other[k] == slot) {
                         dup = true;
                         break;
                     }
         }
         if (dup)
-            pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
+            atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
         return;
     }
     const long long per_token = (long long)p.heads_kv * p.head_dim, n = p.num_tokens * per_token;
-    const long long step = (pa_nblocks() - dup_blocks) * PA_THREADS;
+    const long long step = ((long long)grid_x() - dup_blocks) * QA_PAGED_THREADS;
     bool bad = false;
-    for (long long idx = (blk - dup_blocks) * PA_THREADS + tid; idx < n; idx += step) {
+    for (long long idx = (blk - dup_blocks) * QA_PAGED_THREADS + tid; idx < n; idx += step) {
         const long long t = idx / per_token, rest = idx - t * per_token, h = rest / p.head_dim;
         const long long at = t * p.new_stride0 + h * p.new_stride1 + (rest - h * p.head_dim);
-        bad |= !pa_elem_finite(p.k_new, p.new_elem, at) || !pa_elem_finite(p.v_new, p.new_elem, at);
+        bad |= !elem_finite(p.k_new, p.new_elem, at) || !elem_finite(p.v_new, p.new_elem, at);
     }
     if (bad)
-        pa_atomic_or(p.status + QATTN_STATUS_NONFINITE, QATTN_NONFINITE_NEW_KV);
-    if (blk == dup_blocks && (p.cache_format == PA_FMT_FP8 || p.cache_format == PA_FMT_I8))
-        for (int h = tid; h < p.heads_kv; h += PA_THREADS) {
+        atomic_or(p.status + QATTN_STATUS_NONFINITE, QATTN_NONFINITE_NEW_KV);
+    if (blk == dup_blocks && (p.cache_format == QATTN_KV_FMT_FP8 || p.cache_format == QATTN_KV_FMT_I8))
+        for (int h = tid; h < p.heads_kv; h += QA_PAGED_THREADS) {
             const float ks = p.k_scale[h], vs = p.v_scale[h];
-            if (!(ks > 0.f && pa_finite(ks)) || !(vs > 0.f && pa_finite(vs)))
-                pa_atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
+            if (!(ks > 0.f && is_finite(ks)) || !(vs > 0.f && is_finite(vs)))
+                atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
         }
 }
 
 /* One warp per (token, head, K or V): convert or quantize a row into its slot. */
-PA_DEV void pa_append_write_body(const pa_append_params &p)
+QA_DEV void append_write_body(const qa_append_params &p)
 {
-    const int lane = pa_tid() & 31, H = p.heads_kv, D = p.head_dim, P = p.page_size;
-    const long long total = p.num_tokens * H * 2, warps = pa_nblocks() * (PA_THREADS / 32);
-    for (long long w = pa_bid() * (PA_THREADS / 32) + (pa_tid() >> 5); w < total; w += warps) {
+    const int lane = tid() & 31, H = p.heads_kv, D = p.head_dim, P = p.page_size;
+    const long long total = p.num_tokens * H * 2, warps = (long long)grid_x() * (QA_PAGED_THREADS / 32);
+    for (long long w = block_x() * (QA_PAGED_THREADS / 32) + (tid() >> 5); w < total; w += warps) {
         const long long t = w / (2 * H);
         const int rem = (int)(w - t * 2 * H), h = rem >> 1, which = rem & 1;
         const long long slot = p.slots[t];
@@ -753,20 +760,20 @@ PA_DEV void pa_append_write_body(const pa_append_params &p)
         const long long sbase = t * p.new_stride0 + (long long)h * p.new_stride1;
         uint8_t *cache = which ? p.v : p.k;
         const long long dbase = page * p.page_stride + off * p.tok_stride + (long long)h * p.head_stride;
-        if (p.cache_format == PA_FMT_F16 || p.cache_format == PA_FMT_BF16) {
+        if (p.cache_format == QATTN_KV_FMT_F16 || p.cache_format == QATTN_KV_FMT_BF16) {
             for (int d = lane; d < D; d += 32) {
-                const float x = pa_load_elem(src, p.new_elem, sbase + d);
-                ((uint16_t *)cache)[dbase + d] = p.cache_format == PA_FMT_F16 ? pa_f32_to_f16(x) : pa_f32_to_bf16(x);
+                const float x = load_elem(src, p.new_elem, sbase + d);
+                ((uint16_t *)cache)[dbase + d] = p.cache_format == QATTN_KV_FMT_F16 ? f16_bits(x) : bf16_bits(x);
             }
             continue;
         }
         float *scales = which ? p.v_scale : p.k_scale;
         float inv;
-        if (p.cache_format == PA_FMT_I8_ROW) { /* the row's own scale: amax / 127 */
+        if (p.cache_format == QATTN_KV_FMT_I8_ROW) { /* the row's own scale: amax / 127 */
             float amax = 0.f;
             for (int d = lane; d < D; d += 32)
-                amax = fmaxf(amax, fabsf(pa_load_elem(src, p.new_elem, sbase + d)));
-            amax = pa_warp_max(amax);
+                amax = fmaxf(amax, fabsf(load_elem(src, p.new_elem, sbase + d)));
+            amax = warp_max(amax);
             if (lane == 0)
                 scales[(page * P + off) * H + h] = amax / 127.f;
             inv = amax > 0.f ? 127.f / amax : 0.f;
@@ -774,9 +781,9 @@ PA_DEV void pa_append_write_body(const pa_append_params &p)
             inv = scales[h] > 0.f ? 1.f / scales[h] : 0.f;
         }
         for (int d = lane; d < D; d += 32) {
-            const float x = pa_load_elem(src, p.new_elem, sbase + d) * inv;
-            if (p.cache_format == PA_FMT_FP8) {
-                cache[dbase + d] = pa_f32_to_e4m3(x);
+            const float x = load_elem(src, p.new_elem, sbase + d) * inv;
+            if (p.cache_format == QATTN_KV_FMT_FP8) {
+                cache[dbase + d] = e4m3(x);
             } else {
                 float r = rintf(x);
                 r = r > 127.f ? 127.f : r < -127.f ? -127.f : r;
@@ -785,5 +792,26 @@ PA_DEV void pa_append_write_body(const pa_append_params &p)
         }
     }
 }
+
+/* ---------------------------------------------------------------- kernels */
+
+template <int FMT, int D> QA_KERNEL(QA_PAGED_THREADS) attention_kernel(const QA_GRID_CONSTANT qa_paged_attn_params p)
+{
+    attention_body<FMT, D>(p);
+}
+
+QA_KERNEL(QA_PAGED_THREADS) check_kernel(const QA_GRID_CONSTANT qa_paged_check_params p) { check_body(p); }
+
+QA_KERNEL(QA_PAGED_THREADS) merge_kernel(const QA_GRID_CONSTANT qa_merge_params p) { merge_body(p); }
+
+QA_KERNEL(QA_PAGED_THREADS) append_check_kernel(const QA_GRID_CONSTANT qa_append_params p, long long dup_blocks)
+{
+    append_check_body(p, dup_blocks);
+}
+
+QA_KERNEL(QA_PAGED_THREADS) append_write_kernel(const QA_GRID_CONSTANT qa_append_params p) { append_write_body(p); }
+
+} // namespace paged
+QA_NAMESPACE_END
 
 #endif

@@ -1,32 +1,36 @@
-/* CUDA backend planning (no CUDA calls; see cuda_plan.h). */
-#include "cuda_plan.h"
-
+/*
+ * Dense attention on the CUDA backend: which modes and head dims run on which
+ * compute capability, the kernel variant and quantization geometry (no CUDA
+ * calls, so both runtimes plan alike), and the run, which enqueues the
+ * plan's kernels through the runtime and reads the status words back.
+ */
 #include <stdio.h>
 #include <string.h>
 
-static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+#include "cuda_internal.h"
 
-qa_cuda_scratch qa_cuda_scratch_layout(const qattn_problem *p)
+qa_scratch qa_scratch_layout(const qattn_problem *p)
 {
-    qa_cuda_scratch s;
-    s.chunk_tokens = QA_CUDA_STATS_TOKENS;
+    qa_scratch s;
+    s.chunk_tokens = QA_STATS_TOKENS;
     s.chunks = (int)((p->seq_k + s.chunk_tokens - 1) / s.chunk_tokens);
     size_t per_chunk = (size_t)p->batch * (size_t)p->heads_kv * (size_t)s.chunks * (size_t)p->head_dim;
     s.part_sum = 0;
-    s.part_amax = round_up(per_chunk * sizeof(double), 256);
-    s.v_inv = s.part_amax + round_up(per_chunk * sizeof(float), 256);
-    s.total = s.v_inv + round_up((size_t)p->batch * (size_t)p->heads_kv * (size_t)p->head_dim * sizeof(float), 256);
+    s.part_amax = qattn_round_up(per_chunk * sizeof(double), 256);
+    s.v_inv = s.part_amax + qattn_round_up(per_chunk * sizeof(float), 256);
+    s.total = s.v_inv + qattn_round_up((size_t)p->batch * (size_t)p->heads_kv * (size_t)p->head_dim * sizeof(float), 256);
     return s;
 }
 
-static const qa_cuda_plan_info plan_infos[4] = {{.fp8_on_f16_mma = 0, .wgmma = 0, .tma = 0},
+static const qa_plan_info plan_infos[4] = {{.fp8_on_f16_mma = 0, .wgmma = 0, .tma = 0},
                                                 {.fp8_on_f16_mma = 1, .wgmma = 0, .tma = 0},
                                                 {.fp8_on_f16_mma = 0, .wgmma = 1, .tma = 0},
                                                 {.fp8_on_f16_mma = 0, .wgmma = 1, .tma = 1}};
 
-int qa_cuda_fp8_on_f16_mma(int cc) { return cc >= 90 && cc < 100; }
+/* Whether FP8 P.V runs on the fp16 mma for compute capability cc. */
+static bool fp8_on_f16_mma(int cc) { return cc >= 90 && cc < 100; }
 
-int qa_cuda_supports(int cc, qattn_precision precision)
+int qa_supports(int cc, qattn_precision precision)
 {
     switch (precision) {
     case QATTN_PRECISION_AUTO:
@@ -38,7 +42,7 @@ int qa_cuda_supports(int cc, qattn_precision precision)
     return 0;
 }
 
-qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_kernels)
+qattn_status qa_plan_dense(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_kernels)
 {
     const qattn_problem *p = &plan->problem;
     if (cc < 80)
@@ -50,13 +54,13 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
                                "head dim %lld is not supported by the cuda backend (64 and 128 are; 256 with exact "
                                "precision on sm_90)",
                                (long long)p->head_dim);
-    if (p->seq_q > INT32_MAX - 2 * QA_CUDA_BLOCK_M || p->seq_k > INT32_MAX - 4 * QA_CUDA_BLOCK_N ||
+    if (p->seq_q > INT32_MAX - 2 * QA_BLOCK_M || p->seq_k > INT32_MAX - 4 * QA_BLOCK_N ||
         p->batch * p->heads_q > INT32_MAX / 2)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "the cuda backend indexes tokens and heads with 32-bit integers (Nq=%lld Nk=%lld "
                                "B*Hq=%lld)",
                                (long long)p->seq_q, (long long)p->seq_k, (long long)(p->batch * p->heads_q));
-    long long q_tiles = (p->seq_q + QA_CUDA_BLOCK_M - 1) / QA_CUDA_BLOCK_M;
+    long long q_tiles = (p->seq_q + QA_BLOCK_M - 1) / QA_BLOCK_M;
     if (q_tiles * p->batch * p->heads_q > INT32_MAX)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "too many query tiles for one CUDA grid");
 
@@ -84,7 +88,7 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
     } else {
         snprintf(plan->why, sizeof(plan->why), "%s as requested.", qattn_precision_name(plan->precision));
     }
-    if (!qa_cuda_supports(cc, plan->precision))
+    if (!qa_supports(cc, plan->precision))
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "precision %s needs FP8 tensor cores (compute capability 8.9 or newer); this device "
                                "is %d.%d",
@@ -108,13 +112,13 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
     if (quantized) {
         if (plan->granularity == QATTN_GRANULARITY_DEFAULT)
             plan->granularity = QATTN_GRANULARITY_PER_WARP; /* SageAttention2's default */
-        qattn_quant_defaults(&plan->quant, plan->precision, plan->granularity, QA_CUDA_BLOCK_M, QA_CUDA_WARP_M,
-                             QA_CUDA_BLOCK_N, plan->quant.smooth_k);
+        qattn_quant_defaults(&plan->quant, plan->precision, plan->granularity, QA_BLOCK_M, QA_WARP_M,
+                             QA_BLOCK_N, plan->quant.smooth_k);
         /* On the fp16 mma the fp16 accumulation happens after every 16 keys
          * (m16n8k16 steps), not 32: report the chunk the kernel really uses. */
-        if (plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC && qa_cuda_fp8_on_f16_mma(cc) && !sm90a_kernels)
+        if (plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC && fp8_on_f16_mma(cc) && !sm90a_kernels)
             plan->quant.pv_f16_chunk = 16;
-        plan->backend_workspace = qa_cuda_scratch_layout(p).total;
+        plan->backend_workspace = qa_scratch_layout(p).total;
     } else {
         plan->backend_workspace = 0;
     }
@@ -122,11 +126,11 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
     /* sm_90 with the wgmma kernels: FP8 P.V at the FP8 tensor rate; otherwise
      * the mma.sync kernels (fp16 units on sm_90). */
     /* The TMA kernels' coordinates are 32-bit row indices over all heads. */
-    const bool rows_fit_int32 = p->batch * p->heads_q * (p->seq_q + QA_CUDA_BLOCK_M) < INT32_MAX &&
-                                p->batch * p->heads_kv * (p->seq_k + 2 * QA_CUDA_BLOCK_N) < INT32_MAX;
+    const bool rows_fit_int32 = p->batch * p->heads_q * (p->seq_q + QA_BLOCK_M) < INT32_MAX &&
+                                p->batch * p->heads_kv * (p->seq_k + 2 * QA_BLOCK_N) < INT32_MAX;
     const bool i8f16_tma = plan->precision == QATTN_PRECISION_INT8_FP16 && cc == 90 && sm90a_kernels && rows_fit_int32;
     const bool wgmma = ((fp8 || plan->precision == QATTN_PRECISION_EXACT) && cc == 90 && sm90a_kernels) || i8f16_tma;
-    const bool on_f16 = fp8 && qa_cuda_fp8_on_f16_mma(cc) && !wgmma;
+    const bool on_f16 = fp8 && fp8_on_f16_mma(cc) && !wgmma;
     /* The TMA kernel's K tensor map runs over the keys of all heads in units
      * of 16 (see hopper/sm90_attn_ws.cuh), and its coordinates are 32-bit. */
     const bool tma = exact_tma || i8f16_tma || (wgmma && fp8 && p->seq_k % 16 == 0 && rows_fit_int32);
@@ -136,10 +140,10 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
      * 64-key kernels use 2.25, SageAttention2++'s bound for 64 keys). */
     if (tma && plan->precision == QATTN_PRECISION_INT8_FP8_F16ACC && p->head_dim <= 128)
         plan->quant.v_fp8_max = 1.125f;
-    plan->q_tile = QA_CUDA_BLOCK_M;
+    plan->q_tile = QA_BLOCK_M;
     /* The TMA kernels take 128 keys per online-softmax step at D <= 128
      * (hopper/: FP8, INT8_FP16 and EXACT alike; 64 at D = 256). */
-    plan->kv_tile = tma && p->head_dim <= 128 ? 2 * QA_CUDA_BLOCK_N : QA_CUDA_BLOCK_N;
+    plan->kv_tile = tma && p->head_dim <= 128 ? 2 * QA_BLOCK_N : QA_BLOCK_N;
     plan->status_word = p->check_finite;
     static const char *const mode_names[] = {"auto", "exact", "int8_fp16", "int8_fp8", "int8_fp8_f16acc"};
     snprintf(plan->kernel, sizeof(plan->kernel), "cuda_%s_%s%s_d%lld_sm%d%s", tma ? "wgmma_tma" : wgmma ? "wgmma" : "mma",
@@ -168,6 +172,66 @@ qattn_status qa_cuda_plan(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_ke
         snprintf(plan->why + used, sizeof(plan->why) - used,
                  " FP8 P.V runs on the fp16 tensor cores here (sm_90 has no FP8 mma.sync): P and V are rounded to "
                  "E4M3 exactly as elsewhere and carried in fp16, which holds every E4M3 value.");
+    }
+    return QATTN_OK;
+}
+
+qattn_status qa_plan_init(qattn_ctx *ctx, qattn_plan *plan)
+{
+    const qa_ctx *c = ctx->impl;
+    qattn_status s = qa_plan_dense(ctx, plan, c->cc, c->rt->sm90a_kernels);
+    if (s || (s = qa_enter(ctx)))
+        return s;
+    if (c->rt->dense_prepare(plan)) {
+        int e = c->rt->last_error();
+        return qa_fail(ctx, e ? e : 1, "setting the attention kernel's shared-memory limit (cudaFuncSetAttribute)");
+    }
+    return QATTN_OK;
+}
+
+qattn_status qa_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run)
+{
+    const qattn_problem *p = &plan->problem;
+    const qa_rt *rt = qa_rt_of(ctx);
+    qattn_status s = qa_enter(ctx);
+    if (s)
+        return s;
+    const qa_dense_args args = {
+        .q = (const char *)run->q->impl + run->q_offset,
+        .k = (const char *)run->k->impl + run->k_offset,
+        .v = (const char *)run->v->impl + run->v_offset,
+        .o = (char *)run->o->impl + run->o_offset,
+        .lse = run->lse ? (float *)((char *)run->lse->impl + run->lse_offset) : NULL,
+        .ws = run->workspace ? (char *)run->workspace->impl + run->workspace_offset : NULL,
+    };
+    const struct {
+        const char *name;
+        const void *ptr;
+        size_t align;
+    } ptrs[] = {{"q", args.q, QA_ALIGN}, {"k", args.k, QA_ALIGN},   {"v", args.v, QA_ALIGN},
+                {"o", args.o, QA_ALIGN}, {"lse", args.lse, 4}, {"workspace", args.ws, QATTN_WS_ALIGN}};
+    for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++)
+        if (ptrs[i].ptr && (uintptr_t)ptrs[i].ptr % ptrs[i].align)
+            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                   "args.%s starts at device address %p, which is not %zu-byte aligned (the cuda "
+                                   "backend copies rows 16 bytes at a time; check wrapped pointers)",
+                                   ptrs[i].name, ptrs[i].ptr, ptrs[i].align);
+
+    const char *failed = rt->dense_enqueue(plan, &args, run->stream);
+    if (failed) {
+        int e = rt->last_error();
+        if (e && rt->explain(e).sticky)
+            return qa_fail(ctx, e, failed);
+        return qattn_set_error(ctx, QATTN_ERR_BACKEND, "%s", failed);
+    }
+    if (p->check_finite) {
+        /* The kernels skipped writing the outputs if a word is set. */
+        uint32_t words[QATTN_STATUS_WORDS];
+        int e = rt->read_sync(words, (const char *)args.ws + plan->ws.status, QATTN_STATUS_BYTES, run->stream);
+        if (e)
+            return qa_fail(ctx, e, "reading the finite check's status words");
+        if (words[QATTN_STATUS_NONFINITE])
+            return qattn_nonfinite_error(ctx, words[QATTN_STATUS_NONFINITE]);
     }
     return QATTN_OK;
 }

@@ -19,13 +19,13 @@
  *   shared memory in a permuted key order (key_of), so the QK accumulator
  *   comes out directly in the FP8 A layout and V keeps its natural order.
  */
-#ifndef QA_KERNELS_CUH
-#define QA_KERNELS_CUH
+#ifndef QA_CUDA_KERNELS_CUH
+#define QA_CUDA_KERNELS_CUH
 
 #include "internal.h"
-#include "qa_arch.cuh"
+#include "cuda_device.cuh"
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 
 enum class Qk { F16, BF16, S8 };
 /* P.V: fp16/bf16 (exact, INT8_FP16); e4m3 mma with fp32 or fp16 accumulation
@@ -1179,6 +1179,6 @@ template <int DT> QA_KERNEL(256) finite_scan_kernel(const ScanParams p)
         atomic_or(p.status + QATTN_STATUS_NONFINITE, flags);
 }
 
-} // namespace qa
+QA_NAMESPACE_END
 
 #endif

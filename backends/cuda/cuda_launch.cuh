@@ -1,13 +1,13 @@
 /*
- * Host side of the kernels: turns a plan and device pointers into the
+ * Host side of the dense kernels: turns a plan and device pointers into the
  * sequence of launches (quantization passes, finite check, attention).
- * Shared by the CUDA build (cuda_launch.cu) and the emulator tests.
+ * Compiled into both runtimes (cuda_rt.cuh).
  */
-#ifndef QA_LAUNCH_CUH
-#define QA_LAUNCH_CUH
+#ifndef QA_CUDA_LAUNCH_CUH
+#define QA_CUDA_LAUNCH_CUH
 
-#include "cuda_plan.h"
-#include "qa_kernels.cuh"
+#include "cuda_internal.h"
+#include "cuda_kernels.cuh"
 
 #if defined(QA_EMULATE)
 #define QA_LAUNCH(fn, grid, block, smem, stream, ...) \
@@ -17,7 +17,7 @@
     fn<<<(grid), (block), (smem), (cudaStream_t)(stream)>>>(__VA_ARGS__)
 #endif
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 
 /* Defined in the per-mode translation units (they instantiate the kernels). */
 /* prepare: set the kernel's shared-memory limit; returns the bytes it needs (0: no such kernel). */
@@ -39,19 +39,19 @@ int attn_sm90_int8_fp16(const AttnParams *p, int head_dim, int grid, void *strea
 
 inline bool plan_wgmma(const qattn_plan *plan)
 {
-    const qa_cuda_plan_info *info = (const qa_cuda_plan_info *)plan->impl;
+    const qa_plan_info *info = (const qa_plan_info *)plan->impl;
     return info && info->wgmma;
 }
 
 inline bool plan_tma(const qattn_plan *plan)
 {
-    const qa_cuda_plan_info *info = (const qa_cuda_plan_info *)plan->impl;
+    const qa_plan_info *info = (const qa_plan_info *)plan->impl;
     return info && info->tma;
 }
 
 inline bool plan_fp8_on_f16_mma(const qattn_plan *plan)
 {
-    const qa_cuda_plan_info *info = (const qa_cuda_plan_info *)plan->impl;
+    const qa_plan_info *info = (const qa_plan_info *)plan->impl;
     return info && info->fp8_on_f16_mma;
 }
 /* The quantization passes; false if the head dim or dtype has no kernel. */
@@ -193,7 +193,7 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
     }
 
     const qattn_quant_params &qq = plan->quant;
-    qa_cuda_scratch sc = qa_cuda_scratch_layout(&pb);
+    qa_scratch sc = qa_scratch_layout(&pb);
     uint8_t *scratch = a.ws + L.backend;
     QuantParams qp;
     memset(&qp, 0, sizeof(qp));
@@ -291,7 +291,7 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
     return launch_error();
 }
 
-} // namespace qa
+QA_NAMESPACE_END
 
 /* ------------------------------------------------------------------------
  * Instantiation helpers for the per-mode translation units. */
@@ -303,7 +303,7 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
     (cudaFuncSetAttribute((const void *)(fn), cudaFuncAttributeMaxDynamicSharedMemorySize, (bytes)) == cudaSuccess)
 #endif
 
-namespace qa {
+QA_NAMESPACE_BEGIN
 /* Launches (or prepares) attention_kernel<D, QK, PV>; returns its shared memory bytes, 0 on failure. */
 template <int D, Qk QK, Pv PV>
 int attn_launch(const AttnParams *p, int grid, void *stream, bool prepare)
@@ -315,6 +315,6 @@ int attn_launch(const AttnParams *p, int grid, void *stream, bool prepare)
     QA_LAUNCH(fn, grid, kThreads, smem, stream, *p);
     return smem;
 }
-} // namespace qa
+QA_NAMESPACE_END
 
 #endif

@@ -4,7 +4,7 @@
 usage: vk-embed-spirv.py OUTPUT.c NAME=FILE.spv [NAME=FILE.spv ...]
 
 Each module becomes a static uint32_t array; vk_spirv_find(name) returns it
-(see backends/vulkan/vk_internal.h).
+(see backends/vulkan/vulkan_internal.h).
 """
 import struct
 import sys
@@ -19,7 +19,7 @@ def main(argv):
         "#include <stddef.h>",
         "#include <string.h>",
         "",
-        '#include "vk_internal.h"',
+        '#include "vulkan_internal.h"',
         "",
     ]
     for name, path in pairs:

@@ -16,12 +16,16 @@
  *   FP8 P.V:  products of two E4M3 values are exact in fp32
  *   F16ACC:   exact sums over pv_f16_chunk keys, accumulated with fp16 rounding
  *             over each step (64 or 128 keys), then added to the fp32 output.
+ *
+ * The engine (cpu_flash.h) serves cpu_paged.c too; the dense plans and runs
+ * follow it here.
  */
-#include "cpu_backend.h"
+#include "cpu_internal.h"
 #include "cpu_flash.h"
 
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #if defined(_OPENMP)
 #include <omp.h>
@@ -29,9 +33,9 @@
 #include <string.h>
 
 #include "numeric.h"
+#include "quant.h"
 
 #define VW 16                  /* floats per vector */
-#define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453
 
 typedef float vf __attribute__((vector_size(VW * 4)));
@@ -506,7 +510,7 @@ static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, cp
     const bool quant = plan->precision != QATTN_PRECISION_EXACT;
     const bool fp8 = quant && plan->precision != QATTN_PRECISION_INT8_FP16;
     const size_t es = qattn_dtype_size(p->in_dtype);
-    const float qk_to_log2 = p->sm_scale * LOG2E;
+    const float qk_to_log2 = p->sm_scale * (float)QATTN_LOG2E;
 
     /* Q tile: values pre-scaled into the log2 domain (exact), or int8 codes + row scales. */
     for (int r = 0; r < rows; r++) {
@@ -578,7 +582,7 @@ int cpu_thread_index(void)
 qattn_status cpu_attention(const cpu_job *job, int threads)
 {
     const qattn_problem *p = &job->plan->problem;
-    const int64_t tiles = (p->seq_q + CPU_QT - 1) / CPU_QT;
+    const int64_t tiles = qattn_ceil_div(p->seq_q, CPU_QT);
     const int64_t heads = p->batch * p->heads_q;
     const int64_t items = heads * tiles;
     threads = cpu_worker_count(threads, items);
@@ -597,5 +601,77 @@ qattn_status cpu_attention(const cpu_job *job, int threads)
         attend_tile(job, bh / p->heads_q, bh % p->heads_q, tile * CPU_QT, &sc[cpu_thread_index()]);
     }
     cpu_scratch_array_free(sc, threads);
+    return QATTN_OK;
+}
+
+/* ------------------------------------------------------------ plans and runs */
+
+qattn_status cpu_plan_init(qattn_ctx *ctx, qattn_plan *plan)
+{
+    const qattn_problem *p = &plan->problem;
+    if (p->head_dim % 16 != 0 || p->head_dim > 256)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "head dim %lld is not supported by the cpu backend (multiples of 16 up to 256)",
+                               (long long)p->head_dim);
+    if (p->seq_q > INT32_MAX || p->seq_k > INT32_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "sequence lengths above 2^31-1 are not supported");
+    if (plan->precision == QATTN_PRECISION_AUTO) {
+        /* The quantized modes emulate GPU number formats here and are slower
+         * than fp32 on a CPU, so the fastest mode at the accuracy bar is exact. */
+        plan->precision = QATTN_PRECISION_EXACT;
+        snprintf(plan->why, sizeof(plan->why),
+                 "auto chose exact: on the CPU the quantized modes are emulated and slower than fp32.");
+    } else {
+        snprintf(plan->why, sizeof(plan->why), "%s as requested.", qattn_precision_name(plan->precision));
+    }
+    if (plan->precision != QATTN_PRECISION_EXACT) {
+        if (plan->granularity == QATTN_GRANULARITY_DEFAULT)
+            plan->granularity = QATTN_GRANULARITY_PER_WARP; /* SageAttention2's default */
+        /* The same geometry as the CUDA mma.sync kernels, so the CPU result is
+         * the reference for theirs. */
+        qattn_quant_defaults(&plan->quant, plan->precision, plan->granularity, 128, 32, 64, plan->quant.smooth_k);
+    }
+    plan->q_tile = CPU_QT;
+    plan->kv_tile = 64;
+    plan->status_word = false;
+    snprintf(plan->kernel, sizeof(plan->kernel), "cpu_flash_%s_d%lld", qattn_precision_name(plan->precision),
+             (long long)p->head_dim);
+    return QATTN_OK;
+}
+
+qattn_status cpu_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run)
+{
+    const qattn_problem *p = &plan->problem;
+    if (run->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the cpu backend");
+    cpu_job job = {
+        .plan = plan,
+        .q = (const char *)run->q->host + run->q_offset,
+        .k = (const char *)run->k->host + run->k_offset,
+        .v = (const char *)run->v->host + run->v_offset,
+        .o = (char *)run->o->host + run->o_offset,
+        .lse = run->lse ? (float *)((char *)run->lse->host + run->lse_offset) : NULL,
+        .ws = run->workspace ? (const uint8_t *)run->workspace->host + run->workspace_offset : NULL,
+    };
+    if (p->check_finite) {
+        const struct {
+            uint32_t flag;
+            const void *base;
+            const int64_t *stride;
+            int64_t heads, seq;
+        } in[3] = {{QATTN_NONFINITE_Q, job.q, p->q_stride, p->heads_q, p->seq_q},
+                   {QATTN_NONFINITE_K, job.k, p->k_stride, p->heads_kv, p->seq_k},
+                   {QATTN_NONFINITE_V, job.v, p->v_stride, p->heads_kv, p->seq_k}};
+        for (int i = 0; i < 3; i++) {
+            int64_t shape[4] = {p->batch, in[i].heads, in[i].seq, p->head_dim};
+            if (!qattn_host_tensor_is_finite(in[i].base, p->in_dtype, shape, in[i].stride))
+                return qattn_nonfinite_error(ctx, in[i].flag);
+        }
+    }
+    if (plan->precision != QATTN_PRECISION_EXACT)
+        qattn_quantize_host(plan, job.q, job.k, job.v, (uint8_t *)job.ws, ctx->num_threads);
+    qattn_status s = cpu_attention(&job, ctx->num_threads);
+    if (s)
+        return qattn_set_error(ctx, s, "out of host memory for the cpu kernel's per-thread tiles");
     return QATTN_OK;
 }

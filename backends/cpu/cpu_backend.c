@@ -1,13 +1,15 @@
-/* The CPU backend: host memory buffers, the reference quantizer and the
- * tiled flash kernel of cpu_attention.c. Always built, always usable. */
-#include "cpu_backend.h"
-
+/*
+ * The CPU backend's vtable and what it reports and owns directly: the host
+ * as its one device, contexts (nothing to hold) and buffers in host memory.
+ * Always built, always usable. Dense attention (and the flash engine) is in
+ * cpu_attention.c, the paged KV cache in cpu_paged.c.
+ */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "quant.h"
+#include "cpu_internal.h"
 
 static qattn_status cpu_probe(int *device_count, char *reason, size_t reason_len)
 {
@@ -86,7 +88,7 @@ static qattn_status cpu_synchronize(qattn_ctx *ctx)
 
 static qattn_status cpu_buffer_alloc(qattn_ctx *ctx, qattn_buffer *buf)
 {
-    size_t bytes = (buf->size + 63) / 64 * 64;
+    size_t bytes = qattn_round_up(buf->size, 64);
     if (bytes < buf->size)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "a %zu-byte buffer is too large", buf->size);
     void *mem = aligned_alloc(64, bytes);
@@ -129,76 +131,6 @@ static qattn_status cpu_buffer_fill(qattn_ctx *ctx, qattn_buffer *buf, size_t of
 {
     (void)ctx;
     memset((char *)buf->host + offset, value, bytes);
-    return QATTN_OK;
-}
-
-static qattn_status cpu_plan_init(qattn_ctx *ctx, qattn_plan *plan)
-{
-    const qattn_problem *p = &plan->problem;
-    if (p->head_dim % 16 != 0 || p->head_dim > 256)
-        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
-                               "head dim %lld is not supported by the cpu backend (multiples of 16 up to 256)",
-                               (long long)p->head_dim);
-    if (p->seq_q > INT32_MAX || p->seq_k > INT32_MAX)
-        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "sequence lengths above 2^31-1 are not supported");
-    if (plan->precision == QATTN_PRECISION_AUTO) {
-        /* The quantized modes emulate GPU number formats here and are slower
-         * than fp32 on a CPU, so the fastest mode at the accuracy bar is exact. */
-        plan->precision = QATTN_PRECISION_EXACT;
-        snprintf(plan->why, sizeof(plan->why),
-                 "auto chose exact: on the CPU the quantized modes are emulated and slower than fp32.");
-    } else {
-        snprintf(plan->why, sizeof(plan->why), "%s as requested.", qattn_precision_name(plan->precision));
-    }
-    if (plan->precision != QATTN_PRECISION_EXACT) {
-        if (plan->granularity == QATTN_GRANULARITY_DEFAULT)
-            plan->granularity = QATTN_GRANULARITY_PER_WARP; /* SageAttention2's default */
-        /* The same geometry as the CUDA mma.sync kernels, so the CPU result is
-         * the reference for theirs. */
-        qattn_quant_defaults(&plan->quant, plan->precision, plan->granularity, 128, 32, 64, plan->quant.smooth_k);
-    }
-    plan->q_tile = CPU_QT;
-    plan->kv_tile = 64;
-    plan->status_word = false;
-    snprintf(plan->kernel, sizeof(plan->kernel), "cpu_flash_%s_d%lld", qattn_precision_name(plan->precision),
-             (long long)p->head_dim);
-    return QATTN_OK;
-}
-
-static qattn_status cpu_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run)
-{
-    const qattn_problem *p = &plan->problem;
-    if (run->stream)
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the cpu backend");
-    cpu_job job = {
-        .plan = plan,
-        .q = (const char *)run->q->host + run->q_offset,
-        .k = (const char *)run->k->host + run->k_offset,
-        .v = (const char *)run->v->host + run->v_offset,
-        .o = (char *)run->o->host + run->o_offset,
-        .lse = run->lse ? (float *)((char *)run->lse->host + run->lse_offset) : NULL,
-        .ws = run->workspace ? (const uint8_t *)run->workspace->host + run->workspace_offset : NULL,
-    };
-    if (p->check_finite) {
-        const struct {
-            uint32_t flag;
-            const void *base;
-            const int64_t *stride;
-            int64_t heads, seq;
-        } in[3] = {{QATTN_NONFINITE_Q, job.q, p->q_stride, p->heads_q, p->seq_q},
-                   {QATTN_NONFINITE_K, job.k, p->k_stride, p->heads_kv, p->seq_k},
-                   {QATTN_NONFINITE_V, job.v, p->v_stride, p->heads_kv, p->seq_k}};
-        for (int i = 0; i < 3; i++) {
-            int64_t shape[4] = {p->batch, in[i].heads, in[i].seq, p->head_dim};
-            if (!qattn_host_tensor_is_finite(in[i].base, p->in_dtype, shape, in[i].stride))
-                return qattn_nonfinite_error(ctx, in[i].flag);
-        }
-    }
-    if (plan->precision != QATTN_PRECISION_EXACT)
-        qattn_quantize_host(plan, job.q, job.k, job.v, (uint8_t *)job.ws, ctx->num_threads);
-    qattn_status s = cpu_attention(&job, ctx->num_threads);
-    if (s)
-        return qattn_set_error(ctx, s, "out of host memory for the cpu kernel's per-thread tiles");
     return QATTN_OK;
 }
 

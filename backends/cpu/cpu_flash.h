@@ -2,7 +2,7 @@
 #ifndef QATTN_CPU_FLASH_H
 #define QATTN_CPU_FLASH_H
 
-#include "cpu_backend.h"
+#include "cpu_internal.h"
 
 #define CPU_KT 64      /* keys per score block (the register-blocked S = Q K^T) */
 #define CPU_KT_MAX 128 /* keys per softmax step at most; the row stride of Kt, S and P */

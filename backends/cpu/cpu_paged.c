@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_backend.h"
+#include "cpu_internal.h"
 #include "cpu_flash.h"
 #include "numeric.h"
 
@@ -118,12 +118,12 @@ qattn_status cpu_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "head dim %lld is not supported by the cpu backend (multiples of 16 up to 256)",
                                (long long)D);
-    const int64_t tiles = (pp->group * pp->max_q_len + CPU_QT - 1) / CPU_QT;
+    const int64_t tiles = qattn_ceil_div(pp->group * pp->max_q_len, CPU_QT);
     const int64_t items = pp->batch * pp->cache.heads_kv * tiles;
     const int threads = ctx->num_threads;
     if (pp->num_splits == 0) {
         /* Split the keys only when sequences x heads x tiles leave threads idle. */
-        int64_t splits = items >= threads ? 1 : (threads + items - 1) / items;
+        int64_t splits = items >= threads ? 1 : qattn_ceil_div(threads, items);
         if (splits > pp->max_pages_per_seq)
             splits = pp->max_pages_per_seq;
         pp->num_splits = (int)splits;
@@ -137,7 +137,7 @@ qattn_status cpu_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
         size_t rows = (size_t)pp->num_splits * (size_t)pp->total_q * (size_t)pp->heads_q;
         plan->backend_workspace = rows * ((size_t)D + 1) * sizeof(float);
     }
-    int64_t per = (pp->max_pages_per_seq + pp->num_splits - 1) / pp->num_splits;
+    int64_t per = qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits);
     plan->q_tile = CPU_QT;
     plan->kv_tile = pp->num_splits > 1 ? (int)(per * pp->cache.page_size) : 0;
     plan->status_word = false;
@@ -229,7 +229,7 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
     }
 
     const int splits = pp->num_splits;
-    const int64_t tiles = (G * pp->max_q_len + CPU_QT - 1) / CPU_QT;
+    const int64_t tiles = qattn_ceil_div(G * pp->max_q_len, CPU_QT);
     const int64_t items = pp->batch * Hkv * tiles * splits;
     const int threads = cpu_worker_count(ctx->num_threads, items);
     cpu_scratch *sc = cpu_scratch_array(threads, (int)D);

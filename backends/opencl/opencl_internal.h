@@ -1,4 +1,13 @@
-/* OpenCL backend internals shared by its source files and its checks (not part of the API). */
+/*
+ * The OpenCL backend's private types and the functions its files share (and
+ * tests/test_opencl.c uses; not part of the API).
+ *
+ * Files: opencl_backend.c (the vtable, devices as qattn reports them,
+ * contexts, buffers), opencl_attention.c (dense plans and runs),
+ * opencl_paged.c (the paged KV cache), opencl_runtime.c (the device list,
+ * the program cache, the end of a run: what the others call; it calls none
+ * of them), cl_loader.c (the ICD loader, opened at run time).
+ */
 #ifndef QATTN_OPENCL_INTERNAL_H
 #define QATTN_OPENCL_INTERNAL_H
 
@@ -10,7 +19,7 @@
 #include "cl_loader.h"
 #include "internal.h"
 
-/* One device, as listed once per process (opencl_backend.c). */
+/* One device, as listed once per process (opencl_runtime.c). */
 typedef struct ocl_device {
     cl_platform_id platform;
     cl_device_id id;
@@ -30,6 +39,18 @@ typedef struct ocl_device {
                          integer arithmetic, common.cl's div_rn) */
     bool denorms;     /* CL_FP_DENORM: fp32 subnormals kept (else flushed to zero) */
 } ocl_device;
+
+#define OCL_MAX_DEVICES 64
+
+/* The devices of every platform that can build and run the kernels, listed
+ * once per process in a stable order: GPUs, then accelerators, then other
+ * kinds, then CPUs (platforms by name). */
+typedef struct ocl_device_list {
+    const qattn_cl_api *cl; /* NULL when the ICD loader could not be loaded */
+    int count;
+    ocl_device dev[OCL_MAX_DEVICES];
+    char reason[QATTN_NAME_MAX]; /* why count is 0 */
+} ocl_device_list;
 
 typedef struct ocl_program {
     struct ocl_program *next;
@@ -59,6 +80,11 @@ static inline qattn_status cl_error(qattn_ctx *ctx, cl_int err, const char *call
     return qattn_set_error(ctx, s, "opencl: %s failed with %s (%s)", call, qattn_cl_error_name(err), what);
 }
 
+/* ------------------------------------------------------- opencl_runtime.c */
+
+/* The device list (made on first use). */
+const ocl_device_list *qattn_opencl_devices(void);
+
 /*
  * Ends a run whose kernels were enqueued under c->lock (s: the status so far):
  * enqueues the read of the status words at `status_at` of ws (status_at < 0:
@@ -76,6 +102,16 @@ qattn_status qattn_opencl_finish_run(qattn_ctx *ctx, qattn_status s, cl_mem ws, 
  */
 qattn_status qattn_opencl_get_program(qattn_ctx *ctx, const char *what, const char *const *parts, size_t nparts,
                                       const char *options, cl_program *out);
+/* Releases the programs of the context's cache. */
+void qattn_opencl_release_programs(ocl_ctx *c);
+
+/* Enqueues the zeroing of the status words (QATTN_STATUS_BYTES at byte `at`
+ * of buffer); `what` names them in an error. */
+qattn_status qattn_opencl_clear_status(qattn_ctx *ctx, cl_mem buffer, int64_t at, const char *what);
+/* Releases the kernels of `kernels` that were made (non-NULL). */
+void qattn_opencl_release_kernels(const ocl_ctx *c, const cl_kernel *kernels, size_t n);
+
+/* ------------------------------------------------- kernels and their arguments */
 
 static inline qattn_status make_kernel(qattn_ctx *ctx, cl_program prog, const char *name, cl_kernel *out)
 {
@@ -146,6 +182,12 @@ static inline qattn_status launch(qattn_ctx *ctx, arg_list *a, cl_uint dims, con
 {
     return launch_event(ctx, a, dims, global, local, NULL);
 }
+
+/* ---------------------------------------------------- dense attention (opencl_attention.c) */
+
+qattn_status qattn_opencl_plan_init(qattn_ctx *ctx, qattn_plan *plan);
+void qattn_opencl_plan_release(qattn_ctx *ctx, qattn_plan *plan);
+qattn_status qattn_opencl_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run);
 
 /* ---------------------------------------------------- paged KV cache (opencl_paged.c) */
 

@@ -27,14 +27,6 @@
 #define SCAN_WG 64
 #define MAX_GROUPS 65536 /* work-groups of the grid-stride kernels (merge, append) */
 
-/* Releases the kernels a call made for itself. */
-static void release_kernels(const ocl_ctx *c, cl_kernel *k, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (k[i])
-            c->cl->clReleaseKernel(k[i]);
-}
-
 /* ------------------------------------------------------------ planning */
 
 /* The work split of paged.cl's attention kernel (its macros of the same names). */
@@ -96,8 +88,8 @@ void qattn_opencl_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
     ocl_paged_plan *op = plan->impl;
     if (!op)
         return;
-    cl_kernel all[] = {op->attention, op->check, op->merge};
-    release_kernels(impl_of(ctx), all, 3);
+    const cl_kernel all[] = {op->attention, op->check, op->merge};
+    qattn_opencl_release_kernels(impl_of(ctx), all, 3);
     free(op);
     plan->impl = NULL;
 }
@@ -248,11 +240,9 @@ static qattn_status enqueue_check(qattn_ctx *ctx, const qattn_plan *plan, const 
     const qattn_paged_problem *pp = &plan->pp;
     const ocl_paged_plan *op = plan->impl;
     const size_t es = qattn_dtype_size(pp->q_dtype);
-    cl_uint zero = 0;
-    cl_int err = c->cl->clEnqueueFillBuffer(c->queue, ws, &zero, sizeof(zero), (size_t)status_at, QATTN_STATUS_BYTES,
-                                            0, NULL, NULL);
-    if (err != CL_SUCCESS)
-        return cl_error(ctx, err, "clEnqueueFillBuffer", "the status word");
+    qattn_status s = qattn_opencl_clear_status(ctx, ws, status_at, "the status word");
+    if (s)
+        return s;
     arg_list al = args_for(c, op->check, "paged_check");
     arg_tables(&al, a);
     arg_int(&al, pp->table == QATTN_PAGES_DENSE);
@@ -320,7 +310,7 @@ static qattn_status enqueue_attention(qattn_ctx *ctx, const qattn_plan *plan, co
     arg_int(&al, qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits));
     arg_int(&al, op->q_tiles);
     arg_int(&al, pp->causal);
-    arg_float(&al, pp->sm_scale * 1.4426950408889634f);
+    arg_float(&al, pp->sm_scale * (float)QATTN_LOG2E);
     arg_long(&al, status_at);
     arg_long(&al, part_o_at);
     arg_long(&al, part_lse_at);
@@ -484,10 +474,8 @@ static qattn_status append_check(qattn_ctx *ctx, const qattn_kv_append_args *a, 
         if (!c->append_status)
             s = cl_error(ctx, err, "clCreateBuffer", "the append check's status words");
     }
-    cl_uint zero = 0;
-    if (!s && (err = c->cl->clEnqueueFillBuffer(c->queue, c->append_status, &zero, 4, 0, QATTN_STATUS_BYTES, 0, NULL,
-                                                NULL)))
-        s = cl_error(ctx, err, "clEnqueueFillBuffer", "the append check's status words");
+    if (!s)
+        s = qattn_opencl_clear_status(ctx, c->append_status, 0, "the append check's status words");
     if (!s) {
         int64_t rows = T * H;
         arg_list al = args_for(c, scan, "append_scan");
@@ -588,6 +576,6 @@ qattn_status qattn_opencl_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *
     if (err != CL_SUCCESS)
         s = cl_error(ctx, err, "clWaitForEvents", "the cache append");
 done:
-    release_kernels(c, kernels, 2);
+    qattn_opencl_release_kernels(c, kernels, 2);
     return s;
 }

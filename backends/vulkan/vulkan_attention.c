@@ -1,19 +1,17 @@
 /*
- * Vulkan plans and runs. A plan picks the kernel variant, creates its
- * pipelines (specialized for head dim, dtypes, tiles, causal), a descriptor
- * set and a uniform buffer with the problem's constants. A run updates the
- * descriptors to the run's buffers, records
+ * Vulkan dense attention: plans and runs. A plan picks the kernel variant,
+ * creates its pipelines (specialized for head dim, dtypes, tiles, causal), a
+ * descriptor set and a uniform buffer with the problem's constants. A run
+ * updates the descriptors to the run's buffers, records
  *     [finite scan] -> [quantization passes] -> attention -> [status readback]
  * into the context's command buffer, submits it and waits: qattn_run on
  * Vulkan is synchronous (qattn_ctx_synchronize has nothing left to wait for).
  */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "quant.h"
-#include "vk_internal.h"
+#include "vulkan_internal.h"
 
 /* The plan's constants: mirrors `Params` in shaders/common.glsl (std140, scalars only). */
 typedef struct vk_params {
@@ -32,12 +30,13 @@ typedef struct vk_push {
     uint32_t arg0, arg1;
 } vk_push;
 
-typedef struct vk_dispatch {
+/* One dispatch of a plan's run. */
+typedef struct vk_planned_dispatch {
     VkPipeline pipeline;
-    uint32_t groups[3];
+    uint32_t grid[2];
     uint32_t arg0;
     bool barrier_before; /* wait for the previous dispatches' writes */
-} vk_dispatch;
+} vk_planned_dispatch;
 
 #define MAX_DISPATCH 8
 
@@ -47,7 +46,7 @@ typedef struct vk_plan {
     vk_mem params_buf;
     VkDescriptorPool pool;
     VkDescriptorSet set;
-    vk_dispatch d[MAX_DISPATCH];
+    vk_planned_dispatch d[MAX_DISPATCH];
     int count;
 } vk_plan;
 
@@ -65,15 +64,7 @@ enum { SPEC_D = 0, SPEC_IN_DTYPE = 1, SPEC_OUT_DTYPE = 2, SPEC_BR = 3, SPEC_BC =
 #endif
 _Static_assert(QATTN_VK_COOPMAT_BC == 32 || QATTN_VK_COOPMAT_BC == 64, "the coopmat key tile is 32 or 64");
 
-static uint32_t min_u32(uint64_t a, uint64_t b) { return (uint32_t)(a < b ? a : b); }
-
-/* Element strides as 32-bit values: a dimension of extent 1 never moves, so
- * its stride (which may be anything) becomes 0. */
-static void put_strides(const int64_t *shape_bhn, const int64_t *stride, uint32_t out[3])
-{
-    for (int i = 0; i < 3; i++)
-        out[i] = shape_bhn[i] > 1 ? (uint32_t)stride[i] : 0u;
-}
+/* ------------------------------------------------------------------ plans */
 
 /* The scalar kernel's tiles: the largest that fit in shared memory. */
 static bool scalar_tiles(uint32_t d, uint32_t smem, uint32_t *br, uint32_t *bc)
@@ -91,64 +82,39 @@ static bool scalar_tiles(uint32_t d, uint32_t smem, uint32_t *br, uint32_t *bc)
     return false;
 }
 
-static qattn_status upload_params(qattn_ctx *ctx, vk_ctx *vc, vk_plan *vp)
+/* Why the cooperative-matrix kernel cannot run an exact problem (into why); false when it can. */
+static bool coopmat_unavailable(const vk_ctx *vc, const qattn_problem *p, char *why, size_t len)
 {
-    qattn_status s = vk_mem_create(ctx, vc, sizeof(vk_params), vc->device_local_type, false, &vp->params_buf,
-                                   "plan parameter buffer");
-    if (s)
-        return s;
-    pthread_mutex_lock(&vc->lock);
-    memcpy(vc->staging.mapped, &vp->params, sizeof(vk_params));
-    s = vk_begin(ctx, vc);
-    if (!s) {
-        VkBufferCopy region = {.srcOffset = 0, .dstOffset = 0, .size = sizeof(vk_params)};
-        vc->vk.vkCmdCopyBuffer(vc->cmd, vc->staging.buffer, vp->params_buf.buffer, 1, &region);
-        s = vk_submit_wait(ctx, vc);
-    }
-    pthread_mutex_unlock(&vc->lock);
-    return s;
-}
-
-void vk_plan_release(qattn_ctx *ctx, qattn_plan *plan)
-{
-    vk_ctx *vc = ctx->impl;
-    vk_plan *vp = plan->impl;
-    if (!vp)
-        return;
-    if (vp->pool)
-        vc->vk.vkDestroyDescriptorPool(vc->device, vp->pool, NULL);
-    vk_mem_destroy(vc, &vp->params_buf);
-    free(vp);
-    plan->impl = NULL;
-}
-
-static qattn_status add_dispatch(qattn_ctx *ctx, vk_ctx *vc, vk_plan *vp, const char *shader, const uint32_t *spec,
-                                 uint32_t required_subgroup, uint32_t gx, uint32_t gy, uint32_t arg0, bool barrier)
-{
-    vk_pipeline_key key = {.shader = shader, .spec_count = SPEC_COUNT, .required_subgroup = required_subgroup};
-    memcpy(key.spec, spec, SPEC_COUNT * sizeof(uint32_t));
-    vk_dispatch *d = &vp->d[vp->count];
-    pthread_mutex_lock(&vc->lock);
-    qattn_status s = vk_pipeline_get(ctx, vc, &key, &d->pipeline);
-    pthread_mutex_unlock(&vc->lock);
-    if (s)
-        return s;
-    d->groups[0] = gx ? gx : 1;
-    d->groups[1] = gy ? gy : 1;
-    d->groups[2] = 1;
-    d->arg0 = arg0;
-    d->barrier_before = barrier;
-    vp->count++;
-    return QATTN_OK;
-}
-
-qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
-{
-    vk_ctx *vc = ctx->impl;
     const vk_device_caps *caps = vc->caps;
-    const qattn_problem *p = &plan->problem;
-    const uint64_t max_buffer = ctx->device_info.max_buffer_bytes;
+    const uint32_t D = (uint32_t)p->head_dim, smem = caps->props.limits.maxComputeSharedMemorySize;
+    if (!vk_spirv_find("attn_coopmat"))
+        snprintf(why, len, "the library was built without cooperative-matrix shaders");
+    else if (!vc->use_coopmat)
+        snprintf(why, len, "QATTN_VULKAN_COOPMAT=0");
+    else if (!caps->coopmat_f16_16x16x16)
+        snprintf(why, len, "the device enumerates no 16x16x16 fp16/fp32 cooperative matrix");
+    else if (!caps->float16 || !caps->memory_model || !caps->subgroup_shuffle || caps->api_version < VK_API_VERSION_1_3)
+        snprintf(why, len,
+                 "the device lacks fp16 arithmetic, the Vulkan memory model, subgroup shuffles or Vulkan 1.3");
+    else if (p->in_dtype != QATTN_DTYPE_F16)
+        snprintf(why, len, "%s inputs (the cooperative-matrix kernel reads f16)", qattn_dtype_name(p->in_dtype));
+    else if (D != 64 && D != 128)
+        snprintf(why, len, "head dim %u (the cooperative-matrix kernel has 64 and 128)", D);
+    else if (!(caps->subgroup_size_control && caps->full_subgroups && caps->required_size_in_compute &&
+               caps->min_subgroup <= 32 && caps->max_subgroup >= 32) &&
+             caps->subgroup_size != 32)
+        snprintf(why, len, "subgroups of 32 cannot be required on this device");
+    else if (smem < 40u * 1024u)
+        snprintf(why, len, "%u bytes of shared memory (it needs 40 KiB)", smem);
+    else
+        return false;
+    return true;
+}
 
+/* What the problem asks of the device that the backend cannot give: dtypes, head dim, buffer sizes, 32-bit rows. */
+static qattn_status check_problem(qattn_ctx *ctx, const vk_device_caps *caps, const qattn_problem *p)
+{
+    const uint64_t max_buffer = ctx->device_info.max_buffer_bytes;
     if (p->in_dtype != QATTN_DTYPE_F16 && p->in_dtype != QATTN_DTYPE_BF16 && p->in_dtype != QATTN_DTYPE_F32)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "the vulkan backend takes f16, bf16 or f32 inputs, not %s",
                                qattn_dtype_name(p->in_dtype));
@@ -168,6 +134,17 @@ qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                                    names[i], extents[i], (unsigned long long)max_buffer, caps->props.deviceName);
     if (p->batch * p->heads_q > UINT32_MAX / 2 || p->seq_q > INT32_MAX || p->seq_k > INT32_MAX)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "the vulkan backend indexes rows with 32-bit integers");
+    return QATTN_OK;
+}
+
+qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
+{
+    vk_ctx *vc = ctx->impl;
+    const vk_device_caps *caps = vc->caps;
+    const qattn_problem *p = &plan->problem;
+    qattn_status s = check_problem(ctx, caps, p);
+    if (s)
+        return s;
 
     /* Precision. */
     switch (plan->precision) {
@@ -199,33 +176,8 @@ qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     /* Kernel variant. */
     const uint32_t D = (uint32_t)p->head_dim;
     const uint32_t smem = caps->props.limits.maxComputeSharedMemorySize;
-    bool coopmat = false;
     char no_coopmat[160] = "";
-    if (!quant) {
-        if (!vk_spirv_find("attn_coopmat"))
-            snprintf(no_coopmat, sizeof(no_coopmat), "the library was built without cooperative-matrix shaders");
-        else if (!vc->use_coopmat)
-            snprintf(no_coopmat, sizeof(no_coopmat), "QATTN_VULKAN_COOPMAT=0");
-        else if (!caps->coopmat_f16_16x16x16)
-            snprintf(no_coopmat, sizeof(no_coopmat), "the device enumerates no 16x16x16 fp16/fp32 cooperative matrix");
-        else if (!caps->float16 || !caps->memory_model || !caps->subgroup_shuffle ||
-                 caps->api_version < VK_API_VERSION_1_3)
-            snprintf(no_coopmat, sizeof(no_coopmat),
-                     "the device lacks fp16 arithmetic, the Vulkan memory model, subgroup shuffles or Vulkan 1.3");
-        else if (p->in_dtype != QATTN_DTYPE_F16)
-            snprintf(no_coopmat, sizeof(no_coopmat), "%s inputs (the cooperative-matrix kernel reads f16)",
-                     qattn_dtype_name(p->in_dtype));
-        else if (D != 64 && D != 128)
-            snprintf(no_coopmat, sizeof(no_coopmat), "head dim %u (the cooperative-matrix kernel has 64 and 128)", D);
-        else if (!(caps->subgroup_size_control && caps->full_subgroups && caps->required_size_in_compute &&
-                   caps->min_subgroup <= 32 && caps->max_subgroup >= 32) &&
-                 caps->subgroup_size != 32)
-            snprintf(no_coopmat, sizeof(no_coopmat), "subgroups of 32 cannot be required on this device");
-        else if (smem < 40u * 1024u)
-            snprintf(no_coopmat, sizeof(no_coopmat), "%u bytes of shared memory (it needs 40 KiB)", smem);
-        else
-            coopmat = true;
-    }
+    const bool coopmat = !quant && !coopmat_unavailable(vc, p, no_coopmat, sizeof(no_coopmat));
     bool emulated = false;
 #ifdef QATTN_VK_FORCE_EMULATED_COOPMAT
     /* Test builds: run the cooperative-matrix kernel's logic with emulated
@@ -251,18 +203,15 @@ qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     plan->backend_workspace = 0;
     snprintf(plan->kernel, sizeof(plan->kernel), "vulkan_%s_%s_d%u",
              coopmat ? "coopmat" : emulated ? "coopmat_emulated" : "scalar", qattn_precision_name(plan->precision), D);
-    if (emulated) {
-        size_t used = strlen(plan->why);
+    size_t used = strlen(plan->why);
+    if (emulated)
         snprintf(plan->why + used, sizeof(plan->why) - used, " Cooperative-matrix kernel with %s.", no_coopmat);
-    } else if (!quant && !coopmat) {
-        size_t used = strlen(plan->why);
+    else if (!quant && !coopmat)
         snprintf(plan->why + used, sizeof(plan->why) - used, " Scalar kernel: %s.", no_coopmat);
-    } else if (quant) {
-        size_t used = strlen(plan->why);
+    else if (quant)
         snprintf(plan->why + used, sizeof(plan->why) - used, " INT8 Q.K with %s.",
                  caps->int_dot && vk_spirv_find("attn_scalar_intdot") ? "packed integer dot products"
                                                                       : "unpacked 8-bit integer products");
-    }
     vk_plan *vp = calloc(1, sizeof(*vp));
     if (!vp)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");
@@ -272,20 +221,11 @@ qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     return QATTN_OK;
 }
 
-/* The plan's device objects: parameters, descriptor set, pipelines; they
- * need the workspace layout, which the core makes after plan_init. On
- * failure the core calls vk_plan_release, which frees what was made. */
-qattn_status vk_plan_finish(qattn_ctx *ctx, qattn_plan *plan)
+/* The plan's constants for the shaders, from the problem and the workspace layout. */
+static void fill_params(const qattn_plan *plan, vk_params *pr)
 {
-    vk_ctx *vc = ctx->impl;
-    const vk_device_caps *caps = vc->caps;
     const qattn_problem *p = &plan->problem;
-    vk_plan *vp = plan->impl;
-    const bool coopmat = vp->coopmat, emulated = vp->emulated;
-    const bool quant = plan->precision != QATTN_PRECISION_EXACT;
     const qattn_workspace_layout *L = &plan->ws;
-    const uint32_t br = (uint32_t)plan->q_tile, bc = (uint32_t)plan->kv_tile;
-    vk_params *pr = &vp->params;
     pr->batch = (uint32_t)p->batch;
     pr->heads_q = (uint32_t)p->heads_q;
     pr->heads_kv = (uint32_t)p->heads_kv;
@@ -294,16 +234,18 @@ qattn_status vk_plan_finish(qattn_ctx *ctx, qattn_plan *plan)
     pr->head_dim = (uint32_t)p->head_dim;
     pr->group = (uint32_t)p->group;
     pr->causal_shift = (int32_t)(p->seq_k - p->seq_q);
-    int64_t qshape[3] = {p->batch, p->heads_q, p->seq_q}, kshape[3] = {p->batch, p->heads_kv, p->seq_k};
-    uint32_t st[3];
-    put_strides(qshape, p->q_stride, st);
-    pr->q_sb = st[0], pr->q_sh = st[1], pr->q_sn = st[2];
-    put_strides(kshape, p->k_stride, st);
-    pr->k_sb = st[0], pr->k_sh = st[1], pr->k_sn = st[2];
-    put_strides(kshape, p->v_stride, st);
-    pr->v_sb = st[0], pr->v_sh = st[1], pr->v_sn = st[2];
-    put_strides(qshape, p->o_stride, st);
-    pr->o_sb = st[0], pr->o_sh = st[1], pr->o_sn = st[2];
+    pr->q_sb = vk_stride32(p->batch, p->q_stride[0]);
+    pr->q_sh = vk_stride32(p->heads_q, p->q_stride[1]);
+    pr->q_sn = vk_stride32(p->seq_q, p->q_stride[2]);
+    pr->k_sb = vk_stride32(p->batch, p->k_stride[0]);
+    pr->k_sh = vk_stride32(p->heads_kv, p->k_stride[1]);
+    pr->k_sn = vk_stride32(p->seq_k, p->k_stride[2]);
+    pr->v_sb = vk_stride32(p->batch, p->v_stride[0]);
+    pr->v_sh = vk_stride32(p->heads_kv, p->v_stride[1]);
+    pr->v_sn = vk_stride32(p->seq_k, p->v_stride[2]);
+    pr->o_sb = vk_stride32(p->batch, p->o_stride[0]);
+    pr->o_sh = vk_stride32(p->heads_q, p->o_stride[1]);
+    pr->o_sn = vk_stride32(p->seq_q, p->o_stride[2]);
     pr->qk_scale_log2 = (float)((double)p->sm_scale * QATTN_LOG2E);
     pr->sm_scale = p->sm_scale;
     size_t regions[] = {L->q_i8, L->k_i8, L->v_q, L->q_scale, L->k_scale, L->k_mean, L->q_kmean, L->status};
@@ -311,7 +253,7 @@ qattn_status vk_plan_finish(qattn_ctx *ctx, qattn_plan *plan)
                        &pr->ws_k_scale, &pr->ws_k_mean, &pr->ws_q_kmean, &pr->ws_status};
     for (int i = 0; i < 8; i++)
         *dst[i] = regions[i] == QATTN_WS_ABSENT ? 0u : (uint32_t)regions[i];
-    if (quant) {
+    if (plan->precision != QATTN_PRECISION_EXACT) {
         pr->q_block = (uint32_t)plan->quant.q_block;
         pr->q_interleave = (uint32_t)plan->quant.q_interleave;
         pr->k_block = (uint32_t)plan->quant.k_block;
@@ -322,69 +264,75 @@ qattn_status vk_plan_finish(qattn_ctx *ctx, qattn_plan *plan)
     }
     pr->check_finite = p->check_finite;
     pr->return_lse = p->return_lse;
-    pr->q_tiles = (uint32_t)((p->seq_q + br - 1) / br);
+    pr->q_tiles = (uint32_t)qattn_ceil_div(p->seq_q, plan->q_tile);
+}
 
-    qattn_status s = QATTN_OK;
-    if (L->total > ctx->device_info.max_buffer_bytes)
-        s = qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
-                            "the workspace (%zu bytes) exceeds the %llu bytes one Vulkan storage buffer holds", L->total,
-                            (unsigned long long)ctx->device_info.max_buffer_bytes);
-    if (!s)
-        s = upload_params(ctx, vc, vp);
-    if (!s) {
-        VkDescriptorPoolSize sizes[2] = {{VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_BINDINGS - 1},
-                                         {VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER, 1}};
-        VkDescriptorPoolCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO, .maxSets = 1,
-                                         .poolSizeCount = 2, .pPoolSizes = sizes};
-        s = vk_check(ctx, vc->vk.vkCreateDescriptorPool(vc->device, &pi, NULL, &vp->pool), "vkCreateDescriptorPool");
-    }
-    if (!s) {
-        VkDescriptorSetAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO,
-                                          .descriptorPool = vp->pool, .descriptorSetCount = 1,
-                                          .pSetLayouts = &vc->set_layout};
-        s = vk_check(ctx, vc->vk.vkAllocateDescriptorSets(vc->device, &ai, &vp->set), "vkAllocateDescriptorSets");
-    }
+static qattn_status add_dispatch(qattn_ctx *ctx, vk_ctx *vc, vk_plan *vp, const char *shader, const uint32_t *spec,
+                                 uint32_t required_subgroup, uint32_t gx, uint32_t gy, uint32_t arg0, bool barrier)
+{
+    vk_pipeline_key key = {.shader = shader, .spec_count = SPEC_COUNT, .required_subgroup = required_subgroup};
+    memcpy(key.spec, spec, SPEC_COUNT * sizeof(uint32_t));
+    vk_planned_dispatch *d = &vp->d[vp->count];
+    qattn_status s = vk_pipeline_get(ctx, vc, &key, &d->pipeline);
+    if (s)
+        return s;
+    d->grid[0] = gx ? gx : 1;
+    d->grid[1] = gy ? gy : 1;
+    d->arg0 = arg0;
+    d->barrier_before = barrier;
+    vp->count++;
+    return QATTN_OK;
+}
 
-    /* Dispatches. */
-    const uint32_t D = pr->head_dim, cap = 65535;
+/* The run's dispatches: [finite scan of q, k, v] -> [K mean, K, V, Q quantization] -> attention. */
+static qattn_status plan_dispatches(qattn_ctx *ctx, vk_ctx *vc, const qattn_plan *plan, vk_plan *vp)
+{
+    const vk_device_caps *caps = vc->caps;
+    const qattn_problem *p = &plan->problem;
+    const qattn_workspace_layout *L = &plan->ws;
+    const bool coopmat = vp->coopmat, emulated = vp->emulated;
+    const bool quant = plan->precision != QATTN_PRECISION_EXACT;
+    const uint32_t D = vp->params.head_dim, cap = 65535;
     uint32_t spec[SPEC_COUNT] = {
         [SPEC_D] = D,
         [SPEC_IN_DTYPE] = (uint32_t)p->in_dtype,
         [SPEC_OUT_DTYPE] = (uint32_t)p->out_dtype,
-        [SPEC_BR] = br,
-        [SPEC_BC] = bc,
+        [SPEC_BR] = (uint32_t)plan->q_tile,
+        [SPEC_BC] = (uint32_t)plan->kv_tile,
         [SPEC_QUANT] = quant,
         [SPEC_CAUSAL] = p->causal,
         [SPEC_SUBGROUP] = coopmat ? 32 : caps->subgroup_size,
         [SPEC_PREFETCH] = QATTN_VK_COOPMAT_PREFETCH,
     };
     uint64_t bhq = (uint64_t)p->batch * (uint64_t)p->heads_q, bhk = (uint64_t)p->batch * (uint64_t)p->heads_kv;
-    if (!s && p->check_finite) {
+    qattn_status s = QATTN_OK;
+    if (p->check_finite) {
         uint64_t qe = (uint64_t)p->seq_q * (uint64_t)D, ke = (uint64_t)p->seq_k * (uint64_t)D;
-        s = add_dispatch(ctx, vc, vp, "finite", spec, 0, min_u32((qe + 2047) / 2048, cap), min_u32(bhq, cap), 0, false);
+        s = add_dispatch(ctx, vc, vp, "finite", spec, 0, vk_min_u32((qe + 2047) / 2048, cap), vk_min_u32(bhq, cap), 0,
+                         false);
         if (!s)
-            s = add_dispatch(ctx, vc, vp, "finite", spec, 0, min_u32((ke + 2047) / 2048, cap), min_u32(bhk, cap), 1,
-                             false);
+            s = add_dispatch(ctx, vc, vp, "finite", spec, 0, vk_min_u32((ke + 2047) / 2048, cap),
+                             vk_min_u32(bhk, cap), 1, false);
         if (!s)
-            s = add_dispatch(ctx, vc, vp, "finite", spec, 0, min_u32((ke + 2047) / 2048, cap), min_u32(bhk, cap), 2,
-                             false);
+            s = add_dispatch(ctx, vc, vp, "finite", spec, 0, vk_min_u32((ke + 2047) / 2048, cap),
+                             vk_min_u32(bhk, cap), 2, false);
     }
     if (!s && quant) {
         bool first = true;
         if (plan->quant.smooth_k) {
             s = add_dispatch(ctx, vc, vp, caps->float64 && vk_spirv_find("kmean_f64") ? "kmean_f64" : "kmean", spec, 0,
-                             D / 16, min_u32(bhk, cap), 0, true);
+                             D / 16, vk_min_u32(bhk, cap), 0, true);
             first = false;
         }
         if (!s)
-            s = add_dispatch(ctx, vc, vp, "quant_rows", spec, 0, min_u32((uint64_t)L->k_groups, cap),
-                             min_u32(bhk, cap), 1, !first);
+            s = add_dispatch(ctx, vc, vp, "quant_rows", spec, 0, vk_min_u32((uint64_t)L->k_groups, cap),
+                             vk_min_u32(bhk, cap), 1, !first);
         if (!s)
             s = add_dispatch(ctx, vc, vp, "quant_v16", spec, 0,
-                             min_u32(((uint64_t)p->seq_k * D / 2 + 255) / 256, cap), min_u32(bhk, cap), 0, false);
+                             vk_min_u32(((uint64_t)p->seq_k * D / 2 + 255) / 256, cap), vk_min_u32(bhk, cap), 0, false);
         if (!s)
-            s = add_dispatch(ctx, vc, vp, "quant_rows", spec, 0, min_u32((uint64_t)L->q_groups, cap),
-                             min_u32(bhq, cap), 0, false);
+            s = add_dispatch(ctx, vc, vp, "quant_rows", spec, 0, vk_min_u32((uint64_t)L->q_groups, cap),
+                             vk_min_u32(bhq, cap), 0, false);
     }
     if (!s) {
         const char *shader = coopmat    ? "attn_coopmat"
@@ -396,16 +344,71 @@ qattn_status vk_plan_finish(qattn_ctx *ctx, qattn_plan *plan)
                               caps->full_subgroups
                           ? spec[SPEC_SUBGROUP]
                           : 0;
-        s = add_dispatch(ctx, vc, vp, shader, spec, sg, min_u32(pr->q_tiles, cap), min_u32(bhq, cap), 0, true);
+        s = add_dispatch(ctx, vc, vp, shader, spec, sg, vk_min_u32(vp->params.q_tiles, cap), vk_min_u32(bhq, cap), 0,
+                         true);
     }
     return s;
 }
 
-static void compute_barrier(vk_ctx *vc, VkPipelineStageFlags src, VkAccessFlags src_access)
+/* The plan's device objects: parameters, descriptor set, pipelines; they
+ * need the workspace layout, which the core makes after plan_init. On
+ * failure the core calls vk_plan_release, which frees what was made. */
+qattn_status vk_plan_finish(qattn_ctx *ctx, qattn_plan *plan)
 {
-    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = src_access,
-                          .dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT};
-    vc->vk.vkCmdPipelineBarrier(vc->cmd, src, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    vk_ctx *vc = ctx->impl;
+    vk_plan *vp = plan->impl;
+    fill_params(plan, &vp->params);
+    if (plan->ws.total > ctx->device_info.max_buffer_bytes)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "the workspace (%zu bytes) exceeds the %llu bytes one Vulkan storage buffer holds",
+                               plan->ws.total, (unsigned long long)ctx->device_info.max_buffer_bytes);
+    qattn_status s = vk_mem_create(ctx, vc, sizeof(vk_params), vc->device_local_type, false, &vp->params_buf,
+                                   "plan parameter buffer");
+    if (!s)
+        s = vk_staged_copy(ctx, vc, vp->params_buf.buffer, 0, &vp->params, sizeof(vk_params), VK_COPY_UP, 0);
+    if (!s) {
+        const VkDescriptorPoolSize sizes[2] = {{VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_BINDINGS - 1},
+                                               {VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER, 1}};
+        s = vk_descriptor_set_create(ctx, vc, vc->set_layout, sizes, 2, "", &vp->pool, &vp->set);
+    }
+    if (!s)
+        s = plan_dispatches(ctx, vc, plan, vp);
+    return s;
+}
+
+void vk_plan_release(qattn_ctx *ctx, qattn_plan *plan)
+{
+    vk_ctx *vc = ctx->impl;
+    vk_plan *vp = plan->impl;
+    if (!vp)
+        return;
+    if (vp->pool)
+        vc->vk.vkDestroyDescriptorPool(vc->device, vp->pool, NULL);
+    vk_mem_destroy(vc, &vp->params_buf);
+    free(vp);
+    plan->impl = NULL;
+}
+
+/* ------------------------------------------------------------------- runs */
+
+/* Points the plan's descriptor set at the run's buffers. Under vc->lock. */
+static void bind_run(vk_ctx *vc, const vk_plan *vp, const qattn_run_bound *run)
+{
+    const qattn_buffer *bufs[VK_BINDINGS - 1] = {run->q, run->k, run->v, run->o,
+                                                 run->lse ? run->lse : run->o,
+                                                 run->workspace ? run->workspace : run->q};
+    VkDescriptorBufferInfo infos[VK_BINDINGS];
+    VkWriteDescriptorSet writes[VK_BINDINGS];
+    for (int i = 0; i < VK_BINDINGS; i++) {
+        VkBuffer b = i < VK_BINDINGS - 1 ? vk_buffer_handle(bufs[i]) : vp->params_buf.buffer;
+        infos[i] = (VkDescriptorBufferInfo){.buffer = b, .offset = 0, .range = VK_WHOLE_SIZE};
+        writes[i] = (VkWriteDescriptorSet){.sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstSet = vp->set,
+                                           .dstBinding = (uint32_t)i, .descriptorCount = 1,
+                                           .descriptorType = i == VK_BINDINGS - 1 ? VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER
+                                                                                  : VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+                                           .pBufferInfo = &infos[i]};
+    }
+    vc->vk.vkUpdateDescriptorSets(vc->device, VK_BINDINGS, writes, 0, NULL);
 }
 
 qattn_status vk_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run)
@@ -414,8 +417,7 @@ qattn_status vk_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_boun
     const qattn_problem *p = &plan->problem;
     if (run->stream)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the vulkan backend");
-    vk_plan *vp = plan->impl;
-    qattn_status s;
+    const vk_plan *vp = plan->impl;
 
     const size_t in_es = qattn_dtype_size(p->in_dtype), out_es = qattn_dtype_size(p->out_dtype);
     vk_push push = {
@@ -426,70 +428,35 @@ qattn_status vk_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_boun
         .lse_off = (uint32_t)(run->lse_offset / 4),
         .ws_off = (uint32_t)run->workspace_offset,
     };
-    const qattn_buffer *bufs[VK_BINDINGS - 1] = {run->q, run->k, run->v, run->o,
-                                                 run->lse ? run->lse : run->o,
-                                                 run->workspace ? run->workspace : run->q};
-    VkDescriptorBufferInfo infos[VK_BINDINGS];
-    VkWriteDescriptorSet writes[VK_BINDINGS];
-    for (int i = 0; i < VK_BINDINGS; i++) {
-        VkBuffer b = i < VK_BINDINGS - 1 ? ((vk_buffer *)bufs[i]->impl)->mem.buffer : vp->params_buf.buffer;
-        infos[i] = (VkDescriptorBufferInfo){.buffer = b, .offset = 0, .range = VK_WHOLE_SIZE};
-        writes[i] = (VkWriteDescriptorSet){.sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstSet = vp->set,
-                                           .dstBinding = (uint32_t)i, .descriptorCount = 1,
-                                           .descriptorType = i == VK_BINDINGS - 1 ? VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER
-                                                                                  : VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
-                                           .pBufferInfo = &infos[i]};
-    }
-    VkBuffer ws = run->workspace ? ((vk_buffer *)run->workspace->impl)->mem.buffer : VK_NULL_HANDLE;
+    VkBuffer ws = vk_buffer_handle(run->workspace);
     VkDeviceSize status_at = run->workspace_offset + plan->ws.status;
+    uint32_t words[QATTN_STATUS_WORDS] = {0};
 
     pthread_mutex_lock(&vc->lock);
-    vc->vk.vkUpdateDescriptorSets(vc->device, VK_BINDINGS, writes, 0, NULL);
-    s = vk_begin(ctx, vc);
-    if (s) {
-        pthread_mutex_unlock(&vc->lock);
-        return s;
-    }
-    VkCommandBuffer cmd = vc->cmd;
-    if (p->check_finite) {
-        vc->vk.vkCmdFillBuffer(cmd, ws, status_at, 16, 0);
-        compute_barrier(vc, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT);
-    }
-    vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->pipeline_layout, 0, 1, &vp->set, 0, NULL);
-    for (int i = 0; i < vp->count; i++) {
-        const vk_dispatch *d = &vp->d[i];
-        if (d->barrier_before && i > 0)
-            compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
-        push.arg0 = d->arg0;
-        vc->vk.vkCmdBindPipeline(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, d->pipeline);
-        vc->vk.vkCmdPushConstants(cmd, vc->pipeline_layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof(push), &push);
-        vc->vk.vkCmdDispatch(cmd, d->groups[0], d->groups[1], d->groups[2]);
-    }
-    if (p->check_finite) {
-        VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT,
-                              .dstAccessMask = VK_ACCESS_TRANSFER_READ_BIT};
-        vc->vk.vkCmdPipelineBarrier(cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1,
-                                    &mb, 0, NULL, 0, NULL);
-        VkBufferCopy region = {.srcOffset = status_at, .dstOffset = 0, .size = 16};
-        vc->vk.vkCmdCopyBuffer(cmd, ws, vc->readback.buffer, 1, &region);
-        VkMemoryBarrier hb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = VK_ACCESS_TRANSFER_WRITE_BIT,
-                              .dstAccessMask = VK_ACCESS_HOST_READ_BIT};
-        vc->vk.vkCmdPipelineBarrier(cmd, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &hb, 0,
-                                    NULL, 0, NULL);
-    }
-    s = vk_submit_wait(ctx, vc);
-    uint32_t flags = 0;
-    if (!s && p->check_finite) {
-        /* The readback memory may be non-coherent when it is host cached. */
-        VkMappedMemoryRange range = {.sType = VK_STRUCTURE_TYPE_MAPPED_MEMORY_RANGE, .memory = vc->readback.memory,
-                                     .offset = 0, .size = VK_WHOLE_SIZE};
-        vc->vk.vkInvalidateMappedMemoryRanges(vc->device, 1, &range);
-        memcpy(&flags, vc->readback.mapped, 4);
+    bind_run(vc, vp, run);
+    qattn_status s = vk_begin(ctx, vc);
+    if (!s) {
+        if (p->check_finite)
+            vk_status_clear(vc, ws, status_at);
+        vc->vk.vkCmdBindDescriptorSets(vc->cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->pipeline_layout, 0, 1, &vp->set,
+                                       0, NULL);
+        for (int i = 0; i < vp->count; i++) {
+            const vk_planned_dispatch *d = &vp->d[i];
+            if (d->barrier_before && i > 0)
+                vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
+            push.arg0 = d->arg0;
+            vk_record_dispatch(vc, vc->pipeline_layout, d->pipeline, &push, sizeof(push), d->grid);
+        }
+        if (p->check_finite)
+            vk_read_status_back(vc, ws, status_at);
+        s = vk_submit_wait(ctx, vc);
+        if (!s && p->check_finite)
+            vk_status_words(vc, words);
     }
     pthread_mutex_unlock(&vc->lock);
     if (s)
         return s;
-    if (flags)
-        return qattn_nonfinite_error(ctx, flags);
+    if (words[QATTN_STATUS_NONFINITE])
+        return qattn_nonfinite_error(ctx, words[QATTN_STATUS_NONFINITE]);
     return QATTN_OK;
 }

@@ -10,15 +10,13 @@
  * that write nothing when a status word is set -> status readback; the host
  * then names the problem (reading the offending entries back).
  */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "vk_internal.h"
+#include "vulkan_internal.h"
 
-#define PAGED_WG 128u    /* invocations of paged_attn / paged_check */
-#define MERGE_WG 64u     /* of paged_merge, and of the append's write */
+#define PAGED_WG 128u /* invocations of paged_attn / paged_check */
 #define APPEND_CHECK_WG 256u
 
 /* The attention kernel's preferred keys per tile; a build may override it
@@ -69,79 +67,19 @@ _Static_assert(sizeof(vk_paged_args) <= VK_PAGED_PUSH_BYTES && sizeof(vk_merge_a
                    sizeof(vk_append_args) <= VK_PAGED_PUSH_BYTES,
                "push constants fit the paged layout's range");
 
-static VkBuffer vk_of(const qattn_buffer *b) { return b ? ((vk_buffer *)b->impl)->mem.buffer : VK_NULL_HANDLE; }
-
-static uint32_t min_u32(uint64_t a, uint64_t b) { return (uint32_t)(a < b ? a : b); }
-
-/* A grid of at least `groups` work groups (up to 65535 x 65535); the kernels stride over the rest. */
-static void grid_of(uint64_t groups, uint32_t out[2])
-{
-    if (groups < 1)
-        groups = 1;
-    out[0] = min_u32(groups, 65535);
-    out[1] = min_u32((groups + out[0] - 1) / out[0], 65535);
-}
-
-/* A stride as the kernels take it: 32 bits, 0 for a dimension of extent 1 (it never moves). */
-static uint32_t stride32(int64_t extent, int64_t stride) { return extent > 1 ? (uint32_t)stride : 0u; }
-
-static void barrier(vk_ctx *vc, VkPipelineStageFlags src, VkAccessFlags src_access, VkPipelineStageFlags dst,
-                    VkAccessFlags dst_access)
-{
-    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = src_access,
-                          .dstAccessMask = dst_access};
-    vc->vk.vkCmdPipelineBarrier(vc->cmd, src, dst, 0, 1, &mb, 0, NULL, 0, NULL);
-}
-
-static void compute_to_compute(vk_ctx *vc)
-{
-    barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
-            VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
-}
-
-static void transfer_to_compute(vk_ctx *vc)
-{
-    barrier(vc, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
-            VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
-}
-
-/* Records: the compute results' status words (16 bytes at `at` of `src`) to the readback buffer. */
-static void read_status_back(vk_ctx *vc, VkBuffer src, VkDeviceSize at)
-{
-    barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT,
-            VK_ACCESS_TRANSFER_READ_BIT);
-    VkBufferCopy region = {.srcOffset = at, .dstOffset = 0, .size = 16};
-    vc->vk.vkCmdCopyBuffer(vc->cmd, src, vc->readback.buffer, 1, &region);
-    barrier(vc, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
-            VK_ACCESS_HOST_READ_BIT);
-}
-
-/* After the submission completed: the status words the readback buffer holds. */
-static void status_words(vk_ctx *vc, uint32_t words[QATTN_STATUS_WORDS])
-{
-    /* The readback memory may be non-coherent when it is host cached. */
-    VkMappedMemoryRange range = {.sType = VK_STRUCTURE_TYPE_MAPPED_MEMORY_RANGE, .memory = vc->readback.memory,
-                                 .offset = 0, .size = VK_WHOLE_SIZE};
-    vc->vk.vkInvalidateMappedMemoryRanges(vc->device, 1, &range);
-    memcpy(words, vc->readback.mapped, QATTN_STATUS_BYTES);
-}
-
-static void dispatch(vk_ctx *vc, VkPipeline pipeline, const void *args, size_t args_bytes, const uint32_t grid[2])
-{
-    vc->vk.vkCmdBindPipeline(vc->cmd, VK_PIPELINE_BIND_POINT_COMPUTE, pipeline);
-    vc->vk.vkCmdPushConstants(vc->cmd, vc->paged_layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, (uint32_t)args_bytes, args);
-    vc->vk.vkCmdDispatch(vc->cmd, grid[0], grid[1], 1);
-}
-
+/* The pipeline of a paged kernel (the paged layout) for these specialization constants. */
 static qattn_status paged_pipeline(qattn_ctx *ctx, vk_ctx *vc, const char *shader, const uint32_t *spec,
                                    uint32_t spec_count, VkPipeline *out)
 {
     vk_pipeline_key key = {.shader = shader, .spec_count = spec_count, .paged = true};
     memcpy(key.spec, spec, spec_count * sizeof(uint32_t));
-    pthread_mutex_lock(&vc->lock);
-    qattn_status s = vk_pipeline_get(ctx, vc, &key, out);
-    pthread_mutex_unlock(&vc->lock);
-    return s;
+    return vk_pipeline_get(ctx, vc, &key, out);
+}
+
+/* Records a paged kernel's dispatch with its arguments as push constants. */
+static void dispatch(vk_ctx *vc, VkPipeline pipeline, const void *args, size_t args_bytes, const uint32_t grid[2])
+{
+    vk_record_dispatch(vc, vc->paged_layout, pipeline, args, (uint32_t)args_bytes, grid);
 }
 
 static qattn_status paged_available(qattn_ctx *ctx, const vk_ctx *vc)
@@ -165,35 +103,12 @@ qattn_status vk_paged_ctx_init(qattn_ctx *ctx, vk_ctx *vc)
                  lim->maxPushConstantsSize);
         return QATTN_OK; /* the rest of the backend works */
     }
-    VkDescriptorSetLayoutBinding b[VK_PAGED_BINDINGS];
-    for (uint32_t i = 0; i < VK_PAGED_BINDINGS; i++)
-        b[i] = (VkDescriptorSetLayoutBinding){.binding = i, .descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
-                                              .descriptorCount = 1, .stageFlags = VK_SHADER_STAGE_COMPUTE_BIT};
-    VkDescriptorSetLayoutCreateInfo li = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
-                                          .bindingCount = VK_PAGED_BINDINGS, .pBindings = b};
-    qattn_status s = vk_check(ctx, vc->vk.vkCreateDescriptorSetLayout(vc->device, &li, NULL, &vc->paged_set_layout),
-                              "vkCreateDescriptorSetLayout (paged)");
+    qattn_status s = vk_layout_create(ctx, vc, VK_PAGED_BINDINGS, false, VK_PAGED_PUSH_BYTES, " (paged)",
+                                      &vc->paged_set_layout, &vc->paged_layout);
     if (!s) {
-        VkPushConstantRange pc = {.stageFlags = VK_SHADER_STAGE_COMPUTE_BIT, .offset = 0, .size = VK_PAGED_PUSH_BYTES};
-        VkPipelineLayoutCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO,
-                                         .setLayoutCount = 1, .pSetLayouts = &vc->paged_set_layout,
-                                         .pushConstantRangeCount = 1, .pPushConstantRanges = &pc};
-        s = vk_check(ctx, vc->vk.vkCreatePipelineLayout(vc->device, &pi, NULL, &vc->paged_layout),
-                     "vkCreatePipelineLayout (paged)");
-    }
-    if (!s) {
-        VkDescriptorPoolSize size = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_PAGED_BINDINGS};
-        VkDescriptorPoolCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO, .maxSets = 1,
-                                         .poolSizeCount = 1, .pPoolSizes = &size};
-        s = vk_check(ctx, vc->vk.vkCreateDescriptorPool(vc->device, &pi, NULL, &vc->paged_pool),
-                     "vkCreateDescriptorPool (paged)");
-    }
-    if (!s) {
-        VkDescriptorSetAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO,
-                                          .descriptorPool = vc->paged_pool, .descriptorSetCount = 1,
-                                          .pSetLayouts = &vc->paged_set_layout};
-        s = vk_check(ctx, vc->vk.vkAllocateDescriptorSets(vc->device, &ai, &vc->paged_set),
-                     "vkAllocateDescriptorSets (paged)");
+        const VkDescriptorPoolSize size = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_PAGED_BINDINGS};
+        s = vk_descriptor_set_create(ctx, vc, vc->paged_set_layout, &size, 1, " (paged)", &vc->paged_pool,
+                                     &vc->paged_set);
     }
     if (!s)
         s = vk_mem_create(ctx, vc, 256, vc->device_local_type, false, &vc->paged_status, "append status buffer");
@@ -263,7 +178,7 @@ qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
         (check && (s = paged_pipeline(ctx, vc, "paged_append_check", spec, 2, &check_pipe))))
         return s;
 
-    const uint64_t dup_groups = (T + APPEND_CHECK_WG - 1) / APPEND_CHECK_WG;
+    const uint64_t dup_groups = (uint64_t)qattn_ceil_div((int64_t)T, APPEND_CHECK_WG);
     uint64_t scan_groups = (T * H * (uint64_t)c->head_dim + APPEND_CHECK_WG * 8 - 1) / (APPEND_CHECK_WG * 8);
     scan_groups = scan_groups < 1 ? 1 : scan_groups > 1024 ? 1024 : scan_groups;
     vk_append_args args = {
@@ -275,42 +190,41 @@ qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
         .head_dim = (uint32_t)c->head_dim,
         .page_size = (uint32_t)c->page_size,
         .capacity = (uint32_t)(c->num_pages * c->page_size), /* < 2^32: the cache fits one buffer */
-        .s0 = stride32(a->num_tokens, a->new_stride[0]),
-        .s1 = stride32(c->heads_kv, a->new_stride[1]),
+        .s0 = vk_stride32(a->num_tokens, a->new_stride[0]),
+        .s1 = vk_stride32(c->heads_kv, a->new_stride[1]),
         .flags = (check ? APPEND_CHECK : 0u) | (c->layout == QATTN_KV_HND ? APPEND_HND : 0u),
         .dup_groups = (uint32_t)dup_groups,
     };
     const qattn_kv_cache_buffers *cb = a->buffers;
     VkBuffer bufs[VK_PAGED_BINDINGS] = {
-        [0] = vk_of(a->k_new), [1] = vk_of(cb->k), [2] = vk_of(cb->v), [3] = vk_of(cb->k_scale),
-        [4] = vk_of(cb->v_scale), [7] = vc->paged_status.buffer, [8] = vk_of(a->slot_mapping),
-        [12] = vk_of(a->v_new),
+        [0] = vk_buffer_handle(a->k_new),         [1] = vk_buffer_handle(cb->k),
+        [2] = vk_buffer_handle(cb->v),            [3] = vk_buffer_handle(cb->k_scale),
+        [4] = vk_buffer_handle(cb->v_scale),      [7] = vc->paged_status.buffer,
+        [8] = vk_buffer_handle(a->slot_mapping), [12] = vk_buffer_handle(a->v_new),
     };
     uint32_t check_grid[2], write_grid[2], words[QATTN_STATUS_WORDS] = {0};
-    grid_of(dup_groups + scan_groups, check_grid);
-    grid_of(T * H * 2 < 65535 ? T * H * 2 : 65535, write_grid);
+    vk_grid_of(dup_groups + scan_groups, check_grid);
+    vk_grid_of(T * H * 2 < 65535 ? T * H * 2 : 65535, write_grid);
 
     pthread_mutex_lock(&vc->lock);
-    bind_all(vc, vc->paged_set, bufs, vk_of(a->k_new));
+    bind_all(vc, vc->paged_set, bufs, vk_buffer_handle(a->k_new));
     s = vk_begin(ctx, vc);
     if (!s) {
         VkCommandBuffer cmd = vc->cmd;
-        if (check) {
-            vc->vk.vkCmdFillBuffer(cmd, vc->paged_status.buffer, 0, QATTN_STATUS_BYTES, 0);
-            transfer_to_compute(vc);
-        }
+        if (check)
+            vk_status_clear(vc, vc->paged_status.buffer, 0);
         vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vc->paged_set, 0,
                                        NULL);
         if (check) {
             dispatch(vc, check_pipe, &args, sizeof(args), check_grid);
-            compute_to_compute(vc);
+            vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
         }
         dispatch(vc, write_pipe, &args, sizeof(args), write_grid);
         if (check)
-            read_status_back(vc, vc->paged_status.buffer, 0);
+            vk_read_status_back(vc, vc->paged_status.buffer, 0);
         s = vk_submit_wait(ctx, vc);
         if (!s && check)
-            status_words(vc, words);
+            vk_status_words(vc, words);
     }
     pthread_mutex_unlock(&vc->lock);
     if (s || !check)
@@ -383,15 +297,10 @@ void vk_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
     plan->impl = NULL;
 }
 
-qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
+/* What the problem asks of the device that the paged kernels cannot give: head dim, buffer sizes, 32-bit keys. */
+static qattn_status check_paged_problem(qattn_ctx *ctx, const vk_device_caps *caps, const qattn_paged_problem *pp)
 {
-    vk_ctx *vc = ctx->impl;
-    const vk_device_caps *caps = vc->caps;
-    qattn_paged_problem *pp = &plan->pp;
-    qattn_status s = paged_available(ctx, vc);
-    if (s)
-        return s;
-    const int64_t D = pp->cache.head_dim, P = pp->cache.page_size, Hkv = pp->cache.heads_kv;
+    const int64_t D = pp->cache.head_dim, P = pp->cache.page_size;
     const uint64_t max_buffer = ctx->device_info.max_buffer_bytes;
     if (D % 16 != 0 || D > 256)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
@@ -410,13 +319,18 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                                "max_pages_per_seq * page_size = %lld * %lld: the vulkan kernels index at most about "
                                "2^31 keys per sequence",
                                (long long)pp->max_pages_per_seq, (long long)P);
+    return QATTN_OK;
+}
 
-    /* Rows per item: the group's heads times the queries, as one tile if it fits. */
-    const int fmt = qattn_kv_format_of(&pp->cache);
-    const bool eight = fmt >= QATTN_KV_FMT_FP8;
+/* Rows per item (the group's heads times the queries, as one tile if it fits), keys per tile and
+ * P V rows per invocation: the largest geometry whose shared memory the device has. */
+static qattn_status choose_geometry(qattn_ctx *ctx, const vk_device_caps *caps, const qattn_paged_problem *pp,
+                                    paged_geometry *g)
+{
+    const int64_t D = pp->cache.head_dim;
+    const bool eight = qattn_kv_format_of(&pp->cache) >= QATTN_KV_FMT_FP8;
     const uint32_t smem_limit = caps->props.limits.maxComputeSharedMemorySize;
     const uint64_t rows = (uint64_t)pp->group * (uint64_t)pp->max_q_len;
-    paged_geometry g = {0};
     bool found = false;
     /* The most rows per item, then the preferred key tile, then the most P V rows per invocation
      * (fewer decodes of each V word; more shared memory for the partitions' sums). */
@@ -425,34 +339,80 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     for (uint32_t br = next_pow2(rows) < 32 ? next_pow2(rows) : 32; br >= 1 && !found; br /= 2)
         for (int t = 0; t < 4 && !found; t++)
             for (uint32_t rpt = br < 16 ? br : 16; rpt >= 1 && !found; rpt /= 2)
-                found = geometry_of((uint32_t)D, eight, br, tiles[t], rpt, &g) && g.smem <= smem_limit;
+                found = geometry_of((uint32_t)D, eight, br, tiles[t], rpt, g) && g->smem <= smem_limit;
     if (!found)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "head dim %lld needs more than the %u bytes of shared memory device %s offers",
                                (long long)D, smem_limit, caps->props.deviceName);
-    const int64_t q_tiles = (int64_t)qattn_ceil_div((int64_t)rows, g.br);
-    const int64_t items = pp->batch * Hkv * q_tiles;
+    return QATTN_OK;
+}
 
-    if (pp->num_splits == 0) {
-        /* Work groups resident at once: per compute unit as shared memory allows (8 at most), or
-         * the host's threads for a CPU implementation, or a large GPU's worth when unknown. */
-        int64_t per_cu = 98304 / g.smem;
-        per_cu = per_cu < 1 ? 1 : per_cu > 8 ? 8 : per_cu;
-        int64_t slots = caps->compute_units ? (int64_t)caps->compute_units * per_cu
-                        : caps->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU ? qattn_host_cpu_count()
-                                                                               : 1024;
-        pp->num_splits = qattn_paged_choose_splits(items, slots, pp->max_pages_per_seq, P);
-        snprintf(plan->why, sizeof(plan->why),
-                 "%lld work items (sequences x KV heads x %lld query tile(s) of %u rows) for about %lld resident work "
-                 "groups (%s): %d split(s) of the keys.",
-                 (long long)items, (long long)q_tiles, g.br, (long long)slots,
-                 caps->compute_units ? "compute units x groups per unit"
-                 : caps->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU ? "host threads"
-                                                                          : "compute units unknown: a large GPU",
-                 pp->num_splits);
-    } else {
+/* The split count of an automatic plan (pp->num_splits 0) and the plan's account of it. */
+static void choose_splits(qattn_plan *plan, const vk_device_caps *caps, const paged_geometry *g, int64_t items,
+                          int64_t q_tiles)
+{
+    qattn_paged_problem *pp = &plan->pp;
+    if (pp->num_splits != 0) {
         snprintf(plan->why, sizeof(plan->why), "%d split(s) of the keys, as requested.", pp->num_splits);
+        return;
     }
+    /* Work groups resident at once: per compute unit as shared memory allows (8 at most), or
+     * the host's threads for a CPU implementation, or a large GPU's worth when unknown. */
+    int64_t per_cu = 98304 / g->smem;
+    per_cu = per_cu < 1 ? 1 : per_cu > 8 ? 8 : per_cu;
+    int64_t slots = caps->compute_units ? (int64_t)caps->compute_units * per_cu
+                    : caps->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU ? qattn_host_cpu_count()
+                                                                           : 1024;
+    pp->num_splits = qattn_paged_choose_splits(items, slots, pp->max_pages_per_seq, pp->cache.page_size);
+    snprintf(plan->why, sizeof(plan->why),
+             "%lld work items (sequences x KV heads x %lld query tile(s) of %u rows) for about %lld resident work "
+             "groups (%s): %d split(s) of the keys.",
+             (long long)items, (long long)q_tiles, g->br, (long long)slots,
+             caps->compute_units ? "compute units x groups per unit"
+             : caps->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU ? "host threads"
+                                                                      : "compute units unknown: a large GPU",
+             pp->num_splits);
+}
+
+/* The plan's device objects: its pipelines and descriptor set. */
+static qattn_status make_pipelines(qattn_ctx *ctx, vk_ctx *vc, const qattn_paged_problem *pp, vk_paged_plan *vp)
+{
+    const paged_geometry *g = &vp->g;
+    const uint32_t D = (uint32_t)pp->cache.head_dim;
+    const uint32_t attn_spec[13] = {D, (uint32_t)pp->q_dtype, (uint32_t)qattn_kv_format_of(&pp->cache), g->br, g->bc,
+                                    g->rw, g->rwp, g->rpt, g->kp, g->cpw, g->v_words, g->s_split, g->lpt};
+    const uint32_t check_spec[2] = {D, (uint32_t)pp->q_dtype};
+    const uint32_t merge_spec[2] = {(uint32_t)QATTN_DTYPE_F32, (uint32_t)pp->q_dtype};
+    qattn_status s = paged_pipeline(ctx, vc, "paged_attn", attn_spec, 13, &vp->attn);
+    if (!s && pp->check)
+        s = paged_pipeline(ctx, vc, "paged_check", check_spec, 2, &vp->check);
+    if (!s && pp->num_splits > 1)
+        s = paged_pipeline(ctx, vc, "paged_merge", merge_spec, 2, &vp->merge);
+    if (!s) {
+        const VkDescriptorPoolSize size = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_PAGED_BINDINGS};
+        s = vk_descriptor_set_create(ctx, vc, vc->paged_set_layout, &size, 1, "", &vp->pool, &vp->set);
+    }
+    return s;
+}
+
+qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
+{
+    vk_ctx *vc = ctx->impl;
+    const vk_device_caps *caps = vc->caps;
+    qattn_paged_problem *pp = &plan->pp;
+    paged_geometry g = {0};
+    qattn_status s = paged_available(ctx, vc);
+    if (!s)
+        s = check_paged_problem(ctx, caps, pp);
+    if (!s)
+        s = choose_geometry(ctx, caps, pp, &g);
+    if (s)
+        return s;
+    const int64_t D = pp->cache.head_dim, P = pp->cache.page_size;
+    const uint64_t max_buffer = ctx->device_info.max_buffer_bytes;
+    const int64_t q_tiles = qattn_ceil_div(pp->group * pp->max_q_len, g.br);
+    const int64_t items = pp->batch * pp->cache.heads_kv * q_tiles;
+    choose_splits(plan, caps, &g, items, q_tiles);
     if ((uint64_t)items * (uint64_t)pp->num_splits > UINT32_MAX)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "%lld work items x %d splits exceed 2^32",
                                (long long)items, pp->num_splits);
@@ -473,8 +433,8 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     plan->kv_tile = pp->num_splits > 1 ? (int)(per * P) : 0;
     plan->status_word = pp->check;
     snprintf(plan->kernel, sizeof(plan->kernel), "vulkan_paged_%s%s_d%lld_r%u_k%u_p%u",
-             qattn_dtype_name(pp->cache.dtype), fmt == QATTN_KV_FMT_I8_ROW ? "_row" : "", (long long)D, g.br, g.bc,
-             g.kp);
+             qattn_dtype_name(pp->cache.dtype), qattn_kv_format_of(&pp->cache) == QATTN_KV_FMT_I8_ROW ? "_row" : "",
+             (long long)D, g.br, g.bc, g.kp);
 
     vk_paged_plan *vp = calloc(1, sizeof(*vp));
     if (!vp)
@@ -482,35 +442,13 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     plan->impl = vp;
     vp->g = g;
     vp->items = (uint32_t)(items * pp->num_splits);
-    grid_of(vp->items, vp->attn_grid);
-    vp->check_table_groups = min_u32((uint64_t)pp->batch, 1024);
+    vk_grid_of(vp->items, vp->attn_grid);
+    vp->check_table_groups = vk_min_u32((uint64_t)pp->batch, 1024);
     uint64_t scan = ((uint64_t)pp->total_q * (uint64_t)pp->heads_q * (uint64_t)D + PAGED_WG * 16 - 1) / (PAGED_WG * 16);
     scan = scan < 1 ? 1 : scan > 1024 ? 1024 : scan;
-    grid_of(vp->check_table_groups + scan, vp->check_grid);
-    grid_of((uint64_t)pp->total_q * (uint64_t)pp->heads_q, vp->merge_grid);
-
-    const uint32_t attn_spec[13] = {(uint32_t)D, (uint32_t)pp->q_dtype, (uint32_t)fmt, g.br, g.bc, g.rw, g.rwp,
-                                    g.rpt, g.kp, g.cpw, g.v_words, g.s_split, g.lpt};
-    const uint32_t check_spec[2] = {(uint32_t)D, (uint32_t)pp->q_dtype};
-    const uint32_t merge_spec[2] = {(uint32_t)QATTN_DTYPE_F32, (uint32_t)pp->q_dtype};
-    s = paged_pipeline(ctx, vc, "paged_attn", attn_spec, 13, &vp->attn);
-    if (!s && pp->check)
-        s = paged_pipeline(ctx, vc, "paged_check", check_spec, 2, &vp->check);
-    if (!s && pp->num_splits > 1)
-        s = paged_pipeline(ctx, vc, "paged_merge", merge_spec, 2, &vp->merge);
-    if (!s) {
-        VkDescriptorPoolSize size = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_PAGED_BINDINGS};
-        VkDescriptorPoolCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO, .maxSets = 1,
-                                         .poolSizeCount = 1, .pPoolSizes = &size};
-        s = vk_check(ctx, vc->vk.vkCreateDescriptorPool(vc->device, &pi, NULL, &vp->pool), "vkCreateDescriptorPool");
-    }
-    if (!s) {
-        VkDescriptorSetAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO,
-                                          .descriptorPool = vp->pool, .descriptorSetCount = 1,
-                                          .pSetLayouts = &vc->paged_set_layout};
-        s = vk_check(ctx, vc->vk.vkAllocateDescriptorSets(vc->device, &ai, &vp->set), "vkAllocateDescriptorSets");
-    }
-    return s; /* on failure the core calls vk_paged_plan_release, which frees what was made */
+    vk_grid_of(vp->check_table_groups + scan, vp->check_grid);
+    vk_grid_of((uint64_t)pp->total_q * (uint64_t)pp->heads_q, vp->merge_grid);
+    return make_pipelines(ctx, vc, pp, vp); /* on failure the core calls vk_paged_plan_release */
 }
 
 /* ------------------------------------------------------------------- runs */
@@ -531,10 +469,10 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
         .o_off = (uint32_t)(a->o_offset / es),
         .lse_off = (uint32_t)(a->lse_offset / 4),
         .ws_off = ws_off,
-        .q_s0 = stride32(pp->total_q, pp->q_stride[0]),
-        .q_s1 = stride32(Hq, pp->q_stride[1]),
-        .o_s0 = stride32(pp->total_q, pp->o_stride[0]),
-        .o_s1 = stride32(Hq, pp->o_stride[1]),
+        .q_s0 = vk_stride32(pp->total_q, pp->q_stride[0]),
+        .q_s1 = vk_stride32(Hq, pp->q_stride[1]),
+        .o_s0 = vk_stride32(pp->total_q, pp->o_stride[0]),
+        .o_s1 = vk_stride32(Hq, pp->o_stride[1]),
         .batch = (uint32_t)pp->batch,
         .heads_kv = (uint32_t)pp->cache.heads_kv,
         .group = (uint32_t)pp->group,
@@ -546,7 +484,7 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
         .splits = (uint32_t)pp->num_splits,
         .pages_per_split = (uint32_t)qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits),
         .q_tiles = (uint32_t)qattn_ceil_div(pp->group * pp->max_q_len, vp->g.br),
-        .indices_count = dense ? 0u : min_u32(a->indices->size / 4, UINT32_MAX),
+        .indices_count = dense ? 0u : vk_min_u32(a->indices->size / 4, UINT32_MAX),
         .qk_scale_log2 = (float)((double)pp->sm_scale * QATTN_LOG2E),
         .flags = (pp->check ? ARG_CHECK : 0u) | (pp->return_lse ? ARG_LSE : 0u) | (pp->causal ? ARG_CAUSAL : 0u) |
                  (dense ? ARG_DENSE : 0u) | (pp->cache.layout == QATTN_KV_HND ? ARG_HND : 0u),
@@ -579,43 +517,49 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
         .status_word = ws_off + args.ws_status,
     };
     const qattn_kv_cache_buffers *cb = a->cache;
-    VkBuffer ws = vk_of(a->workspace);
+    VkBuffer ws = vk_buffer_handle(a->workspace);
     VkBuffer bufs[VK_PAGED_BINDINGS] = {
-        [0] = vk_of(a->q), [1] = vk_of(cb->k), [2] = vk_of(cb->v), [3] = vk_of(cb->k_scale),
-        [4] = vk_of(cb->v_scale), [5] = vk_of(a->o), [6] = pp->return_lse ? vk_of(a->lse) : vk_of(a->o),
-        [7] = ws, [8] = vk_of(a->qo_indptr), [9] = vk_of(dense ? a->block_table : a->indptr),
-        [10] = vk_of(dense ? a->seq_lens : a->indices), [11] = dense ? VK_NULL_HANDLE : vk_of(a->last_page_len),
+        [0] = vk_buffer_handle(a->q),
+        [1] = vk_buffer_handle(cb->k),
+        [2] = vk_buffer_handle(cb->v),
+        [3] = vk_buffer_handle(cb->k_scale),
+        [4] = vk_buffer_handle(cb->v_scale),
+        [5] = vk_buffer_handle(a->o),
+        [6] = vk_buffer_handle(pp->return_lse ? a->lse : a->o),
+        [7] = ws,
+        [8] = vk_buffer_handle(a->qo_indptr),
+        [9] = vk_buffer_handle(dense ? a->block_table : a->indptr),
+        [10] = vk_buffer_handle(dense ? a->seq_lens : a->indices),
+        [11] = dense ? VK_NULL_HANDLE : vk_buffer_handle(a->last_page_len),
         [12] = ws,
     };
     const VkDeviceSize status_at = a->workspace_offset + plan->ws.status;
     uint32_t words[QATTN_STATUS_WORDS] = {0};
 
     pthread_mutex_lock(&vc->lock);
-    bind_all(vc, vp->set, bufs, vk_of(a->q));
+    bind_all(vc, vp->set, bufs, vk_buffer_handle(a->q));
     qattn_status s = vk_begin(ctx, vc);
     if (!s) {
         VkCommandBuffer cmd = vc->cmd;
-        if (pp->check) {
-            vc->vk.vkCmdFillBuffer(cmd, ws, status_at, QATTN_STATUS_BYTES, 0);
-            transfer_to_compute(vc);
-        }
+        if (pp->check)
+            vk_status_clear(vc, ws, status_at);
         vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vp->set, 0, NULL);
         if (pp->check) {
             vk_paged_args check_args = args;
             check_args.items = vp->check_table_groups;
             dispatch(vc, vp->check, &check_args, sizeof(check_args), vp->check_grid);
-            compute_to_compute(vc);
+            vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
         }
         dispatch(vc, vp->attn, &args, sizeof(args), vp->attn_grid);
         if (split) {
-            compute_to_compute(vc);
+            vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
             dispatch(vc, vp->merge, &merge, sizeof(merge), vp->merge_grid);
         }
         if (pp->check)
-            read_status_back(vc, ws, status_at);
+            vk_read_status_back(vc, ws, status_at);
         s = vk_submit_wait(ctx, vc);
         if (!s && pp->check)
-            status_words(vc, words);
+            vk_status_words(vc, words);
     }
     pthread_mutex_unlock(&vc->lock);
     return s ? s : qattn_paged_status_error(ctx, plan, a, words);
@@ -640,25 +584,26 @@ qattn_status vk_merge_states(qattn_ctx *ctx, const qattn_merge_desc *d, const qa
         .s_off = (uint32_t)(a->s_offset / 4),
         .o_off = (uint32_t)(a->o_offset / qattn_dtype_size(d->o_dtype)),
         .lse_off = (uint32_t)(a->lse_offset / 4),
-        .v_s0 = stride32(d->num_states, d->v_stride[0]),
-        .v_s1 = stride32(d->rows, d->v_stride[1]),
-        .v_s2 = stride32(d->heads, d->v_stride[2]),
-        .s_s0 = stride32(d->num_states, d->s_stride[0]),
-        .s_s1 = stride32(d->rows, d->s_stride[1]),
-        .s_s2 = stride32(d->heads, d->s_stride[2]),
-        .o_s0 = stride32(d->rows, d->o_stride[0]),
-        .o_s1 = stride32(d->heads, d->o_stride[1]),
+        .v_s0 = vk_stride32(d->num_states, d->v_stride[0]),
+        .v_s1 = vk_stride32(d->rows, d->v_stride[1]),
+        .v_s2 = vk_stride32(d->heads, d->v_stride[2]),
+        .s_s0 = vk_stride32(d->num_states, d->s_stride[0]),
+        .s_s1 = vk_stride32(d->rows, d->s_stride[1]),
+        .s_s2 = vk_stride32(d->heads, d->s_stride[2]),
+        .o_s0 = vk_stride32(d->rows, d->o_stride[0]),
+        .o_s1 = vk_stride32(d->heads, d->o_stride[1]),
         .states = (uint32_t)d->num_states,
         .rows = (uint32_t)d->rows,
         .heads = (uint32_t)d->heads,
         .head_dim = (uint32_t)d->head_dim,
         .flags = a->lse ? MERGE_LSE : 0u,
     };
-    VkBuffer bufs[VK_PAGED_BINDINGS] = {[5] = vk_of(a->o), [6] = vk_of(a->lse), [7] = vk_of(a->s), [12] = vk_of(a->v)};
+    VkBuffer bufs[VK_PAGED_BINDINGS] = {[5] = vk_buffer_handle(a->o), [6] = vk_buffer_handle(a->lse),
+                                        [7] = vk_buffer_handle(a->s), [12] = vk_buffer_handle(a->v)};
     uint32_t grid[2];
-    grid_of((uint64_t)d->rows * (uint64_t)d->heads, grid);
+    vk_grid_of((uint64_t)d->rows * (uint64_t)d->heads, grid);
     pthread_mutex_lock(&vc->lock);
-    bind_all(vc, vc->paged_set, bufs, vk_of(a->v));
+    bind_all(vc, vc->paged_set, bufs, vk_buffer_handle(a->v));
     s = vk_begin(ctx, vc);
     if (!s) {
         vc->vk.vkCmdBindDescriptorSets(vc->cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vc->paged_set,

@@ -1,5 +1,13 @@
-#ifndef QATTN_CPU_BACKEND_H
-#define QATTN_CPU_BACKEND_H
+/*
+ * The CPU backend's private types and the functions its files share.
+ *
+ * Files: cpu_backend.c (the vtable, the host device, contexts, host-memory
+ * buffers), cpu_attention.c (the flash engine of cpu_flash.h, and dense
+ * plans and runs on it), cpu_paged.c (the paged KV cache, on the same
+ * engine). Everything runs on the calling thread, with OpenMP inside.
+ */
+#ifndef QATTN_CPU_INTERNAL_H
+#define QATTN_CPU_INTERNAL_H
 
 #include "internal.h"
 
@@ -15,7 +23,12 @@ typedef struct cpu_job {
     const uint8_t *ws;     /* quantized workspace (NULL for exact) */
 } cpu_job;
 
+/* Dense attention (cpu_attention.c). cpu_attention computes a job with up to
+ * `threads` threads; QATTN_ERR_OUT_OF_MEMORY (outputs untouched) when the
+ * per-thread tiles cannot be allocated. */
 qattn_status cpu_attention(const cpu_job *job, int threads);
+qattn_status cpu_plan_init(qattn_ctx *ctx, qattn_plan *plan);
+qattn_status cpu_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run);
 
 /* Paged KV cache (cpu_paged.c). */
 qattn_status cpu_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *args, const qattn_kv_cache_sizes *sizes);

@@ -1,11 +1,17 @@
-/* The Vulkan backend: loader, instance, devices, contexts, buffers, pipelines. */
+/*
+ * The Vulkan machinery the backend's files share: the process-wide instance
+ * and its devices, opening a context's device, memory and staging copies,
+ * the pipeline cache and layouts, command recording and submission, and the
+ * status-word readback. It calls no other file of the backend.
+ */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "env.h"
-#include "vk_internal.h"
+#include "vulkan_internal.h"
+
+#define STAGING_BYTES ((VkDeviceSize)16 << 20)
 
 /* ---------------------------------------------------------------- instance */
 
@@ -14,13 +20,7 @@ static vk_instance the_instance;
 static char instance_error[QATTN_NAME_MAX];
 static bool instance_ok;
 
-/* Appends formatted text to buf (a NUL-terminated string of capacity len), truncating. */
-static void str_append(char *buf, size_t len, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-static void str_append(char *buf, size_t len, const char *fmt, ...)
+void vk_str_append(char *buf, size_t len, const char *fmt, ...)
 {
     size_t used = strlen(buf);
     if (used + 1 >= len)
@@ -39,27 +39,17 @@ static bool has_ext(const VkExtensionProperties *exts, uint32_t n, const char *n
     return false;
 }
 
-static const char *component_name(VkComponentTypeKHR t)
-{
-    static const char *const names[] = {"f16", "f32", "f64", "s8", "s16", "s32", "s64", "u8", "u16", "u32", "u64"};
-    if ((unsigned)t == 1000141000u) /* VK_COMPONENT_TYPE_BFLOAT16_KHR */
-        return "bf16";
-    return (unsigned)t < sizeof(names) / sizeof(names[0]) ? names[t] : "?";
-}
-
-/* Gathers what one physical device offers and whether qattn can use it. */
-static void gather_caps(const vk_instance *inst, vk_device_caps *c)
+/* The device's extensions and features; false (with c->unusable) when out of memory.
+ * *sm_builtins and *amd_cores: the extensions that report the number of compute units. */
+static bool gather_features(vk_device_caps *c, bool *sm_builtins, bool *amd_cores)
 {
     VkPhysicalDevice pd = c->phys;
-    vkGetPhysicalDeviceProperties(pd, &c->props);
-    c->api_version = c->props.apiVersion;
-
     uint32_t n_ext = 0;
     vkEnumerateDeviceExtensionProperties(pd, NULL, &n_ext, NULL);
     VkExtensionProperties *exts = calloc(n_ext ? n_ext : 1, sizeof(*exts));
     if (!exts) {
         snprintf(c->unusable, sizeof(c->unusable), "out of host memory");
-        return;
+        return false;
     }
     vkEnumerateDeviceExtensionProperties(pd, NULL, &n_ext, exts);
     const bool v12 = c->api_version >= VK_API_VERSION_1_2, v13 = c->api_version >= VK_API_VERSION_1_3;
@@ -73,8 +63,8 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
     c->coopmat2_nv = has_ext(exts, n_ext, "VK_NV_cooperative_matrix2");
     c->float8_ext = has_ext(exts, n_ext, "VK_EXT_shader_float8");
     c->bfloat16_ext = has_ext(exts, n_ext, "VK_KHR_shader_bfloat16");
-    const bool sm_builtins = has_ext(exts, n_ext, VK_NV_SHADER_SM_BUILTINS_EXTENSION_NAME);
-    const bool amd_cores = has_ext(exts, n_ext, VK_AMD_SHADER_CORE_PROPERTIES_EXTENSION_NAME);
+    *sm_builtins = has_ext(exts, n_ext, VK_NV_SHADER_SM_BUILTINS_EXTENSION_NAME);
+    *amd_cores = has_ext(exts, n_ext, VK_AMD_SHADER_CORE_PROPERTIES_EXTENSION_NAME);
     free(exts);
 
     /* Features, chained only where the device knows the structure. */
@@ -123,8 +113,13 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
     c->subgroup_size_control = fssc.subgroupSizeControl;
     c->full_subgroups = fssc.computeFullSubgroups;
     c->memory_model = fvmm.vulkanMemoryModel;
+    return true;
+}
 
-    /* Properties. */
+/* The device's properties: subgroups, limits, driver, integer dot products, compute units. */
+static void gather_properties(vk_device_caps *c, bool sm_builtins, bool amd_cores)
+{
+    const bool v12 = c->api_version >= VK_API_VERSION_1_2, v13 = c->api_version >= VK_API_VERSION_1_3;
     VkPhysicalDeviceSubgroupProperties sg = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES};
     VkPhysicalDeviceSubgroupSizeControlProperties sgc = {
         .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_SIZE_CONTROL_PROPERTIES};
@@ -133,7 +128,7 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
     VkPhysicalDeviceShaderIntegerDotProductProperties dotp = {
         .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_PROPERTIES};
     VkPhysicalDeviceProperties2 p2 = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2};
-    tail = &p2.pNext;
+    void **tail = &p2.pNext;
     *tail = &sg;
     tail = &sg.pNext;
     *tail = &m3;
@@ -162,7 +157,7 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
         *tail = &amdp;
         tail = &amdp.pNext;
     }
-    vkGetPhysicalDeviceProperties2(pd, &p2);
+    vkGetPhysicalDeviceProperties2(c->phys, &p2);
     if (sm_builtins)
         c->compute_units = smp.shaderSMCount;
     else if (amd_cores)
@@ -180,7 +175,12 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
         snprintf(c->driver_name, sizeof(c->driver_name), "%s", drv.driverName);
         snprintf(c->driver_info, sizeof(c->driver_info), "%s", drv.driverInfo);
     }
+}
 
+/* Device-local memory, the compute queue family, the cooperative-matrix shapes. */
+static void gather_memory_queues_shapes(const vk_instance *inst, vk_device_caps *c)
+{
+    VkPhysicalDevice pd = c->phys;
     VkPhysicalDeviceMemoryProperties mp;
     vkGetPhysicalDeviceMemoryProperties(pd, &mp);
     for (uint32_t i = 0; i < mp.memoryHeapCount; i++)
@@ -219,6 +219,18 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
                 c->coopmat_f16_16x16x16 = true;
         }
     }
+}
+
+/* Gathers what one physical device offers and whether qattn can use it. */
+static void gather_caps(const vk_instance *inst, vk_device_caps *c)
+{
+    vkGetPhysicalDeviceProperties(c->phys, &c->props);
+    c->api_version = c->props.apiVersion;
+    bool sm_builtins = false, amd_cores = false;
+    if (!gather_features(c, &sm_builtins, &amd_cores))
+        return;
+    gather_properties(c, sm_builtins, amd_cores);
+    gather_memory_queues_shapes(inst, c);
 
     if (c->api_version < VK_API_VERSION_1_1)
         snprintf(c->unusable, sizeof(c->unusable), "Vulkan %u.%u device; qattn needs Vulkan 1.1",
@@ -227,6 +239,49 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
         snprintf(c->unusable, sizeof(c->unusable), "no queue family with compute");
     else if (!c->storage16)
         snprintf(c->unusable, sizeof(c->unusable), "no 16-bit storage buffer access (storageBuffer16BitAccess)");
+}
+
+/* Lists the usable devices of the instance, GPUs first; false (with instance_error) when there is none. */
+static bool list_devices(vk_instance *inst)
+{
+    uint32_t n = 0;
+    vkEnumeratePhysicalDevices(inst->instance, &n, NULL);
+    VkPhysicalDevice pds[VK_MAX_DEVICES];
+    if (n > VK_MAX_DEVICES)
+        n = VK_MAX_DEVICES;
+    if (n)
+        vkEnumeratePhysicalDevices(inst->instance, &n, pds);
+    if (n == 0) {
+        snprintf(instance_error, sizeof(instance_error), "the Vulkan loader found no device (no driver installed?)");
+        return false;
+    }
+    /* Usable devices first, in the loader's order; qattn's index counts only those. */
+    char why[QATTN_NAME_MAX] = "";
+    for (uint32_t i = 0; i < n; i++) {
+        vk_device_caps c = {.phys = pds[i]};
+        gather_caps(inst, &c);
+        if (c.unusable[0]) {
+            vk_str_append(why, sizeof(why), "%s%s: %s", why[0] ? "; " : "", c.props.deviceName, c.unusable);
+            continue;
+        }
+        inst->devices[inst->device_count++] = c;
+    }
+    /* GPUs before CPU implementations (lavapipe), so device 0 is the fast one;
+     * the loader's order is kept within each kind. */
+    for (int i = 1; i < inst->device_count; i++)
+        for (int j = i; j > 0 && inst->devices[j - 1].props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU &&
+                        inst->devices[j].props.deviceType != VK_PHYSICAL_DEVICE_TYPE_CPU;
+             j--) {
+            vk_device_caps tmp = inst->devices[j];
+            inst->devices[j] = inst->devices[j - 1];
+            inst->devices[j - 1] = tmp;
+        }
+    if (inst->device_count == 0) {
+        instance_error[0] = '\0';
+        vk_str_append(instance_error, sizeof(instance_error), "no usable Vulkan device (%s)", why);
+        return false;
+    }
+    return true;
 }
 
 static void create_instance(void)
@@ -285,164 +340,23 @@ static void create_instance(void)
     volkLoadInstanceOnly(inst->instance);
     inst->get_coopmat_props = (PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR)vkGetInstanceProcAddr(
         inst->instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR");
-
-    uint32_t n = 0;
-    vkEnumeratePhysicalDevices(inst->instance, &n, NULL);
-    VkPhysicalDevice pds[VK_MAX_DEVICES];
-    if (n > VK_MAX_DEVICES)
-        n = VK_MAX_DEVICES;
-    if (n)
-        vkEnumeratePhysicalDevices(inst->instance, &n, pds);
-    if (n == 0) {
-        snprintf(instance_error, sizeof(instance_error), "the Vulkan loader found no device (no driver installed?)");
-        return;
-    }
-    /* Usable devices first, in the loader's order; qattn's index counts only those. */
-    char why[QATTN_NAME_MAX] = "";
-    for (uint32_t i = 0; i < n; i++) {
-        vk_device_caps c = {.phys = pds[i]};
-        gather_caps(inst, &c);
-        if (c.unusable[0]) {
-            str_append(why, sizeof(why), "%s%s: %s", why[0] ? "; " : "", c.props.deviceName, c.unusable);
-            continue;
-        }
-        inst->devices[inst->device_count++] = c;
-    }
-    /* GPUs before CPU implementations (lavapipe), so device 0 is the fast one;
-     * the loader's order is kept within each kind. */
-    for (int i = 1; i < inst->device_count; i++)
-        for (int j = i; j > 0 && inst->devices[j - 1].props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU &&
-                        inst->devices[j].props.deviceType != VK_PHYSICAL_DEVICE_TYPE_CPU;
-             j--) {
-            vk_device_caps tmp = inst->devices[j];
-            inst->devices[j] = inst->devices[j - 1];
-            inst->devices[j - 1] = tmp;
-        }
-    if (inst->device_count == 0) {
-        instance_error[0] = '\0';
-        str_append(instance_error, sizeof(instance_error), "no usable Vulkan device (%s)", why);
-        return;
-    }
-    instance_ok = true;
+    instance_ok = list_devices(inst);
 }
 
 const vk_instance *vk_instance_get(char *reason, size_t reason_len)
 {
     pthread_once(&instance_once, create_instance);
     if (!instance_ok) {
-        if (reason)
-        {
+        if (reason) {
             reason[0] = '\0';
-            str_append(reason, reason_len, "%s", instance_error);
+            vk_str_append(reason, reason_len, "%s", instance_error);
         }
         return NULL;
     }
     return &the_instance;
 }
 
-static qattn_status vk_probe(int *device_count, char *reason, size_t reason_len)
-{
-    const vk_instance *inst = vk_instance_get(reason, reason_len);
-    if (!inst) {
-        *device_count = 0;
-        return QATTN_ERR_UNAVAILABLE;
-    }
-    *device_count = inst->device_count;
-    return QATTN_OK;
-}
-
-/* auto prefers the native CPU backend to a CPU implementation of Vulkan. */
-static int vk_auto_score(void)
-{
-    const vk_instance *inst = vk_instance_get(NULL, 0);
-    if (!inst || inst->device_count == 0)
-        return 0;
-    return inst->devices[0].props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU ? 5 : 50; /* the cpu backend scores 10 */
-}
-
-static const char *vendor_name(uint32_t id)
-{
-    switch (id) {
-    case 0x10de: return "NVIDIA";
-    case 0x1002: return "AMD";
-    case 0x8086: return "Intel";
-    case 0x13b5: return "ARM";
-    case 0x5143: return "Qualcomm";
-    case 0x106b: return "Apple";
-    case 0x10005: return "Mesa";
-    default: return "unknown";
-    }
-}
-
-static qattn_status vk_device_info(int device, qattn_device_info *info, char *reason, size_t reason_len)
-{
-    const vk_instance *inst = vk_instance_get(reason, reason_len);
-    if (!inst)
-        return QATTN_ERR_UNAVAILABLE;
-    if (device < 0 || device >= inst->device_count) {
-        snprintf(reason, reason_len, "device %d does not exist (%d usable Vulkan devices)", device, inst->device_count);
-        return QATTN_ERR_NOT_FOUND;
-    }
-    const vk_device_caps *c = &inst->devices[device];
-    memset(info, 0, sizeof(*info));
-    snprintf(info->name, sizeof(info->name), "%s", c->props.deviceName);
-    snprintf(info->vendor, sizeof(info->vendor), "%s (0x%04x)", vendor_name(c->props.vendorID), c->props.vendorID);
-    snprintf(info->driver, sizeof(info->driver), "%s%s%s", c->driver_name[0] ? c->driver_name : "driver",
-             c->driver_info[0] ? " " : "", c->driver_info);
-    info->compute_units = (int)c->compute_units; /* 0: core Vulkan does not report it */
-    info->memory_bytes = c->device_local_bytes;
-    uint64_t max = c->max_buffer < c->max_alloc ? c->max_buffer : c->max_alloc;
-    /* Shaders index buffers with 32-bit element indices; 4 GiB - 4 is the most they reach. */
-    if (max > 0xfffffffcull)
-        max = 0xfffffffcull;
-    info->max_buffer_bytes = max;
-    info->caps = QATTN_CAP_SUBGROUPS | QATTN_CAP_BF16; /* bf16: as storage (converted to fp32) */
-    if (c->float16)
-        info->caps |= QATTN_CAP_FP16;
-    if (c->int_dot)
-        info->caps |= QATTN_CAP_INT8_DOT;
-    if (c->float8_ext)
-        info->caps |= QATTN_CAP_FP8;
-    if (c->coopmat)
-        info->caps |= QATTN_CAP_MATRIX_UNITS;
-    if (c->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU)
-        info->caps |= QATTN_CAP_UNIFIED_MEMORY;
-    info->precisions = (1u << QATTN_PRECISION_AUTO) | (1u << QATTN_PRECISION_EXACT) |
-                       (1u << QATTN_PRECISION_INT8_FP16);
-
-    char shapes[768] = "";
-    for (uint32_t i = 0; i < c->shape_count; i++) {
-        const VkCooperativeMatrixPropertiesKHR *s = &c->shapes[i];
-        str_append(shapes, sizeof(shapes), "%s%ux%ux%u %sx%s+%s->%s%s%s", i ? ", " : "", s->MSize,
-                 s->NSize, s->KSize, component_name(s->AType), component_name(s->BType), component_name(s->CType),
-                 component_name(s->ResultType), s->saturatingAccumulation ? " sat" : "",
-                 s->scope == VK_SCOPE_SUBGROUP_KHR ? "" : " (non-subgroup scope)");
-    }
-    const VkPhysicalDeviceLimits *lim = &c->props.limits;
-    snprintf(info->details, sizeof(info->details),
-             "Vulkan API %u.%u.%u, driver version 0x%x, device type %d\n"
-             "subgroup size %u (min %u, max %u; size control %s, full subgroups %s)\n"
-             "fp16 arithmetic %s, int8 arithmetic %s, fp64 %s, 16-bit storage %s, 8-bit storage %s\n"
-             "integer dot product %s%s\n"
-             "cooperative matrix (VK_KHR_cooperative_matrix): %s%s%s\n"
-             "VK_NV_cooperative_matrix2 %s, VK_EXT_shader_float8 %s, VK_KHR_shader_bfloat16 %s\n"
-             "maxComputeSharedMemorySize %u, maxStorageBufferRange %u, maxMemoryAllocationSize %llu\n"
-             "kernels: scalar flash (any device)%s; paged KV cache (f16/bf16/fp8/int8 pages); FP8 modes not "
-             "implemented on Vulkan\n",
-             VK_API_VERSION_MAJOR(c->api_version), VK_API_VERSION_MINOR(c->api_version),
-             VK_API_VERSION_PATCH(c->api_version), c->props.driverVersion, (int)c->props.deviceType,
-             c->subgroup_size, c->min_subgroup, c->max_subgroup, c->subgroup_size_control ? "yes" : "no",
-             c->full_subgroups ? "yes" : "no", c->float16 ? "yes" : "no", c->int8 ? "yes" : "no",
-             c->float64 ? "yes" : "no", c->storage16 ? "yes" : "no", c->storage8 ? "yes" : "no",
-             c->int_dot ? "yes" : "no", c->int_dot ? (c->int_dot_accelerated ? " (4x8 packed accelerated)" : " (not accelerated)") : "",
-             c->coopmat ? "yes" : "no", c->shape_count ? "; shapes: " : "", shapes, c->coopmat2_nv ? "yes" : "no",
-             c->float8_ext ? "yes" : "no", c->bfloat16_ext ? "yes" : "no", lim->maxComputeSharedMemorySize,
-             lim->maxStorageBufferRange, (unsigned long long)c->max_alloc,
-             c->coopmat_f16_16x16x16 ? ", cooperative-matrix flash (fp16 16x16x16)" : "");
-    return QATTN_OK;
-}
-
-/* ---------------------------------------------------------------- helpers */
+/* ---------------------------------------------------------------- memory */
 
 qattn_status vk_check(qattn_ctx *ctx, VkResult r, const char *what)
 {
@@ -520,88 +434,44 @@ void vk_mem_destroy(vk_ctx *vc, vk_mem *m)
     memset(m, 0, sizeof(*m));
 }
 
-qattn_status vk_begin(qattn_ctx *ctx, vk_ctx *vc)
+qattn_status vk_staged_copy(qattn_ctx *ctx, vk_ctx *vc, VkBuffer buffer, size_t offset, void *host, size_t bytes,
+                            vk_copy_kind kind, uint8_t value)
 {
-    if (vc->lost)
-        return qattn_set_error(ctx, QATTN_ERR_DEVICE_LOST, "the Vulkan device was lost earlier; the context is unusable");
-    qattn_status s = vk_check(ctx, vc->vk.vkResetCommandBuffer(vc->cmd, 0), "vkResetCommandBuffer");
-    if (s)
-        return s;
-    VkCommandBufferBeginInfo bi = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
-                                   .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT};
-    return vk_check(ctx, vc->vk.vkBeginCommandBuffer(vc->cmd, &bi), "vkBeginCommandBuffer");
-}
-
-qattn_status vk_submit_wait(qattn_ctx *ctx, vk_ctx *vc)
-{
-    qattn_status s = vk_check(ctx, vc->vk.vkEndCommandBuffer(vc->cmd), "vkEndCommandBuffer");
-    if (s)
-        return s;
-    s = vk_check(ctx, vc->vk.vkResetFences(vc->device, 1, &vc->fence), "vkResetFences");
-    if (s)
-        return s;
-    VkSubmitInfo si = {.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .commandBufferCount = 1, .pCommandBuffers = &vc->cmd};
-    s = vk_check(ctx, vc->vk.vkQueueSubmit(vc->queue, 1, &si, vc->fence), "vkQueueSubmit");
-    if (s)
-        return s;
-    return vk_check(ctx, vc->vk.vkWaitForFences(vc->device, 1, &vc->fence, VK_TRUE, UINT64_MAX), "vkWaitForFences");
-}
-
-/* ---------------------------------------------------------------- contexts */
-
-#define STAGING_BYTES ((VkDeviceSize)16 << 20)
-
-static void vk_ctx_release(qattn_ctx *ctx)
-{
-    vk_ctx *vc = ctx->impl;
-    if (!vc)
-        return;
-    if (vc->device) {
-        vc->vk.vkDeviceWaitIdle(vc->device);
-        vk_paged_ctx_release(vc);
-        for (int i = 0; i < vc->pipeline_count; i++)
-            vc->vk.vkDestroyPipeline(vc->device, vc->pipelines[i].pipeline, NULL);
-        free(vc->pipelines);
-        if (vc->pipeline_cache)
-            vc->vk.vkDestroyPipelineCache(vc->device, vc->pipeline_cache, NULL);
-        if (vc->pipeline_layout)
-            vc->vk.vkDestroyPipelineLayout(vc->device, vc->pipeline_layout, NULL);
-        if (vc->set_layout)
-            vc->vk.vkDestroyDescriptorSetLayout(vc->device, vc->set_layout, NULL);
-        vk_mem_destroy(vc, &vc->staging);
-        vk_mem_destroy(vc, &vc->readback);
-        if (vc->fence)
-            vc->vk.vkDestroyFence(vc->device, vc->fence, NULL);
-        if (vc->pool)
-            vc->vk.vkDestroyCommandPool(vc->device, vc->pool, NULL);
-        vc->vk.vkDestroyDevice(vc->device, NULL);
+    qattn_status s = QATTN_OK;
+    pthread_mutex_lock(&vc->lock);
+    if (kind == VK_COPY_FILL)
+        memset(vc->staging.mapped, value, (size_t)(bytes < STAGING_BYTES ? bytes : STAGING_BYTES));
+    for (size_t done = 0; done < bytes && !s;) {
+        size_t n = bytes - done < STAGING_BYTES ? bytes - done : (size_t)STAGING_BYTES;
+        if (kind == VK_COPY_UP)
+            memcpy(vc->staging.mapped, (const char *)host + done, n);
+        s = vk_begin(ctx, vc);
+        if (s)
+            break;
+        VkBufferCopy region = {.srcOffset = kind == VK_COPY_DOWN ? offset + done : 0,
+                               .dstOffset = kind == VK_COPY_DOWN ? 0 : offset + done, .size = n};
+        if (kind == VK_COPY_DOWN)
+            vc->vk.vkCmdCopyBuffer(vc->cmd, buffer, vc->staging.buffer, 1, &region);
+        else
+            vc->vk.vkCmdCopyBuffer(vc->cmd, vc->staging.buffer, buffer, 1, &region);
+        if (kind == VK_COPY_DOWN)
+            vk_barrier(vc, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
+                       VK_ACCESS_HOST_READ_BIT);
+        s = vk_submit_wait(ctx, vc);
+        if (!s && kind == VK_COPY_DOWN)
+            memcpy((char *)host + done, vc->staging.mapped, n);
+        done += n;
     }
-    pthread_mutex_destroy(&vc->lock);
-    free(vc);
-    ctx->impl = NULL;
+    pthread_mutex_unlock(&vc->lock);
+    return s;
 }
 
-static qattn_status vk_ctx_init(qattn_ctx *ctx)
-{
-    char reason[QATTN_NAME_MAX] = "";
-    const vk_instance *inst = vk_instance_get(reason, sizeof(reason));
-    if (!inst)
-        return qattn_set_error(ctx, QATTN_ERR_UNAVAILABLE, "%s", reason);
-    if (ctx->device < 0 || ctx->device >= inst->device_count)
-        return qattn_set_error(ctx, QATTN_ERR_NOT_FOUND, "Vulkan device %d does not exist", ctx->device);
-    vk_ctx *vc = calloc(1, sizeof(*vc));
-    if (!vc)
-        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the Vulkan context");
-    if (pthread_mutex_init(&vc->lock, NULL)) {
-        free(vc);
-        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "cannot create a mutex");
-    }
-    ctx->impl = vc;
-    const vk_device_caps *c = vc->caps = &inst->devices[ctx->device];
-    qattn_env env;
-    qattn_env_read(&env, NULL);
-    vc->use_coopmat = env.vulkan_coopmat;
+/* ---------------------------------------------------------------- device */
 
+/* The VkDevice with the features and extensions of vc->caps that qattn uses, and its queue. */
+static qattn_status create_device(qattn_ctx *ctx, vk_ctx *vc)
+{
+    const vk_device_caps *c = vc->caps;
     const bool v12 = c->api_version >= VK_API_VERSION_1_2, v13 = c->api_version >= VK_API_VERSION_1_3;
     const char *exts[8];
     uint32_t n_ext = 0;
@@ -665,23 +535,24 @@ static qattn_status vk_ctx_init(qattn_ctx *ctx)
                              .queueCreateInfoCount = 1, .pQueueCreateInfos = &qi,
                              .enabledExtensionCount = n_ext, .ppEnabledExtensionNames = exts};
     qattn_status s = vk_check(ctx, vkCreateDevice(c->phys, &di, NULL, &vc->device), "vkCreateDevice");
-    if (s) {
-        vk_ctx_release(ctx);
+    if (s)
         return s;
-    }
     volkLoadDeviceTable(&vc->vk, vc->device);
     vc->vk.vkGetDeviceQueue(vc->device, c->queue_family, 0, &vc->queue);
+    return QATTN_OK;
+}
 
-    /* Memory types: device-local for buffers; host-visible for staging. */
+/* Memory types: device-local for buffers; host-visible for staging and the status readback. */
+static qattn_status choose_memory_types(qattn_ctx *ctx, vk_ctx *vc)
+{
+    const vk_device_caps *c = vc->caps;
     VkBufferCreateInfo probe_bi = {.sType = VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO, .size = 256,
                                    .usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT |
                                             VK_BUFFER_USAGE_TRANSFER_DST_BIT | VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT};
     VkBuffer probe = VK_NULL_HANDLE;
-    s = vk_check(ctx, vc->vk.vkCreateBuffer(vc->device, &probe_bi, NULL, &probe), "vkCreateBuffer");
-    if (s) {
-        vk_ctx_release(ctx);
+    qattn_status s = vk_check(ctx, vc->vk.vkCreateBuffer(vc->device, &probe_bi, NULL, &probe), "vkCreateBuffer");
+    if (s)
         return s;
-    }
     VkMemoryRequirements req;
     vc->vk.vkGetBufferMemoryRequirements(vc->device, probe, &req);
     vc->vk.vkDestroyBuffer(vc->device, probe, NULL);
@@ -695,19 +566,26 @@ static qattn_status vk_ctx_init(qattn_ctx *ctx)
     int readback = find_memory_type(c->phys, req.memoryTypeBits, hv | VK_MEMORY_PROPERTY_HOST_CACHED_BIT, 0);
     if (readback < 0)
         readback = staging;
-    if (local < 0 || staging < 0) {
-        vk_ctx_release(ctx);
+    if (local < 0 || staging < 0)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "Vulkan device %s has no %s memory type for storage buffers", c->props.deviceName,
                                local < 0 ? "device-local" : "host-visible coherent");
-    }
     vc->device_local_type = (uint32_t)local;
     vc->staging_type = (uint32_t)staging;
     vc->readback_type = (uint32_t)readback;
+    return QATTN_OK;
+}
 
+qattn_status vk_device_open(qattn_ctx *ctx, vk_ctx *vc)
+{
+    qattn_status s = create_device(ctx, vc);
+    if (!s)
+        s = choose_memory_types(ctx, vc);
+    if (s)
+        return s;
     VkCommandPoolCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO,
                                   .flags = VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT,
-                                  .queueFamilyIndex = c->queue_family};
+                                  .queueFamilyIndex = vc->caps->queue_family};
     VkFenceCreateInfo fi = {.sType = VK_STRUCTURE_TYPE_FENCE_CREATE_INFO};
     s = vk_check(ctx, vc->vk.vkCreateCommandPool(vc->device, &pi, NULL, &vc->pool), "vkCreateCommandPool");
     if (!s) {
@@ -722,56 +600,41 @@ static qattn_status vk_ctx_init(qattn_ctx *ctx)
         s = vk_mem_create(ctx, vc, STAGING_BYTES, vc->staging_type, true, &vc->staging, "staging buffer");
     if (!s)
         s = vk_mem_create(ctx, vc, 256, vc->readback_type, true, &vc->readback, "status readback buffer");
-
-    /* One layout for every kernel: 6 storage buffers and the plan's parameters. */
-    if (!s) {
-        VkDescriptorSetLayoutBinding b[VK_BINDINGS];
-        for (uint32_t i = 0; i < VK_BINDINGS; i++)
-            b[i] = (VkDescriptorSetLayoutBinding){
-                .binding = i,
-                .descriptorType = i == VK_BINDINGS - 1 ? VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER
-                                                       : VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
-                .descriptorCount = 1,
-                .stageFlags = VK_SHADER_STAGE_COMPUTE_BIT};
-        VkDescriptorSetLayoutCreateInfo li = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
-                                              .bindingCount = VK_BINDINGS, .pBindings = b};
-        s = vk_check(ctx, vc->vk.vkCreateDescriptorSetLayout(vc->device, &li, NULL, &vc->set_layout),
-                     "vkCreateDescriptorSetLayout");
-    }
-    if (!s) {
-        VkPushConstantRange pc = {.stageFlags = VK_SHADER_STAGE_COMPUTE_BIT, .offset = 0, .size = 64};
-        VkPipelineLayoutCreateInfo li = {.sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO,
-                                         .setLayoutCount = 1, .pSetLayouts = &vc->set_layout,
-                                         .pushConstantRangeCount = 1, .pPushConstantRanges = &pc};
-        s = vk_check(ctx, vc->vk.vkCreatePipelineLayout(vc->device, &li, NULL, &vc->pipeline_layout),
-                     "vkCreatePipelineLayout");
-    }
+    /* One layout for every attention kernel: 6 storage buffers and the plan's parameters. */
+    if (!s)
+        s = vk_layout_create(ctx, vc, VK_BINDINGS, true, 64, "", &vc->set_layout, &vc->pipeline_layout);
     if (!s) {
         VkPipelineCacheCreateInfo ci = {.sType = VK_STRUCTURE_TYPE_PIPELINE_CACHE_CREATE_INFO};
         s = vk_check(ctx, vc->vk.vkCreatePipelineCache(vc->device, &ci, NULL, &vc->pipeline_cache),
                      "vkCreatePipelineCache");
     }
-    if (!s)
-        s = vk_paged_ctx_init(ctx, vc);
-    if (s) {
-        vk_ctx_release(ctx);
-        return s;
-    }
-    return QATTN_OK;
+    return s;
 }
 
-static qattn_status vk_synchronize(qattn_ctx *ctx)
+void vk_device_close(vk_ctx *vc)
 {
-    /* qattn_run and the copies wait for their own submissions: nothing is in flight. */
-    vk_ctx *vc = ctx->impl;
-    if (vc->lost)
-        return qattn_set_error(ctx, QATTN_ERR_DEVICE_LOST, "the Vulkan device was lost; the context is unusable");
-    return QATTN_OK;
+    for (int i = 0; i < vc->pipeline_count; i++)
+        vc->vk.vkDestroyPipeline(vc->device, vc->pipelines[i].pipeline, NULL);
+    free(vc->pipelines);
+    if (vc->pipeline_cache)
+        vc->vk.vkDestroyPipelineCache(vc->device, vc->pipeline_cache, NULL);
+    if (vc->pipeline_layout)
+        vc->vk.vkDestroyPipelineLayout(vc->device, vc->pipeline_layout, NULL);
+    if (vc->set_layout)
+        vc->vk.vkDestroyDescriptorSetLayout(vc->device, vc->set_layout, NULL);
+    vk_mem_destroy(vc, &vc->staging);
+    vk_mem_destroy(vc, &vc->readback);
+    if (vc->fence)
+        vc->vk.vkDestroyFence(vc->device, vc->fence, NULL);
+    if (vc->pool)
+        vc->vk.vkDestroyCommandPool(vc->device, vc->pool, NULL);
+    vc->vk.vkDestroyDevice(vc->device, NULL);
 }
 
 /* ---------------------------------------------------------------- pipelines */
 
-qattn_status vk_pipeline_get(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *key, VkPipeline *out)
+/* vk_pipeline_get under vc->lock. */
+static qattn_status pipeline_get_locked(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *key, VkPipeline *out)
 {
     for (int i = 0; i < vc->pipeline_count; i++) {
         const vk_pipeline_key *k = &vc->pipelines[i].key;
@@ -836,136 +699,147 @@ qattn_status vk_pipeline_get(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *
     return QATTN_OK;
 }
 
-/* ---------------------------------------------------------------- buffers */
-
-static qattn_status vk_buffer_alloc(qattn_ctx *ctx, qattn_buffer *buf)
+qattn_status vk_pipeline_get(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *key, VkPipeline *out)
 {
-    vk_ctx *vc = ctx->impl;
-    vk_buffer *b = calloc(1, sizeof(*b));
-    if (!b)
-        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for a buffer");
-    /* Round up to 16 bytes so vector loads at the end stay inside. */
-    VkDeviceSize size = ((VkDeviceSize)buf->size + 15) & ~(VkDeviceSize)15;
-    qattn_status s = vk_mem_create(ctx, vc, size, vc->device_local_type, false, &b->mem, "buffer allocation");
-    if (s) {
-        free(b);
-        return s;
-    }
-    buf->impl = b;
-    buf->host = NULL;
-    return QATTN_OK;
-}
-
-static void vk_buffer_release(qattn_ctx *ctx, qattn_buffer *buf)
-{
-    vk_ctx *vc = ctx->impl;
-    vk_buffer *b = buf->impl;
-    if (!b)
-        return;
-    vk_mem_destroy(vc, &b->mem);
-    free(b);
-}
-
-/* Host <-> device copies through the staging buffer, one chunk per submission. */
-typedef enum { COPY_UP, COPY_DOWN, COPY_FILL } copy_kind;
-
-static qattn_status staged_copy(qattn_ctx *ctx, const qattn_buffer *buf, size_t offset, void *host, size_t bytes,
-                                copy_kind kind, uint8_t value)
-{
-    vk_ctx *vc = ctx->impl;
-    vk_buffer *b = buf->impl;
-    qattn_status s = QATTN_OK;
     pthread_mutex_lock(&vc->lock);
-    if (kind == COPY_FILL && offset % 4 == 0 && (bytes % 4 == 0 || offset + bytes == buf->size)) {
-        /* vkCmdFillBuffer writes whole words; the allocation is rounded up to 16 bytes. */
-        uint32_t word = value * 0x01010101u;
-        VkDeviceSize n = (bytes + 3) & ~(size_t)3;
-        s = vk_begin(ctx, vc);
-        if (!s) {
-            vc->vk.vkCmdFillBuffer(vc->cmd, b->mem.buffer, offset, n, word);
-            s = vk_submit_wait(ctx, vc);
-        }
-        pthread_mutex_unlock(&vc->lock);
-        return s;
-    }
-    if (kind == COPY_FILL)
-        memset(vc->staging.mapped, value, (size_t)(bytes < STAGING_BYTES ? bytes : STAGING_BYTES));
-    for (size_t done = 0; done < bytes && !s;) {
-        size_t n = bytes - done < STAGING_BYTES ? bytes - done : (size_t)STAGING_BYTES;
-        if (kind == COPY_UP)
-            memcpy(vc->staging.mapped, (const char *)host + done, n);
-        s = vk_begin(ctx, vc);
-        if (s)
-            break;
-        VkBufferCopy region = {.srcOffset = kind == COPY_DOWN ? offset + done : 0,
-                               .dstOffset = kind == COPY_DOWN ? 0 : offset + done, .size = n};
-        if (kind == COPY_DOWN)
-            vc->vk.vkCmdCopyBuffer(vc->cmd, b->mem.buffer, vc->staging.buffer, 1, &region);
-        else
-            vc->vk.vkCmdCopyBuffer(vc->cmd, vc->staging.buffer, b->mem.buffer, 1, &region);
-        if (kind == COPY_DOWN) {
-            VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
-                                  .srcAccessMask = VK_ACCESS_TRANSFER_WRITE_BIT, .dstAccessMask = VK_ACCESS_HOST_READ_BIT};
-            vc->vk.vkCmdPipelineBarrier(vc->cmd, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &mb,
-                                        0, NULL, 0, NULL);
-        }
-        s = vk_submit_wait(ctx, vc);
-        if (!s && kind == COPY_DOWN)
-            memcpy((char *)host + done, vc->staging.mapped, n);
-        done += n;
-    }
+    qattn_status s = pipeline_get_locked(ctx, vc, key, out);
     pthread_mutex_unlock(&vc->lock);
     return s;
 }
 
-static qattn_status vk_buffer_upload(qattn_ctx *ctx, qattn_buffer *buf, size_t offset, const void *src, size_t bytes)
+qattn_status vk_layout_create(qattn_ctx *ctx, vk_ctx *vc, uint32_t bindings, bool uniform_last, uint32_t push_bytes,
+                              const char *what, VkDescriptorSetLayout *set_layout, VkPipelineLayout *layout)
 {
-    return staged_copy(ctx, buf, offset, (void *)src, bytes, COPY_UP, 0);
+    VkDescriptorSetLayoutBinding b[VK_PAGED_BINDINGS > VK_BINDINGS ? VK_PAGED_BINDINGS : VK_BINDINGS];
+    if (bindings > sizeof(b) / sizeof(b[0]))
+        return qattn_set_error(ctx, QATTN_ERR_INTERNAL, "a descriptor set layout of %u bindings", bindings);
+    for (uint32_t i = 0; i < bindings; i++)
+        b[i] = (VkDescriptorSetLayoutBinding){
+            .binding = i,
+            .descriptorType = uniform_last && i == bindings - 1 ? VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER
+                                                                : VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+            .descriptorCount = 1,
+            .stageFlags = VK_SHADER_STAGE_COMPUTE_BIT};
+    VkDescriptorSetLayoutCreateInfo li = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
+                                          .bindingCount = bindings, .pBindings = b};
+    char call[64];
+    snprintf(call, sizeof(call), "vkCreateDescriptorSetLayout%s", what);
+    qattn_status s = vk_check(ctx, vc->vk.vkCreateDescriptorSetLayout(vc->device, &li, NULL, set_layout), call);
+    if (s)
+        return s;
+    VkPushConstantRange pc = {.stageFlags = VK_SHADER_STAGE_COMPUTE_BIT, .offset = 0, .size = push_bytes};
+    VkPipelineLayoutCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO, .setLayoutCount = 1,
+                                     .pSetLayouts = set_layout, .pushConstantRangeCount = 1,
+                                     .pPushConstantRanges = &pc};
+    snprintf(call, sizeof(call), "vkCreatePipelineLayout%s", what);
+    return vk_check(ctx, vc->vk.vkCreatePipelineLayout(vc->device, &pi, NULL, layout), call);
 }
 
-static qattn_status vk_buffer_download(qattn_ctx *ctx, const qattn_buffer *buf, size_t offset, void *dst, size_t bytes)
+qattn_status vk_descriptor_set_create(qattn_ctx *ctx, vk_ctx *vc, VkDescriptorSetLayout layout,
+                                      const VkDescriptorPoolSize *sizes, uint32_t size_count, const char *what,
+                                      VkDescriptorPool *pool, VkDescriptorSet *set)
 {
-    return staged_copy(ctx, buf, offset, dst, bytes, COPY_DOWN, 0);
+    VkDescriptorPoolCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO, .maxSets = 1,
+                                     .poolSizeCount = size_count, .pPoolSizes = sizes};
+    char call[64];
+    snprintf(call, sizeof(call), "vkCreateDescriptorPool%s", what);
+    qattn_status s = vk_check(ctx, vc->vk.vkCreateDescriptorPool(vc->device, &pi, NULL, pool), call);
+    if (s)
+        return s;
+    VkDescriptorSetAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, .descriptorPool = *pool,
+                                      .descriptorSetCount = 1, .pSetLayouts = &layout};
+    snprintf(call, sizeof(call), "vkAllocateDescriptorSets%s", what);
+    return vk_check(ctx, vc->vk.vkAllocateDescriptorSets(vc->device, &ai, set), call);
 }
 
-static qattn_status vk_buffer_fill(qattn_ctx *ctx, qattn_buffer *buf, size_t offset, size_t bytes, uint8_t value)
+/* ---------------------------------------------------------------- recording */
+
+qattn_status vk_begin(qattn_ctx *ctx, vk_ctx *vc)
 {
-    return staged_copy(ctx, buf, offset, NULL, bytes, COPY_FILL, value);
+    if (vc->lost)
+        return qattn_set_error(ctx, QATTN_ERR_DEVICE_LOST, "the Vulkan device was lost earlier; the context is unusable");
+    qattn_status s = vk_check(ctx, vc->vk.vkResetCommandBuffer(vc->cmd, 0), "vkResetCommandBuffer");
+    if (s)
+        return s;
+    VkCommandBufferBeginInfo bi = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
+                                   .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT};
+    return vk_check(ctx, vc->vk.vkBeginCommandBuffer(vc->cmd, &bi), "vkBeginCommandBuffer");
 }
 
-static qattn_status vk_buffer_wrap(qattn_ctx *ctx, qattn_buffer *buf, void *native)
+qattn_status vk_submit_wait(qattn_ctx *ctx, vk_ctx *vc)
 {
-    (void)buf;
-    (void)native;
-    return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
-                           "the vulkan backend cannot wrap a caller's VkBuffer yet: its VkDevice is private to the "
-                           "qattn context; copy through qattn_buffer_upload instead");
+    qattn_status s = vk_check(ctx, vc->vk.vkEndCommandBuffer(vc->cmd), "vkEndCommandBuffer");
+    if (s)
+        return s;
+    s = vk_check(ctx, vc->vk.vkResetFences(vc->device, 1, &vc->fence), "vkResetFences");
+    if (s)
+        return s;
+    VkSubmitInfo si = {.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .commandBufferCount = 1, .pCommandBuffers = &vc->cmd};
+    s = vk_check(ctx, vc->vk.vkQueueSubmit(vc->queue, 1, &si, vc->fence), "vkQueueSubmit");
+    if (s)
+        return s;
+    return vk_check(ctx, vc->vk.vkWaitForFences(vc->device, 1, &vc->fence, VK_TRUE, UINT64_MAX), "vkWaitForFences");
 }
 
-const qattn_backend_iface qattn_backend_vulkan = {
-    .api_version = QATTN_BACKEND_API_VERSION,
-    .name = "vulkan",
-    .score = 50,
-    .auto_score = vk_auto_score,
-    .probe = vk_probe,
-    .device_info = vk_device_info,
-    .ctx_init = vk_ctx_init,
-    .ctx_release = vk_ctx_release,
-    .synchronize = vk_synchronize,
-    .buffer_alloc = vk_buffer_alloc,
-    .buffer_wrap = vk_buffer_wrap,
-    .buffer_release = vk_buffer_release,
-    .buffer_upload = vk_buffer_upload,
-    .buffer_download = vk_buffer_download,
-    .buffer_fill = vk_buffer_fill,
-    .plan_init = vk_plan_init,
-    .plan_finish = vk_plan_finish,
-    .plan_release = vk_plan_release,
-    .run = vk_run,
-    .tensor_alignment = 16,
-    .kv_append = vk_kv_append,
-    .paged_plan_init = vk_paged_plan_init,
-    .paged_plan_release = vk_paged_plan_release,
-    .paged_run = vk_paged_run,
-    .merge_states = vk_merge_states,
-};
+void vk_barrier(vk_ctx *vc, VkPipelineStageFlags src, VkAccessFlags src_access, VkPipelineStageFlags dst,
+                VkAccessFlags dst_access)
+{
+    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = src_access,
+                          .dstAccessMask = dst_access};
+    vc->vk.vkCmdPipelineBarrier(vc->cmd, src, dst, 0, 1, &mb, 0, NULL, 0, NULL);
+}
+
+void vk_compute_barrier(vk_ctx *vc, VkPipelineStageFlags src, VkAccessFlags src_access)
+{
+    vk_barrier(vc, src, src_access, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+               VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
+}
+
+void vk_record_dispatch(vk_ctx *vc, VkPipelineLayout layout, VkPipeline pipeline, const void *push,
+                        uint32_t push_bytes, const uint32_t grid[2])
+{
+    vc->vk.vkCmdBindPipeline(vc->cmd, VK_PIPELINE_BIND_POINT_COMPUTE, pipeline);
+    vc->vk.vkCmdPushConstants(vc->cmd, layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, push_bytes, push);
+    vc->vk.vkCmdDispatch(vc->cmd, grid[0], grid[1], 1);
+}
+
+/* ---------------------------------------------------------------- status words */
+
+void vk_status_clear(vk_ctx *vc, VkBuffer buffer, VkDeviceSize at)
+{
+    vc->vk.vkCmdFillBuffer(vc->cmd, buffer, at, QATTN_STATUS_BYTES, 0);
+    vk_compute_barrier(vc, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT);
+}
+
+void vk_read_status_back(vk_ctx *vc, VkBuffer src, VkDeviceSize at)
+{
+    vk_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT,
+               VK_ACCESS_TRANSFER_READ_BIT);
+    VkBufferCopy region = {.srcOffset = at, .dstOffset = 0, .size = QATTN_STATUS_BYTES};
+    vc->vk.vkCmdCopyBuffer(vc->cmd, src, vc->readback.buffer, 1, &region);
+    vk_barrier(vc, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
+               VK_ACCESS_HOST_READ_BIT);
+}
+
+void vk_status_words(vk_ctx *vc, uint32_t words[QATTN_STATUS_WORDS])
+{
+    /* The readback memory may be non-coherent when it is host cached. */
+    VkMappedMemoryRange range = {.sType = VK_STRUCTURE_TYPE_MAPPED_MEMORY_RANGE, .memory = vc->readback.memory,
+                                 .offset = 0, .size = VK_WHOLE_SIZE};
+    vc->vk.vkInvalidateMappedMemoryRanges(vc->device, 1, &range);
+    memcpy(words, vc->readback.mapped, QATTN_STATUS_BYTES);
+}
+
+/* ---------------------------------------------------------------- grids and strides */
+
+uint32_t vk_min_u32(uint64_t a, uint64_t b) { return (uint32_t)(a < b ? a : b); }
+
+void vk_grid_of(uint64_t groups, uint32_t out[2])
+{
+    if (groups < 1)
+        groups = 1;
+    out[0] = vk_min_u32(groups, 65535);
+    out[1] = vk_min_u32(qattn_ceil_div((int64_t)groups, out[0]), 65535);
+}
+
+uint32_t vk_stride32(int64_t extent, int64_t stride) { return extent > 1 ? (uint32_t)stride : 0u; }

@@ -1,15 +1,22 @@
 /*
- * The Vulkan backend's private types. Vulkan is loaded at run time through
- * volk (Debian's libvulkan-volk-dev: dlopen("libvulkan.so.1") and
- * vkGetInstanceProcAddr); the library never links libvulkan, and its volk
- * symbols are hidden, so it coexists with a host application's own Vulkan.
+ * The Vulkan backend's private types and the functions its files share.
+ * Vulkan is loaded at run time through volk (Debian's libvulkan-volk-dev:
+ * dlopen("libvulkan.so.1") and vkGetInstanceProcAddr); the library never
+ * links libvulkan, and its volk symbols are hidden, so it coexists with a
+ * host application's own Vulkan.
  *
  * One process-wide VkInstance (created on first use, kept until exit) serves
  * probing and every context; each context owns a VkDevice with its own
  * device-level function table.
+ *
+ * Files: vulkan_backend.c (the vtable, devices as qattn reports them,
+ * contexts, buffers), vulkan_attention.c (dense plans and runs),
+ * vulkan_paged.c (the paged KV cache), vulkan_runtime.c (instance, device,
+ * memory, pipelines, command recording: what the others call; it calls none
+ * of them).
  */
-#ifndef QATTN_VK_INTERNAL_H
-#define QATTN_VK_INTERNAL_H
+#ifndef QATTN_VULKAN_INTERNAL_H
+#define QATTN_VULKAN_INTERNAL_H
 
 #include <pthread.h>
 #include <stdbool.h>
@@ -96,7 +103,7 @@ typedef struct vk_device_caps {
     char unusable[QATTN_NAME_MAX]; /* why qattn cannot use it; "" when usable */
 } vk_device_caps;
 
-/* The process-wide instance and its devices. NULL with reason on failure. */
+/* The process-wide instance and its usable devices (GPUs first). */
 typedef struct vk_instance {
     VkInstance instance;
     uint32_t api_version;
@@ -104,8 +111,6 @@ typedef struct vk_instance {
     vk_device_caps devices[VK_MAX_DEVICES];
     PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR get_coopmat_props;
 } vk_instance;
-
-const vk_instance *vk_instance_get(char *reason, size_t reason_len);
 
 /* ------------------------------------------------------------ pipelines */
 
@@ -153,16 +158,15 @@ typedef struct vk_ctx {
     VkCommandBuffer cmd;
     VkFence fence;
     uint32_t device_local_type, staging_type, readback_type;
-    bool device_local_is_host_visible;
     vk_mem staging;  /* upload/download/fill bounce buffer */
-    vk_mem readback; /* 16 bytes: the finite-check status word */
+    vk_mem readback; /* 16 bytes: the status words of the last checked submission */
     VkDescriptorSetLayout set_layout;
     VkPipelineLayout pipeline_layout;
     VkPipelineCache pipeline_cache;
     vk_pipeline *pipelines; /* every variant made so far: plans keep their handles until the context goes */
     int pipeline_count, pipeline_capacity;
-    /* The paged KV cache's kernels (vk_paged.c): their layout, a descriptor set
-     * for appends and merges (plans own theirs), the append check's status. */
+    /* The paged KV cache's kernels (vulkan_paged.c): their layout, a descriptor
+     * set for appends and merges (plans own theirs), the append check's status. */
     VkDescriptorSetLayout paged_set_layout;
     VkPipelineLayout paged_layout;
     VkDescriptorPool paged_pool;
@@ -179,24 +183,101 @@ typedef struct vk_buffer {
     vk_mem mem;
 } vk_buffer;
 
+/* The VkBuffer of a qattn buffer; VK_NULL_HANDLE for NULL. */
+static inline VkBuffer vk_buffer_handle(const qattn_buffer *b)
+{
+    return b ? ((const vk_buffer *)b->impl)->mem.buffer : VK_NULL_HANDLE;
+}
+
+/* ------------------------------------------- vulkan_runtime.c: instance */
+
+/* The instance, made on first use; NULL with reason (when given) on failure. */
+const vk_instance *vk_instance_get(char *reason, size_t reason_len);
+
+/* Appends formatted text to buf (a NUL-terminated string of capacity len), truncating. */
+void vk_str_append(char *buf, size_t len, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* ------------------------------------- vulkan_runtime.c: device, memory */
+
+/* Opens the device of vc->caps: the VkDevice with the features qattn uses, its
+ * queue, memory types, command buffer and fence, the staging and readback
+ * buffers, the attention pipeline layout and the pipeline cache. On failure
+ * what was made stays for vk_device_close. */
+qattn_status vk_device_open(qattn_ctx *ctx, vk_ctx *vc);
+/* Destroys the pipelines and what vk_device_open made; the device is idle. */
+void vk_device_close(vk_ctx *vc);
+
+/* QATTN_OK for VK_SUCCESS; else the error for r (marking the device lost). */
 qattn_status vk_check(qattn_ctx *ctx, VkResult r, const char *what);
 qattn_status vk_mem_create(qattn_ctx *ctx, vk_ctx *vc, VkDeviceSize size, uint32_t type, bool map, vk_mem *out,
                            const char *what);
 void vk_mem_destroy(vk_ctx *vc, vk_mem *m);
-/* Creates (or finds) the compute pipeline for key; under vc->lock. */
+
+/* Host <-> device copies through the staging buffer, one chunk per submission
+ * (takes vc->lock). VK_COPY_FILL writes `value` to every byte; host is unused. */
+typedef enum { VK_COPY_UP, VK_COPY_DOWN, VK_COPY_FILL } vk_copy_kind;
+qattn_status vk_staged_copy(qattn_ctx *ctx, vk_ctx *vc, VkBuffer buffer, size_t offset, void *host, size_t bytes,
+                            vk_copy_kind kind, uint8_t value);
+
+/* --------------------------------- vulkan_runtime.c: pipelines, layouts */
+
+/* Creates (or finds) the compute pipeline for key (takes vc->lock). */
 qattn_status vk_pipeline_get(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *key, VkPipeline *out);
-/* Begins recording vc->cmd; vk_submit_wait ends, submits and waits for it. */
+
+/* A descriptor set layout of `bindings` storage buffers (the last a uniform
+ * buffer when uniform_last) and a pipeline layout with it and push_bytes of
+ * push constants. `what` ends the calls' names in errors ("" or " (paged)"). */
+qattn_status vk_layout_create(qattn_ctx *ctx, vk_ctx *vc, uint32_t bindings, bool uniform_last, uint32_t push_bytes,
+                              const char *what, VkDescriptorSetLayout *set_layout, VkPipelineLayout *layout);
+/* A descriptor pool for one set of `layout` (its bindings counted by sizes),
+ * and the set. `what` as for vk_layout_create. */
+qattn_status vk_descriptor_set_create(qattn_ctx *ctx, vk_ctx *vc, VkDescriptorSetLayout layout,
+                                      const VkDescriptorPoolSize *sizes, uint32_t size_count, const char *what,
+                                      VkDescriptorPool *pool, VkDescriptorSet *set);
+
+/* ---------------------------------------- vulkan_runtime.c: recording */
+
+/* Begins recording vc->cmd; vk_submit_wait ends, submits and waits for it. Under vc->lock. */
 qattn_status vk_begin(qattn_ctx *ctx, vk_ctx *vc);
 qattn_status vk_submit_wait(qattn_ctx *ctx, vk_ctx *vc);
 
-/* vk_attention.c */
+/* Records a memory barrier. */
+void vk_barrier(vk_ctx *vc, VkPipelineStageFlags src, VkAccessFlags src_access, VkPipelineStageFlags dst,
+                VkAccessFlags dst_access);
+/* Records: what stage src wrote is visible to the compute shaders that follow. */
+void vk_compute_barrier(vk_ctx *vc, VkPipelineStageFlags src, VkAccessFlags src_access);
+/* Records a dispatch of pipeline over grid[0] x grid[1] work groups with push_bytes of push constants. */
+void vk_record_dispatch(vk_ctx *vc, VkPipelineLayout layout, VkPipeline pipeline, const void *push,
+                        uint32_t push_bytes, const uint32_t grid[2]);
+
+/* Records: zeroes the status words (QATTN_STATUS_BYTES at `at` of buffer) for the compute shaders that follow. */
+void vk_status_clear(vk_ctx *vc, VkBuffer buffer, VkDeviceSize at);
+/* Records: the compute results' status words (at `at` of src) to the readback buffer. */
+void vk_read_status_back(vk_ctx *vc, VkBuffer src, VkDeviceSize at);
+/* After the submission completed: the status words the readback buffer holds. */
+void vk_status_words(vk_ctx *vc, uint32_t words[QATTN_STATUS_WORDS]);
+
+/* min(a, b) as 32 bits. */
+uint32_t vk_min_u32(uint64_t a, uint64_t b);
+/* A grid of at least `groups` work groups (up to 65535 x 65535); the kernels stride over the rest. */
+void vk_grid_of(uint64_t groups, uint32_t out[2]);
+/* A stride as the kernels take it: 32 bits, 0 for a dimension of extent 1 (it never moves). */
+uint32_t vk_stride32(int64_t extent, int64_t stride);
+
+/* --------------------------------------------------- vulkan_attention.c */
+
 qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan);
 qattn_status vk_plan_finish(qattn_ctx *ctx, qattn_plan *plan);
 void vk_plan_release(qattn_ctx *ctx, qattn_plan *plan);
 qattn_status vk_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run);
 
-/* vk_paged.c: the paged KV cache */
-qattn_status vk_paged_ctx_init(qattn_ctx *ctx, vk_ctx *vc); /* after the attention layout exists */
+/* ------------------------------------------- vulkan_paged.c: paged KV cache */
+
+qattn_status vk_paged_ctx_init(qattn_ctx *ctx, vk_ctx *vc); /* after vk_device_open */
 void vk_paged_ctx_release(vk_ctx *vc);
 qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *args, const qattn_kv_cache_sizes *sizes);
 qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan);

@@ -14,30 +14,6 @@
 
 #include "cuda_internal.h"
 
-qattn_status qa_fail(qattn_ctx *ctx, int code, const char *what)
-{
-    const qa_rt_error e = qa_rt_of(ctx)->explain(code);
-    const qattn_status s = e.out_of_memory ? QATTN_ERR_OUT_OF_MEMORY
-                           : e.sticky      ? QATTN_ERR_DEVICE_LOST
-                                           : QATTN_ERR_BACKEND;
-    return qattn_set_error(ctx, s, "%s: %s%s", what, e.text, e.sticky ? "; the CUDA context is unusable" : "");
-}
-
-static qattn_status use_device(qattn_ctx *ctx)
-{
-    int e = qa_rt_of(ctx)->set_device(ctx->device);
-    return e ? qa_fail(ctx, e, "cudaSetDevice") : QATTN_OK;
-}
-
-qattn_status qa_enter(qattn_ctx *ctx)
-{
-    qattn_status s = use_device(ctx);
-    if (s)
-        return s;
-    int e = qa_rt_of(ctx)->last_error();
-    return e ? qa_fail(ctx, e, "an earlier CUDA error was pending") : QATTN_OK;
-}
-
 qattn_status qa_probe(const qa_rt *rt, int *device_count, char *reason, size_t reason_len)
 {
     int n = 0, e = rt->device_count(&n);
@@ -113,7 +89,7 @@ qattn_status qa_ctx_init(const qa_rt *rt, qattn_ctx *ctx)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the CUDA context");
     c->rt = rt;
     ctx->impl = c;
-    qattn_status s = use_device(ctx);
+    qattn_status s = qa_use_device(ctx);
     qa_device_props props;
     memset(&props, 0, sizeof(props));
     int e = 0;
@@ -143,7 +119,7 @@ void qa_ctx_release(qattn_ctx *ctx)
 
 qattn_status qa_synchronize(qattn_ctx *ctx)
 {
-    qattn_status s = use_device(ctx);
+    qattn_status s = qa_use_device(ctx);
     if (s)
         return s;
     int e = qa_rt_of(ctx)->device_synchronize();
@@ -154,7 +130,7 @@ qattn_status qa_synchronize(qattn_ctx *ctx)
 
 qattn_status qa_buffer_alloc(qattn_ctx *ctx, qattn_buffer *buf)
 {
-    qattn_status s = use_device(ctx);
+    qattn_status s = qa_use_device(ctx);
     if (s)
         return s;
     const qa_rt *rt = qa_rt_of(ctx);
@@ -190,13 +166,13 @@ void qa_buffer_release(qattn_ctx *ctx, qattn_buffer *buf)
 {
     if (buf->wrapped || !buf->impl)
         return;
-    if (use_device(ctx) == QATTN_OK)
+    if (qa_use_device(ctx) == QATTN_OK)
         qa_rt_of(ctx)->free(buf->impl);
 }
 
 qattn_status qa_buffer_upload(qattn_ctx *ctx, qattn_buffer *buf, size_t offset, const void *src, size_t bytes)
 {
-    qattn_status s = use_device(ctx);
+    qattn_status s = qa_use_device(ctx);
     if (s)
         return s;
     int e = qa_rt_of(ctx)->copy_to_device((char *)buf->impl + offset, src, bytes);
@@ -205,7 +181,7 @@ qattn_status qa_buffer_upload(qattn_ctx *ctx, qattn_buffer *buf, size_t offset, 
 
 qattn_status qa_buffer_download(qattn_ctx *ctx, const qattn_buffer *buf, size_t offset, void *dst, size_t bytes)
 {
-    qattn_status s = use_device(ctx);
+    qattn_status s = qa_use_device(ctx);
     if (s)
         return s;
     int e = qa_rt_of(ctx)->copy_to_host(dst, (const char *)buf->impl + offset, bytes);
@@ -214,7 +190,7 @@ qattn_status qa_buffer_download(qattn_ctx *ctx, const qattn_buffer *buf, size_t 
 
 qattn_status qa_buffer_fill(qattn_ctx *ctx, qattn_buffer *buf, size_t offset, size_t bytes, uint8_t value)
 {
-    qattn_status s = use_device(ctx);
+    qattn_status s = qa_use_device(ctx);
     if (s)
         return s;
     const qa_rt *rt = qa_rt_of(ctx);

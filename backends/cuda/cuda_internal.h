@@ -228,9 +228,31 @@ static inline const qa_rt *qa_rt_of(const qattn_ctx *ctx) { return ((const qa_ct
 
 /* Records the failed runtime call's error as the context's (out of memory,
  * device lost when sticky, else a backend error); returns the status. */
-qattn_status qa_fail(qattn_ctx *ctx, int code, const char *what);
+static inline qattn_status qa_fail(qattn_ctx *ctx, int code, const char *what)
+{
+    const qa_rt_error e = qa_rt_of(ctx)->explain(code);
+    const qattn_status s = e.out_of_memory ? QATTN_ERR_OUT_OF_MEMORY
+                           : e.sticky      ? QATTN_ERR_DEVICE_LOST
+                                           : QATTN_ERR_BACKEND;
+    return qattn_set_error(ctx, s, "%s: %s%s", what, e.text, e.sticky ? "; the CUDA context is unusable" : "");
+}
+
+/* Selects the context's device. */
+static inline qattn_status qa_use_device(qattn_ctx *ctx)
+{
+    int e = qa_rt_of(ctx)->set_device(ctx->device);
+    return e ? qa_fail(ctx, e, "cudaSetDevice") : QATTN_OK;
+}
+
 /* Selects the context's device and refuses to start over an earlier error. */
-qattn_status qa_enter(qattn_ctx *ctx);
+static inline qattn_status qa_enter(qattn_ctx *ctx)
+{
+    qattn_status s = qa_use_device(ctx);
+    if (s)
+        return s;
+    int e = qa_rt_of(ctx)->last_error();
+    return e ? qa_fail(ctx, e, "an earlier CUDA error was pending") : QATTN_OK;
+}
 
 /* The backend's entry points over a runtime (cuda_backend.c, cuda_attention.c, cuda_paged.c). */
 qattn_status qa_probe(const qa_rt *rt, int *device_count, char *reason, size_t reason_len);

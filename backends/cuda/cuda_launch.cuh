@@ -146,7 +146,7 @@ inline const char *run_plan(const qattn_plan *plan, const RunArgs &a)
     ap.seq_k = (int)pb.seq_k;
     ap.q_tiles = (int)((pb.seq_q + kBlockM - 1) / kBlockM);
     ap.causal = pb.causal;
-    ap.scale_log2 = pb.sm_scale * 1.4426950408889634f;
+    ap.scale_log2 = pb.sm_scale * (float)QATTN_LOG2E;
     const int grid = ap.q_tiles * (int)(pb.batch * pb.heads_q);
 
     if (!quantized) {

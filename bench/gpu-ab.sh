@@ -5,7 +5,7 @@
 #
 # On the build machine, per build (the first one named below also needs its
 # tests/test_conformance; the others only libqattn.so*):
-#   scripts/gpu-kit.sh build-gpu gpu-kit-NAME && tar -czf gpu-kits/NAME.tgz gpu-kit-NAME
+#   bench/gpu-kit.sh build-gpu gpu-kit-NAME && tar -czf gpu-kits/NAME.tgz gpu-kit-NAME
 # On the GPU machine (carry [".devkit", "gpu-kits"]):
 #   . .devkit/env.sh && bash bench/gpu-ab.sh NEW OLD [MORE...]
 # Runs, each section capped: the CUDA conformance suite of NEW with the

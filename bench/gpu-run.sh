@@ -3,7 +3,7 @@
 # backend, compare.py (torch SDPA flash and cuDNN beside every qattn mode),
 # the portable backends at D=128 N=16k, and paged decode beside torch; all in
 # the same run. Logs go to $OUT (or /tmp/qattn-gpu-run).
-#   scripts/gpu-kit.sh build-gpu gpu-kit   # on the build machine (-Dnvcc_archs=90a)
+#   bench/gpu-kit.sh build-gpu gpu-kit   # on the build machine (-Dnvcc_archs=90a)
 #   bash bench/gpu-run.sh gpu-kit [SECTION...] # on the GPU machine
 # Sections (default: all): sass tests compare kernels profile portable decode decode-portable
 set -o pipefail

@@ -12,14 +12,23 @@
  *
  * Ownership and threads:
  *   - A qattn_ctx owns its buffers and plans: destroy them before the context.
- *     A context may be used from several threads; calls that enqueue work
- *     (qattn_run, uploads, downloads) are serialized per context by the caller's
- *     choice of stream (see qattn_run_args.stream). The last-error message is
- *     kept per context and per thread.
+ *     A context may be used from several threads at once. Who serializes the
+ *     work depends on the backend: CPU runs each call on the calling thread
+ *     (calls from several threads run side by side); CUDA enqueues on the
+ *     stream each call names (qattn_run_args.stream; NULL: the legacy default
+ *     stream), so the caller orders work by its choice of streams; Vulkan and
+ *     OpenCL take a per-context lock around recording or enqueueing a call and
+ *     run it on the context's one queue, so calls on one context serialize.
+ *     The last-error message is kept per context and per thread.
  *   - A qattn_plan is immutable after creation: it may be run concurrently from
  *     several threads as long as each run uses its own workspace and outputs.
  *   - A qattn_buffer is not synchronized: do not write one buffer from two
  *     calls in flight at once.
+ *
+ * ABI: the public structs keep their layout for the life of one soname
+ * (libqattn.so.0); a struct that gains fields does so in a new soname.
+ * Zero-initialize them (designated initializers, or = {0}) so that source
+ * code keeps compiling and new fields take their defaults.
  *
  * Numerics:
  *   - Scores are s[i][j] = sm_scale * dot(q[i], k[j]); softmax over j.
@@ -178,8 +187,12 @@ QATTN_API qattn_status qattn_ctx_synchronize(qattn_ctx *ctx);
 QATTN_API qattn_status qattn_buffer_create(qattn_ctx *ctx, size_t bytes, qattn_buffer **out);
 /*
  * Wraps memory the caller owns and keeps owning (it must outlive the buffer):
- * CPU: a host pointer; CUDA: a device pointer; Vulkan: a VkBuffer handle;
- * OpenCL: a cl_mem. Backends that cannot wrap return QATTN_ERR_UNSUPPORTED.
+ * CPU: a host pointer; CUDA: a device (or managed) pointer on the context's
+ * device; OpenCL: a cl_mem of the context's cl_context. Vulkan cannot wrap
+ * (its VkDevice is private to the context) and returns QATTN_ERR_UNSUPPORTED.
+ * qattn checks outputs against inputs by buffer object and range: two
+ * buffers that wrap the same memory are different buffers to it, so never
+ * pass them as an input and an output of one call.
  */
 QATTN_API qattn_status qattn_buffer_wrap(qattn_ctx *ctx, void *native, size_t bytes, qattn_buffer **out);
 QATTN_API void qattn_buffer_destroy(qattn_buffer *buf);
@@ -246,10 +259,14 @@ typedef enum qattn_toggle {
     QATTN_OFF = 2
 } qattn_toggle;
 
-/* qattn_attention_desc.flags */
-/* Skip the NaN/Inf scan of Q, K, V. Without the scan, qattn_run needs no
- * host synchronization (required for CUDA graph capture), and non-finite
- * inputs give unspecified (typically NaN) outputs. */
+/* Flags of qattn_attention_desc, qattn_paged_desc and qattn_kv_append_args. */
+/* Skip the checks that need a pass over the data, not only the finite check
+ * of its name: the NaN/Inf scan of Q, K, V (and of the new tokens of an
+ * append), and for paged runs and appends the check of the page tables,
+ * slots and per-head scales too. Without them a run needs no host
+ * synchronization (required for CUDA graph capture); non-finite inputs give
+ * unspecified (typically NaN) outputs, and bad tables or slots unspecified
+ * outputs, but never a read or write outside the buffers. */
 #define QATTN_FLAG_NO_FINITE_CHECK (1u << 0)
 
 typedef struct qattn_attention_desc {
@@ -385,7 +402,7 @@ typedef struct qattn_kv_append_args {
     int64_t new_stride[2];           /* elements between tokens, between heads */
     qattn_buffer *k_new, *v_new, *slot_mapping;
     size_t k_new_offset, v_new_offset, slot_mapping_offset;
-    uint32_t flags;                  /* QATTN_FLAG_NO_FINITE_CHECK skips the NaN/Inf and slot checks */
+    uint32_t flags;                  /* QATTN_FLAG_NO_FINITE_CHECK skips the NaN/Inf, slot and scale checks */
     void *stream;
 } qattn_kv_append_args;
 

@@ -3,9 +3,9 @@
 # small kit (the library and the test and bench programs, no object files),
 # keeping the build's layout so their RUNPATH ($ORIGIN/..) finds libqattn.
 # Build for the target GPU only to keep it small, e.g.:
-#   meson setup build-gpu -Dnvcc_archs=90a && ninja -C build-gpu && scripts/gpu-kit.sh build-gpu gpu-kit
+#   meson setup build-gpu -Dnvcc_archs=90a && ninja -C build-gpu && bench/gpu-kit.sh build-gpu gpu-kit
 set -euo pipefail
-build=${1:?usage: scripts/gpu-kit.sh BUILD_DIR [KIT_DIR]}
+build=${1:?usage: bench/gpu-kit.sh BUILD_DIR [KIT_DIR]}
 kit=${2:-gpu-kit}
 rm -rf "$kit"
 mkdir -p "$kit/tests" "$kit/bench" "$kit/tools"

@@ -4,7 +4,7 @@
 # cooperative-matrix kernel variants built beside build-vk.
 #
 # Usage (after `. .devkit/env.sh`, from the project root):
-#   bash scripts/vk-gpu-check.sh [BUILD_DIR]       # default build-vk
+#   bash bench/gpu-vulkan.sh [BUILD_DIR]       # default build-vk
 # Variant builds, when present, are timed too: build-vk-t2 (no register
 # prefetch), build-vk-t3 (32-key tiles), build-vk-t4 (both), made with
 #   meson setup build-vk-tN -Dtests=false -Dc_args='-DQATTN_VK_COOPMAT_BC=32 -DQATTN_VK_COOPMAT_PREFETCH=0'

@@ -32,7 +32,7 @@ layout(std430, set = 0, binding = 4) writeonly buffer LSE { float lse_out[]; };
 layout(std430, set = 0, binding = 5) coherent buffer WSU { uint ws_u32[]; };
 layout(std430, set = 0, binding = 5) coherent buffer WSF { float ws_f32[]; };
 
-/* The plan's constants (mirrors vk_params in backends/vulkan/vk_attention.c). */
+/* The plan's constants (mirrors vk_params in backends/vulkan/vulkan_attention.c). */
 layout(std140, set = 0, binding = 6) uniform Params {
     uint batch, heads_q, heads_kv, seq_q, seq_k, head_dim, group;
     int causal_shift; /* Nk - Nq */

@@ -24,7 +24,7 @@
  * Key partitions are summed at the end (they share the running max). Rows
  * that see no key end with O = 0 and LSE = -inf. With several splits the
  * item writes its normalized partial O and LSE to the workspace and
- * paged_merge combines them. The host (vk_paged.c) derives every spec
+ * paged_merge combines them. The host (vulkan_paged.c) derives every spec
  * constant below from BR, BC and the page format.
  */
 #include "paged_common.glsl"

@@ -2,7 +2,7 @@
  * Shared by the paged-attention shaders (paged_check, paged_attn): the
  * bindings of the paged descriptor layout as a run binds them, the run's
  * arguments (push constants, mirrored by vk_paged_args in
- * backends/vulkan/vk_paged.c) and the page-table view of one sequence.
+ * backends/vulkan/vulkan_paged.c) and the page-table view of one sequence.
  *
  * Bindings (whole buffers, offset 0; element offsets arrive as arguments):
  *   0 q   1 k cache   2 v cache   3 k scales   4 v scales   5 o   6 lse

@@ -109,3 +109,38 @@ qattn_status qattn_buffer_fill(qattn_buffer *buf, size_t offset, size_t bytes, u
         return s;
     return buf->ctx->backend->buffer_fill(buf->ctx, buf, offset, bytes, value);
 }
+
+bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes)
+{
+    return offset <= buf->size && bytes <= buf->size - offset;
+}
+
+bool qattn_buffer_ranges_overlap(const qattn_buffer *a, size_t ao, size_t an, const qattn_buffer *b, size_t bo,
+                                 size_t bn)
+{
+    if (!a || !b || !an || !bn)
+        return false;
+    if (a == b)
+        return ao < bo + bn && bo < ao + an;
+    if (!a->address || !b->address) /* opaque handles (Vulkan, OpenCL): distinct objects, distinct memory */
+        return false;
+    const uintptr_t x = (uintptr_t)a->address + ao, y = (uintptr_t)b->address + bo;
+    return x < y + bn && y < x + an;
+}
+
+qattn_status qattn_check_outputs(qattn_ctx *ctx, const qattn_span *outs, int n_outs, const qattn_span *ins, int n_ins)
+{
+    for (int i = 0; i < n_outs; i++) {
+        const qattn_span *o = &outs[i];
+        for (int j = 0; j < n_ins + n_outs; j++) {
+            const qattn_span *x = j < n_ins ? &ins[j] : &outs[j - n_ins];
+            if (x == o || (j >= n_ins && j - n_ins < i)) /* each pair of outputs once */
+                continue;
+            if (qattn_buffer_ranges_overlap(o->buf, o->offset, o->bytes, x->buf, x->offset, x->bytes))
+                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "%s overlaps %s%s", o->name, x->name,
+                                       o->buf == x->buf ? " in the same buffer"
+                                                        : " (two buffers over the same memory)");
+        }
+    }
+    return QATTN_OK;
+}

@@ -34,6 +34,13 @@ static inline size_t qattn_round_up(size_t x, size_t m) { return (x + m - 1) / m
 static inline int64_t qattn_min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t qattn_clamp_i64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
 
+/* Quantization groups (and appended rows) whose max |x| is below this, and
+ * per-head scales below it, quantize to zero with a zero scale: the inverse
+ * scale of a smaller one overflows (448 / 1.3e-36 > FLT_MAX), which turned
+ * finite inputs into NaN. 2^-100, in every quantizer of every backend (GLSL
+ * and OpenCL C mirror its bits, 0x0d800000). */
+#define QATTN_QUANT_MIN_AMAX 0x1p-100f
+
 /* ------------------------------------------------------- status words */
 
 /*
@@ -134,6 +141,11 @@ struct qattn_buffer {
     size_t size;
     void *impl;          /* the backend's handle */
     void *host;          /* host address when the memory is host memory, else NULL */
+    /* Where the first byte lives in an address space shared by every buffer
+     * that reports one (host memory; CUDA's unified device addresses), set by
+     * the backend; NULL when unknown. Lets the overlap checks see two buffers
+     * that wrap the same memory. */
+    const void *address;
     bool wrapped;
 };
 
@@ -384,9 +396,22 @@ bool qattn_host_tensor_is_finite(const void *base, qattn_dtype dtype, const int6
 qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const qattn_tensor_desc *t, size_t *bytes);
 /* [offset, offset + bytes) lies inside buf (no overflow). */
 bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes);
-/* Two byte ranges of the same buffer object overlap. */
+/* Two byte ranges (checked to fit their buffers) share a byte: in the same
+ * buffer object, or in two buffers whose addresses say they share memory. */
 bool qattn_buffer_ranges_overlap(const qattn_buffer *a, size_t ao, size_t an, const qattn_buffer *b, size_t bo,
                                  size_t bn);
+
+/* A call's argument: a byte range of a buffer (buf NULL: absent). */
+typedef struct qattn_span {
+    const char *name;
+    const qattn_buffer *buf;
+    size_t offset, bytes;
+} qattn_span;
+
+/* The aliasing rule of every entry point: an output shares no byte with an
+ * input or with another output (kernels read inputs while they write, and
+ * outputs are written in any order). The error names both arguments. */
+qattn_status qattn_check_outputs(qattn_ctx *ctx, const qattn_span *outs, int n_outs, const qattn_span *ins, int n_ins);
 /* Validates a KV-cache description and computes its sizes. */
 qattn_status qattn_kv_cache_validate(qattn_ctx *ctx, const qattn_kv_cache_desc *desc, qattn_kv_cache_sizes *sizes);
 

@@ -169,13 +169,15 @@ qattn_status qattn_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a)
                           (size_t)a->num_tokens * 8, 8)))
         return s;
     const qattn_kv_cache_buffers *b = a->buffers;
-    const qattn_buffer *outs[4] = {b->k, b->v, b->k_scale, b->v_scale};
-    const qattn_buffer *ins[3] = {a->k_new, a->v_new, a->slot_mapping};
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 3; j++)
-            if (outs[i] && outs[i] == ins[j])
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                       "the cache buffers must not also hold the new tokens or the slot mapping");
+    const qattn_span outs[4] = {{"cache k", b->k, 0, sizes.cache_bytes},
+                                {"cache v", b->v, 0, sizes.cache_bytes},
+                                {"cache k_scale", b->k_scale, 0, sizes.scale_bytes},
+                                {"cache v_scale", b->v_scale, 0, sizes.scale_bytes}};
+    const qattn_span ins[3] = {{"k_new", a->k_new, a->k_new_offset, bytes},
+                               {"v_new", a->v_new, a->v_new_offset, bytes},
+                               {"slot_mapping", a->slot_mapping, a->slot_mapping_offset, (size_t)a->num_tokens * 8}};
+    if ((s = qattn_check_outputs(ctx, outs, 4, ins, 3)))
+        return s;
     if (!ctx->backend->kv_append)
         return unsupported_slot(ctx, "the paged KV cache (kv_append)");
     return ctx->backend->kv_append(ctx, a, &sizes);
@@ -318,26 +320,27 @@ qattn_status qattn_paged_run(const qattn_plan *plan, const qattn_paged_args *a)
     if (plan->ws.total && (s = check_buffer(ctx, "workspace", a->workspace, a->workspace_offset, plan->ws.total,
                                             QATTN_WS_ALIGN)))
         return s;
-    /* Outputs must not overlap anything the kernels read. */
-    const struct {
-        const qattn_buffer *buf;
-        size_t off, bytes;
-    } outs[] = {{a->o, a->o_offset, pp->o_bytes},
-                {pp->return_lse ? a->lse : NULL, a->lse_offset, pp->lse_bytes},
-                {plan->ws.total ? a->workspace : NULL, a->workspace_offset, plan->ws.total}},
-      ins[] = {{a->q, a->q_offset, pp->q_bytes},
-               {a->cache->k, 0, pp->sizes.cache_bytes},
-               {a->cache->v, 0, pp->sizes.cache_bytes}};
-    for (int i = 0; i < 3; i++) {
-        for (int j = 0; j < 3; j++)
-            if (qattn_buffer_ranges_overlap(outs[i].buf, outs[i].off, outs[i].bytes, ins[j].buf, ins[j].off,
-                                            ins[j].bytes))
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "an output overlaps an input");
-        for (int j = i + 1; j < 3; j++)
-            if (qattn_buffer_ranges_overlap(outs[i].buf, outs[i].off, outs[i].bytes, outs[j].buf, outs[j].off,
-                                            outs[j].bytes))
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "two outputs overlap");
-    }
+    /* Outputs may share no byte with anything the kernels read, tables included. */
+    const qattn_kv_cache_buffers *c = a->cache;
+    const bool dense = pp->table == QATTN_PAGES_DENSE;
+    const qattn_span ins[11] = {
+        {"args.q", a->q, a->q_offset, pp->q_bytes},
+        {"cache k", c->k, 0, pp->sizes.cache_bytes},
+        {"cache v", c->v, 0, pp->sizes.cache_bytes},
+        {"cache k_scale", c->k_scale, 0, pp->sizes.scale_bytes},
+        {"cache v_scale", c->v_scale, 0, pp->sizes.scale_bytes},
+        {"args.qo_indptr", a->qo_indptr, 0, b4 + 4},
+        {"args.block_table", dense ? a->block_table : NULL, 0, (size_t)pp->max_pages_per_seq * b4},
+        {"args.seq_lens", dense ? a->seq_lens : NULL, 0, b4},
+        {"args.indptr", dense ? NULL : a->indptr, 0, b4 + 4},
+        {"args.indices", dense ? NULL : a->indices, 0, a->indices ? a->indices->size : 0},
+        {"args.last_page_len", dense ? NULL : a->last_page_len, 0, b4}};
+    const qattn_span outs[3] = {{"args.o", a->o, a->o_offset, pp->o_bytes},
+                                {"args.lse", pp->return_lse ? a->lse : NULL, a->lse_offset, pp->lse_bytes},
+                                {"args.workspace", plan->ws.total ? a->workspace : NULL, a->workspace_offset,
+                                 plan->ws.total}};
+    if ((s = qattn_check_outputs(ctx, outs, 3, ins, 11)))
+        return s;
     return ctx->backend->paged_run(ctx, plan, a);
 }
 
@@ -378,12 +381,10 @@ qattn_status qattn_merge_states(qattn_ctx *ctx, const qattn_merge_desc *d, const
         (s = check_buffer(ctx, "o", a->o, a->o_offset, ob, qattn_dtype_size(d->o_dtype))) ||
         (a->lse && (s = check_buffer(ctx, "lse", a->lse, a->lse_offset, lse_bytes, 4))))
         return s;
-    if (qattn_buffer_ranges_overlap(a->o, a->o_offset, ob, a->v, a->v_offset, vb) ||
-        qattn_buffer_ranges_overlap(a->o, a->o_offset, ob, a->s, a->s_offset, sb) ||
-        qattn_buffer_ranges_overlap(a->lse, a->lse_offset, lse_bytes, a->v, a->v_offset, vb) ||
-        qattn_buffer_ranges_overlap(a->lse, a->lse_offset, lse_bytes, a->s, a->s_offset, sb) ||
-        qattn_buffer_ranges_overlap(a->lse, a->lse_offset, lse_bytes, a->o, a->o_offset, ob))
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "merge outputs overlap its inputs or each other");
+    const qattn_span ins[2] = {{"args.v", a->v, a->v_offset, vb}, {"args.s", a->s, a->s_offset, sb}};
+    const qattn_span outs[2] = {{"args.o", a->o, a->o_offset, ob}, {"args.lse", a->lse, a->lse_offset, lse_bytes}};
+    if ((s = qattn_check_outputs(ctx, outs, 2, ins, 2)))
+        return s;
     if (!ctx->backend->merge_states)
         return unsupported_slot(ctx, "qattn_merge_states");
     return ctx->backend->merge_states(ctx, d, a);

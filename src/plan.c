@@ -378,19 +378,6 @@ size_t qattn_plan_describe(const qattn_plan *plan, char *buf, size_t len)
     return (size_t)n;
 }
 
-/* [offset, offset + bytes) inside buf, without overflow. */
-bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes)
-{
-    return offset <= buf->size && bytes <= buf->size - offset;
-}
-
-bool qattn_buffer_ranges_overlap(const qattn_buffer *a, size_t ao, size_t an, const qattn_buffer *b, size_t bo, size_t bn)
-{
-    if (!a || !b || a != b)
-        return false; /* distinct buffer objects may still alias when wrapped; callers own that */
-    return ao < bo + bn && bo < ao + an;
-}
-
 qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args)
 {
     if (!plan)
@@ -438,19 +425,16 @@ qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args)
                                    "args.%s_offset=%zu must be a multiple of %zu bytes on backend %s", t[i].name,
                                    t[i].offset, align, ctx->backend->name);
     }
-    /* Outputs must not overlap inputs or each other: the kernels read inputs
-     * while writing outputs. */
-    for (int out = 3; out < 6; out++) {
-        if (!t[out].buf || (out == 4 && !p->return_lse) || (out == 5 && !plan->ws.total))
-            continue;
-        for (int other = 0; other < 6; other++) {
-            if (other == out || !t[other].buf || (other == 4 && !p->return_lse) || (other == 5 && !plan->ws.total))
-                continue;
-            if (qattn_buffer_ranges_overlap(t[out].buf, t[out].offset, t[out].bytes, t[other].buf, t[other].offset, t[other].bytes))
-                return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.%s overlaps args.%s in the same buffer",
-                                       t[out].name, t[other].name);
-        }
-    }
+    const qattn_span ins[3] = {{"args.q", args->q, args->q_offset, p->q_bytes},
+                               {"args.k", args->k, args->k_offset, p->k_bytes},
+                               {"args.v", args->v, args->v_offset, p->v_bytes}};
+    const qattn_span outs[3] = {{"args.o", args->o, args->o_offset, p->o_bytes},
+                                {"args.lse", p->return_lse ? args->lse : NULL, args->lse_offset, p->lse_bytes},
+                                {"args.workspace", plan->ws.total ? args->workspace : NULL, args->workspace_offset,
+                                 plan->ws.total}};
+    qattn_status s = qattn_check_outputs(ctx, outs, 3, ins, 3);
+    if (s)
+        return s;
     qattn_run_bound bound = {
         .q = args->q, .k = args->k, .v = args->v, .o = args->o,
         .lse = p->return_lse ? args->lse : NULL,

@@ -141,6 +141,7 @@ qattn_status qa_buffer_alloc(qattn_ctx *ctx, qattn_buffer *buf)
         return qa_fail(ctx, e, "cudaMalloc");
     }
     buf->impl = p;
+    buf->address = p; /* unified virtual addressing: device pointers are unique in the process */
     buf->host = NULL;
     return QATTN_OK;
 }
@@ -158,6 +159,7 @@ qattn_status qa_buffer_wrap(qattn_ctx *ctx, qattn_buffer *buf, void *native)
                                "native=%p lives on CUDA device %d, the context uses device %d", native, device,
                                ctx->device);
     buf->impl = native;
+    buf->address = native;
     buf->host = NULL;
     return QATTN_OK;
 }

@@ -7,6 +7,11 @@
 #ifndef QATTN_NUMERIC_GLSL
 #define QATTN_NUMERIC_GLSL
 
+/* Groups with max |x| below 2^-100 (and per-head scales below it) quantize to
+ * zero with a zero scale: QATTN_QUANT_MIN_AMAX of src/internal.h, as bits
+ * (positive floats order as their bits). */
+const uint QUANT_MIN_AMAX_BITS = 0x0d800000u;
+
 float bf16_bits_to_f32(uint b) { return uintBitsToFloat(b << 16); }
 
 /* fp32 -> bf16 bits, round to nearest even, NaN kept quiet (as src/numeric.h). */

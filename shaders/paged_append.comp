@@ -80,7 +80,7 @@ uint new_bits(uint which, uint i)
 }
 
 bool finite_bits(uint x) { return (x & 0x7f800000u) != 0x7f800000u; }
-bool scale_ok(uint x) { return (x & 0x80000000u) == 0u && x != 0u && finite_bits(x); }
+bool scale_ok(uint x) { return (x & 0x80000000u) == 0u && x >= QUANT_MIN_AMAX_BITS && finite_bits(x); }
 
 #ifdef CHECK
 
@@ -180,7 +180,7 @@ void main()
                     red[tid] = max(red[tid], red[tid + n]);
                 barrier();
             }
-            amax = red[0];
+            amax = red[0] < QUANT_MIN_AMAX_BITS ? 0u : red[0];
             const uint c127 = 0x42fe0000u; /* 127.0 */
             bool inf = amax == 0x7f800000u;
             if (tid == 0u) {
@@ -192,8 +192,8 @@ void main()
             inv_bits = amax == 0u || inf ? 0u : div_rn_bits(c127, amax);
         } else {
             uint s = which == 0u ? ks_bits[h] : vs_bits[h];
-            /* 1 / scale for scale > 0 (1 / inf = 0); anything else gives 0, as on the cpu */
-            bool positive = (s & 0x80000000u) == 0u && s != 0u && s <= 0x7f800000u;
+            /* 1 / scale for scale >= 2^-100 (1 / inf = 0); anything else gives 0, as on the cpu */
+            bool positive = (s & 0x80000000u) == 0u && s >= QUANT_MIN_AMAX_BITS && s <= 0x7f800000u;
             inv_bits = positive && s != 0x7f800000u ? div_rn_bits(0x3f800000u, s) : 0u;
         }
         const float inv = uintBitsToFloat(inv_bits);

@@ -56,7 +56,7 @@ void main()
                 if (tid < s) red[tid] = max(red[tid], red[tid + s]);
                 barrier();
             }
-            amax = red[0];
+            amax = floatBitsToUint(red[0]) < QUANT_MIN_AMAX_BITS ? 0.0 : red[0];
             barrier();
             float inv = amax > 0.0 ? div_rn(127.0, amax) : 0.0;
             if (tid == 0u) {

@@ -154,9 +154,12 @@ qattn_status qattn_kv_append_check(qattn_ctx *ctx, const qattn_kv_append_args *a
         return qattn_nonfinite_error(ctx, nonfinite);
     if (c->scales == QATTN_KV_SCALES_PER_HEAD && k_scale && v_scale)
         for (int64_t h = 0; h < c->heads_kv; h++)
-            if (!(k_scale[h] > 0.f && isfinite(k_scale[h])) || !(v_scale[h] > 0.f && isfinite(v_scale[h])))
+            if (!(k_scale[h] >= QATTN_QUANT_MIN_AMAX && isfinite(k_scale[h])) ||
+                !(v_scale[h] >= QATTN_QUANT_MIN_AMAX && isfinite(v_scale[h])))
                 return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                       "per-head scale of head %lld must be finite and > 0", (long long)h);
+                                       "per-head scale of head %lld must be finite and > 0 (at least 2^-100): k %g, "
+                                       "v %g",
+                                       (long long)h, (double)k_scale[h], (double)v_scale[h]);
     return QATTN_OK;
 }
 

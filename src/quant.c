@@ -82,9 +82,9 @@ qattn_status qattn_workspace_layout_init(qattn_plan *plan, bool status_word)
 
 static inline int8_t quant_i8(float x, float inv)
 {
-    float r = nearbyintf(x * inv);
-    r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
-    return (int8_t)r;
+    /* fminf/fmaxf take the number over NaN: an unchecked NaN becomes -127,
+     * never a NaN converted to an integer (undefined behaviour). */
+    return (int8_t)fminf(fmaxf(nearbyintf(x * inv), -127.f), 127.f);
 }
 
 /* Quantizes one head's [n, d] rows (src row stride rs) into dst [n][d] int8
@@ -102,6 +102,8 @@ static void quantize_rows_i8(const void *src, qattn_dtype dt, int64_t rs, int64_
                 float x = qattn_load_f(src, dt, t * rs + c) - (sub ? sub[c] : 0.f);
                 amax = fmaxf(amax, fabsf(x));
             }
+        if (amax < QATTN_QUANT_MIN_AMAX) /* all tiny or zero: codes and scale 0 */
+            amax = 0.f;
         float inv = amax > 0.f ? 127.f / amax : 0.f;
         scales[g] = amax / 127.f;
         for (int64_t t = t0; t < t1; t += interleave)
@@ -151,6 +153,8 @@ void qattn_quantize_host(const qattn_plan *plan, const void *q, const void *k, c
                     float amax = 0.f;
                     for (int64_t t = 0; t < Nk; t++)
                         amax = fmaxf(amax, fabsf(qattn_load_f(vh, p->in_dtype, t * p->v_stride[2] + c)));
+                    if (amax < QATTN_QUANT_MIN_AMAX)
+                        amax = 0.f;
                     float inv = amax > 0.f ? qp->v_fp8_max / amax : 0.f;
                     vs[c] = amax / qp->v_fp8_max;
                     uint8_t *row = vq + c * L->v_keys_padded;

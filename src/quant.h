@@ -7,7 +7,8 @@
  *              K is quantized as k[t][d] - mean[d]. Exact under softmax; the
  *              LSE gets q_kmean[i] = sm_scale * dot(q[i], mean) added back.
  *   INT8       per scale group (qattn_quant_group_of): amax = max |x|;
- *              scale = amax / 127; x8 = rne(x * (127 / amax)) (0 when amax = 0).
+ *              scale = amax / 127; x8 = rne(x * (127 / amax)); a group with
+ *              amax < 2^-100 (QATTN_QUANT_MIN_AMAX) has scale 0 and codes 0.
  *   V, FP8     per channel d: amax = max_t |v[t][d]|; scale = amax / v_fp8_max;
  *              v8 = e4m3_rne_satfinite(v * (v_fp8_max / amax)), stored [d][t]
  *              with keys padded to v_key_pad (padding is zero).

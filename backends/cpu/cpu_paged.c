@@ -91,18 +91,20 @@ qattn_status cpu_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const 
                     float amax = 0.f;
                     for (int64_t d = 0; d < D; d++)
                         amax = fmaxf(amax, fabsf(qattn_load_f(src, a->new_dtype, d)));
+                    if (amax < QATTN_QUANT_MIN_AMAX) /* all tiny or zero: codes and scale 0 */
+                        amax = 0.f;
                     scales[(page * c->page_size + off) * H + h] = amax / 127.f;
                     inv = amax > 0.f ? 127.f / amax : 0.f;
-                } else {
-                    inv = scales[h] > 0.f ? 1.f / scales[h] : 0.f;
+                } else { /* a scale below the floor (or not > 0) writes zeros, as on every backend */
+                    inv = scales[h] >= QATTN_QUANT_MIN_AMAX ? 1.f / scales[h] : 0.f;
                 }
                 for (int64_t d = 0; d < D; d++) {
                     float x = qattn_load_f(src, a->new_dtype, d) * inv;
                     if (c->dtype == QATTN_DTYPE_FP8_E4M3) {
                         ((uint8_t *)cache)[at + d] = qattn_f32_to_e4m3(x);
                     } else {
-                        float r = nearbyintf(x);
-                        ((int8_t *)cache)[at + d] = (int8_t)(r > 127.f ? 127.f : r < -127.f ? -127.f : r);
+                        /* fminf/fmaxf: an unchecked NaN becomes -127, not an undefined conversion */
+                        ((int8_t *)cache)[at + d] = (int8_t)fminf(fmaxf(nearbyintf(x), -127.f), 127.f);
                     }
                 }
             }

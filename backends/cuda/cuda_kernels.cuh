@@ -790,6 +790,8 @@ template <int D> QA_KERNEL(D) kv_finalize_kernel(const QuantParams p)
     if (p.smooth_k)
         p.k_mean[(int64_t)bh * D + d] = (float)(s / (double)p.seq_k);
     if (p.fp8) {
+        if (a < QATTN_QUANT_MIN_AMAX) /* all tiny or zero: codes and scale 0 */
+            a = 0.f;
         p.v_scale[(int64_t)bh * D + d] = a / p.v_fp8_max;
         p.v_inv[(int64_t)bh * D + d] = a > 0.f ? p.v_fp8_max / a : 0.f;
     }
@@ -948,6 +950,7 @@ template <int D, int DT> QA_KERNEL(kThreads) k_v_quant_kernel(const QuantParams 
         const int ki = p.k_inter;
         if (warp_id() == 0) {
             float gmax = lanes_max(fmaxf(row_amax[lane_id()], row_amax[lane_id() + 32]), ki);
+            gmax = gmax < QATTN_QUANT_MIN_AMAX ? 0.f : gmax;
             if (lane_id() < ki) {
                 group_inv[lane_id()] = gmax > 0.f ? 127.f / gmax : 0.f;
                 p.k_scale[(int64_t)bh * p.k_groups + (int64_t)blk * ki + lane_id()] = gmax / 127.f;
@@ -1096,6 +1099,7 @@ template <int D, int DT> QA_KERNEL(kQuantQThreads) q_quant_kernel(const QuantPar
         float gmax = 0.f;
         for (int w = gb * qb / 32; w < (gb + 1) * qb / 32; w++)
             gmax = fmaxf(gmax, part[w * 8 + gl]);
+        gmax = gmax < QATTN_QUANT_MIN_AMAX ? 0.f : gmax;
         group_inv[g] = gmax > 0.f ? 127.f / gmax : 0.f;
         const int first_block = i0 / qb, q_blocks_total = (p.seq_q + qb - 1) / qb;
         if (first_block + gb < q_blocks_total)

@@ -739,7 +739,7 @@ QA_DEV void append_check_body(const qa_append_params &p, long long dup_blocks)
     if (blk == dup_blocks && (p.cache_format == QATTN_KV_FMT_FP8 || p.cache_format == QATTN_KV_FMT_I8))
         for (int h = tid; h < p.heads_kv; h += QA_PAGED_THREADS) {
             const float ks = p.k_scale[h], vs = p.v_scale[h];
-            if (!(ks > 0.f && is_finite(ks)) || !(vs > 0.f && is_finite(vs)))
+            if (!(ks >= QATTN_QUANT_MIN_AMAX && is_finite(ks)) || !(vs >= QATTN_QUANT_MIN_AMAX && is_finite(vs)))
                 atomic_or(p.status + QATTN_STATUS_BOUNDS, 1u);
         }
 }
@@ -775,10 +775,10 @@ QA_DEV void append_write_body(const qa_append_params &p)
                 amax = fmaxf(amax, fabsf(load_elem(src, p.new_elem, sbase + d)));
             amax = warp_max(amax);
             if (lane == 0)
-                scales[(page * P + off) * H + h] = amax / 127.f;
-            inv = amax > 0.f ? 127.f / amax : 0.f;
-        } else {
-            inv = scales[h] > 0.f ? 1.f / scales[h] : 0.f;
+                scales[(page * P + off) * H + h] = amax < QATTN_QUANT_MIN_AMAX ? 0.f : amax / 127.f;
+            inv = amax < QATTN_QUANT_MIN_AMAX ? 0.f : 127.f / amax;
+        } else { /* a scale below the floor (or not > 0) writes zeros */
+            inv = scales[h] >= QATTN_QUANT_MIN_AMAX ? 1.f / scales[h] : 0.f;
         }
         for (int d = lane; d < D; d += 32) {
             const float x = load_elem(src, p.new_elem, sbase + d) * inv;

@@ -28,6 +28,10 @@
 #define NONFINITE_V 4u
 #define NONFINITE_NEW_KV 8u
 
+/* Groups with max |x| below 2^-100 (and per-head scales below it) quantize to
+ * zero with a zero scale: QATTN_QUANT_MIN_AMAX of src/internal.h. */
+#define QUANT_MIN_AMAX 0x1p-100f
+
 /* The status words at byte status_at of ws (>= 0 when the checks are on) are set. */
 static inline bool stopped(global const uchar *ws, long status_at)
 {

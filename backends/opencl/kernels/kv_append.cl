@@ -101,14 +101,14 @@ kernel __attribute__((reqd_work_group_size(APPEND_WG, 1, 1))) void append_write(
                 red[lid] = fmax(red[lid], red[lid + stride]);
             barrier(CLK_LOCAL_MEM_FENCE);
         }
-        amax = red[0];
+        amax = red[0] < QUANT_MIN_AMAX ? 0.0f : red[0];
         barrier(CLK_LOCAL_MEM_FENCE); /* red is reused by the next row */
         if (store && lid == 0)
             scales[(page * page_size + off) * heads + h] = div_rn(amax, 127.0f);
         inv = amax > 0.0f ? div_rn(127.0f, amax) : 0.0f;
 #else
         const float s = scales[h];
-        inv = s > 0.0f ? div_rn(1.0f, s) : 0.0f;
+        inv = s >= QUANT_MIN_AMAX ? div_rn(1.0f, s) : 0.0f; /* below the floor (or not > 0): zeros */
 #endif
         global uchar *cache = which ? vc : kc;
         for (int i = 0; i < XN; i++) {

@@ -100,6 +100,7 @@ kernel __attribute__((reqd_work_group_size(QUANT_WG, 1, 1))) void quant_rows(
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     amax = partial[0];
+    amax = amax < QUANT_MIN_AMAX ? 0.0f : amax;
     float inv = amax > 0.0f ? div_rn(127.0f, amax) : 0.0f;
     if (lid == 0)
         ((global float *)(ws + scale_at))[(long)bh * groups + g] = div_rn(amax, 127.0f);
@@ -177,6 +178,7 @@ kernel __attribute__((reqd_work_group_size(256, 1, 1))) void quant_v_fp8(
     amax = partial[0][tx];
     for (int i = 1; i < 8; i++)
         amax = fmax(amax, partial[i][tx]);
+    amax = amax < QUANT_MIN_AMAX ? 0.0f : amax;
     float inv = amax > 0.0f ? div_rn(vmax, amax) : 0.0f;
     if (ty == 0 && c < HEAD_DIM)
         ((global float *)(ws + scale_at))[(long)bh * HEAD_DIM + c] = div_rn(amax, vmax);

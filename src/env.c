@@ -71,4 +71,20 @@ void qattn_env_read(qattn_env *env, const char **bad)
         else if (strcmp(coopmat, "1") != 0 && bad)
             *bad = "QATTN_VULKAN_COOPMAT";
     }
+
+    /* Switches of 0 or 1: Vulkan validation layers (off), the sm_90a CUDA kernels (on). */
+    const struct {
+        const char *name;
+        bool *value;
+    } switches[] = {{"QATTN_VULKAN_VALIDATION", &env->vulkan_validation}, {"QATTN_CUDA_WGMMA", &env->cuda_wgmma}};
+    env->cuda_wgmma = true;
+    for (int i = 0; i < 2; i++) {
+        const char *text = nonempty(switches[i].name);
+        if (!text)
+            continue;
+        if (strcmp(text, "0") == 0 || strcmp(text, "1") == 0)
+            *switches[i].value = text[0] == '1';
+        else if (bad)
+            *bad = switches[i].name;
+    }
 }

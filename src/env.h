@@ -19,6 +19,8 @@ typedef struct qattn_env {
     const char *opencl_cache;/* QATTN_OPENCL_CACHE: program-binary cache folder (NULL: none) */
     int cuda_emu_cc;         /* QATTN_CUDA_EMU_CC: compute capability the test-only cuda-emu backend plays (89) */
     int cuda_emu_sms;        /* QATTN_CUDA_EMU_SMS: its SM count, which the planners size grids by (132) */
+    bool vulkan_validation;  /* QATTN_VULKAN_VALIDATION=1: Khronos + synchronization validation; errors fail calls */
+    bool cuda_wgmma;         /* QATTN_CUDA_WGMMA=0: the mma.sync kernels on sm_90 too (default 1: the sm_90a kernels) */
 } qattn_env;
 
 /* Reads the environment now (it may change between calls). Invalid values are

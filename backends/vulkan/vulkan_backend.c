@@ -155,6 +155,8 @@ static qattn_status vk_ctx_init(qattn_ctx *ctx)
         return qattn_set_error(ctx, QATTN_ERR_UNAVAILABLE, "%s", reason);
     if (ctx->device < 0 || ctx->device >= inst->device_count)
         return qattn_set_error(ctx, QATTN_ERR_NOT_FOUND, "Vulkan device %d does not exist", ctx->device);
+    if (inst->validation_unavailable[0]) /* asked for by QATTN_VULKAN_VALIDATION=1: no silent run without it */
+        return qattn_set_error(ctx, QATTN_ERR_BACKEND, "%s", inst->validation_unavailable);
     vk_ctx *vc = calloc(1, sizeof(*vc));
     if (!vc)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the Vulkan context");
@@ -171,6 +173,8 @@ static qattn_status vk_ctx_init(qattn_ctx *ctx)
     qattn_status s = vk_device_open(ctx, vc);
     if (!s)
         s = vk_paged_ctx_init(ctx, vc);
+    if (!s) /* what the layer said since the instance was made, device creation included */
+        s = vk_validation_check(ctx, vc);
     if (s) {
         vk_ctx_release(ctx);
         return s;

@@ -110,6 +110,14 @@ typedef struct vk_instance {
     int device_count;
     vk_device_caps devices[VK_MAX_DEVICES];
     PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR get_coopmat_props;
+    /* QATTN_VULKAN_VALIDATION=1 (read when the instance is made): the Khronos
+     * validation layer with synchronization validation and a messenger that
+     * counts what it reports; when it was asked for but could not be had,
+     * why (contexts then fail with it). */
+    bool validation;
+    uint32_t validation_layer_version; /* the layer's specVersion */
+    VkDebugUtilsMessengerEXT messenger;
+    char validation_unavailable[QATTN_NAME_MAX];
 } vk_instance;
 
 /* ------------------------------------------------------------ pipelines */
@@ -176,6 +184,7 @@ typedef struct vk_ctx {
     pthread_mutex_t lock; /* one submission at a time */
     bool use_coopmat;     /* QATTN_VULKAN_COOPMAT (default on) */
     bool lost;
+    uint64_t validation_errors_seen; /* the process's validation error count at this context's last check */
 } vk_ctx;
 
 /* The buffer behind a qattn_buffer. */
@@ -193,6 +202,13 @@ static inline VkBuffer vk_buffer_handle(const qattn_buffer *b)
 
 /* The instance, made on first use; NULL with reason (when given) on failure. */
 const vk_instance *vk_instance_get(char *reason, size_t reason_len);
+
+/* With QATTN_VULKAN_VALIDATION=1: QATTN_ERR_BACKEND when the validation layer
+ * reported errors since vc's last check (each is also printed to stderr as it
+ * comes), QATTN_OK otherwise. Submissions, pipeline creation and context
+ * creation check; the count is process-wide, so a context may report what
+ * another one caused, and the process exits with status 1 if any came. */
+qattn_status vk_validation_check(qattn_ctx *ctx, vk_ctx *vc);
 
 /* Appends formatted text to buf (a NUL-terminated string of capacity len), truncating. */
 void vk_str_append(char *buf, size_t len, const char *fmt, ...)

@@ -9,9 +9,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "env.h"
 #include "vulkan_internal.h"
 
 #define STAGING_BYTES ((VkDeviceSize)16 << 20)
+#define VALIDATION_LAYER "VK_LAYER_KHRONOS_validation"
 
 /* ---------------------------------------------------------------- instance */
 
@@ -41,7 +43,7 @@ static bool has_ext(const VkExtensionProperties *exts, uint32_t n, const char *n
 
 /* The device's extensions and features; false (with c->unusable) when out of memory.
  * *sm_builtins and *amd_cores: the extensions that report the number of compute units. */
-static bool gather_features(vk_device_caps *c, bool *sm_builtins, bool *amd_cores)
+static bool gather_features(vk_device_caps *c, bool coopmat_allowed, bool *sm_builtins, bool *amd_cores)
 {
     VkPhysicalDevice pd = c->phys;
     uint32_t n_ext = 0;
@@ -59,7 +61,7 @@ static bool gather_features(vk_device_caps *c, bool *sm_builtins, bool *amd_core
     c->ext_subgroup_size_control = has_ext(exts, n_ext, VK_EXT_SUBGROUP_SIZE_CONTROL_EXTENSION_NAME);
     c->ext_int_dot = has_ext(exts, n_ext, VK_KHR_SHADER_INTEGER_DOT_PRODUCT_EXTENSION_NAME);
     c->ext_storage_buffer_class = has_ext(exts, n_ext, VK_KHR_STORAGE_BUFFER_STORAGE_CLASS_EXTENSION_NAME);
-    c->coopmat = has_ext(exts, n_ext, VK_KHR_COOPERATIVE_MATRIX_EXTENSION_NAME);
+    c->coopmat = coopmat_allowed && has_ext(exts, n_ext, VK_KHR_COOPERATIVE_MATRIX_EXTENSION_NAME);
     c->coopmat2_nv = has_ext(exts, n_ext, "VK_NV_cooperative_matrix2");
     c->float8_ext = has_ext(exts, n_ext, "VK_EXT_shader_float8");
     c->bfloat16_ext = has_ext(exts, n_ext, "VK_KHR_shader_bfloat16");
@@ -227,7 +229,12 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
     vkGetPhysicalDeviceProperties(c->phys, &c->props);
     c->api_version = c->props.apiVersion;
     bool sm_builtins = false, amd_cores = false;
-    if (!gather_features(c, &sm_builtins, &amd_cores))
+    /* A validation layer older than VK_KHR_cooperative_matrix (1.3.255, e.g.
+     * Debian bookworm's 1.3.239) reports its structures as unknown: under such
+     * a layer the extension is left alone and the portable kernels run. */
+    const bool coopmat_allowed =
+        !inst->validation || inst->validation_layer_version >= VK_MAKE_API_VERSION(0, 1, 3, 255);
+    if (!gather_features(c, coopmat_allowed, &sm_builtins, &amd_cores))
         return;
     gather_properties(c, sm_builtins, amd_cores);
     gather_memory_queues_shapes(inst, c);
@@ -284,6 +291,111 @@ static bool list_devices(vk_instance *inst)
     return true;
 }
 
+/* ---------------------------------------------------------------- validation */
+
+static pthread_mutex_t validation_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t validation_errors, validation_warnings;
+static char validation_latest[768]; /* the latest error's text */
+
+static VKAPI_ATTR VkBool32 VKAPI_CALL validation_message(VkDebugUtilsMessageSeverityFlagBitsEXT severity,
+                                                         VkDebugUtilsMessageTypeFlagsEXT types,
+                                                         const VkDebugUtilsMessengerCallbackDataEXT *data, void *user)
+{
+    (void)types;
+    (void)user;
+    const bool error = (severity & VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT) != 0;
+    const char *text = data && data->pMessage ? data->pMessage : "(no message)";
+    pthread_mutex_lock(&validation_lock);
+    if (error) {
+        validation_errors++;
+        snprintf(validation_latest, sizeof(validation_latest), "%s", text);
+    } else {
+        validation_warnings++;
+    }
+    pthread_mutex_unlock(&validation_lock);
+    fprintf(stderr, "qattn: Vulkan validation %s: %s\n", error ? "error" : "warning", text);
+    return VK_FALSE; /* the call goes on as the application made it */
+}
+
+/* An error that no call returned (in a destroy, say) must still fail the
+ * program: at exit, any error makes the exit status 1. */
+static void validation_at_exit(void)
+{
+    pthread_mutex_lock(&validation_lock);
+    const uint64_t errors = validation_errors, warnings = validation_warnings;
+    pthread_mutex_unlock(&validation_lock);
+    fprintf(stderr,
+            "qattn: Vulkan validation (QATTN_VULKAN_VALIDATION=1): %llu errors, %llu warnings in this process\n",
+            (unsigned long long)errors, (unsigned long long)warnings);
+    if (errors) {
+        fflush(NULL);
+        _Exit(1);
+    }
+}
+
+qattn_status vk_validation_check(qattn_ctx *ctx, vk_ctx *vc)
+{
+    if (!the_instance.validation)
+        return QATTN_OK;
+    pthread_mutex_lock(&validation_lock);
+    const uint64_t errors = validation_errors, fresh = errors - vc->validation_errors_seen;
+    char latest[sizeof(validation_latest)];
+    memcpy(latest, validation_latest, sizeof(latest));
+    vc->validation_errors_seen = errors;
+    pthread_mutex_unlock(&validation_lock);
+    if (!fresh)
+        return QATTN_OK;
+    return qattn_set_error(ctx, QATTN_ERR_BACKEND,
+                           "the Vulkan validation layer reported %llu error(s) since this context's last call "
+                           "(QATTN_VULKAN_VALIDATION=1; each is printed to stderr); the latest: %s",
+                           (unsigned long long)fresh, latest);
+}
+
+/* Whether the validation layer and the instance extensions it needs are
+ * there; else why not, in inst->validation_unavailable. */
+static bool validation_layer_found(vk_instance *inst)
+{
+    uint32_t n = 0;
+    vkEnumerateInstanceLayerProperties(&n, NULL);
+    VkLayerProperties *layers = calloc(n ? n : 1, sizeof(*layers));
+    if (!layers) {
+        snprintf(inst->validation_unavailable, sizeof(inst->validation_unavailable), "out of host memory");
+        return false;
+    }
+    vkEnumerateInstanceLayerProperties(&n, layers);
+    for (uint32_t i = 0; i < n; i++)
+        if (strcmp(layers[i].layerName, VALIDATION_LAYER) == 0)
+            inst->validation_layer_version = layers[i].specVersion;
+    free(layers);
+    if (!inst->validation_layer_version) {
+        snprintf(inst->validation_unavailable, sizeof(inst->validation_unavailable),
+                 "QATTN_VULKAN_VALIDATION=1 asks for " VALIDATION_LAYER ", which the Vulkan loader does not find "
+                 "(Debian: apt install vulkan-validationlayers; or set VK_LAYER_PATH to the folder of its manifest)");
+        return false;
+    }
+    n = 0;
+    vkEnumerateInstanceExtensionProperties(VALIDATION_LAYER, &n, NULL);
+    VkExtensionProperties *exts = calloc(n ? n : 1, sizeof(*exts));
+    if (!exts) {
+        snprintf(inst->validation_unavailable, sizeof(inst->validation_unavailable), "out of host memory");
+        return false;
+    }
+    vkEnumerateInstanceExtensionProperties(VALIDATION_LAYER, &n, exts);
+    const bool utils = has_ext(exts, n, VK_EXT_DEBUG_UTILS_EXTENSION_NAME);
+    const bool features = has_ext(exts, n, VK_EXT_VALIDATION_FEATURES_EXTENSION_NAME);
+    free(exts);
+    if (!utils || !features) {
+        snprintf(inst->validation_unavailable, sizeof(inst->validation_unavailable),
+                 "QATTN_VULKAN_VALIDATION=1: " VALIDATION_LAYER " %u.%u.%u lacks %s",
+                 VK_API_VERSION_MAJOR(inst->validation_layer_version),
+                 VK_API_VERSION_MINOR(inst->validation_layer_version),
+                 VK_API_VERSION_PATCH(inst->validation_layer_version),
+                 !utils ? VK_EXT_DEBUG_UTILS_EXTENSION_NAME : VK_EXT_VALIDATION_FEATURES_EXTENSION_NAME);
+        return false;
+    }
+    return true;
+}
+
 static void create_instance(void)
 {
     vk_instance *inst = &the_instance;
@@ -310,7 +422,33 @@ static void create_instance(void)
         portability = has_ext(exts, n_ext, "VK_KHR_portability_enumeration");
         free(exts);
     }
-    const char *ext_names[] = {"VK_KHR_portability_enumeration"};
+    qattn_env env;
+    qattn_env_read(&env, NULL);
+    const bool validation = env.vulkan_validation && validation_layer_found(inst);
+    const char *ext_names[3];
+    uint32_t ext_count = 0;
+    if (portability)
+        ext_names[ext_count++] = "VK_KHR_portability_enumeration";
+    if (validation) {
+        ext_names[ext_count++] = VK_EXT_DEBUG_UTILS_EXTENSION_NAME;
+        ext_names[ext_count++] = VK_EXT_VALIDATION_FEATURES_EXTENSION_NAME;
+    }
+    const char *layer_names[] = {VALIDATION_LAYER};
+    /* Synchronization validation on top of the core checks: the kernels'
+     * barriers between dispatches and copies are what it checks. */
+    const VkValidationFeatureEnableEXT enables[] = {VK_VALIDATION_FEATURE_ENABLE_SYNCHRONIZATION_VALIDATION_EXT};
+    VkDebugUtilsMessengerCreateInfoEXT messenger_info = {
+        .sType = VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT,
+        .messageSeverity =
+            VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT,
+        .messageType = VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT |
+                       VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT,
+        .pfnUserCallback = validation_message,
+    };
+    VkValidationFeaturesEXT features = {.sType = VK_STRUCTURE_TYPE_VALIDATION_FEATURES_EXT,
+                                        .pNext = &messenger_info, /* also reports on vkCreateInstance itself */
+                                        .enabledValidationFeatureCount = 1,
+                                        .pEnabledValidationFeatures = enables};
     VkApplicationInfo app = {
         .sType = VK_STRUCTURE_TYPE_APPLICATION_INFO,
         .pApplicationName = "qattn",
@@ -321,12 +459,26 @@ static void create_instance(void)
     };
     VkInstanceCreateInfo ci = {
         .sType = VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO,
+        .pNext = validation ? &features : NULL,
         .flags = portability ? 0x00000001 /* VK_INSTANCE_CREATE_ENUMERATE_PORTABILITY_BIT_KHR */ : 0,
         .pApplicationInfo = &app,
-        .enabledExtensionCount = portability ? 1 : 0,
+        .enabledLayerCount = validation ? 1 : 0,
+        .ppEnabledLayerNames = layer_names,
+        .enabledExtensionCount = ext_count,
         .ppEnabledExtensionNames = ext_names,
     };
     r = vkCreateInstance(&ci, NULL, &inst->instance);
+    if (validation && r != VK_SUCCESS && r != VK_ERROR_INCOMPATIBLE_DRIVER) {
+        /* Probing still works without the layer; contexts fail with this. */
+        snprintf(inst->validation_unavailable, sizeof(inst->validation_unavailable),
+                 "QATTN_VULKAN_VALIDATION=1: vkCreateInstance with " VALIDATION_LAYER " failed (VkResult %d)", (int)r);
+        ci.pNext = NULL;
+        ci.enabledLayerCount = 0;
+        ci.enabledExtensionCount = portability ? 1 : 0;
+        r = vkCreateInstance(&ci, NULL, &inst->instance);
+    } else if (validation && r == VK_SUCCESS) {
+        inst->validation = true;
+    }
     if (r == VK_ERROR_INCOMPATIBLE_DRIVER) {
         snprintf(instance_error, sizeof(instance_error),
                  "the Vulkan loader found no driver (VK_ERROR_INCOMPATIBLE_DRIVER): install one (e.g. "
@@ -338,6 +490,16 @@ static void create_instance(void)
         return;
     }
     volkLoadInstanceOnly(inst->instance);
+    if (inst->validation) {
+        r = vkCreateDebugUtilsMessengerEXT(inst->instance, &messenger_info, NULL, &inst->messenger);
+        if (r != VK_SUCCESS) {
+            inst->validation = false;
+            snprintf(inst->validation_unavailable, sizeof(inst->validation_unavailable),
+                     "QATTN_VULKAN_VALIDATION=1: vkCreateDebugUtilsMessengerEXT failed (VkResult %d)", (int)r);
+        } else {
+            atexit(validation_at_exit);
+        }
+    }
     inst->get_coopmat_props = (PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR)vkGetInstanceProcAddr(
         inst->instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR");
     instance_ok = list_devices(inst);
@@ -692,11 +854,18 @@ static qattn_status pipeline_get_locked(qattn_ctx *ctx, vk_ctx *vc, const vk_pip
     vc->vk.vkDestroyShaderModule(vc->device, module, NULL);
     if (s)
         return s;
+    if (the_instance.validation) { /* messages then name the shader */
+        VkDebugUtilsObjectNameInfoEXT name = {.sType = VK_STRUCTURE_TYPE_DEBUG_UTILS_OBJECT_NAME_INFO_EXT,
+                                              .objectType = VK_OBJECT_TYPE_PIPELINE,
+                                              .objectHandle = (uint64_t)pipeline,
+                                              .pObjectName = key->shader};
+        vkSetDebugUtilsObjectNameEXT(vc->device, &name);
+    }
     vc->pipelines[vc->pipeline_count].key = *key;
     vc->pipelines[vc->pipeline_count].pipeline = pipeline;
     vc->pipeline_count++;
     *out = pipeline;
-    return QATTN_OK;
+    return vk_validation_check(ctx, vc); /* the layer checks the SPIR-V against the device here */
 }
 
 qattn_status vk_pipeline_get(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *key, VkPipeline *out)
@@ -778,7 +947,8 @@ qattn_status vk_submit_wait(qattn_ctx *ctx, vk_ctx *vc)
     s = vk_check(ctx, vc->vk.vkQueueSubmit(vc->queue, 1, &si, vc->fence), "vkQueueSubmit");
     if (s)
         return s;
-    return vk_check(ctx, vc->vk.vkWaitForFences(vc->device, 1, &vc->fence, VK_TRUE, UINT64_MAX), "vkWaitForFences");
+    s = vk_check(ctx, vc->vk.vkWaitForFences(vc->device, 1, &vc->fence, VK_TRUE, UINT64_MAX), "vkWaitForFences");
+    return s ? s : vk_validation_check(ctx, vc);
 }
 
 void vk_barrier(vk_ctx *vc, VkPipelineStageFlags src, VkAccessFlags src_access, VkPipelineStageFlags dst,

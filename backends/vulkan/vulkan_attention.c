@@ -95,7 +95,8 @@ static bool coopmat_unavailable(const vk_ctx *vc, const qattn_problem *p, char *
         snprintf(why, len, "the device enumerates no 16x16x16 fp16/fp32 cooperative matrix");
     else if (!caps->float16 || !caps->memory_model || !caps->subgroup_shuffle || caps->api_version < VK_API_VERSION_1_3)
         snprintf(why, len,
-                 "the device lacks fp16 arithmetic, the Vulkan memory model, subgroup shuffles or Vulkan 1.3");
+                 "the device lacks fp16 arithmetic, the Vulkan memory model with device scope, subgroup shuffles or "
+                 "Vulkan 1.3");
     else if (p->in_dtype != QATTN_DTYPE_F16)
         snprintf(why, len, "%s inputs (the cooperative-matrix kernel reads f16)", qattn_dtype_name(p->in_dtype));
     else if (D != 64 && D != 128)

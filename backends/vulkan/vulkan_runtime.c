@@ -114,7 +114,9 @@ static bool gather_features(vk_device_caps *c, bool coopmat_allowed, bool *sm_bu
     c->coopmat = c->coopmat && fcm.cooperativeMatrix;
     c->subgroup_size_control = fssc.subgroupSizeControl;
     c->full_subgroups = fssc.computeFullSubgroups;
-    c->memory_model = fvmm.vulkanMemoryModel;
+    /* With the Vulkan memory model on, Device-scope atomics (the status words'
+     * atomicOr in every shader) need vulkanMemoryModelDeviceScope too. */
+    c->memory_model = fvmm.vulkanMemoryModel && fvmm.vulkanMemoryModelDeviceScope;
     return true;
 }
 
@@ -651,7 +653,8 @@ static qattn_status create_device(qattn_ctx *ctx, vk_ctx *vc)
     VkPhysicalDeviceCooperativeMatrixFeaturesKHR fcm = {
         .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_KHR, .cooperativeMatrix = VK_TRUE};
     VkPhysicalDeviceVulkanMemoryModelFeatures fvmm = {
-        .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, .vulkanMemoryModel = VK_TRUE};
+        .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, .vulkanMemoryModel = VK_TRUE,
+        .vulkanMemoryModelDeviceScope = VK_TRUE};
     VkPhysicalDeviceFeatures2 f2 = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2};
     f2.features.shaderFloat64 = c->float64;
     f2.features.shaderInt64 = c->int64;
@@ -685,7 +688,7 @@ static qattn_status create_device(qattn_ctx *ctx, vk_ctx *vc)
         tail = &fcm.pNext;
         exts[n_ext++] = VK_KHR_COOPERATIVE_MATRIX_EXTENSION_NAME;
     }
-    if (c->memory_model) { /* the cooperative-matrix SPIR-V uses the Vulkan memory model */
+    if (c->memory_model && c->coopmat) { /* the cooperative-matrix SPIR-V uses the Vulkan memory model */
         *tail = &fvmm;
         tail = &fvmm.pNext;
     }

@@ -319,15 +319,16 @@ static qattn_status plan_dispatches(qattn_ctx *ctx, vk_ctx *vc, const qattn_plan
                              vk_min_u32(bhk, cap), 2, false);
     }
     if (!s && quant) {
-        bool first = true;
-        if (plan->quant.smooth_k) {
+        if (plan->quant.smooth_k)
             s = add_dispatch(ctx, vc, vp, caps->float64 && vk_spirv_find("kmean_f64") ? "kmean_f64" : "kmean", spec, 0,
                              D / 16, vk_min_u32(bhk, cap), 0, true);
-            first = false;
-        }
+        /* After the K mean, which it reads; without smooth K after the finite
+         * scans: their status word and the codes are disjoint parts of the
+         * workspace, but synchronization validation sees one binding (one
+         * barrier more, only without smooth K). */
         if (!s)
             s = add_dispatch(ctx, vc, vp, "quant_rows", spec, 0, vk_min_u32((uint64_t)L->k_groups, cap),
-                             vk_min_u32(bhk, cap), 1, !first);
+                             vk_min_u32(bhk, cap), 1, true);
         if (!s)
             s = add_dispatch(ctx, vc, vp, "quant_v16", spec, 0,
                              vk_min_u32(((uint64_t)p->seq_k * D / 2 + 255) / 256, cap), vk_min_u32(bhk, cap), 0, false);

@@ -14,7 +14,7 @@ cd "$root"
 
 packages=(
   gcc g++ libc6-dev meson ninja-build pkg-config libcmocka-dev python3 python3-numpy
-  libvulkan-dev libvulkan-volk-dev mesa-vulkan-drivers vulkan-tools glslang-tools glslc spirv-tools
+  libvulkan-dev libvulkan-volk-dev mesa-vulkan-drivers vulkan-tools vulkan-validationlayers glslang-tools glslc spirv-tools
   ocl-icd-opencl-dev opencl-c-headers pocl-opencl-icd clinfo
 )
 

@@ -441,6 +441,9 @@ int main(int argc, char **argv)
     printf("conformance on backend %s, device %s, seed %llu (QATTN_TEST_SEED repeats it)\n", backend_name, dev.name,
            (unsigned long long)seed);
 
+    const char *filter = getenv("QATTN_TEST_FILTER"); /* a cmocka glob over the case names */
+    if (filter && *filter)
+        cmocka_set_test_filter(filter);
     enum { NCASES = sizeof(cases) / sizeof(cases[0]), NNF = sizeof(nonfinite_cases) / sizeof(nonfinite_cases[0]) };
     struct CMUnitTest tests[NCASES + NNF];
     for (int i = 0; i < NCASES; i++)

@@ -663,6 +663,9 @@ int main(int argc, char **argv)
     uint64_t seed = ref_rng_seed_auto(&rng);
     printf("paged conformance on backend %s, seed %llu (QATTN_TEST_SEED repeats it)\n", backend_name,
            (unsigned long long)seed);
+    const char *filter = getenv("QATTN_TEST_FILTER"); /* a cmocka glob over the case names */
+    if (filter && *filter)
+        cmocka_set_test_filter(filter);
     enum { NCASES = sizeof(paged_cases) / sizeof(paged_cases[0]) };
     struct CMUnitTest tests[NCASES + 3];
     for (int i = 0; i < NCASES; i++)

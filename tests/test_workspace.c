@@ -299,6 +299,9 @@ int main(int argc, char **argv)
     warp_reduced_dot = strcmp(argv[1], "cuda") == 0 || strcmp(argv[1], "cuda-emu") == 0;
     uint64_t seed = ref_rng_seed_auto(&rng);
     printf("workspace check on backend %s, seed %llu\n", argv[1], (unsigned long long)seed);
+    const char *filter = getenv("QATTN_TEST_FILTER"); /* a cmocka glob over the case names */
+    if (filter && *filter)
+        cmocka_set_test_filter(filter);
     enum { N = sizeof(cases) / sizeof(cases[0]) };
     struct CMUnitTest tests[N];
     for (int i = 0; i < N; i++)

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cuda_internal.h"
+#include "env.h"
 
 qa_scratch qa_scratch_layout(const qattn_problem *p)
 {
@@ -107,7 +108,7 @@ qattn_status qa_plan_dense(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_k
                                "head dim 256 on the cuda backend needs exact precision on an sm_90 GPU with the sm_90a "
                                "kernels built (this plan: %s precision, compute capability %d.%d%s)",
                                qattn_precision_name(plan->precision), cc / 10, cc % 10,
-                               sm90a_kernels ? "" : ", no sm_90a kernels in this build");
+                               sm90a_kernels ? "" : ", the sm_90a kernels not built or off (QATTN_CUDA_WGMMA=0)");
     bool quantized = plan->precision != QATTN_PRECISION_EXACT;
     if (quantized) {
         if (plan->granularity == QATTN_GRANULARITY_DEFAULT)
@@ -179,7 +180,9 @@ qattn_status qa_plan_dense(qattn_ctx *ctx, qattn_plan *plan, int cc, int sm90a_k
 qattn_status qa_plan_init(qattn_ctx *ctx, qattn_plan *plan)
 {
     const qa_ctx *c = ctx->impl;
-    qattn_status s = qa_plan_dense(ctx, plan, c->cc, c->rt->sm90a_kernels);
+    qattn_env env; /* QATTN_CUDA_WGMMA=0 keeps sm_90 on the mma.sync kernels (testing them on Hopper) */
+    qattn_env_read(&env, NULL);
+    qattn_status s = qa_plan_dense(ctx, plan, c->cc, c->rt->sm90a_kernels && env.cuda_wgmma);
     if (s || (s = qa_enter(ctx)))
         return s;
     if (c->rt->dense_prepare(plan)) {

@@ -1,5 +1,6 @@
 /* Backend registry, backend/device discovery and contexts. */
 #include <ctype.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -141,10 +142,15 @@ static qattn_status pick_device(const registry_entry *e, int count, const char *
                                 qattn_device_info *info)
 {
     char reason[QATTN_NAME_MAX] = "";
+    /* All digits: an index (checked for overflow); anything else: a name. */
     char *end = NULL;
-    long index = strtol(spec, &end, 10);
-    if (end != spec && *end == '\0') {
-        if (index < 0 || index >= count)
+    errno = 0;
+    long index = spec[0] >= '0' && spec[0] <= '9' ? strtol(spec, &end, 10) : -1;
+    if (end && *end == '\0') {
+        if (errno == ERANGE)
+            return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT, "device index %s%s is out of range", spec,
+                                   source);
+        if (index >= count)
             return qattn_set_error(NULL, QATTN_ERR_NOT_FOUND, "device %ld%s does not exist: backend %s has %d device(s)",
                                    index, source, e->name, count);
         if (e->iface->device_info((int)index, info, reason, sizeof(reason)))
@@ -204,6 +210,11 @@ qattn_status qattn_ctx_create(const qattn_ctx_params *params, qattn_ctx **out)
     if (bad)
         return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT, "environment variable %s has an invalid value (see "
                                "README.md, 'Environment')", bad);
+
+    if (env.num_threads < 0 && !params->num_threads)
+        return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT,
+                               "environment variable QATTN_NUM_THREADS has an invalid value (a count in [1, 4096]; "
+                               "see README.md, 'Environment')");
 
     const char *name = params->backend ? params->backend : env.backend ? env.backend : "auto";
     const char *source = params->backend ? " (from qattn_ctx_params.backend)"

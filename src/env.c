@@ -1,8 +1,24 @@
 /* The one place that reads the environment. Keep README.md's table in step. */
 #include "env.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* A decimal integer in [lo, hi] and nothing else: no sign, no spaces (strtol
+ * would take " 4" and "+4"), no overflow. */
+static bool parse_count(const char *text, long lo, long hi, int *out)
+{
+    if (!(text[0] >= '0' && text[0] <= '9'))
+        return false;
+    errno = 0;
+    char *end = NULL;
+    long n = strtol(text, &end, 10);
+    if (errno || *end != '\0' || n < lo || n > hi)
+        return false;
+    *out = (int)n;
+    return true;
+}
 
 static const char *nonempty(const char *name)
 {
@@ -35,15 +51,10 @@ void qattn_env_read(qattn_env *env, const char **bad)
             *bad = "QATTN_LOG";
     }
 
+    /* Invalid: -1, an error only where no qattn_ctx_params.num_threads overrides it. */
     const char *threads = nonempty("QATTN_NUM_THREADS");
-    if (threads) {
-        char *end = NULL;
-        long n = strtol(threads, &end, 10);
-        if (end && *end == '\0' && n > 0 && n <= 4096)
-            env->num_threads = (int)n;
-        else if (bad)
-            *bad = "QATTN_NUM_THREADS";
-    }
+    if (threads && !parse_count(threads, 1, 4096, &env->num_threads))
+        env->num_threads = -1;
 
     env->cuda_emu_cc = 89;
     env->cuda_emu_sms = 132;
@@ -56,11 +67,7 @@ void qattn_env_read(qattn_env *env, const char **bad)
         const char *text = nonempty(ints[i].name);
         if (!text)
             continue;
-        char *end = NULL;
-        long n = strtol(text, &end, 10);
-        if (end && *end == '\0' && n >= ints[i].lo && n <= ints[i].hi)
-            *ints[i].value = (int)n;
-        else if (bad)
+        if (!parse_count(text, ints[i].lo, ints[i].hi, ints[i].value) && bad)
             *bad = ints[i].name;
     }
 

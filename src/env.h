@@ -14,7 +14,7 @@ typedef struct qattn_env {
     const char *backend;     /* QATTN_BACKEND: cpu|cuda|vulkan|opencl|auto (NULL: unset) */
     const char *device;      /* QATTN_DEVICE: index or name substring (NULL: unset) */
     qattn_log_level log;     /* QATTN_LOG: error|warn|info|debug (default warn) */
-    int num_threads;         /* QATTN_NUM_THREADS: CPU workers (0: unset) */
+    int num_threads;         /* QATTN_NUM_THREADS: CPU workers (0: unset, -1: invalid) */
     bool vulkan_coopmat;     /* QATTN_VULKAN_COOPMAT=0 turns the cooperative-matrix variant off */
     const char *opencl_cache;/* QATTN_OPENCL_CACHE: program-binary cache folder (NULL: none) */
     int cuda_emu_cc;         /* QATTN_CUDA_EMU_CC: compute capability the test-only cuda-emu backend plays (89) */

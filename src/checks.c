@@ -12,6 +12,25 @@
 
 #include "internal.h"
 
+/* ------------------------------------------------------ split partials */
+
+qattn_status qattn_paged_partials_bytes(qattn_ctx *ctx, const qattn_paged_problem *pp, size_t *bytes)
+{
+    *bytes = 0;
+    if (pp->num_splits <= 1)
+        return QATTN_OK;
+    /* Each factor is below 2^31; the product of the first two fits 64 bits. */
+    const uint64_t per_split = (uint64_t)pp->total_q * (uint64_t)pp->heads_q;
+    const uint64_t row_bytes = ((uint64_t)pp->cache.head_dim + 1) * sizeof(float);
+    if (per_split > SIZE_MAX / (uint64_t)pp->num_splits / row_bytes)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "the split-KV workspace (%d splits x total_q %lld x heads_q %lld x (D+1) floats) "
+                               "overflows size_t; ask for fewer splits",
+                               pp->num_splits, (long long)pp->total_q, (long long)pp->heads_q);
+    *bytes = (size_t)(per_split * (uint64_t)pp->num_splits * row_bytes);
+    return QATTN_OK;
+}
+
 /* ----------------------------------------------------------- page tables */
 
 qattn_status qattn_paged_check_tables(qattn_ctx *ctx, const qattn_paged_problem *pp, const qattn_page_tables *t)

@@ -356,6 +356,11 @@ static inline int64_t qattn_table_kv_len(const qattn_paged_problem *pp, const qa
     return pages == 0 ? 0 : (pages - 1) * pp->cache.page_size + t->last_page_len[b];
 }
 
+/* Bytes of the split-KV partials every backend keeps in its workspace: O
+ * [splits, total_q, Hq, D] and LSE [splits, total_q, Hq], fp32; 0 for one
+ * split. Refuses a size that overflows size_t. */
+qattn_status qattn_paged_partials_bytes(qattn_ctx *ctx, const qattn_paged_problem *pp, size_t *bytes);
+
 /* Checks a paged run's tables; the error names the first bad entry. A
  * backend whose tables live in host memory calls it before its kernels. */
 qattn_status qattn_paged_check_tables(qattn_ctx *ctx, const qattn_paged_problem *pp, const qattn_page_tables *t);
@@ -391,9 +396,11 @@ void qattn_quant_defaults(qattn_quant_params *quant, qattn_precision precision, 
 /* True when every element of the tensor is finite (f32/f16/bf16 host data). */
 bool qattn_host_tensor_is_finite(const void *base, qattn_dtype dtype, const int64_t shape[4], const int64_t stride[4]);
 
-/* Validates a tensor descriptor (shape, strides, no aliasing, byte span) and
- * returns its byte span; messages name the tensor. */
-qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const qattn_tensor_desc *t, size_t *bytes);
+/* Validates a tensor descriptor (shape, strides, no two elements at one
+ * address, byte span) and returns its byte span; messages name the tensor and
+ * its dims (dims NULL: B, H, N, D). */
+qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const char *const dims[4],
+                                const qattn_tensor_desc *t, size_t *bytes);
 /* [offset, offset + bytes) lies inside buf (no overflow). */
 bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes);
 /* Two byte ranges (checked to fit their buffers) share a byte: in the same

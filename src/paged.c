@@ -130,6 +130,10 @@ static qattn_status check_cache_buffers(qattn_ctx *ctx, const qattn_kv_cache_des
 
 /* A [tokens, heads, D] host-layout tensor with token and head strides, as a
  * 4-D descriptor so the common checks apply. */
+/* Dim names for the messages of row tensors (rows_tensor) and merge states. */
+static const char *const row_dims[4] = {"-", "heads", "tokens", "head_dim"};
+static const char *const state_dims[4] = {"states", "rows", "heads", "head_dim"};
+
 static qattn_tensor_desc rows_tensor(qattn_dtype dt, int64_t tokens, int64_t heads, int64_t d, const int64_t st[2])
 {
     /* A batch of one: its stride never moves and is not checked for overlap. */
@@ -160,7 +164,7 @@ qattn_status qattn_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a)
     qattn_tensor_desc t = rows_tensor(a->new_dtype, a->num_tokens, a->cache->heads_kv, a->cache->head_dim,
                                       a->new_stride);
     size_t bytes;
-    if ((s = qattn_check_tensor(ctx, "k_new/v_new", &t, &bytes)))
+    if ((s = qattn_check_tensor(ctx, "k_new/v_new", row_dims, &t, &bytes)))
         return s;
     size_t es = qattn_dtype_size(a->new_dtype);
     if ((s = check_buffer(ctx, "k_new", a->k_new, a->k_new_offset, bytes, es)) ||
@@ -230,6 +234,12 @@ qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, 
         if (counts[i].value <= 0 || counts[i].value > INT32_MAX)
             return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "%s=%lld must be in [1, 2^31)", counts[i].name,
                                    (long long)counts[i].value);
+    /* Work counts (sequences x heads x query tiles, x splits) stay far inside
+     * 64 bits in every backend's planner. */
+    if ((double)d->batch * (double)d->heads_q * (double)d->max_q_len > 0x1p52)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "batch %lld x heads_q %lld x max_q_len %lld exceeds 2^52 query rows",
+                               (long long)d->batch, (long long)d->heads_q, (long long)d->max_q_len);
     if (d->max_q_len > d->total_q)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "max_q_len=%lld exceeds total_q=%lld",
                                (long long)d->max_q_len, (long long)d->total_q);
@@ -248,7 +258,7 @@ qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, 
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "flags=0x%x has unknown bits", (unsigned)d->flags);
     qattn_tensor_desc qt = rows_tensor(d->q_dtype, d->total_q, d->heads_q, d->cache.head_dim, d->q_stride);
     qattn_tensor_desc ot = rows_tensor(d->q_dtype, d->total_q, d->heads_q, d->cache.head_dim, d->o_stride);
-    if ((s = qattn_check_tensor(ctx, "q", &qt, &pp.q_bytes)) || (s = qattn_check_tensor(ctx, "o", &ot, &pp.o_bytes)))
+    if ((s = qattn_check_tensor(ctx, "q", row_dims, &qt, &pp.q_bytes)) || (s = qattn_check_tensor(ctx, "o", row_dims, &ot, &pp.o_bytes)))
         return s;
     pp.table = d->table;
     pp.batch = d->batch;
@@ -372,8 +382,8 @@ qattn_status qattn_merge_states(qattn_ctx *ctx, const qattn_merge_desc *d, const
                             .stride = {1, d->o_stride[0], d->o_stride[1], 1}};
     size_t vb, sb, ob;
     qattn_status s;
-    if ((s = qattn_check_tensor(ctx, "v (states)", &vt, &vb)) || (s = qattn_check_tensor(ctx, "s (lse)", &st, &sb)) ||
-        (s = qattn_check_tensor(ctx, "o", &ot, &ob)))
+    if ((s = qattn_check_tensor(ctx, "v (states)", state_dims, &vt, &vb)) || (s = qattn_check_tensor(ctx, "s (lse)", state_dims, &st, &sb)) ||
+        (s = qattn_check_tensor(ctx, "o", state_dims, &ot, &ob)))
         return s;
     size_t lse_bytes = (size_t)d->rows * (size_t)d->heads * 4;
     if ((s = check_buffer(ctx, "v", a->v, a->v_offset, vb, qattn_dtype_size(d->v_dtype))) ||

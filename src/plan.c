@@ -7,7 +7,7 @@
 #include "internal.h"
 #include "quant.h"
 
-static const char *const dim_names[4] = {"B", "H", "N", "D"};
+static const char *const attention_dims[4] = {"B", "H", "N", "D"};
 
 /* a * b, saturated to INT64_MAX so that impossible shapes fail validation
  * ("spans more bytes than size_t holds") instead of wrapping around. */
@@ -64,14 +64,66 @@ size_t qattn_tensor_bytes(const qattn_tensor_desc *t)
     return n * es;
 }
 
-qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const qattn_tensor_desc *t, size_t *bytes)
+/* The exact overlap test, for strides the greedy rule in qattn_check_tensor
+ * cannot clear (interleaved dims): do two index tuples meet at one address,
+ * i.e. is there c != 0 with |c_i| < shape_i and sum c_i * stride_i = 0? The
+ * dims but the longest are enumerated and the longest solved for. Returns 1
+ * and the two tuples when they meet, 0 when none do, -1 when the enumeration
+ * would exceed its budget. Sums fit 64 bits: tensor_span bounded them. */
+static int strides_collide(const qattn_tensor_desc *t, int64_t first[4], int64_t second[4])
 {
+    int dims[4], k = 0, solved = -1;
+    for (int i = 0; i < 4; i++)
+        if (t->shape[i] > 1) {
+            dims[k++] = i;
+            if (solved < 0 || t->shape[i] > t->shape[solved])
+                solved = i;
+        }
+    uint64_t count = 1;
+    for (int j = 0; j < k; j++)
+        if (dims[j] != solved && (count *= (uint64_t)(2 * t->shape[dims[j]] - 1)) > (1u << 22))
+            return -1;
+    int64_t c[4] = {0, 0, 0, 0};
+    for (int j = 0; j < k; j++)
+        if (dims[j] != solved)
+            c[dims[j]] = 1 - t->shape[dims[j]];
+    for (uint64_t n = 0; n < count; n++) {
+        int64_t sum = 0;
+        bool zero = true;
+        for (int i = 0; i < 4; i++) {
+            sum += c[i] * t->stride[i];
+            zero = zero && c[i] == 0;
+        }
+        if (!zero && sum % t->stride[solved] == 0 && llabs(sum / t->stride[solved]) < t->shape[solved]) {
+            c[solved] = -sum / t->stride[solved];
+            for (int i = 0; i < 4; i++) {
+                first[i] = c[i] > 0 ? c[i] : 0;
+                second[i] = c[i] < 0 ? -c[i] : 0;
+            }
+            return 1;
+        }
+        for (int j = 0; j < k; j++) { /* odometer over the enumerated dims */
+            int i = dims[j];
+            if (i == solved)
+                continue;
+            if (++c[i] < t->shape[i])
+                break;
+            c[i] = 1 - t->shape[i];
+        }
+    }
+    return 0;
+}
+
+qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const char *const dims[4],
+                                const qattn_tensor_desc *t, size_t *bytes)
+{
+    const char *const *names = dims ? dims : attention_dims;
     if ((unsigned)t->dtype >= QATTN_DTYPE_COUNT)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "%s.dtype=%d is not a qattn_dtype", name, (int)t->dtype);
     for (int i = 0; i < 4; i++)
         if (t->shape[i] <= 0)
             return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "%s.shape[%d] (%s) must be > 0, got %lld", name, i,
-                                   dim_names[i], (long long)t->shape[i]);
+                                   names[i], (long long)t->shape[i]);
     if (t->stride[3] != 1)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
                                "%s.stride[3] must be 1 (the head dim is contiguous), got %lld", name,
@@ -79,9 +131,16 @@ qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const qattn_te
     for (int i = 0; i < 3; i++)
         if (t->stride[i] <= 0)
             return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "%s.stride[%d] (%s) must be > 0, got %lld", name, i,
-                                   dim_names[i], (long long)t->stride[i]);
-    /* No two elements may share an address: sort dims by stride and require
-     * each stride to clear the extent of the smaller ones. */
+                                   names[i], (long long)t->stride[i]);
+    *bytes = qattn_tensor_bytes(t);
+    if (!*bytes)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "%s: its byte span overflows size_t (shape [%lld, %lld, %lld, %lld])", name,
+                               (long long)t->shape[0], (long long)t->shape[1], (long long)t->shape[2],
+                               (long long)t->shape[3]);
+    /* No two elements may share an address. Quick rule: sorted by stride,
+     * each stride clears the extent of the smaller ones (every packed and
+     * permuted layout). Interleaved layouts that fail it get the exact test. */
     int order[4] = {0, 1, 2, 3};
     for (int i = 1; i < 4; i++)
         for (int j = i; j > 0 && t->stride[order[j]] < t->stride[order[j - 1]]; j--) {
@@ -90,24 +149,32 @@ qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const qattn_te
             order[j - 1] = tmp;
         }
     uint64_t reach = 1; /* elements covered by the dims sorted so far */
-    for (int i = 0; i < 4; i++) {
+    bool cleared = true;
+    for (int i = 0; i < 4 && cleared; i++) {
         int dim = order[i];
         if (t->shape[dim] == 1)
             continue;
-        if ((uint64_t)t->stride[dim] < reach)
-            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                                   "%s strides overlap: stride[%d] (%s) = %lld is smaller than the %llu elements the "
-                                   "inner dimensions span",
-                                   name, dim, dim_names[dim], (long long)t->stride[dim], (unsigned long long)reach);
-        uint64_t s = (uint64_t)t->stride[dim], n = (uint64_t)t->shape[dim];
-        if (s > UINT64_MAX / n)
-            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "%s: shape times stride overflows", name);
-        reach = s * n;
+        cleared = (uint64_t)t->stride[dim] >= reach;
+        reach = (uint64_t)t->stride[dim] * (uint64_t)t->shape[dim]; /* bounded by the span above */
     }
-    *bytes = qattn_tensor_bytes(t);
-    if (!*bytes)
+    if (cleared)
+        return QATTN_OK;
+    int64_t a[4], b[4];
+    int collide = strides_collide(t, a, b);
+    if (collide > 0)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
-                               "%s spans more bytes than size_t holds (shape [%lld, %lld, %lld, %lld])", name,
+                               "%s strides overlap: elements [%lld, %lld, %lld, %lld] and [%lld, %lld, %lld, %lld] "
+                               "(%s, %s, %s, %s) share an address (strides %lld, %lld, %lld, 1)",
+                               name, (long long)a[0], (long long)a[1], (long long)a[2], (long long)a[3],
+                               (long long)b[0], (long long)b[1], (long long)b[2], (long long)b[3], names[0], names[1],
+                               names[2], names[3], (long long)t->stride[0], (long long)t->stride[1],
+                               (long long)t->stride[2]);
+    if (collide < 0)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "%s strides (%lld, %lld, %lld, 1) over shape [%lld, %lld, %lld, %lld] interleave too "
+                               "finely to prove that no two elements share an address; use strides where each "
+                               "clears the extent of the smaller ones",
+                               name, (long long)t->stride[0], (long long)t->stride[1], (long long)t->stride[2],
                                (long long)t->shape[0], (long long)t->shape[1], (long long)t->shape[2],
                                (long long)t->shape[3]);
     return QATTN_OK;
@@ -117,8 +184,8 @@ static qattn_status validate(qattn_ctx *ctx, const qattn_attention_desc *d, qatt
 {
     qattn_status s;
     memset(p, 0, sizeof(*p));
-    if ((s = qattn_check_tensor(ctx, "q", &d->q, &p->q_bytes)) || (s = qattn_check_tensor(ctx, "k", &d->k, &p->k_bytes)) ||
-        (s = qattn_check_tensor(ctx, "v", &d->v, &p->v_bytes)) || (s = qattn_check_tensor(ctx, "o", &d->o, &p->o_bytes)))
+    if ((s = qattn_check_tensor(ctx, "q", NULL, &d->q, &p->q_bytes)) || (s = qattn_check_tensor(ctx, "k", NULL, &d->k, &p->k_bytes)) ||
+        (s = qattn_check_tensor(ctx, "v", NULL, &d->v, &p->v_bytes)) || (s = qattn_check_tensor(ctx, "o", NULL, &d->o, &p->o_bytes)))
         return s;
 
     if (d->q.dtype != QATTN_DTYPE_F32 && d->q.dtype != QATTN_DTYPE_F16 && d->q.dtype != QATTN_DTYPE_BF16)

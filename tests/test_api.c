@@ -113,6 +113,19 @@ static void test_context_selection(void **state)
 
     setenv("QATTN_NUM_THREADS", "many", 1);
     assert_error(qattn_ctx_create(&params, &ctx), QATTN_ERR_INVALID_ARGUMENT, NULL, "QATTN_NUM_THREADS");
+    /* ... unless the parameter it stands in for is given (parameters win). */
+    params.num_threads = 2;
+    assert_int_equal(qattn_ctx_create(&params, &ctx), QATTN_OK);
+    qattn_ctx_destroy(ctx);
+    params.num_threads = 0;
+    const char *not_counts[] = {" 4", "4 ", "+4", "0", "4097", "99999999999999999999"};
+    for (size_t i = 0; i < sizeof(not_counts) / sizeof(not_counts[0]); i++) {
+        setenv("QATTN_NUM_THREADS", not_counts[i], 1);
+        assert_error(qattn_ctx_create(&params, &ctx), QATTN_ERR_INVALID_ARGUMENT, NULL, "QATTN_NUM_THREADS");
+    }
+    setenv("QATTN_NUM_THREADS", "3", 1);
+    assert_int_equal(qattn_ctx_create(&params, &ctx), QATTN_OK);
+    qattn_ctx_destroy(ctx);
     unsetenv("QATTN_NUM_THREADS");
     setenv("QATTN_LOG", "loud", 1);
     assert_error(qattn_ctx_create(&params, &ctx), QATTN_ERR_INVALID_ARGUMENT, NULL, "QATTN_LOG");
@@ -120,6 +133,13 @@ static void test_context_selection(void **state)
 
     params.device = "3";
     assert_error(qattn_ctx_create(&params, &ctx), QATTN_ERR_NOT_FOUND, NULL, "device 3");
+    /* An index past long is an error that shows it as given. */
+    params.device = "99999999999999999999";
+    assert_error(qattn_ctx_create(&params, &ctx), QATTN_ERR_INVALID_ARGUMENT, NULL, "99999999999999999999");
+    params.device = NULL;
+    setenv("QATTN_DEVICE", "99999999999999999999", 1);
+    assert_error(qattn_ctx_create(&params, &ctx), QATTN_ERR_INVALID_ARGUMENT, NULL, "from QATTN_DEVICE");
+    unsetenv("QATTN_DEVICE");
     params.device = "no-such-device-name";
     assert_error(qattn_ctx_create(&params, &ctx), QATTN_ERR_NOT_FOUND, NULL, "no-such-device-name");
     params.device = NULL;
@@ -234,6 +254,20 @@ static void test_plan_validation(void **state)
     /* A head dim the CPU kernels do not implement is unsupported, with the dims that are. */
     BAD((d.q = d.k = d.v = d.o = qattn_tensor_hnd(QATTN_DTYPE_F16, 1, 2, 40, 100)), QATTN_ERR_UNSUPPORTED,
         "head dim 100");
+    /* Interleaved strides: H 65 and N 129 over [2, 40, 64] fail the quick
+     * rule (129 < 2 x 65) but no two elements meet: accepted. H 63 puts
+     * element (h 1, d 0) on (h 0, d 63): refused, naming both. */
+    d = small_desc();
+    d.q.stride[1] = 65;
+    d.q.stride[2] = 129;
+    assert_int_equal(qattn_plan_create(ctx, &d, &plan), QATTN_OK);
+    qattn_plan_destroy(plan);
+    BAD((d.q.stride[1] = 63, d.q.stride[2] = 129), QATTN_ERR_INVALID_ARGUMENT,
+        "q strides overlap: elements [0, 0, 0, 63] and [0, 1, 0, 0] (B, H, N, D) share an address");
+    /* Too many index combinations to test exactly: refused, saying so. */
+    BAD((d.q.shape[0] = 40, d.q.shape[1] = 2000, d.q.shape[2] = 3000, d.q.stride[0] = INT64_C(1) << 30,
+         d.q.stride[1] = 65, d.q.stride[2] = 129),
+        QATTN_ERR_INVALID_ARGUMENT, "interleave too finely");
 #undef BAD
     qattn_plan_destroy(NULL);
     qattn_ctx_destroy(ctx);
@@ -352,6 +386,22 @@ static void test_run_arguments(void **state)
     a = good_args(&f);
     a.o = f.q; /* output over an input */
     assert_error(qattn_run(f.plan, &a), QATTN_ERR_INVALID_ARGUMENT, f.ctx, "args.o overlaps args.q");
+    /* Two buffers that wrap one host region: o over q is seen and refused. */
+    void *region = malloc(f.bytes);
+    assert_int_equal(qattn_buffer_download(f.q, 0, region, f.bytes), QATTN_OK);
+    qattn_buffer *wq = NULL, *wo = NULL;
+    assert_int_equal(qattn_buffer_wrap(f.ctx, region, f.bytes, &wq), QATTN_OK);
+    assert_int_equal(qattn_buffer_wrap(f.ctx, region, f.bytes, &wo), QATTN_OK);
+    a = good_args(&f);
+    a.q = wq;
+    a.o = wo;
+    assert_error(qattn_run(f.plan, &a), QATTN_ERR_INVALID_ARGUMENT, f.ctx,
+                 "args.o overlaps args.q (two buffers over the same memory)");
+    a.o = f.o;
+    assert_int_equal(qattn_run(f.plan, &a), QATTN_OK);
+    qattn_buffer_destroy(wq);
+    qattn_buffer_destroy(wo);
+    free(region);
     a = good_args(&f);
     a.stream = (void *)0x1;
     assert_error(qattn_run(f.plan, &a), QATTN_ERR_INVALID_ARGUMENT, f.ctx, "stream");

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "numeric.h"
 #include "quant.h"
 #include "reference.h"
 
@@ -32,7 +33,11 @@ static qattn_ctx *ctx;     /* the backend under test */
 static qattn_ctx *cpu;     /* the reference quantizer */
 static ref_rng rng;
 
-typedef enum data_kind { DATA_RANDN, DATA_KBIAS } data_kind;
+/* DATA_TINY: randn, except for groups whose every value is below 2^-100
+ * (one tiny value, the rest zeros): the first 128 rows of Q and K in head
+ * (0, 0), and V channel 3 of every head. Finite input whose naive scales
+ * overflow (448 / 1e-37 > FLT_MAX); the output must stay finite and right. */
+typedef enum data_kind { DATA_RANDN, DATA_KBIAS, DATA_TINY } data_kind;
 
 typedef struct conf_case {
     const char *name;
@@ -149,6 +154,26 @@ static ref_metrics compare_outputs(const void *a, const void *b, const qattn_ten
     return ref_accum_finish(&acc);
 }
 
+static void offset_store(void *base, const qattn_tensor_desc *t, int64_t b, int64_t h, int64_t n, int64_t d, float v)
+{
+    qattn_store_f(base, t->dtype, b * t->stride[0] + h * t->stride[1] + n * t->stride[2] + d, v);
+}
+
+static void make_tiny_groups(void *host[3], const qattn_tensor_desc *const descs[3])
+{
+    for (int i = 0; i < 2; i++) { /* Q, K: a 128-row block of head (0, 0) */
+        const qattn_tensor_desc *t = descs[i];
+        for (int64_t n = 0; n < t->shape[2] && n < 128; n++)
+            for (int64_t d = 0; d < t->shape[3]; d++)
+                offset_store(host[i], t, 0, 0, n, d, n == 0 && d == i ? 1e-38f : 0.f);
+    }
+    const qattn_tensor_desc *v = descs[2];
+    for (int64_t b = 0; b < v->shape[0]; b++)
+        for (int64_t h = 0; h < v->shape[1]; h++)
+            for (int64_t n = 0; n < v->shape[2]; n++)
+                offset_store(host[2], v, b, h, n, 3, n == 5 ? 1e-37f : 0.f);
+}
+
 static void run_case(void **state)
 {
     const conf_case *c = *state;
@@ -175,6 +200,8 @@ static void run_case(void **state)
             ((uint8_t *)host[i])[byte] = (uint8_t)(ref_rng_uniform(&rng) * 256);
         ref_fill_randn(host[i], in_descs[i], &rng, 1.0, i == 1 ? bias : NULL);
     }
+    if (c->data == DATA_TINY)
+        make_tiny_groups(host, in_descs);
     size_t obytes = qattn_tensor_bytes(&desc.o), lse_count = (size_t)(c->b * c->hq * c->nq);
     outputs got = {malloc(obytes), malloc(lse_count * 4)};
 
@@ -415,6 +442,11 @@ static const conf_case cases[] = {
     {"int8_fp8_tma_long_per_block", 1, 2, 2, 1100, 1088, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, BLOCK, 0},
     {"int8_fp8_f16acc_tma_nhd", 1, 4, 2, 256, 528, 128, F16, F16, 0, 1, 8, DATA_RANDN, I8F8H, 0, 0},
     {"int8_fp8_f16acc_tma_d64_causal", 2, 2, 2, 130, 1040, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8H, 0, 0},
+    /* Groups of tiny values and zeros: scales floor to zero, never NaN. */
+    {"int8_fp8_bf16_tiny_groups", 1, 2, 2, 200, 200, 128, BF16, BF16, 0, 0, 0, DATA_TINY, I8F8, 0, 0},
+    {"int8_fp8_f16acc_bf16_tiny_groups", 1, 2, 1, 150, 272, 64, BF16, BF16, 1, 0, 0, DATA_TINY, I8F8H, 0, 0},
+    {"int8_fp16_bf16_tiny_no_smooth", 1, 2, 2, 200, 200, 128, BF16, BF16, 0, 0, 0, DATA_TINY, I8F16, WARP, QATTN_OFF},
+    {"int8_fp8_f32_tiny_groups", 1, 2, 2, 140, 140, 64, F32, F32, 0, 0, 0, DATA_TINY, I8F8, BLOCK, QATTN_OFF},
     {"auto_d128", 1, 4, 4, 256, 256, 128, F16, F16, 0, 0, 0, DATA_KBIAS, QATTN_PRECISION_AUTO, 0, 0},
 };
 

@@ -299,8 +299,15 @@ static void run_paged_case(void **state)
         for (int pass = 0; pass < 2; pass++) {
             ref_problem rp = {.q = &qs, .k = &kd, .v = &kd, .qd = qb0, .kd = pass ? ok : gk[b],
                               .vd = pass ? ov : gv[b], .causal = c->causal != 0};
-            if (c->kv_len[b] == 0)
+            if (c->kv_len[b] == 0) { /* no cached tokens: zeros and LSE -inf */
+                for (int64_t r = qo_indptr[b]; r < qo_indptr[b + 1] && !pass; r++)
+                    for (int64_t h = 0; h < Hq; h++) {
+                        for (int64_t d = 0; d < D; d++)
+                            assert_int_equal(((uint16_t *)o)[(r * Hq + h) * D + d] & 0x7fff, 0);
+                        assert_true(isinf(lse[r * Hq + h]) && lse[r * Hq + h] < 0);
+                    }
                 continue;
+            }
             for (int64_t h = 0; h < Hq; h++)
                 for (int64_t i = 0; i < c->q_len[b]; i++) {
                     double l;
@@ -463,6 +470,345 @@ static void merge_states_case(void **state)
         free(heap[i]);
 }
 
+/* The aliasing rule: no output of a call may share a byte with its inputs or
+ * index tables, whether through one buffer or two that wrap the same memory.
+ * A refused call names both arguments and writes nothing. */
+static void aliasing_case(void **state)
+{
+    (void)state;
+    skip_unless_paged("aliasing");
+    enum { P = 16, H = 2, D = 64, pages = 4 };
+    qattn_kv_cache_desc cache = {.num_pages = pages, .page_size = P, .heads_kv = H, .head_dim = D,
+                                 .dtype = QATTN_DTYPE_F16};
+    qattn_kv_cache_sizes sizes;
+    assert_ok(qattn_kv_cache_bytes(ctx, &cache, &sizes));
+    qattn_kv_cache_buffers bufs = {0};
+    assert_ok(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.k));
+    assert_ok(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.v));
+    assert_ok(qattn_buffer_fill(bufs.k, 0, sizes.cache_bytes, 0));
+    assert_ok(qattn_buffer_fill(bufs.v, 0, sizes.cache_bytes, 0));
+    qattn_paged_desc pd = {.cache = cache, .table = QATTN_PAGES_DENSE, .batch = 1, .max_pages_per_seq = 2,
+                           .total_q = 1, .max_q_len = 1, .heads_q = H, .q_dtype = QATTN_DTYPE_F16,
+                           .q_stride = {H * D, D}, .o_stride = {H * D, D}, .num_splits = 1};
+    qattn_plan *plan = NULL;
+    assert_ok(qattn_paged_plan_create(ctx, &pd, &plan));
+    const size_t q_bytes = (size_t)(H * D) * 2;
+    /* One buffer that holds both the index tables and room for the output: a
+     * run that took it as o would overwrite its own page table. */
+    int32_t tables[2 * 64] = {0, 1, 0, 1, 20}; /* qo_indptr {0, 1}; block_table {0, 1}; seq_lens {20} */
+    uint16_t qh[2 * 64];
+    for (int i = 0; i < 2 * 64; i++)
+        qh[i] = qattn_f32_to_f16((float)ref_rng_normal(&rng));
+    qattn_buffer *shared = upload(tables, sizeof(tables)), *qb = upload(qh, sizeof(qh)), *ws = NULL;
+    if (qattn_plan_workspace_size(plan))
+        assert_ok(qattn_buffer_create(ctx, qattn_plan_workspace_size(plan), &ws));
+    qattn_paged_args pa = {.cache = &bufs, .q = qb, .o = shared, .qo_indptr = shared, .block_table = shared,
+                           .seq_lens = shared, .workspace = ws};
+    /* The tables are read at offset 0 of their buffers: put them in three. */
+    qattn_buffer *qo = upload(tables, 8), *bt = upload(tables + 2, 8), *sl = upload(tables + 4, 4);
+    const struct {
+        const char *name;
+        qattn_buffer **slot;
+    } tabs[3] = {{"qo_indptr", &pa.qo_indptr}, {"block_table", &pa.block_table}, {"seq_lens", &pa.seq_lens}};
+    for (int victim = 0; victim < 3; victim++) {
+        pa.qo_indptr = qo;
+        pa.block_table = bt;
+        pa.seq_lens = sl;
+        *tabs[victim].slot = shared; /* the table at offset 0 of the buffer o writes */
+        const int32_t *src = victim == 0 ? tables : victim == 1 ? tables + 2 : tables + 4;
+        assert_ok(qattn_buffer_upload(shared, 0, src, 8));
+        qattn_status st = qattn_paged_run(plan, &pa);
+        qattn_ctx_synchronize(ctx);
+        assert_int_equal(st, QATTN_ERR_INVALID_ARGUMENT);
+        assert_non_null(strstr(qattn_last_error(ctx), tabs[victim].name));
+        assert_non_null(strstr(qattn_last_error(ctx), "args.o"));
+        int32_t back[2];
+        assert_ok(qattn_buffer_download(shared, 0, back, 8));
+        assert_memory_equal(back, src, 8); /* nothing written */
+    }
+    /* Past the tables in the same buffer is fine: o at an offset beyond them. */
+    pa.qo_indptr = qo;
+    pa.block_table = bt;
+    pa.seq_lens = sl;
+    pa.o = shared;
+    pa.o_offset = 256;
+    assert_true(256 + q_bytes <= sizeof(tables));
+    assert_ok(qattn_paged_run(plan, &pa));
+    assert_ok(qattn_ctx_synchronize(ctx));
+    pa.o_offset = 0;
+
+    /* Two buffers over the same memory (wrapping is CPU host memory or a
+     * device address; the emulated CUDA device's addresses are host ones). */
+    if (!strcmp(backend_name, "cpu") || !strcmp(backend_name, "cuda-emu")) {
+        uint16_t *mem = malloc(q_bytes * 2);
+        memcpy(mem, qh, q_bytes);
+        memcpy(mem + H * D, qh, q_bytes);
+        qattn_buffer *w1 = NULL, *w2 = NULL;
+        assert_ok(qattn_buffer_wrap(ctx, mem, q_bytes * 2, &w1));
+        assert_ok(qattn_buffer_wrap(ctx, mem, q_bytes * 2, &w2));
+        pa.q = w1;
+        pa.o = w2;
+        pa.o_offset = q_bytes / 2; /* overlaps the second half of q */
+        assert_int_equal(qattn_paged_run(plan, &pa), QATTN_ERR_INVALID_ARGUMENT);
+        assert_non_null(strstr(qattn_last_error(ctx), "same memory"));
+        assert_memory_equal(mem + H * D, qh, q_bytes);
+        pa.o_offset = q_bytes; /* beside it: fine */
+        assert_ok(qattn_paged_run(plan, &pa));
+        assert_ok(qattn_ctx_synchronize(ctx));
+        qattn_buffer_destroy(w1);
+        qattn_buffer_destroy(w2);
+        free(mem);
+        pa.q = qb;
+        pa.o_offset = 0;
+    }
+    qattn_plan_destroy(plan);
+
+    /* An INT8 per-row append whose k_scale and v_scale are one buffer. */
+    qattn_kv_cache_desc i8 = cache;
+    i8.dtype = QATTN_DTYPE_I8;
+    i8.scales = QATTN_KV_SCALES_PER_ROW;
+    qattn_kv_cache_sizes i8s;
+    assert_ok(qattn_kv_cache_bytes(ctx, &i8, &i8s));
+    qattn_kv_cache_buffers ib = {.k = bufs.k, .v = bufs.v};
+    assert_ok(qattn_buffer_create(ctx, i8s.scale_bytes, &ib.k_scale));
+    assert_ok(qattn_buffer_fill(ib.k_scale, 0, i8s.scale_bytes, 0x3c));
+    ib.v_scale = ib.k_scale;
+    float kv[H * D];
+    for (int i = 0; i < H * D; i++)
+        kv[i] = 1.f;
+    int64_t slot = 3;
+    qattn_buffer *kvb = upload(kv, sizeof(kv)), *slb = upload(&slot, 8);
+    qattn_kv_append_args app = {.cache = &i8, .buffers = &ib, .num_tokens = 1, .new_dtype = QATTN_DTYPE_F32,
+                                .new_stride = {H * D, D}, .k_new = kvb, .v_new = kvb, .slot_mapping = slb};
+    assert_int_equal(qattn_kv_append(ctx, &app), QATTN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(qattn_last_error(ctx), "k_scale"));
+    assert_non_null(strstr(qattn_last_error(ctx), "v_scale"));
+    uint8_t *scales = malloc(i8s.scale_bytes);
+    assert_ok(qattn_buffer_download(ib.k_scale, 0, scales, i8s.scale_bytes));
+    for (size_t i = 0; i < i8s.scale_bytes; i++)
+        assert_int_equal(scales[i], 0x3c);
+    /* ... and the cache K buffer also given as the new tokens. */
+    ib.v_scale = NULL;
+    assert_ok(qattn_buffer_create(ctx, i8s.scale_bytes, &ib.v_scale));
+    app.k_new = bufs.k;
+    assert_int_equal(qattn_kv_append(ctx, &app), QATTN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(qattn_last_error(ctx), "k_new"));
+    app.k_new = kvb;
+    assert_ok(qattn_kv_append(ctx, &app)); /* separate buffers: fine */
+    assert_ok(qattn_ctx_synchronize(ctx));
+
+    qattn_buffer *all[] = {bufs.k, bufs.v, ib.k_scale, ib.v_scale, shared, qb, ws, qo, bt, sl, kvb, slb};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        qattn_buffer_destroy(all[i]);
+    free(scales);
+}
+
+/* INT8 pages, per-row and per-head scales: rows whose values are all tiny
+ * (below 2^-100) or zero store zero codes with a zero scale, and attention
+ * over them stays finite; under NO_FINITE_CHECK a NaN row stores no NaN
+ * converted to an integer (the sanitizer build catches that). */
+static void tiny_rows_case(void **state)
+{
+    (void)state;
+    skip_unless_paged("tiny_rows");
+    enum { P = 16, H = 2, D = 64, T = 20 };
+    for (int per_head = 0; per_head < 2; per_head++) {
+        qattn_kv_cache_desc cache = {.num_pages = 2, .page_size = P, .heads_kv = H, .head_dim = D,
+                                     .dtype = QATTN_DTYPE_I8,
+                                     .scales = per_head ? QATTN_KV_SCALES_PER_HEAD : QATTN_KV_SCALES_PER_ROW};
+        qattn_kv_cache_sizes sizes;
+        assert_ok(qattn_kv_cache_bytes(ctx, &cache, &sizes));
+        qattn_kv_cache_buffers bufs = {0};
+        assert_ok(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.k));
+        assert_ok(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.v));
+        assert_ok(qattn_buffer_create(ctx, sizes.scale_bytes, &bufs.k_scale));
+        assert_ok(qattn_buffer_create(ctx, sizes.scale_bytes, &bufs.v_scale));
+        assert_ok(qattn_buffer_fill(bufs.k, 0, sizes.cache_bytes, 0x55));
+        assert_ok(qattn_buffer_fill(bufs.v, 0, sizes.cache_bytes, 0x55));
+        float head_scale[2] = {1.f / 127.f, 1.f / 127.f};
+        if (per_head) {
+            assert_ok(qattn_buffer_upload(bufs.k_scale, 0, head_scale, 8));
+            assert_ok(qattn_buffer_upload(bufs.v_scale, 0, head_scale, 8));
+        }
+        /* token t, head h: t even -> all zero but one 1e-38; t odd -> randn in [-1, 1]-ish */
+        float *kv = malloc((size_t)(T * H * D) * 4);
+        int64_t slots[T];
+        for (int64_t t = 0; t < T; t++) {
+            slots[t] = t;
+            for (int64_t e = 0; e < H * D; e++)
+                kv[t * H * D + e] = t % 2 ? (float)(0.3 * ref_rng_normal(&rng)) : (e % D == 7 ? 1e-38f : 0.f);
+        }
+        qattn_buffer *kvb = upload(kv, (size_t)(T * H * D) * 4), *sb = upload(slots, sizeof(slots));
+        qattn_kv_append_args app = {.cache = &cache, .buffers = &bufs, .num_tokens = T,
+                                    .new_dtype = QATTN_DTYPE_F32, .new_stride = {H * D, D}, .k_new = kvb,
+                                    .v_new = kvb, .slot_mapping = sb};
+        assert_ok(qattn_kv_append(ctx, &app));
+        assert_ok(qattn_ctx_synchronize(ctx));
+        int8_t *codes = malloc(sizes.cache_bytes);
+        float *sc = malloc(sizes.scale_bytes);
+        assert_ok(qattn_buffer_download(bufs.v, 0, codes, sizes.cache_bytes));
+        assert_ok(qattn_buffer_download(bufs.v_scale, 0, sc, sizes.scale_bytes));
+        for (int64_t t = 0; t < T; t += 2)
+            for (int64_t h = 0; h < H; h++) {
+                for (int64_t d = 0; d < D; d++)
+                    assert_int_equal(codes[(t * H + h) * D + d], 0);
+                if (!per_head)
+                    assert_true(sc[t * H + h] == 0.f);
+            }
+        /* Decode over the 20 tokens: finite, and right against fp64 over the stored values. */
+        qattn_paged_desc pd = {.cache = cache, .table = QATTN_PAGES_DENSE, .batch = 1, .max_pages_per_seq = 2,
+                               .total_q = 1, .max_q_len = 1, .heads_q = H, .q_dtype = QATTN_DTYPE_F32,
+                               .q_stride = {H * D, D}, .o_stride = {H * D, D}, .return_lse = 1};
+        qattn_plan *plan = NULL;
+        qattn_status ps = qattn_paged_plan_create(ctx, &pd, &plan);
+        if (ps == QATTN_ERR_UNSUPPORTED) { /* f32 queries: not every backend */
+            pd.q_dtype = QATTN_DTYPE_F16;
+            ps = qattn_paged_plan_create(ctx, &pd, &plan);
+        }
+        assert_int_equal(ps, QATTN_OK);
+        const bool f32q = pd.q_dtype == QATTN_DTYPE_F32;
+        float qf[2 * 64];
+        uint16_t qh[2 * 64];
+        for (int i = 0; i < H * D; i++) {
+            qh[i] = qattn_f32_to_f16((float)ref_rng_normal(&rng));
+            qf[i] = qattn_f16_to_f32(qh[i]);
+        }
+        int32_t qo[2] = {0, 1}, table[2] = {0, 1}, len[1] = {T};
+        qattn_buffer *qb = f32q ? upload(qf, sizeof(qf)) : upload(qh, sizeof(qh)), *ob = NULL, *lb = NULL, *ws = NULL;
+        assert_ok(qattn_buffer_create(ctx, sizeof(qf), &ob));
+        assert_ok(qattn_buffer_create(ctx, (size_t)H * 4, &lb));
+        if (qattn_plan_workspace_size(plan))
+            assert_ok(qattn_buffer_create(ctx, qattn_plan_workspace_size(plan), &ws));
+        qattn_buffer *qob = upload(qo, 8), *tb = upload(table, 8), *lnb = upload(len, 4);
+        qattn_paged_args pa = {.cache = &bufs, .q = qb, .o = ob, .lse = lb, .qo_indptr = qob, .block_table = tb,
+                               .seq_lens = lnb, .workspace = ws};
+        assert_ok(qattn_paged_run(plan, &pa));
+        assert_ok(qattn_ctx_synchronize(ctx));
+        float of[2 * 64];
+        uint16_t oh[2 * 64];
+        assert_ok(qattn_buffer_download(ob, 0, f32q ? (void *)of : (void *)oh, f32q ? sizeof(of) : sizeof(oh)));
+        int8_t *kcodes = malloc(sizes.cache_bytes);
+        float *ksc = malloc(sizes.scale_bytes);
+        assert_ok(qattn_buffer_download(bufs.k, 0, kcodes, sizes.cache_bytes));
+        assert_ok(qattn_buffer_download(bufs.k_scale, 0, ksc, sizes.scale_bytes));
+        ref_accum acc = {0};
+        for (int64_t h = 0; h < H; h++) {
+            double sco[T], m = -INFINITY, sum = 0;
+            for (int64_t t = 0; t < T; t++) {
+                double ks = per_head ? ksc[h] : ksc[t * H + h], dot = 0;
+                for (int64_t d = 0; d < D; d++)
+                    dot += qf[h * D + d] * (kcodes[(t * H + h) * D + d] * ks);
+                sco[t] = dot / sqrt((double)D);
+                m = fmax(m, sco[t]);
+            }
+            for (int64_t t = 0; t < T; t++)
+                sum += (sco[t] = exp(sco[t] - m));
+            for (int64_t d = 0; d < D; d++) {
+                double want = 0;
+                for (int64_t t = 0; t < T; t++)
+                    want += sco[t] / sum * (codes[(t * H + h) * D + d] * (double)(per_head ? sc[h] : sc[t * H + h]));
+                ref_accum_add(&acc, f32q ? of[h * D + d] : qattn_f16_to_f32(oh[h * D + d]), want);
+            }
+        }
+        ref_metrics mt = ref_accum_finish(&acc);
+        print_message("  tiny rows, %s scales: cos %.7f relL1 %.2e\n", per_head ? "per-head" : "per-row", mt.cos_sim,
+                      mt.rel_l1);
+        assert_int_equal(mt.nonfinite, 0);
+        assert_true(mt.cos_sim >= 0.99999 && mt.rel_l1 <= 2e-3);
+
+        /* A NaN row without the check: stored as something, never UB. */
+        kv[3] = NAN;
+        assert_ok(qattn_buffer_upload(kvb, 0, kv, (size_t)(T * H * D) * 4));
+        app.num_tokens = 1;
+        assert_int_equal(qattn_kv_append(ctx, &app), QATTN_ERR_NONFINITE_INPUT);
+        app.flags = QATTN_FLAG_NO_FINITE_CHECK;
+        assert_ok(qattn_kv_append(ctx, &app));
+        assert_ok(qattn_ctx_synchronize(ctx));
+
+        qattn_buffer *all[] = {bufs.k, bufs.v, bufs.k_scale, bufs.v_scale, kvb, sb, qb, ob, lb, ws, qob, tb, lnb};
+        for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+            qattn_buffer_destroy(all[i]);
+        qattn_plan_destroy(plan);
+        void *heap[] = {kv, codes, sc, kcodes, ksc};
+        for (size_t i = 0; i < sizeof(heap) / sizeof(heap[0]); i++)
+            free(heap[i]);
+    }
+}
+
+/* Merge states laid out with interleaved strides that no two elements share
+ * (state 16, row 255, head 128 over [3, 6, 2, 16]): accepted and merged
+ * right; strides that do collide are refused naming the merge's own dims. */
+static void merge_strides_case(void **state)
+{
+    (void)state;
+    enum { S = 3, R = 6, H = 2, D = 16 };
+    const int64_t vs[3] = {16, 255, 128};
+    const size_t v_elems = (size_t)((S - 1) * vs[0] + (R - 1) * vs[1] + (H - 1) * vs[2] + D);
+    float *v = malloc(v_elems * 4), lse[S * R * H];
+    for (size_t i = 0; i < v_elems; i++)
+        v[i] = (float)ref_rng_normal(&rng);
+    for (int i = 0; i < S * R * H; i++)
+        lse[i] = (float)(2.0 * ref_rng_normal(&rng));
+    qattn_merge_desc md = {.num_states = S, .rows = R, .heads = H, .head_dim = D, .v_dtype = QATTN_DTYPE_F32,
+                           .o_dtype = QATTN_DTYPE_F32, .v_stride = {vs[0], vs[1], vs[2]},
+                           .s_stride = {R * H, H, 1}, .o_stride = {H * D, D}};
+    qattn_buffer *vb = upload(v, v_elems * 4), *sb = upload(lse, sizeof(lse)), *ob = NULL, *lb = NULL;
+    assert_ok(qattn_buffer_create(ctx, (size_t)(R * H * D) * 4, &ob));
+    assert_ok(qattn_buffer_create(ctx, (size_t)(R * H) * 4, &lb));
+    assert_ok(qattn_buffer_fill(ob, 0, (size_t)(R * H * D) * 4, REF_POISON_BYTE));
+    qattn_merge_args ma = {.v = vb, .s = sb, .o = ob, .lse = lb};
+    qattn_status st = qattn_merge_states(ctx, &md, &ma);
+    if (st == QATTN_ERR_UNSUPPORTED && strcmp(backend_name, "cpu") != 0) {
+        print_message("[  SKIP    ] merge strides: %s\n", qattn_last_error(ctx));
+        qattn_buffer *all[] = {vb, sb, ob, lb};
+        for (int i = 0; i < 4; i++)
+            qattn_buffer_destroy(all[i]);
+        free(v);
+        skip();
+    }
+    if (st)
+        fail_msg("merge with interleaved strides: %s: %s", qattn_status_str(st), qattn_last_error(ctx));
+    assert_ok(qattn_ctx_synchronize(ctx));
+    float o[R * H * D], lo[R * H];
+    assert_ok(qattn_buffer_download(ob, 0, o, sizeof(o)));
+    assert_ok(qattn_buffer_download(lb, 0, lo, sizeof(lo)));
+    ref_accum acc = {0}, lacc = {0};
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < H; h++) {
+            double m = -INFINITY, sum = 0;
+            for (int s2 = 0; s2 < S; s2++)
+                m = fmax(m, lse[(s2 * R + r) * H + h]);
+            for (int s2 = 0; s2 < S; s2++)
+                sum += exp(lse[(s2 * R + r) * H + h] - m);
+            for (int d = 0; d < D; d++) {
+                double want = 0;
+                for (int s2 = 0; s2 < S; s2++)
+                    want += exp(lse[(s2 * R + r) * H + h] - m) / sum * v[s2 * vs[0] + r * vs[1] + h * vs[2] + d];
+                ref_accum_add(&acc, o[(r * H + h) * D + d], want);
+            }
+            ref_accum_add(&lacc, lo[r * H + h], m + log(sum));
+        }
+    ref_metrics mo = ref_accum_finish(&acc), ml = ref_accum_finish(&lacc);
+    print_message("  merge, interleaved strides: cos %.7f relL1 %.2e lse max %.2e\n", mo.cos_sim, mo.rel_l1,
+                  ml.max_abs);
+    assert_int_equal(mo.nonfinite, 0);
+    assert_true(mo.cos_sim >= 0.999999 && mo.rel_l1 <= 1e-5 && ml.max_abs <= 1e-5);
+
+    /* Row stride 256 - 16 * 15 = 16: row 1 of state 0 is state 1 of row 0. */
+    md.v_stride[1] = 16;
+    md.v_stride[0] = 16;
+    assert_int_equal(qattn_merge_states(ctx, &md, &ma), QATTN_ERR_INVALID_ARGUMENT);
+    const char *msg = qattn_last_error(ctx);
+    assert_non_null(strstr(msg, "overlap"));
+    assert_non_null(strstr(msg, "states"));
+    assert_non_null(strstr(msg, "rows"));
+    assert_null(strstr(msg, "(B)"));
+    qattn_buffer *all[] = {vb, sb, ob, lb};
+    for (int i = 0; i < 4; i++)
+        qattn_buffer_destroy(all[i]);
+    free(v);
+}
+
 /* Bad appends and bad tables: clear errors, nothing written. */
 static void bad_input_case(void **state)
 {
@@ -586,6 +932,21 @@ static void bad_input_case(void **state)
     qattn_buffer_destroy(ixb);
     qattn_buffer_destroy(lpb);
 
+    /* A split-KV workspace past size_t (1024 x (2^31 - 1) x 2^20 x 65 floats)
+     * is refused, not wrapped around (a backend may refuse it earlier). */
+    qattn_paged_desc huge = {.cache = {.num_pages = 1, .page_size = 16, .heads_kv = 1, .head_dim = 64,
+                                       .dtype = QATTN_DTYPE_F16},
+                             .table = QATTN_PAGES_DENSE, .batch = 1, .max_pages_per_seq = 1024,
+                             .total_q = INT32_MAX, .max_q_len = 1, .heads_q = 1 << 20, .q_dtype = QATTN_DTYPE_F16,
+                             .q_stride = {(1 << 20) * 64, 64}, .o_stride = {(1 << 20) * 64, 64}, .num_splits = 1024};
+    qattn_plan *huge_plan = NULL;
+    s = qattn_paged_plan_create(ctx, &huge, &huge_plan);
+    print_message("  huge split-KV plan: %s: %s\n", qattn_status_str(s), qattn_last_error(ctx));
+    assert_int_not_equal(s, QATTN_OK);
+    assert_null(huge_plan);
+    if (s == QATTN_ERR_INVALID_ARGUMENT)
+        assert_non_null(strstr(qattn_last_error(ctx), "overflow"));
+
     qattn_buffer *all[] = {bufs.k, bufs.v, kb, sb, qb, ob, qob, tb, lb, ws};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         qattn_buffer_destroy(all[i]);
@@ -652,6 +1013,9 @@ static const paged_case paged_cases[] = {
     {"prefill_chunked_fp8_p128", 128, 4, 2, 128, FP8, NHD, HEAD, CSR, 1, 0, 2, {300, 129}, {64, 129}},
     {"prefill_int8_row_split2", 16, 8, 4, 64, I8, HND, ROW, CSR, 1, 2, 2, {77, 150}, {13, 30}},
     {"multi_query_decode_p1", 1, 4, 2, 64, F16, NHD, NONE, DENSE, 1, 0, 2, {9, 40}, {3, 4}},
+    /* Sequences with nothing cached yet: CSR with 0 pages, DENSE with seq_len 0. */
+    {"empty_seq_csr", 16, 4, 2, 64, F16, NHD, NONE, CSR, 0, 0, 3, {0, 50, 0}, {1, 1, 2}},
+    {"empty_seq_dense_split2", 16, 4, 1, 128, F16, HND, NONE, DENSE, 1, 2, 2, {40, 0}, {1, 1}},
 };
 
 int main(int argc, char **argv)
@@ -667,13 +1031,16 @@ int main(int argc, char **argv)
     if (filter && *filter)
         cmocka_set_test_filter(filter);
     enum { NCASES = sizeof(paged_cases) / sizeof(paged_cases[0]) };
-    struct CMUnitTest tests[NCASES + 3];
+    struct CMUnitTest tests[NCASES + 6];
     for (int i = 0; i < NCASES; i++)
         tests[i] = (struct CMUnitTest){paged_cases[i].name, run_paged_case, NULL, NULL, (void *)&paged_cases[i]};
     tests[NCASES] = (struct CMUnitTest){"merge_states", merge_states_case, NULL, NULL, NULL};
     tests[NCASES + 1] = (struct CMUnitTest){"bad_inputs", bad_input_case, NULL, NULL, NULL};
     tests[NCASES + 2] = (struct CMUnitTest){"page_pool", page_pool_case, NULL, NULL, NULL};
-    int failed = _cmocka_run_group_tests(backend_name, tests, NCASES + 3, NULL, NULL);
+    tests[NCASES + 3] = (struct CMUnitTest){"aliasing", aliasing_case, NULL, NULL, NULL};
+    tests[NCASES + 4] = (struct CMUnitTest){"tiny_rows", tiny_rows_case, NULL, NULL, NULL};
+    tests[NCASES + 5] = (struct CMUnitTest){"merge_strides", merge_strides_case, NULL, NULL, NULL};
+    int failed = _cmocka_run_group_tests(backend_name, tests, NCASES + 6, NULL, NULL);
     qattn_ctx_destroy(ctx);
     return failed ? 1 : 0;
 }

@@ -134,11 +134,9 @@ qattn_status cpu_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     } else {
         snprintf(plan->why, sizeof(plan->why), "%d split(s) of the keys, as requested.", pp->num_splits);
     }
-    plan->backend_workspace = 0;
-    if (pp->num_splits > 1) { /* partial O [splits, total_q, Hq, D] and LSE [splits, total_q, Hq], fp32 */
-        size_t rows = (size_t)pp->num_splits * (size_t)pp->total_q * (size_t)pp->heads_q;
-        plan->backend_workspace = rows * ((size_t)D + 1) * sizeof(float);
-    }
+    qattn_status s = qattn_paged_partials_bytes(ctx, pp, &plan->backend_workspace);
+    if (s)
+        return s;
     int64_t per = qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits);
     plan->q_tile = CPU_QT;
     plan->kv_tile = pp->num_splits > 1 ? (int)(per * pp->cache.page_size) : 0;

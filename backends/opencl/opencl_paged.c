@@ -156,13 +156,9 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "%lld work items x %d splits exceed the opencl backend's launch limit",
                                (long long)items, pp->num_splits);
-    plan->backend_workspace = 0;
-    if (pp->num_splits > 1) { /* partial O [splits, total_q, Hq, D] and LSE [splits, total_q, Hq], fp32 */
-        size_t rows = (size_t)pp->num_splits * (size_t)pp->total_q * (size_t)pp->heads_q;
-        if (rows > SIZE_MAX / (((size_t)D + 1) * 4))
-            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "the split-KV workspace overflows size_t");
-        plan->backend_workspace = rows * ((size_t)D + 1) * 4;
-    }
+    qattn_status partials = qattn_paged_partials_bytes(ctx, pp, &plan->backend_workspace);
+    if (partials)
+        return partials;
 
     ocl_paged_plan *op = calloc(1, sizeof(*op));
     if (!op)

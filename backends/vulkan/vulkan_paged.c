@@ -416,17 +416,15 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     if ((uint64_t)items * (uint64_t)pp->num_splits > UINT32_MAX)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "%lld work items x %d splits exceed 2^32",
                                (long long)items, pp->num_splits);
-    plan->backend_workspace = 0;
-    if (pp->num_splits > 1) { /* partial O [splits, total_q, Hq, D] and LSE [splits, total_q, Hq], fp32 */
-        uint64_t part_rows = (uint64_t)pp->num_splits * (uint64_t)pp->total_q * (uint64_t)pp->heads_q;
-        uint64_t bytes = part_rows * ((uint64_t)D + 1) * 4;
-        if (part_rows > UINT64_MAX / (((uint64_t)D + 1) * 4) || bytes + 1024 > max_buffer)
+    if ((s = qattn_paged_partials_bytes(ctx, pp, &plan->backend_workspace)))
+        return s;
+    if (plan->backend_workspace) {
+        if ((uint64_t)plan->backend_workspace + 1024 > max_buffer)
             return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                    "the split-KV partials (%d splits x %lld rows x %lld heads) exceed the %llu bytes "
                                    "one Vulkan storage buffer holds; ask for fewer splits",
                                    pp->num_splits, (long long)pp->total_q, (long long)pp->heads_q,
                                    (unsigned long long)max_buffer);
-        plan->backend_workspace = (size_t)bytes;
     }
     const int64_t per = qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits);
     plan->q_tile = (int)g.br;

@@ -190,9 +190,11 @@ QATTN_API qattn_status qattn_buffer_create(qattn_ctx *ctx, size_t bytes, qattn_b
  * CPU: a host pointer; CUDA: a device (or managed) pointer on the context's
  * device; OpenCL: a cl_mem of the context's cl_context. Vulkan cannot wrap
  * (its VkDevice is private to the context) and returns QATTN_ERR_UNSUPPORTED.
- * qattn checks outputs against inputs by buffer object and range: two
- * buffers that wrap the same memory are different buffers to it, so never
- * pass them as an input and an output of one call.
+ * Every call refuses an output that shares a byte with one of its inputs,
+ * index tables or other outputs. qattn sees that through one buffer object,
+ * and on CPU and CUDA also through two buffers that wrap the same memory (it
+ * compares addresses); on OpenCL it cannot see which memory a cl_mem holds,
+ * so never wrap one region twice for an input and an output of one call.
  */
 QATTN_API qattn_status qattn_buffer_wrap(qattn_ctx *ctx, void *native, size_t bytes, qattn_buffer **out);
 QATTN_API void qattn_buffer_destroy(qattn_buffer *buf);
@@ -317,7 +319,10 @@ typedef struct qattn_run_args {
     qattn_buffer *q, *k, *v, *o;
     qattn_buffer *lse;        /* required iff desc.return_lse */
     qattn_buffer *workspace;  /* >= qattn_plan_workspace_size bytes; NULL when 0 */
-    /* Byte offsets of each tensor's first element inside its buffer. */
+    /* Byte offsets of each tensor's first element inside its buffer: a
+     * multiple of the element size (the backend may ask for more: its message
+     * says how much); workspace_offset a multiple of 256. No output (o, lse,
+     * workspace) may share a byte with another argument of the call. */
     size_t q_offset, k_offset, v_offset, o_offset, lse_offset, workspace_offset;
     /* CUDA: a cudaStream_t to run on (NULL: the context's default stream). Other
      * backends: must be NULL. */
@@ -413,7 +418,9 @@ QATTN_API qattn_status qattn_kv_append(qattn_ctx *ctx, const qattn_kv_append_arg
  *     seq_lens [B] (tokens in the cache for each sequence).
  *   CSR (FlashInfer): indptr [B + 1], indices [indptr[B]] (the pages of
  *     sequence b are indices[indptr[b] .. indptr[b+1])), last_page_len [B]
- *     (tokens in the last page, 1..page_size; a sequence has >= 1 page). */
+ *     (tokens in the last page, 1..page_size). A sequence may have 0 pages
+ *     (indptr[b] == indptr[b+1]; DENSE: seq_lens[b] == 0): nothing is cached
+ *     for it yet, and its query rows get O = 0 and LSE = -inf. */
 typedef enum qattn_page_table_kind {
     QATTN_PAGES_DENSE = 0,
     QATTN_PAGES_CSR = 1
@@ -460,6 +467,8 @@ typedef struct qattn_paged_args {
     qattn_buffer *block_table, *seq_lens;                /* DENSE */
     qattn_buffer *indptr, *indices, *last_page_len;      /* CSR */
     qattn_buffer *workspace;
+    /* As in qattn_run_args: element-size multiples, workspace_offset a
+     * multiple of 256; the tables are read from offset 0 of their buffers. */
     size_t q_offset, o_offset, lse_offset, workspace_offset;
     void *stream;
 } qattn_paged_args;

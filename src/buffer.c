@@ -110,6 +110,8 @@ qattn_status qattn_buffer_fill(qattn_buffer *buf, size_t offset, size_t bytes, u
     return buf->ctx->backend->buffer_fill(buf->ctx, buf, offset, bytes, value);
 }
 
+const char qattn_process_addresses = 0;
+
 bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes)
 {
     return offset <= buf->size && bytes <= buf->size - offset;
@@ -122,9 +124,9 @@ bool qattn_buffer_ranges_overlap(const qattn_buffer *a, size_t ao, size_t an, co
         return false;
     if (a == b)
         return ao < bo + bn && bo < ao + an;
-    if (!a->address || !b->address) /* opaque handles (Vulkan, OpenCL): distinct objects, distinct memory */
+    if (!a->alias_space || a->alias_space != b->alias_space) /* unknown (Vulkan) or apart */
         return false;
-    const uintptr_t x = (uintptr_t)a->address + ao, y = (uintptr_t)b->address + bo;
+    const uintptr_t x = a->alias_base + ao, y = b->alias_base + bo;
     return x < y + bn && y < x + an;
 }
 

@@ -141,11 +141,13 @@ struct qattn_buffer {
     size_t size;
     void *impl;          /* the backend's handle */
     void *host;          /* host address when the memory is host memory, else NULL */
-    /* Where the first byte lives in an address space shared by every buffer
-     * that reports one (host memory; CUDA's unified device addresses), set by
-     * the backend; NULL when unknown. Lets the overlap checks see two buffers
-     * that wrap the same memory. */
-    const void *address;
+    /* Where the memory lives, set by the backend, so that the overlap checks
+     * see two buffers over the same memory: buffers with the same non-NULL
+     * alias_space index one memory, and alias_base is the first byte's place
+     * in it. CPU and CUDA: QATTN_PROCESS_ADDRESSES and the (unified) address;
+     * OpenCL: the root cl_mem and the sub-buffer's origin. */
+    const void *alias_space;
+    uintptr_t alias_base;
     bool wrapped;
 };
 
@@ -407,6 +409,10 @@ bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes);
  * buffer object, or in two buffers whose addresses say they share memory. */
 bool qattn_buffer_ranges_overlap(const qattn_buffer *a, size_t ao, size_t an, const qattn_buffer *b, size_t bo,
                                  size_t bn);
+
+/* The alias_space of memory addressed by process-wide pointers. */
+extern const char qattn_process_addresses;
+#define QATTN_PROCESS_ADDRESSES ((const void *)&qattn_process_addresses)
 
 /* A call's argument: a byte range of a buffer (buf NULL: absent). */
 typedef struct qattn_span {

@@ -13,6 +13,10 @@
  *   (quotients that overflow or underflow), the quantizers' own divisions
  *   (127, 448 or 1 by an amax, an amax by 127 or 448) and quotients near 1.
  *
+ * wrapped_aliasing: two qattn buffers over one cl_mem, or over a buffer and
+ *   its sub-buffer, are seen as the same memory: an output over an input of
+ *   qattn_run is refused, side by side is fine.
+ *
  * The OpenCL quantization pass and paged KV cache are checked by the shared
  * suites: test_workspace opencl, test_paged opencl, test_paged_vs_cpu opencl.
  */
@@ -166,6 +170,52 @@ static void div_rn(void **state)
     assert_int_equal(diffs, 0);
 }
 
+static void wrapped_aliasing(void **state)
+{
+    (void)state;
+    ocl_ctx *c = impl_of(ctx);
+    cl_int err = CL_SUCCESS;
+    cl_mem root = c->cl->clCreateBuffer(c->context, CL_MEM_READ_WRITE, 32768, NULL, &err);
+    assert_int_equal(err, CL_SUCCESS);
+    cl_buffer_region region = {.origin = 4096, .size = 16384}; /* 4096: a multiple of every base alignment */
+    cl_mem sub = c->cl->clCreateSubBuffer(root, CL_MEM_READ_WRITE, CL_BUFFER_CREATE_TYPE_REGION, &region, &err);
+    assert_int_equal(err, CL_SUCCESS);
+    qattn_attention_desc d = {.q = qattn_tensor_hnd(QATTN_DTYPE_F16, 1, 2, 40, 64),
+                              .k = qattn_tensor_hnd(QATTN_DTYPE_F16, 1, 2, 40, 64),
+                              .v = qattn_tensor_hnd(QATTN_DTYPE_F16, 1, 2, 40, 64),
+                              .o = qattn_tensor_hnd(QATTN_DTYPE_F16, 1, 2, 40, 64)};
+    const size_t bytes = qattn_tensor_bytes(&d.q); /* 10240 */
+    qattn_plan *plan = NULL;
+    assert_int_equal(qattn_plan_create(ctx, &d, &plan), QATTN_OK);
+    qattn_buffer *whole = NULL, *again = NULL, *part = NULL, *kv = NULL, *ws = NULL;
+    assert_int_equal(qattn_buffer_wrap(ctx, root, 32768, &whole), QATTN_OK);
+    assert_int_equal(qattn_buffer_wrap(ctx, root, 32768, &again), QATTN_OK);
+    assert_int_equal(qattn_buffer_wrap(ctx, sub, 16384, &part), QATTN_OK);
+    assert_int_equal(qattn_buffer_fill(whole, 0, 32768, 0), QATTN_OK); /* zeros: finite inputs */
+    assert_int_equal(qattn_buffer_create(ctx, bytes, &kv), QATTN_OK);
+    assert_int_equal(qattn_buffer_fill(kv, 0, bytes, 0), QATTN_OK);
+    if (qattn_plan_workspace_size(plan))
+        assert_int_equal(qattn_buffer_create(ctx, qattn_plan_workspace_size(plan), &ws), QATTN_OK);
+    qattn_run_args a = {.q = whole, .k = kv, .v = kv, .o = again, .o_offset = 8192, .workspace = ws};
+    assert_int_equal(qattn_run(plan, &a), QATTN_ERR_INVALID_ARGUMENT); /* [8192, 18432) over q's [0, 10240) */
+    assert_non_null(strstr(qattn_last_error(ctx), "same memory"));
+    a.o_offset = 12288;
+    assert_int_equal(qattn_run(plan, &a), QATTN_OK);
+    a.o = part; /* root bytes [4096, 14336): over q */
+    a.o_offset = 0;
+    assert_int_equal(qattn_run(plan, &a), QATTN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(qattn_last_error(ctx), "args.o overlaps args.q"));
+    a.o_offset = 6144; /* root bytes [10240, 20480): beside q */
+    assert_int_equal(qattn_run(plan, &a), QATTN_OK);
+    assert_int_equal(qattn_ctx_synchronize(ctx), QATTN_OK);
+    qattn_buffer *all[] = {whole, again, part, kv, ws};
+    for (int i = 0; i < 5; i++)
+        qattn_buffer_destroy(all[i]);
+    qattn_plan_destroy(plan);
+    c->cl->clReleaseMemObject(sub);
+    c->cl->clReleaseMemObject(root);
+}
+
 int main(void)
 {
     char *argv[] = {"test_opencl", "opencl", NULL};
@@ -177,6 +227,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(build_error),
         cmocka_unit_test(div_rn),
+        cmocka_unit_test(wrapped_aliasing),
     };
     int failed = cmocka_run_group_tests_name("opencl", tests, NULL, NULL);
     qattn_ctx_destroy(ctx);

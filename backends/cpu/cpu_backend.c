@@ -95,7 +95,8 @@ static qattn_status cpu_buffer_alloc(qattn_ctx *ctx, qattn_buffer *buf)
     if (!mem)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for a %zu-byte buffer", buf->size);
     buf->impl = buf->host = mem;
-    buf->address = mem;
+    buf->alias_space = QATTN_PROCESS_ADDRESSES;
+    buf->alias_base = (uintptr_t)mem;
     return QATTN_OK;
 }
 
@@ -104,7 +105,8 @@ static qattn_status cpu_buffer_wrap(qattn_ctx *ctx, qattn_buffer *buf, void *nat
     (void)ctx;
     buf->impl = NULL; /* not ours to free */
     buf->host = native;
-    buf->address = native;
+    buf->alias_space = QATTN_PROCESS_ADDRESSES;
+    buf->alias_base = (uintptr_t)native;
     return QATTN_OK;
 }
 

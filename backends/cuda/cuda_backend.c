@@ -141,7 +141,8 @@ qattn_status qa_buffer_alloc(qattn_ctx *ctx, qattn_buffer *buf)
         return qa_fail(ctx, e, "cudaMalloc");
     }
     buf->impl = p;
-    buf->address = p; /* unified virtual addressing: device pointers are unique in the process */
+    buf->alias_space = QATTN_PROCESS_ADDRESSES; /* unified addressing: device pointers are unique in the process */
+    buf->alias_base = (uintptr_t)p;
     buf->host = NULL;
     return QATTN_OK;
 }
@@ -159,7 +160,8 @@ qattn_status qa_buffer_wrap(qattn_ctx *ctx, qattn_buffer *buf, void *native)
                                "native=%p lives on CUDA device %d, the context uses device %d", native, device,
                                ctx->device);
     buf->impl = native;
-    buf->address = native;
+    buf->alias_space = QATTN_PROCESS_ADDRESSES;
+    buf->alias_base = (uintptr_t)native;
     buf->host = NULL;
     return QATTN_OK;
 }

@@ -25,6 +25,7 @@
     X(clFinish)                                                                                                        \
     X(clFlush)                                                                                                         \
     X(clCreateBuffer)                                                                                                  \
+    X(clCreateSubBuffer)                                                                                               \
     X(clRetainMemObject)                                                                                               \
     X(clReleaseMemObject)                                                                                              \
     X(clGetMemObjectInfo)                                                                                              \

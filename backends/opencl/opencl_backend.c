@@ -172,6 +172,8 @@ static qattn_status ocl_buffer_alloc(qattn_ctx *ctx, qattn_buffer *buf)
     }
     buf->impl = mem;
     buf->host = NULL;
+    buf->alias_space = mem;
+    buf->alias_base = 0;
     return QATTN_OK;
 }
 
@@ -196,10 +198,20 @@ static qattn_status ocl_buffer_wrap(qattn_ctx *ctx, qattn_buffer *buf, void *nat
     if (size < buf->size)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "bytes=%zu exceeds the wrapped cl_mem's %zu bytes",
                                buf->size, size);
+    /* The memory it indexes, for the overlap checks: a sub-buffer's root
+     * buffer and origin (a sub-buffer is made of a buffer, never of another
+     * sub-buffer), else the cl_mem itself. */
+    cl_mem parent = NULL;
+    size_t origin = 0;
+    if ((err = c->cl->clGetMemObjectInfo(mem, CL_MEM_ASSOCIATED_MEMOBJECT, sizeof(parent), &parent, NULL)) ||
+        (err = c->cl->clGetMemObjectInfo(mem, CL_MEM_OFFSET, sizeof(origin), &origin, NULL)))
+        return cl_error(ctx, err, "clGetMemObjectInfo", "the wrapped buffer's parent and origin");
     if ((err = c->cl->clRetainMemObject(mem)) != CL_SUCCESS)
         return cl_error(ctx, err, "clRetainMemObject", "the wrapped buffer");
     buf->impl = mem;
     buf->host = NULL;
+    buf->alias_space = parent ? parent : mem;
+    buf->alias_base = parent ? origin : 0;
     return QATTN_OK;
 }
 

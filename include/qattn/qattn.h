@@ -191,10 +191,9 @@ QATTN_API qattn_status qattn_buffer_create(qattn_ctx *ctx, size_t bytes, qattn_b
  * device; OpenCL: a cl_mem of the context's cl_context. Vulkan cannot wrap
  * (its VkDevice is private to the context) and returns QATTN_ERR_UNSUPPORTED.
  * Every call refuses an output that shares a byte with one of its inputs,
- * index tables or other outputs. qattn sees that through one buffer object,
- * and on CPU and CUDA also through two buffers that wrap the same memory (it
- * compares addresses); on OpenCL it cannot see which memory a cl_mem holds,
- * so never wrap one region twice for an input and an output of one call.
+ * index tables or other outputs, through one buffer object or two that wrap
+ * the same memory (CPU, CUDA: by address; OpenCL: one cl_mem, or a buffer and
+ * its sub-buffers, by origin).
  */
 QATTN_API qattn_status qattn_buffer_wrap(qattn_ctx *ctx, void *native, size_t bytes, qattn_buffer **out);
 QATTN_API void qattn_buffer_destroy(qattn_buffer *buf);

@@ -6,6 +6,15 @@
 #   bench/gpu-kit.sh build-gpu gpu-kit   # on the build machine (-Dnvcc_archs=90a)
 #   bash bench/gpu-run.sh gpu-kit [SECTION...] # on the GPU machine
 # Sections (default: all): sass tests compare kernels profile portable decode decode-portable
+# Not in the default list: sanitize (about 6 minutes): compute-sanitizer's memcheck, racecheck,
+# synccheck and initcheck over every CUDA kernel family at small shapes (the kit's test programs:
+# dense in every mode on the sm_90a kernels and, with QATTN_CUDA_WGMMA=0, on the mma.sync ones; the
+# quantization passes; paged append, decode, prefill, split-KV and merge; the unchecked paths
+# through the bench programs), and the Vulkan suites under the Khronos validation layer the kit
+# carries (QATTN_VULKAN_VALIDATION=1). The four tools and the Vulkan run go in parallel, each a
+# chain of runs with its own time limit inside one budget (SAN_BUDGET seconds, default 330); logs
+# in $OUT/sanitize_<tool>_<family>.log and one summary line per (tool, family):
+#   . .devkit/env.sh && bash bench/gpu-run.sh gpu-kit sanitize
 set -o pipefail
 K=${1:-gpu-kit}
 shift || true
@@ -106,4 +115,131 @@ for b in vulkan opencl; do
   grep -vE "^\[decode-bench\]" "$O/decode_$b.log"
 done
 fi
+if want sanitize; then
+echo "== compute-sanitizer on every CUDA kernel family; the Vulkan suites under the validation layer"
+CS=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)}
+[[ -x $CS ]] && "$CS" --version | tail -1 || echo "compute-sanitizer not found (set COMPUTE_SANITIZER)"
+san_end=$((SECONDS + ${SAN_BUDGET:-330}))
+T=$K/tests B=$K/bench
+# The test programs' CPU references share the 16 cores between five parallel chains.
+export QATTN_LOG=error QATTN_NUM_THREADS=3 OMP_NUM_THREADS=3
+# san TOOL FAMILY LIMIT PROGRAM [ARGS...]: one run under the tool (vkval: the Vulkan validation
+# layer instead), appended to the family's log, its rc and seconds to the family's .rc file.
+# A run gets at most LIMIT seconds and never more than what is left of the budget.
+san() {
+  local tool=$1 fam=$2 limit=$3
+  shift 3
+  local log=$O/sanitize_${tool}_$fam.log left=$((san_end - SECONDS)) start=$SECONDS rc envs
+  read -ra envs <<< "${SAN_ENV:-}" # split without globbing the filters
+  ((limit > left)) && limit=$left
+  echo "### ${SAN_ENV:-} $*" >> "$log"
+  if ((limit < 10)); then
+    echo "not run: the budget is spent" >> "$log"
+    echo "skipped" >> "$log.rc"
+    return
+  fi
+  case $tool in
+    vkval) timeout -k 10 "$limit" env QATTN_VULKAN_VALIDATION=1 VK_LAYER_PATH="$vklayer" "${envs[@]}" "$@" \
+             >> "$log" 2>&1 ;;
+    *) local extra=()
+       [[ $tool == memcheck ]] && extra=(--leak-check full)
+       timeout -k 10 "$limit" env "${envs[@]}" "$CS" --tool "$tool" --error-exitcode 9 --print-limit 100 \
+         "${extra[@]}" "$@" >> "$log" 2>&1 ;;
+  esac
+  rc=$?
+  echo "$rc:$((SECONDS - start))s" >> "$log.rc"
+}
+# Every family under memcheck and synccheck (the faster tools): whole suites, the dense one by
+# mode so that a run out of time costs one mode.
+san_all() {
+  local tool=$1 g
+  for g in 'exact*' 'int8_fp16*' 'int8_fp8*' 'auto*' 'nonfinite*'; do
+    SAN_ENV="QATTN_TEST_FILTER=$g" san "$tool" dense 75 "$T/test_conformance" cuda
+  done
+  san "$tool" quant 60 "$T/test_workspace" cuda
+  san "$tool" paged 90 "$T/test_paged" cuda
+  san "$tool" paged-vs-cpu 90 "$T/test_paged_vs_cpu" cuda 12 8 12
+  # The unchecked (graph-capturable) paths: no finite scan, no table check, clamped tables.
+  san "$tool" bench 60 "$B/qattn-bench" --backend cuda --precision all --b 1 --h 4 --hkv 2 --n 333 --d 128 \
+    --causal --warmup 0 --iters 1 --check-rows 4 --no-finite-check
+  san "$tool" bench 60 "$B/qattn-decode-bench" --backend cuda --batch 3 --ctx 300 --page 16 --dtype f16,fp8,int8 \
+    --hq 8 --hkv 2 --d 64 --warmup 0 --iters 1 --reps 1 --check-seqs 1
+  for g in 'exact*' 'int8_fp16*' 'int8_fp8*'; do
+    SAN_ENV="QATTN_CUDA_WGMMA=0 QATTN_TEST_FILTER=$g" san "$tool" dense-mma 60 "$T/test_conformance" cuda
+  done
+}
+# racecheck and initcheck are slower: a few cases per family, one run each (QATTN_TEST_FILTER).
+san_some() {
+  local tool=$1 c
+  # sm_90a: exact TMA D 64/128/256 (tails, causal, bf16 GQA), INT8_FP16 TMA (more steps than
+  # stages), FP8 cp.async (Nk 333), FP8 and F16ACC TMA (tails, GQA, causal).
+  for c in exact_d64 exact_d128_causal exact_d256_bf16_causal_gqa int8_fp16_long_gqa int8_fp8_d64_kbias_causal \
+           int8_fp8_tma_gqa_tail int8_fp8_f16acc_tma_d64_causal; do
+    SAN_ENV=QATTN_TEST_FILTER=$c san "$tool" dense 45 "$T/test_conformance" cuda
+  done
+  # mma.sync: exact, INT8_FP16, FP8 and F16ACC with P.V on the fp16 mma.
+  for c in exact_causal_nq_lt_nk int8_fp16_d128_kbias_causal int8_fp8_d64_kbias_causal int8_fp8_f16acc_d128; do
+    SAN_ENV="QATTN_CUDA_WGMMA=0 QATTN_TEST_FILTER=$c" san "$tool" dense-mma 45 "$T/test_conformance" cuda
+  done
+  for c in bitexact_fp8_block_gqa int8_fp16_warp_f32; do
+    SAN_ENV=QATTN_TEST_FILTER=$c san "$tool" quant 40 "$T/test_workspace" cuda
+  done
+  for c in decode_split4_fp8_csr prefill_int8_row_split2 decode_int8_row_p16 merge_states bad_inputs; do
+    SAN_ENV=QATTN_TEST_FILTER=$c san "$tool" paged 40 "$T/test_paged" cuda
+  done
+  for c in append_fp8_f32 append_int8_row_f32 garbage_dense_split odd_page_mqa_prefill; do
+    SAN_ENV=QATTN_TEST_FILTER=$c san "$tool" paged-vs-cpu 40 "$T/test_paged_vs_cpu" cuda 0 0 0
+  done
+}
+# The Vulkan suites under VK_LAYER_KHRONOS_validation (bookworm's 1.3.239, carried by the kit;
+# it predates VK_KHR_cooperative_matrix, so the portable kernels run).
+san_vulkan() {
+  san vkval conformance 240 "$T/test_conformance" vulkan
+  san vkval workspace 60 "$T/test_workspace" vulkan
+  san vkval paged 60 "$T/test_paged" vulkan
+  san vkval paged-vs-cpu 120 "$T/test_paged_vs_cpu" vulkan
+}
+rm -f "$O"/sanitize_*
+if [[ -x $CS ]]; then
+  san_all memcheck & san_all synccheck & san_some racecheck & san_some initcheck &
+fi
+if [[ -f $K/vklayer/VkLayer_khronos_validation.json ]]; then
+  vklayer=$(cd "$K/vklayer" && pwd)
+  san_vulkan &
+else
+  echo "no vklayer/ in the kit (bench/gpu-kit.sh copies it where vulkan-validationlayers is installed)"
+fi
+wait
+# One line per (tool, family): errors summed over its runs ("?" when a run ended without a
+# summary: timeout, crash), the runs' rc:seconds (9: errors found, 124: timed out), extras.
+printf "%-10s %-13s %7s  %-44s %s\n" tool family errors "runs (rc:seconds)" notes
+for log in "$O"/sanitize_*.log; do
+  [[ -f $log ]] || continue
+  name=${log##*/sanitize_}
+  name=${name%.log}
+  tool=${name%%_*} fam=${name#*_}
+  runs=$(grep -c "^### " "$log")
+  if [[ $tool == vkval ]]; then
+    errors=$(grep -oE "validation \(QATTN_VULKAN_VALIDATION=1\): [0-9]+ errors" "$log" | grep -oE "[0-9]+ errors" |
+      awk '{s += $1} END {print s + 0}')
+    sums=$(grep -c "validation (QATTN_VULKAN_VALIDATION=1): " "$log")
+    notes="warnings $(grep -oE "[0-9]+ warnings in this process" "$log" | awk '{s += $1} END {print s + 0}')"
+  else
+    errors=$(grep -oE "ERROR SUMMARY: [0-9]+ error" "$log" | awk '{s += $3} END {print s + 0}')
+    sums=$(grep -c "ERROR SUMMARY: " "$log")
+    notes=""
+    [[ $tool == memcheck ]] && notes="leaks $(grep -c "Leaked [0-9]* bytes" "$log")"
+    [[ $tool == racecheck ]] && notes="$(grep -oE "RACECHECK SUMMARY: .*" "$log" | sort | uniq -c | head -3 | paste -sd';')"
+  fi
+  # cmocka runs in which no group ran a case: a filter that matched nothing.
+  empty=$(awk 'function done() { if (seen && !ran) n++; seen = ran = 0 }
+    /^### / { done() } /^\[==========\] [0-9]+ test\(s\) run/ { seen = 1; if ($2 > 0) ran = 1 }
+    END { done(); print n + 0 }' "$log")
+  ((empty)) && notes="$notes; $empty run(s) matched no case"
+  skipped=$(grep -c "^skipped" "$log.rc")
+  ((sums + skipped < runs)) && errors="$errors?"
+  printf "%-10s %-13s %7s  %-44s %s\n" "$tool" "$fam" "$errors" "$(paste -sd' ' "$log.rc" | cut -c1-44)" "$notes"
+done
+fi
+
 date -u

@@ -41,6 +41,11 @@ static inline int64_t qattn_clamp_i64(int64_t x, int64_t lo, int64_t hi) { retur
  * and OpenCL C mirror its bits, 0x0d800000). */
 #define QATTN_QUANT_MIN_AMAX 0x1p-100f
 
+/* Kernels fold sm_scale * log2(e) into one fp32 factor applied to Q: a scale
+ * whose factor overflows (|sm_scale| > FLT_MAX / log2(e) = 2.36e38) made
+ * every score Inf or NaN whatever the data. Validation refuses beyond this. */
+#define QATTN_SM_SCALE_MAX 2.3e38f
+
 /* ------------------------------------------------------- status words */
 
 /*

@@ -250,8 +250,10 @@ qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, 
     if (d->q_dtype != QATTN_DTYPE_F32 && d->q_dtype != QATTN_DTYPE_F16 && d->q_dtype != QATTN_DTYPE_BF16)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "q_dtype=%s: queries are f32, f16 or bf16",
                                qattn_dtype_name(d->q_dtype));
-    if (!isfinite(d->sm_scale))
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "sm_scale must be finite, got %g", (double)d->sm_scale);
+    if (!isfinite(d->sm_scale) || fabsf(d->sm_scale) > QATTN_SM_SCALE_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "sm_scale must be finite and at most %g in magnitude, got %g", (double)QATTN_SM_SCALE_MAX,
+                               (double)d->sm_scale);
     if (d->num_splits < 0 || d->num_splits > 1024)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "num_splits=%d must be in [0, 1024]", d->num_splits);
     if (d->flags & ~(uint32_t)QATTN_FLAG_NO_FINITE_CHECK)

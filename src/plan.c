@@ -222,8 +222,10 @@ static qattn_status validate(qattn_ctx *ctx, const qattn_attention_desc *d, qatt
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
                                "q heads (%lld) must be a multiple of k/v heads (%lld) for GQA/MQA", (long long)qs[1],
                                (long long)ks[1]);
-    if (!isfinite(d->sm_scale))
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "sm_scale must be finite, got %g", (double)d->sm_scale);
+    if (!isfinite(d->sm_scale) || fabsf(d->sm_scale) > QATTN_SM_SCALE_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "sm_scale must be finite and at most %g in magnitude, got %g", (double)QATTN_SM_SCALE_MAX,
+                               (double)d->sm_scale);
     if ((unsigned)d->precision >= QATTN_PRECISION_COUNT)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "precision=%d is not a qattn_precision",
                                (int)d->precision);

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include <cmocka.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -273,6 +274,39 @@ static void test_plan_validation(void **state)
     qattn_ctx_destroy(ctx);
 }
 
+/* sm_scale * log2(e) is one fp32 factor in every kernel: a finite scale whose
+ * factor overflows turned every score into Inf/NaN (found by tests/fuzz: a
+ * plan with sm_scale = FLT_MAX ran and wrote zeros). Such scales are refused;
+ * large ones below the bound still plan. */
+static void test_sm_scale_range(void **state)
+{
+    (void)state;
+    qattn_ctx *ctx = cpu_ctx();
+    qattn_plan *plan = NULL;
+    qattn_attention_desc d = small_desc();
+    const float too_large[3] = {FLT_MAX, -FLT_MAX, 2.4e38f};
+    for (int i = 0; i < 3; i++) {
+        d.sm_scale = too_large[i];
+        assert_error(qattn_plan_create(ctx, &d, &plan), QATTN_ERR_INVALID_ARGUMENT, ctx, "sm_scale");
+        assert_null(plan);
+    }
+    d.sm_scale = 1e30f;
+    assert_int_equal(qattn_plan_create(ctx, &d, &plan), QATTN_OK);
+    qattn_plan_destroy(plan);
+
+    qattn_paged_desc pd = {.cache = {.num_pages = 1, .page_size = 16, .heads_kv = 1, .head_dim = 64,
+                                     .dtype = QATTN_DTYPE_F16},
+                           .batch = 1, .max_pages_per_seq = 1, .total_q = 1, .max_q_len = 1, .heads_q = 1,
+                           .q_dtype = QATTN_DTYPE_F16, .q_stride = {64, 64}, .o_stride = {64, 64},
+                           .sm_scale = FLT_MAX};
+    assert_error(qattn_paged_plan_create(ctx, &pd, &plan), QATTN_ERR_INVALID_ARGUMENT, ctx, "sm_scale");
+    assert_null(plan);
+    pd.sm_scale = 1e30f;
+    assert_int_equal(qattn_paged_plan_create(ctx, &pd, &plan), QATTN_OK);
+    qattn_plan_destroy(plan);
+    qattn_ctx_destroy(ctx);
+}
+
 static void test_plan_reporting(void **state)
 {
     (void)state;
@@ -486,6 +520,7 @@ int main(void)
         cmocka_unit_test(test_context_selection),
         cmocka_unit_test(test_buffers),
         cmocka_unit_test(test_plan_validation),
+        cmocka_unit_test(test_sm_scale_range),
         cmocka_unit_test(test_plan_reporting),
         cmocka_unit_test(test_run_arguments),
         cmocka_unit_test(test_nonfinite_inputs),

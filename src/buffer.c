@@ -117,6 +117,13 @@ bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes)
     return offset <= buf->size && bytes <= buf->size - offset;
 }
 
+bool qattn_buffer_aligned(const qattn_buffer *buf, size_t offset, size_t align)
+{
+    if (align > 16)
+        align = 16;
+    return align <= 1 || buf->alias_space != QATTN_PROCESS_ADDRESSES || (buf->alias_base + offset) % align == 0;
+}
+
 bool qattn_buffer_ranges_overlap(const qattn_buffer *a, size_t ao, size_t an, const qattn_buffer *b, size_t bo,
                                  size_t bn)
 {

@@ -410,6 +410,11 @@ qattn_status qattn_check_tensor(qattn_ctx *ctx, const char *name, const char *co
                                 const qattn_tensor_desc *t, size_t *bytes);
 /* [offset, offset + bytes) lies inside buf (no overflow). */
 bool qattn_buffer_fits(const qattn_buffer *buf, size_t offset, size_t bytes);
+/* The byte at offset lies on an address that is a multiple of align (at most
+ * 16 counts): offsets are checked against a buffer's start, but memory a
+ * caller wraps may start anywhere, and kernels load elements at their
+ * natural alignment. True when the address is unknown (not a process address). */
+bool qattn_buffer_aligned(const qattn_buffer *buf, size_t offset, size_t align);
 /* Two byte ranges (checked to fit their buffers) share a byte: in the same
  * buffer object, or in two buffers whose addresses say they share memory. */
 bool qattn_buffer_ranges_overlap(const qattn_buffer *a, size_t ao, size_t an, const qattn_buffer *b, size_t bo,

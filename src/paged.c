@@ -103,6 +103,11 @@ static qattn_status check_buffer(qattn_ctx *ctx, const char *name, const qattn_b
     if (align > 1 && offset % align)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "%s offset %zu is not a multiple of %zu bytes", name,
                                offset, align);
+    if (!qattn_buffer_aligned(buf, offset, align))
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "%s: the address %p of its first element is not a multiple of %zu bytes (wrapped "
+                               "memory must be aligned for its elements)",
+                               name, (void *)(buf->alias_base + offset), align < 16 ? align : (size_t)16);
     return QATTN_OK;
 }
 
@@ -112,8 +117,9 @@ static qattn_status check_cache_buffers(qattn_ctx *ctx, const qattn_kv_cache_des
     qattn_status s;
     if (!b)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "the cache buffers are NULL");
-    if ((s = check_buffer(ctx, "cache k", b->k, 0, sizes->cache_bytes, 1)) ||
-        (s = check_buffer(ctx, "cache v", b->v, 0, sizes->cache_bytes, 1)))
+    const size_t es = qattn_dtype_size(cache->dtype); /* pages are read and written element by element */
+    if ((s = check_buffer(ctx, "cache k", b->k, 0, sizes->cache_bytes, es)) ||
+        (s = check_buffer(ctx, "cache v", b->v, 0, sizes->cache_bytes, es)))
         return s;
     if (b->k == b->v)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "cache k and v must be different buffers");

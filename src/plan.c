@@ -493,6 +493,12 @@ qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args)
             return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
                                    "args.%s_offset=%zu must be a multiple of %zu bytes on backend %s", t[i].name,
                                    t[i].offset, align, ctx->backend->name);
+        if (!qattn_buffer_aligned(t[i].buf, t[i].offset, t[i].align))
+            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                   "args.%s: its first element's address %p is not a multiple of %zu bytes (wrapped "
+                                   "memory must be aligned for its elements)",
+                                   t[i].name, (void *)(t[i].buf->alias_base + t[i].offset),
+                                   t[i].align < 16 ? t[i].align : (size_t)16);
     }
     const qattn_span ins[3] = {{"args.q", args->q, args->q_offset, p->q_bytes},
                                {"args.k", args->k, args->k_offset, p->k_bytes},

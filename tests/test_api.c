@@ -307,6 +307,62 @@ static void test_sm_scale_range(void **state)
     qattn_ctx_destroy(ctx);
 }
 
+/* Offsets are checked against a buffer's start, but wrapped memory may start
+ * anywhere: an f16 tensor or an int64 slot mapping wrapped at an odd address
+ * reached the CPU kernels' typed loads misaligned (undefined behaviour; found
+ * by tests/fuzz under UBSan). Such runs and appends are refused. */
+static void test_wrapped_alignment(void **state)
+{
+    (void)state;
+    qattn_ctx *ctx = cpu_ctx();
+    qattn_attention_desc d = small_desc();
+    qattn_plan *plan = NULL;
+    assert_int_equal(qattn_plan_create(ctx, &d, &plan), QATTN_OK);
+    const size_t qb = qattn_tensor_bytes(&d.q);
+    uint8_t *raw = calloc(qb + 16, 1);
+    qattn_buffer *q = NULL, *k = NULL, *v = NULL, *o = NULL;
+    assert_int_equal(qattn_buffer_wrap(ctx, raw + 1, qb, &q), QATTN_OK); /* odd: misaligned for f16 */
+    assert_int_equal(qattn_buffer_create(ctx, qb, &k), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, qb, &v), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, qb, &o), QATTN_OK);
+    assert_int_equal(qattn_buffer_fill(k, 0, qb, 0), QATTN_OK);
+    assert_int_equal(qattn_buffer_fill(v, 0, qb, 0), QATTN_OK);
+    qattn_run_args args = {.q = q, .k = k, .v = v, .o = o};
+    assert_error(qattn_run(plan, &args), QATTN_ERR_INVALID_ARGUMENT, ctx, "aligned");
+    qattn_buffer_destroy(q);
+    assert_int_equal(qattn_buffer_wrap(ctx, raw + 2, qb, &q), QATTN_OK); /* 2 bytes: aligned for f16 */
+    args.q = q;
+    assert_int_equal(qattn_run(plan, &args), QATTN_OK);
+
+    qattn_kv_cache_desc cache = {.num_pages = 1, .page_size = 4, .heads_kv = 1, .head_dim = 16,
+                                 .dtype = QATTN_DTYPE_F16};
+    qattn_kv_cache_sizes sizes;
+    assert_int_equal(qattn_kv_cache_bytes(ctx, &cache, &sizes), QATTN_OK);
+    qattn_kv_cache_buffers bufs = {0};
+    assert_int_equal(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.k), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, sizes.cache_bytes, &bufs.v), QATTN_OK);
+    qattn_buffer *kn = NULL, *slots = NULL;
+    assert_int_equal(qattn_buffer_create(ctx, 16 * 4, &kn), QATTN_OK);
+    assert_int_equal(qattn_buffer_fill(kn, 0, 16 * 4, 0), QATTN_OK);
+    int64_t *slot_memory = calloc(2, sizeof(int64_t));
+    assert_int_equal(qattn_buffer_wrap(ctx, (char *)slot_memory + 4, 8, &slots), QATTN_OK); /* int64 at 4 mod 8 */
+    qattn_kv_append_args app = {.cache = &cache, .buffers = &bufs, .num_tokens = 1, .new_dtype = QATTN_DTYPE_F32,
+                                .new_stride = {16, 16}, .k_new = kn, .v_new = kn, .slot_mapping = slots};
+    assert_error(qattn_kv_append(ctx, &app), QATTN_ERR_INVALID_ARGUMENT, ctx, "aligned");
+    qattn_buffer_destroy(slots);
+    assert_int_equal(qattn_buffer_wrap(ctx, slot_memory, 8, &slots), QATTN_OK);
+    app.slot_mapping = slots;
+    assert_int_equal(qattn_kv_append(ctx, &app), QATTN_OK);
+
+    qattn_buffer *all[] = {q, k, v, o, bufs.k, bufs.v, kn, slots};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        qattn_buffer_destroy(all[i]);
+    qattn_plan_destroy(plan);
+    qattn_ctx_destroy(ctx);
+    free(raw);
+    free(slot_memory);
+}
+
 static void test_plan_reporting(void **state)
 {
     (void)state;
@@ -521,6 +577,7 @@ int main(void)
         cmocka_unit_test(test_buffers),
         cmocka_unit_test(test_plan_validation),
         cmocka_unit_test(test_sm_scale_range),
+        cmocka_unit_test(test_wrapped_alignment),
         cmocka_unit_test(test_plan_reporting),
         cmocka_unit_test(test_run_arguments),
         cmocka_unit_test(test_nonfinite_inputs),

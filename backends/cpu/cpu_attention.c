@@ -85,11 +85,24 @@ static inline __attribute__((always_inline)) vf vexp2(vf x)
 }
 
 /* Horizontal max and sum: four halving shuffles instead of a 15-step chain. */
+#if defined(__clang__)
+/* clang has no __builtin_shuffle; its __builtin_shufflevector takes constant lanes. */
+static inline __attribute__((always_inline)) vf fold(vf v, int step)
+{
+    switch (step) {
+    case 8: return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    case 4: return __builtin_shufflevector(v, v, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3);
+    case 2: return __builtin_shufflevector(v, v, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1);
+    default: return __builtin_shufflevector(v, v, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0);
+    }
+}
+#else
 static inline __attribute__((always_inline)) vf fold(vf v, int step)
 {
     vi lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     return __builtin_shuffle(v, (lanes + step) & 15);
 }
+#endif
 
 static inline __attribute__((always_inline)) float hmax(vf v)
 {

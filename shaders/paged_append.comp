@@ -205,7 +205,7 @@ void main()
                 if (FMT == 2u) {
                     code = f32_bits_to_e4m3(floatBitsToUint(y));
                 } else {
-                    float r = clamp(roundEven(y), -127.0, 127.0);
+                    float r = isnan(y) ? -127.0 : clamp(roundEven(y), -127.0, 127.0); /* NaN: -127, as the CPU */
                     code = uint(int(r)) & 0xffu;
                 }
                 word |= code << (8u * c);

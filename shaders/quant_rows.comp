@@ -71,7 +71,7 @@ void main()
                     precise float x = load_in(is_k, base + t * sn + c4 + j);
                     if (is_k && use_mean) x = x - ws_f32[mean_at + c4 + j];
                     precise float y = x * inv;
-                    float r = clamp(roundEven(y), -127.0, 127.0);
+                    float r = isnan(y) ? -127.0 : clamp(roundEven(y), -127.0, 127.0); /* NaN: -127, as the CPU */
                     word |= (uint(int(r)) & 0xffu) << (8u * j);
                 }
                 ws_u32[codes_at + ((bh * n + t) * D + c4) / 4u] = word;

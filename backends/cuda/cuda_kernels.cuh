@@ -799,9 +799,9 @@ template <int D> QA_KERNEL(D) kv_finalize_kernel(const QuantParams p)
 
 QA_DEV int8_t quant_i8(float x, float inv)
 {
-    float r = rintf(x * inv);
-    r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
-    return (int8_t)(int)r;
+    /* fmaxf takes the number over a NaN (unchecked input): -127, never a NaN
+     * converted to an integer (undefined in C++, so in the emulator too). */
+    return (int8_t)(int)fminf(fmaxf(rintf(x * inv), -127.f), 127.f);
 }
 
 /* A quantization CTA's rows, held in registers: a row of D elements is read

@@ -785,8 +785,7 @@ QA_DEV void append_write_body(const qa_append_params &p)
             if (p.cache_format == QATTN_KV_FMT_FP8) {
                 cache[dbase + d] = e4m3(x);
             } else {
-                float r = rintf(x);
-                r = r > 127.f ? 127.f : r < -127.f ? -127.f : r;
+                const float r = fminf(fmaxf(rintf(x), -127.f), 127.f); /* NaN: -127, as quant_i8 */
                 cache[dbase + d] = (uint8_t)(int8_t)r;
             }
         }

@@ -118,7 +118,7 @@ kernel __attribute__((reqd_work_group_size(APPEND_WG, 1, 1))) void append_write(
 #if CACHE_FMT == FMT_FP8
                 cache[dst + d] = float_to_e4m3(y);
 #else
-                cache[dst + d] = (uchar)(char)(int)clamp(rint(y), -127.0f, 127.0f);
+                cache[dst + d] = (uchar)(char)(int)fmin(fmax(rint(y), -127.0f), 127.0f); /* NaN: -127 */
 #endif
             }
         }

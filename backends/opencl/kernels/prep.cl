@@ -108,7 +108,7 @@ kernel __attribute__((reqd_work_group_size(QUANT_WG, 1, 1))) void quant_rows(
     for (int e = lid; e < count * HEAD_DIM; e += QUANT_WG) {
         int t = t0 + (e / HEAD_DIM) * interleave, c = e % HEAD_DIM;
         float v = load_in(src, (long)t * sn + c) - (use_mean ? sub[c] : 0.0f);
-        float r = clamp(rint(v * inv), -127.0f, 127.0f);
+        float r = fmin(fmax(rint(v * inv), -127.0f), 127.0f); /* fmax takes the number over a NaN: -127 */
         dst[(long)t * HEAD_DIM + c] = (char)(int)r;
     }
 }

@@ -498,10 +498,9 @@ FZ_QUIET double fz_softmax(const double *s, int64_t n, double *w)
     double l = 0.0;
     for (int64_t j = 0; j < n; j++)
         l += exp(s[j] - m);
-    const double lse = m + log(l);
-    for (int64_t j = 0; j < n; j++)
-        w[j] = exp(s[j] - lse);
-    return lse;
+    for (int64_t j = 0; j < n; j++) /* relative to the max: lse itself may have no digits left for log(l) */
+        w[j] = exp(s[j] - m) / l;
+    return m + log(l);
 }
 
 /* ------------------------------------------------------------ call arguments */

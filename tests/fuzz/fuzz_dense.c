@@ -532,6 +532,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const int64_t B = d->q.shape[0], Hq = d->q.shape[1], Nq = d->q.shape[2];
     const size_t ws_size = qattn_plan_workspace_size(plan);
     const size_t lse_bytes = d->return_lse ? (size_t)B * (size_t)Hq * (size_t)Nq * 4 : 64;
+    /* 0: a span too large to know (over 2^62 bytes), which no buffer here holds */
     const size_t need[N_ROLES] = {tbytes[0], tbytes[1], tbytes[2], tbytes[3], lse_bytes, ws_size};
     const size_t es_in = qattn_dtype_size(d->q.dtype), es_out = qattn_dtype_size(d->o.dtype);
     const size_t align[N_ROLES] = {es_in, es_in, es_in, es_out, 4, 256};
@@ -632,7 +633,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             continue;
         }
         const size_t bsz = mem.bufs[ro[r].buf].size;
-        if (ro[r].offset > bsz || need[r] > bsz - ro[r].offset || ro[r].offset % ro[r].align ||
+        if (need[r] == 0 || ro[r].offset > bsz || need[r] > bsz - ro[r].offset || ro[r].offset % ro[r].align ||
             !fz_address_aligned(&mem, ro[r].buf, ro[r].offset, ro[r].align)) {
             rv = FZ_INVALID;
             fits = false;

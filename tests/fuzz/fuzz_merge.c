@@ -276,6 +276,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz_commit(&mem);
     if (shapes_ok)
         verdict = fz_worst(verdict, fz_args_verdict(&mem, a, N_ARGS));
+    if (shapes_ok && (!vb || !sb || !ob)) /* a span over 2^62 bytes: no buffer here holds it */
+        verdict = FZ_INVALID;
     if (c.stream)
         verdict = FZ_INVALID;
 

@@ -621,6 +621,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!dense && args.indices && a[A_IX].bytes < 4)
         rv = FZ_INVALID;
     rv = fz_worst(rv, fz_args_verdict(&mem, a, N_ARGS));
+    if (!q_bytes || !o_bytes || !sizes.cache_bytes) /* spans over 2^62 bytes: no buffer here holds them */
+        rv = FZ_INVALID;
     if (!dense)
         a[A_IX].bytes = need[A_IX];
     const bool checked = !(d->flags & QATTN_FLAG_NO_FINITE_CHECK);

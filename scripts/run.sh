@@ -16,6 +16,7 @@ packages=(
   gcc g++ libc6-dev meson ninja-build pkg-config libcmocka-dev python3 python3-numpy
   libvulkan-dev libvulkan-volk-dev mesa-vulkan-drivers vulkan-tools vulkan-validationlayers glslang-tools glslc spirv-tools
   ocl-icd-opencl-dev opencl-c-headers pocl-opencl-icd clinfo
+  clang libclang-rt-dev
 )
 
 deps() {
@@ -33,6 +34,28 @@ cuda_on_path() {
   if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
     export PATH="/usr/local/cuda/bin:$PATH"
   fi
+}
+
+# The libFuzzer targets (tests/fuzz) under ASan + UBSan, CPU backend only:
+# each runs a fixed number of executions from its seed corpus (new inputs go
+# to build-fuzz/corpus, not the repository); any crash, sanitizer report or
+# wrong result fails. README.md, "Fuzzing", runs them longer.
+fuzz_targets() {
+  CC=clang configure build-fuzz -Dfuzz=true -Dwerror=true -Db_sanitize=address,undefined -Db_lundef=false \
+    -Dbuildtype=debugoptimized -Dcuda=disabled -Dvulkan=disabled -Dopencl=disabled -Demulated_cuda=false \
+    -Dopenmp=disabled -Dtests=false -Dbench=false
+  ninja -C build-fuzz
+  local target runs passed=0
+  for target in dense:50000 paged:20000 append:80000 merge:80000 pool:200000; do
+    runs=${target#*:}
+    target=${target%%:*}
+    mkdir -p "build-fuzz/corpus/$target"
+    ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+      "build-fuzz/tests/fuzz/fuzz_$target" -runs="$runs" -seed=1 -max_len=256 -timeout=30 -malloc_limit_mb=1024 \
+      -print_final_stats=1 "build-fuzz/corpus/$target" "tests/fuzz/corpus/$target"
+    passed=$((passed + 1))
+  done
+  echo "fuzz: $passed passed, 0 failed"
 }
 
 configure() {
@@ -75,6 +98,9 @@ case $mode in
     ninja -C build-asan
     ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1} UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
       meson test -C build-asan --print-errorlogs --timeout-multiplier 4
+    fuzz_start=$SECONDS
+    fuzz_targets
+    echo "fuzz step: $((SECONDS - fuzz_start)) s"
     ;;
   *)
     sed -n '2,12s/^# \{0,1\}//p' "$0"

@@ -85,6 +85,54 @@ static inline int64_t qattn_causal_key_end(const qattn_problem *p, int64_t i)
     return end < p->seq_k ? end : p->seq_k;
 }
 
+/* A validated qattn_sparse_desc (see qattn.h); `enabled` false for dense plans. */
+typedef struct qattn_sparse_problem {
+    bool enabled;
+    bool window;
+    int64_t window_left, window_right, sink_tokens; /* -1: unbounded side */
+    qattn_sparse_layout_kind layout;
+    int64_t q_block, k_block;   /* layout block sizes (0 without a layout) */
+    int64_t q_blocks, k_blocks; /* ceil(Nq / q_block), ceil(Nk / k_block) */
+    int64_t rows;               /* B * Hkv * q_blocks */
+    float sim_threshold, cdf_threshold, topk, pv_threshold;
+    int64_t sink_blocks, recent_blocks, last_q_blocks;
+} qattn_sparse_problem;
+
+/* Rows of one 16-row group share the pv_threshold decision on every backend. */
+#define QATTN_SPARSE_PV_GROUP 16
+
+/* Keys query row i sees under causal + window (not the layout): the interval
+ * [*lo, *hi) and the sinks [0, *sink_end) (sink_end <= lo when they merge or
+ * there are none). Either interval may be empty. */
+static inline void qattn_sparse_row_keys(const qattn_problem *p, const qattn_sparse_problem *sp, int64_t i,
+                                         int64_t *lo, int64_t *hi, int64_t *sink_end)
+{
+    const int64_t place = i + p->seq_k - p->seq_q;
+    int64_t end = p->seq_k, begin = 0, sinks = 0;
+    if (p->causal && place + 1 < end)
+        end = place + 1;
+    if (sp->window) {
+        if (sp->window_right >= 0 && place + sp->window_right + 1 < end)
+            end = place + sp->window_right + 1;
+        if (sp->window_left >= 0 && place - sp->window_left > 0)
+            begin = place - sp->window_left;
+        sinks = sp->sink_tokens;
+        const int64_t causal_end = p->causal && place + 1 < p->seq_k ? place + 1 : p->seq_k;
+        if (sinks > causal_end)
+            sinks = causal_end;
+    }
+    if (end < begin)
+        end = begin;
+    if (sinks >= begin) { /* the sinks reach the window: one interval */
+        begin = 0;
+        end = sinks > end ? sinks : end;
+        sinks = 0;
+    }
+    *lo = begin;
+    *hi = end;
+    *sink_end = sinks;
+}
+
 /* Quantization geometry, see qattn_plan_info. */
 typedef struct qattn_quant_params {
     int q_block, q_interleave;
@@ -123,6 +171,12 @@ static inline int64_t qattn_quant_group_of(int64_t t, int block, int interleave)
  */
 typedef struct qattn_workspace_layout {
     size_t q_i8, k_i8, v_q, q_scale, k_scale, v_scale, k_mean, q_kmean, status, backend;
+    /* QATTN_SPARSE_PREDICT: the predicted layout, block CSR (int32 indptr
+     * [rows + 1], indices [rows * k_blocks]), the density per (b, hkv) (f32),
+     * and the pooled blocks: mean of each Q block [B, Hq, q_blocks, D] and K
+     * block [B, Hkv, k_blocks, D] (f32), and their mean pairwise cosine
+     * [B, Hq, q_blocks] and [B, Hkv, k_blocks] (f32). */
+    size_t sparse_indptr, sparse_indices, sparse_density, sparse_q_pool, sparse_k_pool, sparse_q_sim, sparse_k_sim;
     size_t total;
     int64_t q_groups, k_groups, v_key_pad, v_keys_padded;
 } qattn_workspace_layout;
@@ -219,6 +273,7 @@ struct qattn_plan {
     bool paged;                 /* a qattn_paged_plan_create plan: `pp` is set, `problem` is not */
     qattn_paged_problem pp;
     qattn_problem problem;
+    qattn_sparse_problem sparse; /* qattn_sparse_plan_create's restriction (enabled false: dense) */
     qattn_precision precision;
     qattn_granularity granularity;
     qattn_quant_params quant;
@@ -241,7 +296,19 @@ typedef struct qattn_run_bound {
     qattn_buffer *q, *k, *v, *o, *lse, *workspace; /* lse, workspace may be NULL */
     size_t q_offset, k_offset, v_offset, o_offset, lse_offset, workspace_offset;
     void *stream;
+    /* QATTN_SPARSE_BLOCKS plans: the layout, checked unless the plan skips
+     * checks (then its entries may be anything; kernels clamp). */
+    qattn_buffer *block_indptr, *block_indices;
+    int64_t block_count;
 } qattn_run_bound;
+
+/* Parts of qattn_sparse_desc a backend runs (qattn_backend_iface.sparse). */
+enum {
+    QATTN_SPARSE_CAP_WINDOW = 1u << 0,  /* window and sinks */
+    QATTN_SPARSE_CAP_BLOCKS = 1u << 1,  /* user block layouts */
+    QATTN_SPARSE_CAP_PREDICT = 1u << 2, /* predicted layouts */
+    QATTN_SPARSE_CAP_PV_SKIP = 1u << 3  /* pv_threshold */
+};
 
 /* ----------------------------------------------------------------- vtable */
 
@@ -294,6 +361,10 @@ struct qattn_backend_iface {
 
     /* Required byte alignment of tensor bases and of row strides*elem size. */
     size_t tensor_alignment;
+
+    /* QATTN_SPARSE_CAP_* bits: what of qattn_sparse_plan_create the plain
+     * plan_init and run handle (plan->sparse); the core refuses the rest. */
+    uint32_t sparse;
 
     /* Optional (NULL: QATTN_ERR_UNSUPPORTED): the paged KV cache. Arguments
      * arrive validated (src/paged.c). */
@@ -386,6 +457,52 @@ qattn_status qattn_paged_status_error(qattn_ctx *ctx, const qattn_plan *plan, co
                                       const uint32_t words[QATTN_STATUS_WORDS]);
 qattn_status qattn_kv_append_status_error(qattn_ctx *ctx, const qattn_kv_append_args *args,
                                           const uint32_t words[QATTN_STATUS_WORDS]);
+
+/* ------------------------------------ sparse attention (src/sparse.c) */
+
+/* Validates sparse against a validated problem into sp, refusing what the
+ * context's backend does not run (QATTN_ERR_UNSUPPORTED). */
+qattn_status qattn_sparse_validate(qattn_ctx *ctx, const qattn_problem *p, const qattn_sparse_desc *sparse,
+                                   qattn_sparse_problem *sp);
+/* qattn_plan_create with an optional restriction (NULL: dense). */
+qattn_status qattn_plan_create_sparse_internal(qattn_ctx *ctx, const qattn_attention_desc *desc,
+                                               const qattn_sparse_desc *sparse, qattn_plan **out);
+/* qattn_run's checks and dispatch; layout (may be NULL) carries a BLOCKS
+ * plan's layout buffers, already checked to fit. */
+qattn_status qattn_run_internal(const qattn_plan *plan, const qattn_run_args *args, const qattn_run_bound *layout);
+/* Downloads a bound layout (host copies for host memory) and checks it. */
+qattn_status qattn_sparse_check_layout_buffers(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bound *run);
+
+/* Checks a block layout in host memory: indptr[0] == 0, non-decreasing,
+ * indptr[rows] == count, indices strictly ascending per row and below
+ * k_blocks. The error names the first bad entry. */
+qattn_status qattn_sparse_check_layout(qattn_ctx *ctx, const qattn_sparse_problem *sp, const int32_t *indptr,
+                                       const int32_t *indices, int64_t count);
+
+/* Whether key block kb of query block qb has an element the structured masks
+ * (causal, window, sinks) leave visible. */
+bool qattn_sparse_block_visible(const qattn_problem *p, const qattn_sparse_problem *sp, int64_t qb, int64_t kb);
+
+/* The prediction of a PREDICT plan from host copies of Q and K (f32/f16/bf16
+ * with the problem's strides): fills the workspace's pooled blocks, the
+ * layout and the densities (ws: the workspace's host address). The CPU
+ * backend's path, and the reference the GPU kernels are checked against.
+ * QATTN_ERR_OUT_OF_MEMORY (nothing written) when its scratch fails. */
+qattn_status qattn_sparse_predict_host(const qattn_plan *plan, const void *q, const void *k, uint8_t *ws, int threads);
+
+/* Selection for one (b, hkv) given pooled blocks and similarities already in
+ * the workspace (the second half of qattn_sparse_predict_host): writes its
+ * rows of indices at their fixed places (row r starts at r * k_blocks) and
+ * their counts into indptr[r + 1]; qattn_sparse_compact_host then makes the
+ * CSR contiguous. */
+typedef struct qattn_block_weight {
+    double w;
+    int32_t kb;
+} qattn_block_weight;
+/* keep: k_blocks bytes, wts: k_blocks entries of scratch. */
+void qattn_sparse_select_host(const qattn_plan *plan, uint8_t *ws, int64_t b, int64_t hk, uint8_t *keep,
+                              qattn_block_weight *wts);
+void qattn_sparse_compact_host(const qattn_plan *plan, uint8_t *ws);
 
 /* Logging to stderr, filtered by QATTN_LOG (error|warn|info|debug). */
 typedef enum qattn_log_level { QATTN_LOG_ERROR = 0, QATTN_LOG_WARN, QATTN_LOG_INFO, QATTN_LOG_DEBUG } qattn_log_level;

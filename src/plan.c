@@ -298,6 +298,12 @@ void qattn_quant_defaults(qattn_quant_params *quant, qattn_precision precision, 
 
 qattn_status qattn_plan_create(qattn_ctx *ctx, const qattn_attention_desc *desc, qattn_plan **out)
 {
+    return qattn_plan_create_sparse_internal(ctx, desc, NULL, out);
+}
+
+qattn_status qattn_plan_create_sparse_internal(qattn_ctx *ctx, const qattn_attention_desc *desc,
+                                               const qattn_sparse_desc *sparse, qattn_plan **out)
+{
     if (!out)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "out (the plan pointer) is NULL");
     *out = NULL;
@@ -332,6 +338,10 @@ qattn_status qattn_plan_create(qattn_ctx *ctx, const qattn_attention_desc *desc,
                                        names[i], dim, stride, ta, ctx->backend->name);
             }
         }
+    if (sparse && (s = qattn_sparse_validate(ctx, p, sparse, &plan->sparse))) {
+        free(plan);
+        return s;
+    }
     plan->precision = desc->precision;
     plan->granularity = desc->granularity;
     plan->quant.smooth_k = desc->smooth_k != QATTN_OFF;
@@ -428,14 +438,29 @@ size_t qattn_plan_describe(const qattn_plan *plan, char *buf, size_t len)
                      plan->precision == QATTN_PRECISION_INT8_FP16 ? "; V fp16"
                      : plan->precision == QATTN_PRECISION_INT8_FP8 ? "; P x448, V per-channel to FP8 (|V| <= 448), fp32 two-level accumulation"
                      : "; P x448, V per-channel to FP8 (|V| <= 2.25), P.V accumulated in fp16 per key block");
+        char sparse[256] = "";
+        const qattn_sparse_problem *sp = &plan->sparse;
+        if (sp->enabled) {
+            int m = snprintf(sparse, sizeof(sparse), "; sparse:");
+            if (sp->window)
+                m += snprintf(sparse + m, sizeof(sparse) - (size_t)m, " window [-%lld, +%lld] + %lld sinks",
+                              (long long)sp->window_left, (long long)sp->window_right, (long long)sp->sink_tokens);
+            if (sp->layout != QATTN_SPARSE_NO_LAYOUT)
+                m += snprintf(sparse + m, sizeof(sparse) - (size_t)m, " %s layout of %lldx%lld blocks",
+                              sp->layout == QATTN_SPARSE_BLOCKS ? "given" : "predicted", (long long)sp->q_block,
+                              (long long)sp->k_block);
+            if (sp->pv_threshold > 0.f)
+                snprintf(sparse + m, sizeof(sparse) - (size_t)m, " P.V skipped below -%g (log2)",
+                         (double)sp->pv_threshold);
+        }
         n = snprintf(text, sizeof(text),
                      "backend %s, kernel %s: %s, B=%lld Hq=%lld Hkv=%lld Nq=%lld Nk=%lld D=%lld %s%s, %s in, %s out; "
-                     "tiles %dx%d%s; workspace %zu bytes. %s",
+                     "tiles %dx%d%s%s; workspace %zu bytes. %s",
                      plan->ctx->backend->name, plan->kernel, qattn_precision_name(plan->precision),
                      (long long)p->batch, (long long)p->heads_q, (long long)p->heads_kv, (long long)p->seq_q,
                      (long long)p->seq_k, (long long)p->head_dim, p->causal ? "causal" : "full",
                      p->return_lse ? " +LSE" : "", qattn_dtype_name(p->in_dtype), qattn_dtype_name(p->out_dtype),
-                     plan->q_tile, plan->kv_tile, quant, plan->ws.total, plan->why);
+                     plan->q_tile, plan->kv_tile, quant, sparse, plan->ws.total, plan->why);
     }
     if (n < 0)
         n = 0;
@@ -448,6 +473,14 @@ size_t qattn_plan_describe(const qattn_plan *plan, char *buf, size_t len)
 }
 
 qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args)
+{
+    if (plan && !plan->paged && plan->sparse.layout == QATTN_SPARSE_BLOCKS)
+        return qattn_set_error(plan->ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "the plan takes a block layout at each run: use qattn_sparse_run");
+    return qattn_run_internal(plan, args, NULL);
+}
+
+qattn_status qattn_run_internal(const qattn_plan *plan, const qattn_run_args *args, const qattn_run_bound *layout)
 {
     if (!plan)
         return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT, "plan is NULL");
@@ -500,14 +533,19 @@ qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args)
                                    t[i].name, (void *)(t[i].buf->alias_base + t[i].offset),
                                    t[i].align < 16 ? t[i].align : (size_t)16);
     }
-    const qattn_span ins[3] = {{"args.q", args->q, args->q_offset, p->q_bytes},
-                               {"args.k", args->k, args->k_offset, p->k_bytes},
-                               {"args.v", args->v, args->v_offset, p->v_bytes}};
+    const qattn_span ins[5] = {
+        {"args.q", args->q, args->q_offset, p->q_bytes},
+        {"args.k", args->k, args->k_offset, p->k_bytes},
+        {"args.v", args->v, args->v_offset, p->v_bytes},
+        {"sparse.block_indptr", layout ? layout->block_indptr : NULL, 0,
+         layout ? (size_t)(plan->sparse.rows + 1) * 4 : 0},
+        {"sparse.block_indices", layout && layout->block_count ? layout->block_indices : NULL, 0,
+         layout ? (size_t)layout->block_count * 4 : 0}};
     const qattn_span outs[3] = {{"args.o", args->o, args->o_offset, p->o_bytes},
                                 {"args.lse", p->return_lse ? args->lse : NULL, args->lse_offset, p->lse_bytes},
                                 {"args.workspace", plan->ws.total ? args->workspace : NULL, args->workspace_offset,
                                  plan->ws.total}};
-    qattn_status s = qattn_check_outputs(ctx, outs, 3, ins, 3);
+    qattn_status s = qattn_check_outputs(ctx, outs, 3, ins, 5);
     if (s)
         return s;
     qattn_run_bound bound = {
@@ -517,6 +555,11 @@ qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args)
         .q_offset = args->q_offset, .k_offset = args->k_offset, .v_offset = args->v_offset,
         .o_offset = args->o_offset, .lse_offset = args->lse_offset, .workspace_offset = args->workspace_offset,
         .stream = args->stream,
+        .block_indptr = layout ? layout->block_indptr : NULL,
+        .block_indices = layout ? layout->block_indices : NULL,
+        .block_count = layout ? layout->block_count : 0,
     };
+    if (layout && p->check_finite && (s = qattn_sparse_check_layout_buffers(ctx, plan, &bound)))
+        return s;
     return ctx->backend->run(ctx, plan, &bound);
 }

@@ -35,7 +35,9 @@ qattn_status qattn_workspace_layout_init(qattn_plan *plan, bool status_word)
     const qattn_problem *p = &plan->problem;
     qattn_workspace_layout *ws = &plan->ws;
     size_t *regions[] = {&ws->q_i8, &ws->k_i8, &ws->v_q, &ws->q_scale, &ws->k_scale,
-                         &ws->v_scale, &ws->k_mean, &ws->q_kmean, &ws->status, &ws->backend};
+                         &ws->v_scale, &ws->k_mean, &ws->q_kmean, &ws->status, &ws->backend,
+                         &ws->sparse_indptr, &ws->sparse_indices, &ws->sparse_density, &ws->sparse_q_pool,
+                         &ws->sparse_k_pool, &ws->sparse_q_sim, &ws->sparse_k_sim};
     for (size_t i = 0; i < sizeof(regions) / sizeof(regions[0]); i++)
         *regions[i] = QATTN_WS_ABSENT;
     ws->total = 0;
@@ -71,6 +73,20 @@ qattn_status qattn_workspace_layout_init(qattn_plan *plan, bool status_word)
         ok = ok && add_region(&cursor, &ws->status, 16);
     if (plan->backend_workspace)
         ok = ok && add_region(&cursor, &ws->backend, plan->backend_workspace);
+    const qattn_sparse_problem *sp = &plan->sparse;
+    if (sp->layout == QATTN_SPARSE_PREDICT) {
+        ok = ok && mul_size(&bytes, sp->rows + 1, 4, 1, 1) && add_region(&cursor, &ws->sparse_indptr, bytes);
+        ok = ok && mul_size(&bytes, sp->rows, sp->k_blocks, 4, 1) && add_region(&cursor, &ws->sparse_indices, bytes);
+        ok = ok && mul_size(&bytes, p->batch, p->heads_kv, 4, 1) && add_region(&cursor, &ws->sparse_density, bytes);
+        ok = ok && mul_size(&bytes, p->batch * p->heads_q, sp->q_blocks, p->head_dim, 4) &&
+             add_region(&cursor, &ws->sparse_q_pool, bytes);
+        ok = ok && mul_size(&bytes, p->batch * p->heads_kv, sp->k_blocks, p->head_dim, 4) &&
+             add_region(&cursor, &ws->sparse_k_pool, bytes);
+        ok = ok && mul_size(&bytes, p->batch * p->heads_q, sp->q_blocks, 4, 1) &&
+             add_region(&cursor, &ws->sparse_q_sim, bytes);
+        ok = ok && mul_size(&bytes, p->batch * p->heads_kv, sp->k_blocks, 4, 1) &&
+             add_region(&cursor, &ws->sparse_k_sim, bytes);
+    }
     if (!ok)
         return qattn_set_error(plan->ctx, QATTN_ERR_INVALID_ARGUMENT,
                                "the workspace for this problem overflows size_t (B=%lld Hq=%lld Nq=%lld Nk=%lld D=%lld)",

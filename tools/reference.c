@@ -108,6 +108,10 @@ void ref_attention_row(const ref_problem *p, int64_t b, int64_t h, int64_t i, do
     double *s = malloc((size_t)end * sizeof(double));
     double m = -INFINITY;
     for (int64_t j = 0; j < end; j++) {
+        if (p->visible && !p->visible(p->visible_ctx, b, h, i, j)) {
+            s[j] = -INFINITY;
+            continue;
+        }
         double acc = 0.0;
         for (int64_t d = 0; d < D; d++)
             acc += ref_load(p->qd, p->q, b, h, i, d) * ref_load(p->kd, p->k, b, hk, j, d);
@@ -115,8 +119,15 @@ void ref_attention_row(const ref_problem *p, int64_t b, int64_t h, int64_t i, do
         if (s[j] > m)
             m = s[j];
     }
+    if (m == -INFINITY) { /* the mask hides every key */
+        *lse = -INFINITY;
+        free(s);
+        return;
+    }
     double l = 0.0;
     for (int64_t j = 0; j < end; j++) {
+        if (s[j] == -INFINITY)
+            continue;
         double w = exp(s[j] - m);
         l += w;
         for (int64_t d = 0; d < D; d++)
@@ -213,4 +224,105 @@ int ref_backend_context(int argc, char **argv, const char *program, qattn_ctx **
         return 1;
     }
     return -1;
+}
+
+ref_structure ref_structure_default(int64_t nk)
+{
+    ref_structure st = {.seg_min = nk / 16 > 64 ? nk / 16 : 64, .seg_max = nk / 4 > 64 ? nk / 4 : 64,
+                        .topic = 6.0, .local = 4.0, .sink = 3.0, .needle = 12.0, .noise = 1.0, .sinks = 4,
+                        .needle_key = -1, .needle_query = -1};
+    return st;
+}
+
+/* Adds a * dir (unit, D) to row n of head (b, h). */
+static void add_dir(void *base, const qattn_tensor_desc *t, int64_t b, int64_t h, int64_t n, const double *dir,
+                    double a)
+{
+    for (int64_t d = 0; d < t->shape[3]; d++) {
+        int64_t off = offset_of(t, b, h, n, d);
+        qattn_store_f(base, t->dtype, off, (float)(qattn_load_f(base, t->dtype, off) + a * dir[d]));
+    }
+}
+
+static void random_unit(ref_rng *rng, double *dir, int64_t D)
+{
+    double nn = 0.0;
+    for (int64_t d = 0; d < D; d++) {
+        dir[d] = ref_rng_normal(rng);
+        nn += dir[d] * dir[d];
+    }
+    for (int64_t d = 0; d < D; d++)
+        dir[d] /= sqrt(nn);
+}
+
+void ref_fill_structured(void *q, const qattn_tensor_desc *qd, void *k, const qattn_tensor_desc *kd, void *v,
+                         const qattn_tensor_desc *vd, ref_rng *rng, ref_structure *st)
+{
+    const int64_t B = qd->shape[0], Hq = qd->shape[1], Hkv = kd->shape[1], Nq = qd->shape[2], Nk = kd->shape[2];
+    const int64_t D = qd->shape[3], group = Hq / Hkv, shift = Nk - Nq;
+    /* Logit a between unit directions scaled by x in q and y in k: x * y / sqrt(D) = a; split evenly. */
+    const double root = pow((double)D, 0.25);
+    double *dir = malloc((size_t)D * sizeof(double)), *sinkdir = malloc((size_t)D * sizeof(double));
+    double *needle = malloc((size_t)D * sizeof(double));
+    ref_fill_randn(q, qd, rng, st->noise / root, NULL);
+    ref_fill_randn(k, kd, rng, st->noise / root, NULL);
+    ref_fill_randn(v, vd, rng, 1.0, NULL);
+    st->needle_key = Nk > 8 ? Nk / 3 + (int64_t)(ref_rng_uniform(rng) * (double)(Nk / 3)) : -1;
+    st->needle_query = st->needle_key >= 0 ? Nq - 1 - (int64_t)(ref_rng_uniform(rng) * (double)(Nq < 8 ? Nq : 8)) : -1;
+    if (st->needle_query >= 0 && st->needle_query + shift < st->needle_key) /* the query must see its needle */
+        st->needle_key = st->needle_query + shift > 0 ? (st->needle_query + shift) / 2 : -1;
+    /* Position features: F sinusoid pairs in the first 2F channels, frequencies 2^-f / 8, sum of
+     * cosines of (place_q - place_k) peaks at 0 and falls off within a few dozen tokens. */
+    const int64_t F = D / 8 > 1 ? D / 8 : 1;
+    const double local_amp = sqrt(st->local / (double)F) * root;
+    for (int64_t b = 0; b < B; b++) {
+        random_unit(rng, sinkdir, D);
+        random_unit(rng, needle, D);
+        for (int64_t hk = 0; hk < Hkv; hk++) {
+            int64_t start = 0;
+            while (start < Nk) {
+                int64_t len = st->seg_min + (int64_t)(ref_rng_uniform(rng) * (double)(st->seg_max - st->seg_min + 1));
+                int64_t end = start + len < Nk ? start + len : Nk;
+                random_unit(rng, dir, D);
+                const double amp = sqrt(st->topic) * root;
+                for (int64_t n = start; n < end; n++)
+                    add_dir(k, kd, b, hk, n, dir, amp);
+                for (int64_t g = 0; g < group; g++)
+                    for (int64_t i = start - shift; i < end - shift; i++)
+                        if (i >= 0 && i < Nq)
+                            add_dir(q, qd, b, hk * group + g, i, dir, amp);
+                start = end;
+            }
+            for (int64_t n = 0; n < Nk; n++) {
+                for (int64_t f = 0; f < F && 2 * f + 1 < D; f++) {
+                    double w = ldexp(1.0, (int)-f) / 8.0;
+                    int64_t o0 = offset_of(kd, b, hk, n, 2 * f), o1 = offset_of(kd, b, hk, n, 2 * f + 1);
+                    qattn_store_f(k, kd->dtype, o0, (float)(qattn_load_f(k, kd->dtype, o0) + local_amp * cos(w * (double)n)));
+                    qattn_store_f(k, kd->dtype, o1, (float)(qattn_load_f(k, kd->dtype, o1) + local_amp * sin(w * (double)n)));
+                }
+                if (n < st->sinks)
+                    add_dir(k, kd, b, hk, n, sinkdir, sqrt(st->sink) * root);
+                if (n == st->needle_key)
+                    add_dir(k, kd, b, hk, n, needle, sqrt(st->needle) * root);
+            }
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t h = hk * group + g;
+                for (int64_t i = 0; i < Nq; i++) {
+                    const double place = (double)(i + shift);
+                    for (int64_t f = 0; f < F && 2 * f + 1 < D; f++) {
+                        double w = ldexp(1.0, (int)-f) / 8.0;
+                        int64_t o0 = offset_of(qd, b, h, i, 2 * f), o1 = offset_of(qd, b, h, i, 2 * f + 1);
+                        qattn_store_f(q, qd->dtype, o0, (float)(qattn_load_f(q, qd->dtype, o0) + local_amp * cos(w * place)));
+                        qattn_store_f(q, qd->dtype, o1, (float)(qattn_load_f(q, qd->dtype, o1) + local_amp * sin(w * place)));
+                    }
+                    add_dir(q, qd, b, h, i, sinkdir, sqrt(st->sink) * root);
+                    if (i == st->needle_query)
+                        add_dir(q, qd, b, h, i, needle, sqrt(st->needle) * root);
+                }
+            }
+        }
+    }
+    free(dir);
+    free(sinkdir);
+    free(needle);
 }

@@ -30,6 +30,36 @@ void *ref_tensor_alloc(const qattn_tensor_desc *t);
  */
 void ref_fill_randn(void *base, const qattn_tensor_desc *t, ref_rng *rng, double scale, const double *channel_bias);
 
+/*
+ * Q, K and V with the structure real attention has, for sparse attention's
+ * tests and benchmarks (random data gives uniform attention, where pruning
+ * can only lose): per batch, tokens fall in topic segments of seg_min to
+ * seg_max tokens; a segment's queries and keys share a topic direction, so
+ * queries attend to their own segment; sinusoidal position features add a
+ * local bump near the diagonal; the first `sinks` keys share a direction
+ * every query holds (attention sinks); and one needle key is planted with a
+ * direction only one late query holds. Q and K are placed by position with
+ * queries aligned bottom-right (query i at key place i + Nk - Nq). V is
+ * N(0, 1). Amplitudes are in logits (after sm_scale = 1/sqrt(D)).
+ */
+typedef struct ref_structure {
+    int64_t seg_min, seg_max; /* topic segment lengths (tokens) */
+    double topic;             /* logit of a query for its own segment's keys */
+    double local;             /* logit bump of keys next to the query's place */
+    double sink;              /* logit of every query for the sink keys */
+    double needle;            /* logit of the needle query for the needle key */
+    double noise;             /* per-element noise (std, before sm_scale) */
+    int64_t sinks;            /* sink keys at the start */
+    /* Out: the needle's places (key index, query row). */
+    int64_t needle_key, needle_query;
+} ref_structure;
+
+/* Defaults for n keys: segments of n/16..n/4 tokens (at least 64), topic 6,
+ * local 4, sinks 4 with logit 3, needle 12, noise 1. */
+ref_structure ref_structure_default(int64_t nk);
+void ref_fill_structured(void *q, const qattn_tensor_desc *qd, void *k, const qattn_tensor_desc *kd, void *v,
+                         const qattn_tensor_desc *vd, ref_rng *rng, ref_structure *st);
+
 /* Element (b, h, n, d) of a f32/f16/bf16 tensor as double. */
 double ref_load(const void *base, const qattn_tensor_desc *t, int64_t b, int64_t h, int64_t n, int64_t d);
 
@@ -38,6 +68,10 @@ typedef struct ref_problem {
     const void *qd, *kd, *vd;
     bool causal;
     double sm_scale; /* 0: 1/sqrt(D) */
+    /* Optional mask on top of causal (sparse attention): key j is seen by
+     * query row i of (b, query head h) only where it returns true. */
+    bool (*visible)(const void *ctx, int64_t b, int64_t h, int64_t i, int64_t j);
+    const void *visible_ctx;
 } ref_problem;
 
 /*

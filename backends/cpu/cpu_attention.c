@@ -301,6 +301,49 @@ static void scale_rows(float *O, int rows, int D, const float *alpha)
     }
 }
 
+/* ------------------------------------------------------------ sparse masks */
+
+#define CPU_SPARSE_QBLOCKS (CPU_QT / 16 + 1) /* query blocks one tile's rows can touch */
+#define CPU_SPARSE_KBLOCKS 16                /* key blocks one step can touch (<= 128 / 16 + 1) */
+
+/* One tile's view of a sparse plan: each row's keys under the structured
+ * masks and, with a layout, the key blocks kept for each of its query blocks. */
+struct cpu_sparse_tile {
+    const qattn_sparse_problem *sp;
+    int64_t i0;
+    int rows;
+    int64_t lo[CPU_QT], hi[CPU_QT], sinks[CPU_QT]; /* qattn_sparse_row_keys per row */
+    const int32_t *indptr, *indices;               /* NULL without a layout */
+    int64_t count;
+    int64_t layout_row0;                           /* layout row of query block qb0 */
+    int64_t qb0;
+    int nqb;
+    int64_t qlo[CPU_SPARSE_QBLOCKS], qhi[CPU_SPARSE_QBLOCKS], qsinks[CPU_SPARSE_QBLOCKS]; /* unions per query block */
+    int64_t kb0;                                   /* the masked step's first key block */
+    uint8_t kept[CPU_SPARSE_QBLOCKS][CPU_SPARSE_KBLOCKS];
+};
+typedef struct cpu_sparse_tile cpu_sparse_tile;
+
+/* SpargeAttn's second stage: a 16-row group whose scores in this step all lie
+ * more than lambda below the rows' running maxima (every P < 2^-lambda) adds
+ * nothing to P.V; its P rows become 0 (the sums in l keep them, as the GPU
+ * kernels that skip the product do). Groups are aligned to absolute rows. */
+static void skip_small_steps(float *S, int rows, int keys, int64_t first_row, float lambda)
+{
+    const float limit = exp2f(-lambda);
+    for (int r0 = 0; r0 < rows;) {
+        const int r1 = (int)qattn_min_i64(rows, r0 + QATTN_SPARSE_PV_GROUP - (first_row + r0) % QATTN_SPARSE_PV_GROUP);
+        bool small = true;
+        for (int r = r0; r < r1 && small; r++)
+            for (int j = 0; j < keys && small; j++)
+                small = S[(size_t)r * CPU_KT_MAX + j] < limit;
+        if (small)
+            for (int r = r0; r < r1; r++)
+                memset(S + (size_t)r * CPU_KT_MAX, 0, (size_t)keys * sizeof(float));
+        r0 = r1;
+    }
+}
+
 void cpu_scratch_free(cpu_scratch *sc)
 {
     free(sc->Q);
@@ -311,6 +354,7 @@ void cpu_scratch_free(cpu_scratch *sc)
     free(sc->acc16);
     free(sc->part);
     free(sc->row);
+    free(sc->sparse);
 }
 
 bool cpu_scratch_alloc(cpu_scratch *sc, int D)
@@ -325,7 +369,8 @@ bool cpu_scratch_alloc(cpu_scratch *sc, int D)
     sc->acc16 = aligned_alloc(64, qd);
     sc->part = aligned_alloc(64, qd);
     sc->row = aligned_alloc(64, (size_t)D * sizeof(float));
-    if (!sc->Q || !sc->Kt || !sc->V || !sc->S || !sc->O || !sc->acc16 || !sc->part || !sc->row) {
+    sc->sparse = malloc(sizeof(struct cpu_sparse_tile));
+    if (!sc->Q || !sc->Kt || !sc->V || !sc->S || !sc->O || !sc->acc16 || !sc->part || !sc->row || !sc->sparse) {
         cpu_scratch_free(sc);
         return false;
     }
@@ -392,6 +437,8 @@ void cpu_flash_loop(cpu_scratch *sc, int rows, const cpu_flash_params *fp, int64
     const int step = fp->step == CPU_KT_MAX ? CPU_KT_MAX : CPU_KT;
     for (int64_t j0 = key_begin; j0 < last; j0 += step) {
         const int keys = (int)(last - j0 < step ? last - j0 : step);
+        if (fp->filter && !fp->filter->visit(fp->filter->ctx, j0, keys))
+            continue; /* no row sees a key of this step: it is never loaded */
         load(loader_ctx, j0, keys, sc); /* Kt [D][CPU_KT_MAX] zero past `keys`, V [keys][D], kscale */
 
         for (int c0 = 0; c0 < step; c0 += CPU_KT)
@@ -411,9 +458,13 @@ void cpu_flash_loop(cpu_scratch *sc, int rows, const cpu_flash_params *fp, int64
             for (int64_t j = visible < 0 ? 0 : visible; j < step; j++)
                 s[j] = -INFINITY;
         }
+        if (fp->filter)
+            fp->filter->mask(fp->filter->ctx, j0, keys, sc->S, rows);
 
         softmax_tile(sc->S, rows, step, sc->m, sc->l, sc->alpha);
         scale_rows(sc->O, rows, D, sc->alpha);
+        if (fp->filter && fp->filter->pv_threshold > 0.f)
+            skip_small_steps(sc->S, rows, keys, fp->filter->first_row, fp->filter->pv_threshold);
 
         if (prec == QATTN_PRECISION_INT8_FP16) {
             for (int r = 0; r < rows; r++)
@@ -509,6 +560,114 @@ static void load_dense_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc
     }
 }
 
+
+/* Layout row r's entries, clamped so that an unchecked layout reads in bounds. */
+static void layout_row(const cpu_sparse_tile *t, int64_t r, int64_t *begin, int64_t *end)
+{
+    *begin = qattn_clamp_i64(t->indptr[r], 0, t->count);
+    *end = qattn_clamp_i64(t->indptr[r + 1], *begin, t->count);
+}
+
+/* First entry of [begin, end) not below kb (the row is ascending). */
+static int64_t lower_bound(const int32_t *idx, int64_t begin, int64_t end, int64_t kb)
+{
+    while (begin < end) {
+        int64_t mid = begin + (end - begin) / 2;
+        if (idx[mid] < kb)
+            begin = mid + 1;
+        else
+            end = mid;
+    }
+    return begin;
+}
+
+/* Whether query block qi keeps a key block holding a key of [a, b). */
+static bool keeps_keys(const cpu_sparse_tile *t, int qi, int64_t a, int64_t b)
+{
+    if (a >= b)
+        return false;
+    if (!t->indptr)
+        return true;
+    int64_t begin, end;
+    layout_row(t, t->layout_row0 + qi, &begin, &end);
+    const int64_t e = lower_bound(t->indices, begin, end, a / t->sp->k_block);
+    return e < end && t->indices[e] <= (b - 1) / t->sp->k_block;
+}
+
+static bool sparse_visit(void *ctx, int64_t j0, int keys)
+{
+    const cpu_sparse_tile *t = ctx;
+    const int64_t j1 = j0 + keys;
+    for (int qi = 0; qi < t->nqb; qi++) {
+        const int64_t lo = qattn_clamp_i64(t->qlo[qi], j0, j1), hi = qattn_clamp_i64(t->qhi[qi], j0, j1);
+        if (keeps_keys(t, qi, lo, hi) || keeps_keys(t, qi, j0, qattn_min_i64(t->qsinks[qi], j1)))
+            return true;
+    }
+    return false;
+}
+
+static void sparse_mask(void *ctx, int64_t j0, int keys, float *S, int rows)
+{
+    cpu_sparse_tile *t = ctx;
+    const int64_t kblock = t->sp->k_block;
+    if (t->indptr) {
+        t->kb0 = j0 / kblock;
+        const int64_t kb1 = (j0 + keys - 1) / kblock;
+        for (int qi = 0; qi < t->nqb; qi++) {
+            memset(t->kept[qi], 0, sizeof(t->kept[qi]));
+            int64_t begin, end;
+            layout_row(t, t->layout_row0 + qi, &begin, &end);
+            for (int64_t e = lower_bound(t->indices, begin, end, t->kb0); e < end && t->indices[e] <= kb1; e++)
+                t->kept[qi][t->indices[e] - t->kb0] = 1;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *s = S + (size_t)r * CPU_KT_MAX;
+        const int64_t lo = t->lo[r], hi = t->hi[r], sinks = t->sinks[r];
+        const int qi = t->indptr ? (int)((t->i0 + r) / t->sp->q_block - t->qb0) : 0;
+        for (int j = 0; j < keys; j++) {
+            const int64_t key = j0 + j;
+            bool visible = key < sinks || (key >= lo && key < hi);
+            if (visible && t->indptr)
+                visible = t->kept[qi][key / kblock - t->kb0];
+            if (!visible)
+                s[j] = -INFINITY;
+        }
+    }
+}
+
+/* Fills t for rows [i0, i0 + rows) of (b, hk); key_end[r] gets each row's window end. */
+static void sparse_tile_init(cpu_sparse_tile *t, const cpu_job *job, int64_t b, int64_t hk, int64_t i0, int rows,
+                             int64_t *key_end)
+{
+    const qattn_problem *p = &job->plan->problem;
+    const qattn_sparse_problem *sp = &job->plan->sparse;
+    t->sp = sp;
+    t->i0 = i0;
+    t->rows = rows;
+    for (int r = 0; r < rows; r++) {
+        qattn_sparse_row_keys(p, sp, i0 + r, &t->lo[r], &t->hi[r], &t->sinks[r]);
+        key_end[r] = t->hi[r];
+    }
+    const int64_t qblock = sp->layout == QATTN_SPARSE_NO_LAYOUT ? CPU_QT : sp->q_block;
+    t->qb0 = i0 / qblock;
+    t->nqb = (int)((i0 + rows - 1) / qblock - t->qb0 + 1);
+    for (int qi = 0; qi < t->nqb; qi++) {
+        t->qlo[qi] = INT64_MAX;
+        t->qhi[qi] = t->qsinks[qi] = 0;
+    }
+    for (int r = 0; r < rows; r++) {
+        const int qi = (int)((i0 + r) / qblock - t->qb0);
+        t->qlo[qi] = t->lo[r] < t->qlo[qi] ? t->lo[r] : t->qlo[qi];
+        t->qhi[qi] = t->hi[r] > t->qhi[qi] ? t->hi[r] : t->qhi[qi];
+        t->qsinks[qi] = t->sinks[r] > t->qsinks[qi] ? t->sinks[r] : t->qsinks[qi];
+    }
+    t->indptr = job->block_indptr;
+    t->indices = job->block_indices;
+    t->count = job->block_count;
+    t->layout_row0 = (b * p->heads_kv + hk) * sp->q_blocks + t->qb0;
+}
+
 /* Computes one (b, h, query tile) work item. */
 static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, cpu_scratch *sc)
 {
@@ -541,6 +700,15 @@ static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, cp
     }
 
     cpu_flash_params fp = {.head_dim = D, .step = plan->kv_tile, .precision = plan->precision, .quant = qp};
+    cpu_sparse_tile *tile = NULL;
+    cpu_step_filter filter;
+    if (plan->sparse.enabled) {
+        tile = sc->sparse;
+        sparse_tile_init(tile, job, b, hk, i0, rows, sc->key_end);
+        filter = (cpu_step_filter){.visit = sparse_visit, .mask = sparse_mask, .ctx = tile,
+                                   .pv_threshold = plan->sparse.pv_threshold, .first_row = i0};
+        fp.filter = &filter;
+    }
     dense_loader dl = {.job = job, .b = b, .hk = hk};
     cpu_flash_loop(sc, rows, &fp, 0, p->seq_k, load_dense_kv, &dl);
 
@@ -680,6 +848,18 @@ qattn_status cpu_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bou
             if (!qattn_host_tensor_is_finite(in[i].base, p->in_dtype, shape, in[i].stride))
                 return qattn_nonfinite_error(ctx, in[i].flag);
         }
+    }
+    if (plan->sparse.layout == QATTN_SPARSE_BLOCKS) {
+        job.block_indptr = run->block_indptr->host;
+        job.block_indices = run->block_indices ? run->block_indices->host : NULL;
+        job.block_count = run->block_count;
+    } else if (plan->sparse.layout == QATTN_SPARSE_PREDICT) {
+        uint8_t *ws = (uint8_t *)run->workspace->host + run->workspace_offset;
+        if (qattn_sparse_predict_host(plan, job.q, job.k, ws, ctx->num_threads))
+            return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the sparse prediction");
+        job.block_indptr = (const int32_t *)(ws + plan->ws.sparse_indptr);
+        job.block_indices = (const int32_t *)(ws + plan->ws.sparse_indices);
+        job.block_count = job.block_indptr[plan->sparse.rows];
     }
     if (plan->precision != QATTN_PRECISION_EXACT)
         qattn_quantize_host(plan, job.q, job.k, job.v, (uint8_t *)job.ws, ctx->num_threads);

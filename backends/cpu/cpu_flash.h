@@ -17,6 +17,7 @@ typedef struct cpu_scratch {
     float qscale[CPU_QT];   /* quantized modes: INT8 Q scale x sm_scale x log2(e) */
     float kscale[CPU_KT_MAX]; /* quantized modes: INT8 K scale per key */
     int64_t key_end[CPU_QT]; /* keys each row may see: [0, key_end) */
+    struct cpu_sparse_tile *sparse; /* sparse runs' per-tile masks (cpu_attention.c) */
 } cpu_scratch;
 
 bool cpu_scratch_alloc(cpu_scratch *sc, int D);
@@ -28,6 +29,17 @@ void cpu_scratch_array_free(cpu_scratch *sc, int count);
 /* Fills sc->Kt (zero past `keys`), sc->V and (quantized) sc->kscale for keys [j0, j0 + keys). */
 typedef void (*cpu_kv_loader)(const void *ctx, int64_t j0, int keys, cpu_scratch *sc);
 
+/* Sparse attention's filter of key steps (NULL in dense runs). */
+typedef struct cpu_step_filter {
+    /* Whether a row of the tile may see a key of [j0, j0 + keys); the loop skips the step when not. */
+    bool (*visit)(void *ctx, int64_t j0, int keys);
+    /* Sets to -inf the scores (S rows CPU_KT_MAX apart) of keys a row may not see, beyond key_end. */
+    void (*mask)(void *ctx, int64_t j0, int keys, float *S, int rows);
+    void *ctx;
+    float pv_threshold;  /* lambda: skip P.V of 16-row groups whose step max is this far below (0: off) */
+    int64_t first_row;   /* the tile's first query row; 16-row groups are aligned to it */
+} cpu_step_filter;
+
 typedef struct cpu_flash_params {
     int head_dim;
     /* Keys per online-softmax step, CPU_KT or CPU_KT_MAX: the FP8 modes round
@@ -36,6 +48,7 @@ typedef struct cpu_flash_params {
     int step;
     qattn_precision precision;
     const qattn_quant_params *quant; /* quantized modes */
+    const cpu_step_filter *filter;   /* sparse runs; NULL: every step up to key_end */
 } cpu_flash_params;
 
 /* Online softmax over keys [key_begin, key_end) for `rows` rows prepared in

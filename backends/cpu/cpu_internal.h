@@ -21,6 +21,9 @@ typedef struct cpu_job {
     char *o;
     float *lse;            /* NULL unless requested */
     const uint8_t *ws;     /* quantized workspace (NULL for exact) */
+    /* Sparse plans with a layout (given, or predicted into ws): block CSR. */
+    const int32_t *block_indptr, *block_indices;
+    int64_t block_count;
 } cpu_job;
 
 /* Dense attention (cpu_attention.c). cpu_attention computes a job with up to

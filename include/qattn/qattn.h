@@ -335,6 +335,119 @@ typedef struct qattn_run_args {
  */
 QATTN_API qattn_status qattn_run(const qattn_plan *plan, const qattn_run_args *args);
 
+/* ------------------------------------------------ sparse attention (pruning) */
+
+/*
+ * Attention restricted to a mask, with the work of masked keys skipped:
+ * sequence pruning for prefill. Element (query i, key j) of batch b and query
+ * head h is visible iff all of these hold:
+ *   - causal, when desc.causal is set (bottom-right aligned, as above);
+ *   - the local window, when sparse.window is set: with i' = i + Nk - Nq
+ *     (the query's place among the keys, aligned like causal),
+ *       i' - window_left <= j <= i' + window_right   (-1: no bound that side)
+ *     or j < sink_tokens (StreamingLLM's attention sinks);
+ *   - the block layout, when there is one: j's key block (j / k_block) is
+ *     listed for i's query block (i / q_block) of (b, h / group). One layout
+ *     per KV head: a GQA group shares it (the union over its query heads), so
+ *     skipped keys are never read.
+ * A row that sees no key has O = 0 and LSE = -inf. Skipping never changes the
+ * result beyond the rounding of the mode: kernels skip whole key steps that
+ * no row of a tile sees and mask elements inside the steps they visit. The
+ * structured masks (causal, window, sinks) are computed in the kernels: a
+ * step wholly inside them is "full" and runs without per-element masking, so
+ * layouts need no full-block flags.
+ *
+ * Layouts (QATTN_SPARSE_BLOCKS) are block CSR, int32, read from offset 0 of
+ * their buffers: row r = (b * Hkv + hkv) * ceil(Nq / q_block) + qb lists key
+ * blocks indices[indptr[r] .. indptr[r + 1]), strictly ascending, each below
+ * ceil(Nk / k_block); indptr has B * Hkv * ceil(Nq / q_block) + 1 entries,
+ * indptr[0] == 0. Block sizes are any multiples of 16. The Python binding
+ * converts dense block masks, FlexAttention's BlockMask (kv_num_blocks,
+ * kv_indices) and FlashInfer's BSR (indptr, indices) to and from it.
+ *
+ * Predicted layouts (QATTN_SPARSE_PREDICT, after SpargeAttn): each run pools
+ * every q_block of Q and k_block of K to its mean, keeps every key block for
+ * a query block whose tokens are not alike (some token's cosine to the
+ * block's mean below sim_threshold: one outlier token, such as a needle,
+ * flags its block, where SpargeAttn's mean pairwise cosine barely moves) and
+ * every key block whose tokens are not alike, and else
+ * keeps key blocks in order of their weight in softmax(sm_scale * pooled
+ * q . pooled k) over the visible blocks until the kept weight reaches
+ * cdf_threshold (or, with topk > 0, the ceil(topk * visible) heaviest), plus
+ * the first sink_blocks and the last recent_blocks visible key blocks of
+ * every query block; the last last_q_blocks query blocks keep every visible
+ * key block (the end of a prompt, where a question sits and generation
+ * continues, sees all of it: a needle that only such a query looks for is
+ * invisible to pooled scores). Blocks are chosen per query head and united
+ * over the GQA group. qattn_sparse_layout_read returns the layout a run used and the
+ * density it achieved per KV head.
+ *
+ * pv_threshold (lambda > 0, any layout; SpargeAttn's second stage): a kernel
+ * skips the P.V product of a key step for each group of 16 query rows whose
+ * largest score in the step is more than lambda below the row's running
+ * maximum (log2 units, scores scaled by sm_scale * log2(e)); the softmax
+ * denominator still counts those keys. Approximate by design: 0 turns it off.
+ */
+typedef enum qattn_sparse_layout_kind {
+    QATTN_SPARSE_NO_LAYOUT = 0, /* structured masks only (window, sinks, causal) */
+    QATTN_SPARSE_BLOCKS = 1,    /* a block CSR given to each run (qattn_sparse_args) */
+    QATTN_SPARSE_PREDICT = 2    /* predicted from Q and K at each run */
+} qattn_sparse_layout_kind;
+
+typedef struct qattn_sparse_desc {
+    int window;                 /* nonzero: apply window_left, window_right and sink_tokens */
+    int64_t window_left;        /* keys before the query's place it sees (>= 0), -1: all */
+    int64_t window_right;       /* keys after it (>= 0), -1: all (causal still applies) */
+    int64_t sink_tokens;        /* keys [0, sink_tokens) visible to every query (>= 0) */
+    qattn_sparse_layout_kind layout;
+    /* BLOCKS and PREDICT: block sizes, multiples of 16 (PREDICT: 0 picks 128 x 64). */
+    int64_t q_block, k_block;
+    /* PREDICT */
+    float sim_threshold;        /* theta in [-1, 1]: blocks less alike are always kept (0.5 is typical) */
+    float cdf_threshold;        /* tau in (0, 1]: the softmax weight to keep, unless topk > 0 */
+    float topk;                 /* (0, 1]: the fraction of visible key blocks to keep instead */
+    int64_t sink_blocks;        /* first key blocks always kept (>= 0) */
+    int64_t recent_blocks;      /* last visible key blocks of each query block always kept (>= 0) */
+    int64_t last_q_blocks;      /* last query blocks kept whole (>= 0) */
+    /* Any layout: lambda, see above; 0: off. */
+    float pv_threshold;
+} qattn_sparse_desc;
+
+/*
+ * A plan for desc restricted by sparse (NULL: same as qattn_plan_create). A
+ * backend that cannot run a part of it returns QATTN_ERR_UNSUPPORTED naming
+ * the part. qattn_plan_describe reports the restriction.
+ */
+QATTN_API qattn_status qattn_sparse_plan_create(qattn_ctx *ctx, const qattn_attention_desc *desc,
+                                                const qattn_sparse_desc *sparse, qattn_plan **out);
+
+typedef struct qattn_sparse_args {
+    qattn_buffer *block_indptr, *block_indices; /* QATTN_SPARSE_BLOCKS: the layout, int32 */
+    int64_t block_count;                        /* entries of block_indices (== indptr's last) */
+} qattn_sparse_args;
+
+/* Runs a sparse plan (qattn_run runs those without a BLOCKS layout too). The
+ * layout is checked (indices in range, ascending; the error names the first
+ * bad entry) unless QATTN_FLAG_NO_FINITE_CHECK: then a bad layout gives
+ * unspecified outputs but never a read outside the buffers. */
+QATTN_API qattn_status qattn_sparse_run(const qattn_plan *plan, const qattn_run_args *args,
+                                        const qattn_sparse_args *sparse);
+
+/* Rows of a sparse plan's layout (B * Hkv * ceil(Nq / q_block)) and its block
+ * sizes; 0 rows for a plan without a layout. */
+QATTN_API int64_t qattn_sparse_layout_rows(const qattn_plan *plan, int64_t *q_block, int64_t *k_block);
+
+/*
+ * After a run of a PREDICT plan, with the workspace that run used: the
+ * predicted layout (indptr [rows + 1], indices of capacity entries; either
+ * may be NULL) and, per (b, hkv), the fraction of visible blocks it kept
+ * (density[B * Hkv], may be NULL). Synchronizes with the run. *count gets
+ * the number of indices (larger than capacity: nothing written to indices).
+ */
+QATTN_API qattn_status qattn_sparse_layout_read(const qattn_plan *plan, const qattn_buffer *workspace,
+                                                size_t workspace_offset, int32_t *indptr, int32_t *indices,
+                                                int64_t capacity, int64_t *count, float *density);
+
 /* --------------------------------------------------------- paged KV cache */
 
 /*

@@ -7,6 +7,13 @@ High level:
                     layout="HND", return_lse=False, granularity=None,
                     smooth_k=None, check_finite=False)
     qattn.attention_plan(...)      the plan attention() runs (chosen mode, kernel)
+    qattn.sparse_attention(q, k, v, window=..., sink_tokens=..., block_mask=...,
+                           predict=..., pv_threshold=..., ...)
+                                   sequence pruning: windows, sinks, block layouts
+                                   (qattn.BlockLayout), SpargeAttn prediction
+    qattn.structured_qkv(...)      test data with topics, locality, sinks, a needle
+    qattn.tune_sparsity(q, k, v)   SpargeAttn's per-head autotune of the prediction
+                                   (CLI: python3 -m qattn.tune_sparsity --help)
 
 The C API as objects:
     qattn.Context, Buffer, Plan; qattn.backends(), qattn.device_info()
@@ -18,11 +25,15 @@ qattn_last_error's message.
 from . import _capi as capi
 from ._attention import (LAYOUTS, PRECISIONS, attention, attention_plan, clear_plan_caches, get_context)
 from ._capi import (CAP_BF16, CAP_FP8, CAP_FP16, CAP_INT8_DOT, CAP_MATRIX_UNITS, CAP_SUBGROUPS, CAP_UNIFIED_MEMORY,
-                    FLAG_NO_FINITE_CHECK, DType, Granularity, LibraryNotFound, Precision, Status, Toggle,
-                    library_path)
+                    FLAG_NO_FINITE_CHECK, DType, Granularity, LibraryNotFound, Precision, SparseLayoutKind, Status,
+                    Toggle, library_path)
 from ._core import (BackendInfo, Buffer, Context, DeviceInfo, Plan, PlanInfo, backends, device_info, dtype_name,
                     dtype_size, granularity_name, make_desc, precision_name, status_str, tensor_bytes, tensor_desc,
                     tensor_hnd, tensor_nhd, version, version_number)
+from ._sparse import (BlockLayout, PredictParams, block_visibility, make_sparse_desc, sparse_attention,
+                      sparse_attention_plan, sparse_mask)
+from ._structured import structured_qkv
+from ._tune import SparsityTuning, tune_sparsity
 from ._errors import (BackendError, DeviceLostError, InternalError, InvalidArgumentError, NonfiniteInputError,
                       NotFoundError, OutOfMemoryError, QattnError, UnavailableError, UnsupportedError)
 
@@ -30,6 +41,8 @@ __version__ = "0.1.0"  # of this binding; qattn.version() is the loaded library'
 
 __all__ = [
     "attention", "attention_plan", "get_context", "clear_plan_caches", "LAYOUTS", "PRECISIONS",
+    "sparse_attention", "sparse_attention_plan", "sparse_mask", "block_visibility", "make_sparse_desc",
+    "BlockLayout", "PredictParams", "SparseLayoutKind", "structured_qkv", "tune_sparsity", "SparsityTuning",
     "Context", "Buffer", "Plan", "BackendInfo", "DeviceInfo", "PlanInfo",
     "backends", "device_info", "version", "version_number", "library_path", "status_str",
     "dtype_name", "dtype_size", "precision_name", "granularity_name",

@@ -303,11 +303,27 @@ class _Call:
                              precision=precision, granularity=granularity, smooth_k=smooth_k, flags=flags)
 
         self.ctx = _context_for(*self.device)
-        self.plan = self.ctx.cached_plan(key, build_desc)  # validates: the spans below are sound
+        self.plan = self._make_plan(key, build_desc)  # validates: the spans below are sound
         for op, (_, shape, stride) in zip(self.ops, tensors):
             if op.wrap_bytes is None:  # numpy: the tensor's span from its first element
                 op.wrap_bytes = op.itemsize * (1 + sum((n - 1) * st for n, st in zip(shape, stride)))
         self.o_bytes = self.ops[0].itemsize * q_shape[0] * q_shape[1] * q_shape[2] * q_shape[3]
+
+    # Hooks of calls that run another entry point (qattn.sparse_attention).
+
+    def _make_plan(self, key, build_desc):
+        return self.ctx.cached_plan(key, build_desc)
+
+    def _extra_regions(self):
+        """(address, bytes) of further memory the call reads, wrapped for it."""
+        return []
+
+    def _invoke(self, lib, plan_handle, args, extra_handles):
+        return lib.qattn_run(plan_handle, ctypes.byref(args))
+
+    def _after_run(self, lib, handles, extra_handles):
+        """What the call returns beyond O and LSE, read while its buffers live."""
+        return ()
 
     def run(self):
         lib = capi.load()
@@ -328,17 +344,18 @@ class _Call:
             regions.append((aligned, self.plan.workspace_size, 0))
         else:
             regions.append(None)
-        handles = []
+        extra = self._extra_regions()
+        handles, extra_handles = [], []
         try:
             out_handle = ctypes.c_void_p()
-            for region in regions:
+            for region, into in [(r, handles) for r in regions] + [(r, extra_handles) for r in extra]:
                 if region is None:
-                    handles.append(None)
+                    into.append(None)
                     continue
                 status = lib.qattn_buffer_wrap(ctx_handle, region[0], region[1], ctypes.byref(out_handle))
                 if status:
                     raise_status(status, ctx_handle)
-                handles.append(out_handle.value)
+                into.append(out_handle.value)
             stream = None
             if self.device[0] == "cuda":
                 torch = sys.modules["torch"]
@@ -346,19 +363,22 @@ class _Call:
             args = capi.RunArgs(*handles, *(r[2] if r else 0 for r in regions), stream)
             if self.device[0] == "cuda" and sys.modules["torch"].cuda.current_device() != self.device[1]:
                 with sys.modules["torch"].cuda.device(self.device[1]):
-                    status = lib.qattn_run(plan_handle, ctypes.byref(args))
+                    status = self._invoke(lib, plan_handle, args, extra_handles)
             else:
-                status = lib.qattn_run(plan_handle, ctypes.byref(args))
+                status = self._invoke(lib, plan_handle, args, extra_handles)
             if status:
                 raise_status(status, ctx_handle)
+            more = self._after_run(lib, handles, extra_handles)
         finally:
-            for handle in handles:
+            for handle in handles + extra_handles:
                 if handle:
                     lib.qattn_buffer_destroy(handle)
             # The workspace lives until here: the kernels are enqueued on the
             # current stream, which also orders the caching allocator's reuse.
             del workspace
-        return (out, lse) if self.return_lse else out
+        result = (out, lse) if self.return_lse else (out,)
+        result += tuple(more)
+        return result if len(result) > 1 else out
 
     def _allocate_numpy(self):
         np = sys.modules["numpy"]

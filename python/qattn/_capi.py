@@ -14,8 +14,8 @@ import glob
 import os
 import sys
 import threading
-from ctypes import (POINTER, Structure, c_char, c_char_p, c_float, c_int, c_int64, c_size_t, c_uint, c_uint8,
-                    c_uint32, c_uint64, c_void_p)
+from ctypes import (POINTER, Structure, c_char, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_uint,
+                    c_uint8, c_uint32, c_uint64, c_void_p)
 
 # The header this binding mirrors. Before 1.0 a minor release may change the
 # structs, so major and minor must both match the loaded library.
@@ -73,6 +73,13 @@ class Toggle(enum.IntEnum):
     DEFAULT = 0
     ON = 1
     OFF = 2
+
+
+class SparseLayoutKind(enum.IntEnum):
+    """qattn_sparse_layout_kind."""
+    NO_LAYOUT = 0  # structured masks only (window, sinks, causal)
+    BLOCKS = 1     # a block CSR given to each run (SparseArgs)
+    PREDICT = 2    # predicted from Q and K at each run (SpargeAttn)
 
 
 # qattn_device_info.caps
@@ -202,6 +209,45 @@ class RunArgs(Structure):
     ]
 
 
+class SparseDesc(Structure):
+    """qattn_sparse_desc: the restriction of a sparse plan (qattn_sparse_plan_create)."""
+    _fields_ = [
+        ("window", c_int),
+        ("window_left", c_int64),
+        ("window_right", c_int64),
+        ("sink_tokens", c_int64),
+        ("layout", c_enum),
+        ("q_block", c_int64),
+        ("k_block", c_int64),
+        ("sim_threshold", c_float),
+        ("cdf_threshold", c_float),
+        ("topk", c_float),
+        ("sink_blocks", c_int64),
+        ("recent_blocks", c_int64),
+        ("last_q_blocks", c_int64),
+        ("pv_threshold", c_float),
+    ]
+
+    def key(self):
+        """A hashable value of every field (floats by their float32 bit pattern)."""
+        return (int(self.window), int(self.window_left), int(self.window_right), int(self.sink_tokens),
+                int(self.layout), int(self.q_block), int(self.k_block), bytes(c_float(self.sim_threshold)),
+                bytes(c_float(self.cdf_threshold)), bytes(c_float(self.topk)), int(self.sink_blocks),
+                int(self.recent_blocks), int(self.last_q_blocks), bytes(c_float(self.pv_threshold)))
+
+    def __repr__(self):
+        return "SparseDesc(%s)" % ", ".join("%s=%r" % (name, getattr(self, name)) for name, _ in self._fields_)
+
+
+class SparseArgs(Structure):
+    """qattn_sparse_args: a BLOCKS plan's layout for one run (int32 block CSR buffers)."""
+    _fields_ = [
+        ("block_indptr", c_void_p),
+        ("block_indices", c_void_p),
+        ("block_count", c_int64),
+    ]
+
+
 def _enum_name(enum_type, value):
     try:
         return enum_type(value).name
@@ -245,6 +291,17 @@ _PROTOTYPES = {
     "qattn_plan_workspace_size": (c_size_t, [c_void_p]),
     "qattn_plan_describe": (c_size_t, [c_void_p, c_char_p, c_size_t]),
     "qattn_run": (c_enum, [c_void_p, POINTER(RunArgs)]),
+}
+
+# Functions added to the 0.1 header after its first release: a library
+# without them still loads (has(name) tells), and the binding's features that
+# need them raise UnavailableError naming what is missing.
+_OPTIONAL_PROTOTYPES = {
+    "qattn_sparse_plan_create": (c_enum, [c_void_p, POINTER(AttentionDesc), POINTER(SparseDesc), POINTER(c_void_p)]),
+    "qattn_sparse_run": (c_enum, [c_void_p, POINTER(RunArgs), POINTER(SparseArgs)]),
+    "qattn_sparse_layout_rows": (c_int64, [c_void_p, POINTER(c_int64), POINTER(c_int64)]),
+    "qattn_sparse_layout_read": (c_enum, [c_void_p, c_void_p, c_size_t, POINTER(c_int32), POINTER(c_int32), c_int64,
+                                          POINTER(c_int64), POINTER(c_float)]),
 }
 
 
@@ -295,6 +352,16 @@ def _declare(lib):
         fn = getattr(lib, name)  # AttributeError: not a qattn library of this version
         fn.restype = restype
         fn.argtypes = argtypes
+    for name, (restype, argtypes) in _OPTIONAL_PROTOTYPES.items():
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype = restype
+            fn.argtypes = argtypes
+
+
+def has(name):
+    """Whether the loaded library exports the function `name` (loads it if needed)."""
+    return getattr(load(), name, None) is not None
 
 
 def _try_load(spec):

@@ -17,7 +17,7 @@ from ctypes import byref, c_void_p
 
 from . import _capi as capi
 from ._capi import Granularity, Precision, Toggle, text
-from ._errors import InvalidArgumentError, error_for
+from ._errors import InvalidArgumentError, UnavailableError, error_for
 
 
 def _lib():
@@ -276,14 +276,23 @@ class Context:
         self._check(_lib().qattn_plan_create(self.handle, byref(desc), byref(out)))
         return Plan(self._native, out.value, desc)
 
+    def create_sparse_plan(self, desc, sparse):
+        """qattn_sparse_plan_create: a new plan for a capi.AttentionDesc restricted
+        by a capi.SparseDesc (None: a dense plan through the same call)."""
+        fn = _sparse_function("qattn_sparse_plan_create")
+        out = c_void_p()
+        self._check(fn(self.handle, byref(desc), byref(sparse) if sparse is not None else None, byref(out)))
+        return Plan(self._native, out.value, desc, sparse)
+
     def plan(self, desc):
         """The plan for desc from this context's LRU cache, created on a miss."""
         return self.cached_plan(desc.key(), lambda: desc)
 
-    def cached_plan(self, key, make_desc):
+    def cached_plan(self, key, make_desc, create=None):
         """The cached plan under key (a capi.AttentionDesc.key() value), else a
         new one for make_desc(), stored under key. make_desc runs only on a
-        miss, so callers skip building ctypes structs on hits."""
+        miss, so callers skip building ctypes structs on hits. create: how a
+        miss makes the plan from make_desc()'s value (default create_plan)."""
         with self._plans_lock:
             plan = self._plans.get(key)
             if plan is not None:
@@ -292,7 +301,7 @@ class Context:
                 return plan
         # Plan creation may compile shaders: not under the lock. Two threads
         # missing at once both build; the first stored wins.
-        plan = self.create_plan(make_desc())
+        plan = (create or self.create_plan)(make_desc())
         with self._plans_lock:
             self.plan_cache_misses += 1
             plan = self._plans.setdefault(key, plan)
@@ -409,13 +418,26 @@ class Buffer:
 # ------------------------------------------------------------------ plans
 
 
-class Plan:
-    """qattn_plan: a validated attention problem with its kernel chosen."""
+def _sparse_function(name):
+    """A sparse-attention entry point of the loaded library, or UnavailableError
+    when the library predates them."""
+    fn = getattr(_lib(), name, None)
+    if fn is None:
+        raise UnavailableError("the loaded libqattn (%s, version %s) has no %s: it predates sparse attention; "
+                               "rebuild it" % (capi.library_path(), version(), name))
+    return fn
 
-    def __init__(self, native_ctx, handle, desc):
+
+class Plan:
+    """qattn_plan: a validated attention problem with its kernel chosen.
+    Sparse plans (Context.create_sparse_plan) also carry `sparse`, a copy of
+    their capi.SparseDesc (None for dense plans)."""
+
+    def __init__(self, native_ctx, handle, desc, sparse=None):
         self._native_ctx = native_ctx
         self._handle = handle
         self.desc = capi.AttentionDesc.from_buffer_copy(desc)
+        self.sparse = capi.SparseDesc.from_buffer_copy(sparse) if sparse is not None else None
         info = capi.PlanInfo()
         status = _lib().qattn_plan_get_info(handle, byref(info))
         if status:
@@ -464,6 +486,61 @@ class Plan:
         status = _lib().qattn_run(self.handle, byref(args))
         if status:
             raise_status(status, self._native_ctx.handle)
+
+    # sparse plans
+
+    def layout_rows(self):
+        """qattn_sparse_layout_rows: (rows, q_block, k_block) of a sparse plan's
+        layout; (0, 0, 0) for a plan without one."""
+        qb, kb = ctypes.c_int64(), ctypes.c_int64()
+        rows = _sparse_function("qattn_sparse_layout_rows")(self.handle, byref(qb), byref(kb))
+        return int(rows), int(qb.value), int(kb.value)
+
+    def sparse_run(self, q, k, v, o, lse=None, workspace=None, block_indptr=None, block_indices=None,
+                   block_count=0, q_offset=0, k_offset=0, v_offset=0, o_offset=0, lse_offset=0, workspace_offset=0,
+                   stream=None):
+        """qattn_sparse_run on Buffers: block_indptr / block_indices are int32
+        Buffers holding a BLOCKS plan's layout (read from offset 0)."""
+
+        def handle(buf):
+            return None if buf is None else buf.handle
+
+        args = capi.RunArgs(handle(q), handle(k), handle(v), handle(o), handle(lse), handle(workspace),
+                            q_offset, k_offset, v_offset, o_offset, lse_offset, workspace_offset,
+                            None if not stream else int(stream))
+        sparse = capi.SparseArgs(handle(block_indptr), handle(block_indices), int(block_count))
+        status = _sparse_function("qattn_sparse_run")(self.handle, byref(args), byref(sparse))
+        if status:
+            raise_status(status, self._native_ctx.handle)
+
+    def read_layout(self, workspace, workspace_offset=0):
+        """qattn_sparse_layout_read after a run of a PREDICT plan with this
+        workspace (a Buffer): (indptr int32 [rows + 1], indices int32 [nnz],
+        density float32 [B * Hkv]) as numpy arrays."""
+        import numpy as np
+        fn = _sparse_function("qattn_sparse_layout_read")
+        rows, _, _ = self.layout_rows()
+        batch, heads_kv = int(self.desc.k.shape[0]), int(self.desc.k.shape[1])
+        indptr = np.zeros(rows + 1, dtype=np.int32)
+        density = np.zeros(batch * heads_kv, dtype=np.float32)
+        count = ctypes.c_int64()
+        _read_layout(fn, self, workspace.handle, workspace_offset, indptr, None, 0, count, density)
+        indices = np.zeros(int(count.value), dtype=np.int32)
+        if count.value:
+            _read_layout(fn, self, workspace.handle, workspace_offset, None, indices, indices.size, count, None)
+        return indptr, indices, density
+
+
+def _read_layout(fn, plan, workspace_handle, workspace_offset, indptr, indices, capacity, count, density):
+    """One qattn_sparse_layout_read into numpy arrays (None: not read)."""
+
+    def pointer(array, ctype):
+        return None if array is None else array.ctypes.data_as(ctypes.POINTER(ctype))
+
+    status = fn(plan.handle, workspace_handle, int(workspace_offset), pointer(indptr, ctypes.c_int32),
+                pointer(indices, ctypes.c_int32), int(capacity), byref(count), pointer(density, ctypes.c_float))
+    if status:
+        raise_status(status, plan._native_ctx.handle)
 
 
 def make_desc(q, k, v, o, causal=False, return_lse=False, sm_scale=0.0, precision=Precision.AUTO,

@@ -259,6 +259,8 @@ class StructLayouts(unittest.TestCase):
         "qattn_attention_desc": capi.AttentionDesc,
         "qattn_plan_info": capi.PlanInfo,
         "qattn_run_args": capi.RunArgs,
+        "qattn_sparse_desc": capi.SparseDesc,
+        "qattn_sparse_args": capi.SparseArgs,
     }
 
     def test_layouts_match_the_c_compiler(self):

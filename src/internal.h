@@ -98,6 +98,23 @@ typedef struct qattn_sparse_problem {
     int64_t sink_blocks, recent_blocks, last_q_blocks;
 } qattn_sparse_problem;
 
+/* Row r of a layout as every backend's kernels read it: a user's block CSR
+ * (stride 0: indices[ptr[r] .. ptr[r + 1]) of count entries) or a predicted
+ * layout's fixed-stride rows (stride k_blocks: indices[r * stride .. +
+ * ptr[r]), ptr holding counts). Clamped, so that an unchecked layout reads
+ * inside its buffers. */
+static inline void qattn_sparse_layout_row(const int32_t *ptr, int64_t stride, int64_t count, int64_t r,
+                                           int64_t *begin, int64_t *end)
+{
+    if (stride > 0) {
+        *begin = r * stride;
+        *end = *begin + (ptr[r] < 0 ? 0 : ptr[r] > stride ? stride : ptr[r]);
+    } else {
+        *begin = ptr[r] < 0 ? 0 : ptr[r] > count ? count : ptr[r];
+        *end = ptr[r + 1] < *begin ? *begin : ptr[r + 1] > count ? count : ptr[r + 1];
+    }
+}
+
 /* Rows of one 16-row group share the pv_threshold decision on every backend. */
 #define QATTN_SPARSE_PV_GROUP 16
 
@@ -171,12 +188,14 @@ static inline int64_t qattn_quant_group_of(int64_t t, int block, int interleave)
  */
 typedef struct qattn_workspace_layout {
     size_t q_i8, k_i8, v_q, q_scale, k_scale, v_scale, k_mean, q_kmean, status, backend;
-    /* QATTN_SPARSE_PREDICT: the predicted layout, block CSR (int32 indptr
-     * [rows + 1], indices [rows * k_blocks]), the density per (b, hkv) (f32),
+    /* QATTN_SPARSE_PREDICT: the predicted layout in fixed-stride rows (int32
+     * counts [rows], indices [rows][k_blocks]: row r is indices[r * k_blocks
+     * .. + counts[r]), so that kernels write rows independently; see
+     * qattn_sparse_layout_row), the density per (b, hkv) (f32),
      * and the pooled blocks: mean of each Q block [B, Hq, q_blocks, D] and K
      * block [B, Hkv, k_blocks, D] (f32), and their mean pairwise cosine
      * [B, Hq, q_blocks] and [B, Hkv, k_blocks] (f32). */
-    size_t sparse_indptr, sparse_indices, sparse_density, sparse_q_pool, sparse_k_pool, sparse_q_sim, sparse_k_sim;
+    size_t sparse_counts, sparse_indices, sparse_density, sparse_q_pool, sparse_k_pool, sparse_q_sim, sparse_k_sim;
     size_t total;
     int64_t q_groups, k_groups, v_key_pad, v_keys_padded;
 } qattn_workspace_layout;
@@ -492,9 +511,7 @@ qattn_status qattn_sparse_predict_host(const qattn_plan *plan, const void *q, co
 
 /* Selection for one (b, hkv) given pooled blocks and similarities already in
  * the workspace (the second half of qattn_sparse_predict_host): writes its
- * rows of indices at their fixed places (row r starts at r * k_blocks) and
- * their counts into indptr[r + 1]; qattn_sparse_compact_host then makes the
- * CSR contiguous. */
+ * rows (fixed stride) and counts, and its density. */
 typedef struct qattn_block_weight {
     double w;
     int32_t kb;
@@ -502,7 +519,6 @@ typedef struct qattn_block_weight {
 /* keep: k_blocks bytes, wts: k_blocks entries of scratch. */
 void qattn_sparse_select_host(const qattn_plan *plan, uint8_t *ws, int64_t b, int64_t hk, uint8_t *keep,
                               qattn_block_weight *wts);
-void qattn_sparse_compact_host(const qattn_plan *plan, uint8_t *ws);
 
 /* Logging to stderr, filtered by QATTN_LOG (error|warn|info|debug). */
 typedef enum qattn_log_level { QATTN_LOG_ERROR = 0, QATTN_LOG_WARN, QATTN_LOG_INFO, QATTN_LOG_DEBUG } qattn_log_level;

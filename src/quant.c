@@ -36,7 +36,7 @@ qattn_status qattn_workspace_layout_init(qattn_plan *plan, bool status_word)
     qattn_workspace_layout *ws = &plan->ws;
     size_t *regions[] = {&ws->q_i8, &ws->k_i8, &ws->v_q, &ws->q_scale, &ws->k_scale,
                          &ws->v_scale, &ws->k_mean, &ws->q_kmean, &ws->status, &ws->backend,
-                         &ws->sparse_indptr, &ws->sparse_indices, &ws->sparse_density, &ws->sparse_q_pool,
+                         &ws->sparse_counts, &ws->sparse_indices, &ws->sparse_density, &ws->sparse_q_pool,
                          &ws->sparse_k_pool, &ws->sparse_q_sim, &ws->sparse_k_sim};
     for (size_t i = 0; i < sizeof(regions) / sizeof(regions[0]); i++)
         *regions[i] = QATTN_WS_ABSENT;
@@ -75,7 +75,7 @@ qattn_status qattn_workspace_layout_init(qattn_plan *plan, bool status_word)
         ok = ok && add_region(&cursor, &ws->backend, plan->backend_workspace);
     const qattn_sparse_problem *sp = &plan->sparse;
     if (sp->layout == QATTN_SPARSE_PREDICT) {
-        ok = ok && mul_size(&bytes, sp->rows + 1, 4, 1, 1) && add_region(&cursor, &ws->sparse_indptr, bytes);
+        ok = ok && mul_size(&bytes, sp->rows + 1, 4, 1, 1) && add_region(&cursor, &ws->sparse_counts, bytes);
         ok = ok && mul_size(&bytes, sp->rows, sp->k_blocks, 4, 1) && add_region(&cursor, &ws->sparse_indices, bytes);
         ok = ok && mul_size(&bytes, p->batch, p->heads_kv, 4, 1) && add_region(&cursor, &ws->sparse_density, bytes);
         ok = ok && mul_size(&bytes, p->batch * p->heads_q, sp->q_blocks, p->head_dim, 4) &&

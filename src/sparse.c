@@ -270,22 +270,41 @@ qattn_status qattn_sparse_layout_read(const qattn_plan *plan, const qattn_buffer
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "capacity=%lld must be >= 0", (long long)capacity);
     const qattn_sparse_problem *sp = &plan->sparse;
     const qattn_workspace_layout *L = &plan->ws;
-    const size_t ptr_bytes = (size_t)(sp->rows + 1) * 4;
-    int32_t *ptr = malloc(ptr_bytes);
-    if (!ptr)
-        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the layout's indptr");
-    qattn_status s = qattn_buffer_download(workspace, workspace_offset + L->sparse_indptr, ptr, ptr_bytes);
+    const size_t count_bytes = (size_t)sp->rows * 4;
+    int32_t *counts = malloc(count_bytes);
+    int32_t *rows = NULL;
+    if (!counts)
+        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the layout's counts");
+    qattn_status s = qattn_buffer_download(workspace, workspace_offset + L->sparse_counts, counts, count_bytes);
+    int64_t total = 0;
+    for (int64_t r = 0; !s && r < sp->rows; r++)
+        total += qattn_clamp_i64(counts[r], 0, sp->k_blocks);
     if (!s) {
-        *count = ptr[sp->rows];
-        if (indptr)
-            memcpy(indptr, ptr, ptr_bytes);
-        if (indices && *count <= capacity && *count > 0)
-            s = qattn_buffer_download(workspace, workspace_offset + L->sparse_indices, indices, (size_t)*count * 4);
-        if (!s && density)
-            s = qattn_buffer_download(workspace, workspace_offset + L->sparse_density, density,
-                                      (size_t)(plan->problem.batch * plan->problem.heads_kv) * 4);
+        *count = total;
+        if (indptr) {
+            indptr[0] = 0;
+            for (int64_t r = 0; r < sp->rows; r++)
+                indptr[r + 1] = indptr[r] + (int32_t)qattn_clamp_i64(counts[r], 0, sp->k_blocks);
+        }
     }
-    free(ptr);
+    if (!s && indices && total <= capacity && total > 0) { /* the fixed-stride rows, compacted here */
+        const size_t row_bytes = (size_t)sp->rows * (size_t)sp->k_blocks * 4;
+        if (!(rows = malloc(row_bytes)))
+            s = qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the layout's indices");
+        else if (!(s = qattn_buffer_download(workspace, workspace_offset + L->sparse_indices, rows, row_bytes))) {
+            int64_t at = 0;
+            for (int64_t r = 0; r < sp->rows; r++) {
+                const int64_t n = qattn_clamp_i64(counts[r], 0, sp->k_blocks);
+                memcpy(indices + at, rows + r * sp->k_blocks, (size_t)n * 4);
+                at += n;
+            }
+        }
+    }
+    if (!s && density)
+        s = qattn_buffer_download(workspace, workspace_offset + L->sparse_density, density,
+                                  (size_t)(plan->problem.batch * plan->problem.heads_kv) * 4);
+    free(counts);
+    free(rows);
     return s;
 }
 
@@ -373,7 +392,7 @@ void qattn_sparse_select_host(const qattn_plan *plan, uint8_t *ws, int64_t b, in
     const int64_t D = p->head_dim, QB = sp->q_blocks, KB = sp->k_blocks;
     const float *q_pool = (const float *)(ws + L->sparse_q_pool), *k_pool = (const float *)(ws + L->sparse_k_pool);
     const float *q_sim = (const float *)(ws + L->sparse_q_sim), *k_sim = (const float *)(ws + L->sparse_k_sim);
-    int32_t *indptr = (int32_t *)(ws + L->sparse_indptr), *indices = (int32_t *)(ws + L->sparse_indices);
+    int32_t *counts = (int32_t *)(ws + L->sparse_counts), *indices = (int32_t *)(ws + L->sparse_indices);
     int64_t kept_total = 0, visible_total = 0;
     for (int64_t qb = 0; qb < QB; qb++) {
         const int64_t row = (b * p->heads_kv + hk) * QB + qb;
@@ -442,25 +461,11 @@ void qattn_sparse_select_host(const qattn_plan *plan, uint8_t *ws, int64_t b, in
         for (int64_t kb = 0; kb < KB; kb++)
             if (keep[kb])
                 dst[c++] = (int32_t)kb;
-        indptr[row + 1] = (int32_t)c;
+        counts[row] = (int32_t)c;
         kept_total += c;
     }
     ((float *)(ws + L->sparse_density))[b * p->heads_kv + hk] =
         visible_total ? (float)((double)kept_total / (double)visible_total) : 0.f;
-}
-
-void qattn_sparse_compact_host(const qattn_plan *plan, uint8_t *ws)
-{
-    const qattn_sparse_problem *sp = &plan->sparse;
-    const qattn_workspace_layout *L = &plan->ws;
-    int32_t *indptr = (int32_t *)(ws + L->sparse_indptr), *indices = (int32_t *)(ws + L->sparse_indices);
-    indptr[0] = 0;
-    for (int64_t r = 0; r < sp->rows; r++) {
-        const int32_t n = indptr[r + 1];
-        /* Row r's entries move down to their CSR place, which is never after r * k_blocks. */
-        memmove(indices + indptr[r], indices + r * sp->k_blocks, (size_t)n * 4);
-        indptr[r + 1] = indptr[r] + n;
-    }
 }
 
 qattn_status qattn_sparse_predict_host(const qattn_plan *plan, const void *q, const void *k, uint8_t *ws, int threads)
@@ -513,6 +518,5 @@ qattn_status qattn_sparse_predict_host(const qattn_plan *plan, const void *q, co
             qattn_sparse_select_host(plan, ws, bh / p->heads_kv, bh % p->heads_kv, keep, wts);
     }
     free(scratch);
-    qattn_sparse_compact_host(plan, ws);
     return QATTN_OK;
 }

@@ -314,7 +314,7 @@ struct cpu_sparse_tile {
     int rows;
     int64_t lo[CPU_QT], hi[CPU_QT], sinks[CPU_QT]; /* qattn_sparse_row_keys per row */
     const int32_t *indptr, *indices;               /* NULL without a layout */
-    int64_t count;
+    int64_t count, stride;                         /* see qattn_sparse_layout_row */
     int64_t layout_row0;                           /* layout row of query block qb0 */
     int64_t qb0;
     int nqb;
@@ -564,8 +564,7 @@ static void load_dense_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc
 /* Layout row r's entries, clamped so that an unchecked layout reads in bounds. */
 static void layout_row(const cpu_sparse_tile *t, int64_t r, int64_t *begin, int64_t *end)
 {
-    *begin = qattn_clamp_i64(t->indptr[r], 0, t->count);
-    *end = qattn_clamp_i64(t->indptr[r + 1], *begin, t->count);
+    qattn_sparse_layout_row(t->indptr, t->stride, t->count, r, begin, end);
 }
 
 /* First entry of [begin, end) not below kb (the row is ascending). */
@@ -665,6 +664,7 @@ static void sparse_tile_init(cpu_sparse_tile *t, const cpu_job *job, int64_t b, 
     t->indptr = job->block_indptr;
     t->indices = job->block_indices;
     t->count = job->block_count;
+    t->stride = job->block_stride;
     t->layout_row0 = (b * p->heads_kv + hk) * sp->q_blocks + t->qb0;
 }
 
@@ -857,9 +857,9 @@ qattn_status cpu_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bou
         uint8_t *ws = (uint8_t *)run->workspace->host + run->workspace_offset;
         if (qattn_sparse_predict_host(plan, job.q, job.k, ws, ctx->num_threads))
             return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the sparse prediction");
-        job.block_indptr = (const int32_t *)(ws + plan->ws.sparse_indptr);
+        job.block_indptr = (const int32_t *)(ws + plan->ws.sparse_counts);
         job.block_indices = (const int32_t *)(ws + plan->ws.sparse_indices);
-        job.block_count = job.block_indptr[plan->sparse.rows];
+        job.block_stride = plan->sparse.k_blocks;
     }
     if (plan->precision != QATTN_PRECISION_EXACT)
         qattn_quantize_host(plan, job.q, job.k, job.v, (uint8_t *)job.ws, ctx->num_threads);

@@ -21,9 +21,10 @@ typedef struct cpu_job {
     char *o;
     float *lse;            /* NULL unless requested */
     const uint8_t *ws;     /* quantized workspace (NULL for exact) */
-    /* Sparse plans with a layout (given, or predicted into ws): block CSR. */
+    /* Sparse plans with a layout: a given block CSR (stride 0), or the
+     * predicted fixed-stride rows in ws (see qattn_sparse_layout_row). */
     const int32_t *block_indptr, *block_indices;
-    int64_t block_count;
+    int64_t block_count, block_stride;
 } cpu_job;
 
 /* Dense attention (cpu_attention.c). cpu_attention computes a job with up to

@@ -21,6 +21,7 @@ typedef struct qattn_env {
     int cuda_emu_sms;        /* QATTN_CUDA_EMU_SMS: its SM count, which the planners size grids by (132) */
     bool vulkan_validation;  /* QATTN_VULKAN_VALIDATION=1: Khronos + synchronization validation; errors fail calls */
     bool cuda_wgmma;         /* QATTN_CUDA_WGMMA=0: the mma.sync kernels on sm_90 too (default 1: the sm_90a kernels) */
+    bool cuda_sparse;        /* QATTN_CUDA_SPARSE=1: sparse attention on CUDA (default 0: QATTN_ERR_UNSUPPORTED) */
 } qattn_env;
 
 /* Reads the environment now (it may change between calls). Invalid values are

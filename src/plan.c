@@ -442,9 +442,15 @@ size_t qattn_plan_describe(const qattn_plan *plan, char *buf, size_t len)
         const qattn_sparse_problem *sp = &plan->sparse;
         if (sp->enabled) {
             int m = snprintf(sparse, sizeof(sparse), "; sparse:");
-            if (sp->window)
-                m += snprintf(sparse + m, sizeof(sparse) - (size_t)m, " window [-%lld, +%lld] + %lld sinks",
-                              (long long)sp->window_left, (long long)sp->window_right, (long long)sp->sink_tokens);
+            if (sp->window) {
+                char left[32] = "all", right[32] = "all";
+                if (sp->window_left >= 0)
+                    snprintf(left, sizeof(left), "%lld", (long long)sp->window_left);
+                if (sp->window_right >= 0)
+                    snprintf(right, sizeof(right), "%lld", (long long)sp->window_right);
+                m += snprintf(sparse + m, sizeof(sparse) - (size_t)m, " window of %s keys before, %s after, %lld sinks",
+                              left, right, (long long)sp->sink_tokens);
+            }
             if (sp->layout != QATTN_SPARSE_NO_LAYOUT)
                 m += snprintf(sparse + m, sizeof(sparse) - (size_t)m, " %s layout of %lldx%lld blocks",
                               sp->layout == QATTN_SPARSE_BLOCKS ? "given" : "predicted", (long long)sp->q_block,

@@ -620,17 +620,23 @@ static void sparse_mask(void *ctx, int64_t j0, int keys, float *S, int rows)
                 t->kept[qi][t->indices[e] - t->kb0] = 1;
         }
     }
+    const int64_t j1 = j0 + keys;
     for (int r = 0; r < rows; r++) {
         float *s = S + (size_t)r * CPU_KT_MAX;
         const int64_t lo = t->lo[r], hi = t->hi[r], sinks = t->sinks[r];
         const int qi = t->indptr ? (int)((t->i0 + r) / t->sp->q_block - t->qb0) : 0;
-        for (int j = 0; j < keys; j++) {
-            const int64_t key = j0 + j;
-            bool visible = key < sinks || (key >= lo && key < hi);
-            if (visible && t->indptr)
-                visible = t->kept[qi][key / kblock - t->kb0];
-            if (!visible)
-                s[j] = -INFINITY;
+        /* Whole key blocks at a time: kept and inside the window, dropped, or cut by the window. */
+        for (int64_t k0 = j0; k0 < j1;) {
+            const int64_t k1 = t->indptr ? qattn_min_i64(j1, (k0 / kblock + 1) * kblock) : j1;
+            if (t->indptr && !t->kept[qi][k0 / kblock - t->kb0]) {
+                for (int64_t key = k0; key < k1; key++)
+                    s[key - j0] = -INFINITY;
+            } else if (!((k0 >= lo && k1 <= hi) || k1 <= sinks)) {
+                for (int64_t key = k0; key < k1; key++)
+                    if (!(key < sinks || (key >= lo && key < hi)))
+                        s[key - j0] = -INFINITY;
+            }
+            k0 = k1;
         }
     }
 }
@@ -676,7 +682,7 @@ static void attend_tile(const cpu_job *job, int64_t b, int64_t h, int64_t i0, cp
     const qattn_workspace_layout *L = &plan->ws;
     const qattn_quant_params *qp = &plan->quant;
     const int D = (int)p->head_dim;
-    const int rows = (int)(p->seq_q - i0 < CPU_QT ? p->seq_q - i0 : CPU_QT);
+    const int rows = (int)(p->seq_q - i0 < job->tile_rows ? p->seq_q - i0 : job->tile_rows);
     const int64_t hk = h / p->group;
     const int64_t bhq = b * p->heads_q + h, bhk = b * p->heads_kv + hk;
     const bool quant = plan->precision != QATTN_PRECISION_EXACT;
@@ -763,7 +769,7 @@ int cpu_thread_index(void)
 qattn_status cpu_attention(const cpu_job *job, int threads)
 {
     const qattn_problem *p = &job->plan->problem;
-    const int64_t tiles = qattn_ceil_div(p->seq_q, CPU_QT);
+    const int64_t tiles = qattn_ceil_div(p->seq_q, job->tile_rows);
     const int64_t heads = p->batch * p->heads_q;
     const int64_t items = heads * tiles;
     threads = cpu_worker_count(threads, items);
@@ -779,7 +785,7 @@ qattn_status cpu_attention(const cpu_job *job, int threads)
 #endif
     for (int64_t it = 0; it < items; it++) {
         int64_t tile = tiles - 1 - it / heads, bh = it % heads;
-        attend_tile(job, bh / p->heads_q, bh % p->heads_q, tile * CPU_QT, &sc[cpu_thread_index()]);
+        attend_tile(job, bh / p->heads_q, bh % p->heads_q, tile * job->tile_rows, &sc[cpu_thread_index()]);
     }
     cpu_scratch_array_free(sc, threads);
     return QATTN_OK;
@@ -849,6 +855,11 @@ qattn_status cpu_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bou
                 return qattn_nonfinite_error(ctx, in[i].flag);
         }
     }
+    /* A layout's query blocks of 64 to 256 rows are the work items, so that a
+     * tile's key steps are its own block's, not the union of several. */
+    job.tile_rows = CPU_QT;
+    if (plan->sparse.layout != QATTN_SPARSE_NO_LAYOUT && plan->sparse.q_block >= 64 && plan->sparse.q_block <= CPU_QT)
+        job.tile_rows = (int)plan->sparse.q_block;
     if (plan->sparse.layout == QATTN_SPARSE_BLOCKS) {
         job.block_indptr = run->block_indptr->host;
         job.block_indices = run->block_indices ? run->block_indices->host : NULL;

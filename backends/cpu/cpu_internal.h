@@ -25,6 +25,7 @@ typedef struct cpu_job {
      * predicted fixed-stride rows in ws (see qattn_sparse_layout_row). */
     const int32_t *block_indptr, *block_indices;
     int64_t block_count, block_stride;
+    int tile_rows;         /* query rows per work item (<= CPU_QT) */
 } cpu_job;
 
 /* Dense attention (cpu_attention.c). cpu_attention computes a job with up to

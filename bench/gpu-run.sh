@@ -6,6 +6,8 @@
 #   bench/gpu-kit.sh build-gpu gpu-kit   # on the build machine (-Dnvcc_archs=90a)
 #   bash bench/gpu-run.sh gpu-kit [SECTION...] # on the GPU machine
 # Sections (default: all): sass tests compare kernels profile portable decode decode-portable
+# Also not in the default list: sparse (test_sparse on cuda/vulkan/opencl, qattn-bench sparse rows
+# beside dense at 32k/128k, compare.py's torch rows at the same shapes; QATTN_CUDA_SPARSE=1 set).
 # Not in the default list: sanitize (about 6 minutes): compute-sanitizer's memcheck, racecheck,
 # synccheck and initcheck over every CUDA kernel family at small shapes (the kit's test programs:
 # dense in every mode on the sm_90a kernels and, with QATTN_CUDA_WGMMA=0, on the mma.sync ones; the
@@ -88,6 +90,36 @@ for b in cuda vulkan opencl; do
     --check-rows 4 --warmup 3 --iters 10 --no-finite-check
 done > "$O/portable.log" 2>&1
 grep -E "^(exact|int8|qattn-bench)" "$O/portable.log"
+fi
+
+if want sparse; then
+echo "== sparse attention: the shared suite on every GPU backend, then speed beside dense and torch"
+export QATTN_CUDA_SPARSE=${QATTN_CUDA_SPARSE:-1}
+{
+  for b in cuda vulkan opencl; do
+    echo "### sparse $b"; timeout 150 "$K/tests/test_sparse" $b; echo "rc=$?"
+  done
+  echo "### sparse cuda mma.sync (QATTN_CUDA_WGMMA=0)"
+  QATTN_CUDA_WGMMA=0 timeout 120 "$K/tests/test_sparse" cuda; echo "rc=$?"
+} > "$O/sparse_tests.log" 2>&1
+grep -E "^### |^\[  (PASSED|FAILED|SKIPPED) \]|^rc=|ERROR" "$O/sparse_tests.log" | head -60
+B=$K/bench/qattn-bench
+# Block sparsity 0.5 and 0.9 at 32k (ideal 2x and 10x), a 4k window over 128k, prediction at 8k and 32k.
+for spec in "--n 32768 --blocks 128x128 --keep 0.5" "--n 32768 --blocks 128x128 --keep 0.1" \
+            "--n 32768 --blocks 64x128 --keep 0.5 --causal" "--n 131072 --window 4095,0 --sinks 4 --causal" \
+            "--n 8192 --data structured --predict 0.99 --causal" "--n 32768 --data structured --predict 0.99 --causal"; do
+  echo "### $spec"
+  timeout 150 $B --backend cuda --b 1 --h 16 --d 128 --precision exact,int8_fp8 --check-rows 2 --warmup 3 \
+    --iters 10 --no-finite-check $spec --json
+done > "$O/sparse_bench.jsonl" 2> "$O/sparse_bench.err"
+echo "rc=$?"
+grep -E "^###|sparse" "$O/sparse_bench.jsonl" | cut -c1-400
+echo "== torch SDPA beside them (dense, same shapes)"
+timeout 200 python3 bench/compare.py --d 128 --n 32768,131072 --causal both --backends flash,cudnn,qattn \
+  --modes exact,int8_fp8 --iters 10 --warmup 3 --ref-heads 1 --json "$O/sparse_torch.json" \
+  --markdown "$O/sparse_torch.md" > "$O/sparse_torch.log" 2>&1
+echo "rc=$?"
+cat "$O/sparse_torch.md"
 fi
 
 D=$K/bench/qattn-decode-bench

@@ -14,11 +14,22 @@
  *   O = alpha O + P V    each invocation: D / TPR channels of its row
  * QUANT = 1 (INT8_FP16) reads the quantized workspace: INT8 Q and K codes
  * (integer dot products, exact), fp32 scales, P rounded to fp16, fp16 V.
+ *
+ * SPARSE (sparse plans; 0: dense, the loop above unchanged): 1 structured
+ * masks only, 2 a block layout as well (sparse.glsl). A tile of BR <= 16 rows
+ * lies in one query block (blocks are multiples of 16, tiles of BR | 16
+ * rows), so its layout row is the list of key blocks it may see: the tile
+ * walks it (or, without a layout, the union of its rows' window and sinks)
+ * and visits only the key steps that hold a key some row sees, masking per
+ * element only in steps the masks cut. PV = 1 (pv_threshold): once a step's
+ * scores and running maxima are known, the tile (16 rows; 8 when BR is 8)
+ * skips loading V and the P.V product when every P < 2^-lambda; l counts them.
  */
 #ifdef USE_INTDOT
 #extension GL_EXT_integer_dot_product : require
 #endif
 #include "common.glsl"
+#include "sparse.glsl"
 
 layout(local_size_x = 64) in;
 
@@ -27,6 +38,8 @@ layout(constant_id = 3) const uint BR = 16;
 layout(constant_id = 4) const uint BC = 16;
 layout(constant_id = 5) const uint QUANT = 0;
 layout(constant_id = 6) const uint CAUSAL = 0;
+layout(constant_id = 9) const uint SPARSE = 0;
+layout(constant_id = 10) const uint PV = 0;
 
 const uint WG = 64;
 const uint MAX_PER_THREAD = 64; /* D / TPR <= 64: D <= 256 with TPR >= 4 */
@@ -37,6 +50,8 @@ shared float vs[BC * D];
 shared float ss[BR * BC]; /* scores, log2 domain */
 shared float ps[BR * BC]; /* probabilities fed to P.V */
 shared float kscale[BC];
+shared uint sp_lo[BR], sp_hi[BR], sp_se[BR]; /* SPARSE: each row's keys (sp_row_keys) */
+shared uint pv_big;                           /* PV: some row of the tile has P >= 2^-lambda in this step */
 
 int dot4(uint a, uint b)
 {
@@ -52,6 +67,20 @@ int dot4(uint a, uint b)
 }
 
 uint group_of(uint t, uint block, uint inter) { return (t / block) * inter + (t % block) % inter; }
+
+/* INT8_FP16: the fp16 V rows of keys [j0, j0 + BC) of head bhk into vs. */
+void load_v_tile(uint j0, uint bhk)
+{
+    const uint D2 = D / 2u, Nk = P.seq_k;
+    for (uint x = gl_LocalInvocationID.x; x < BC * D2; x += WG) {
+        uint t = j0 + (2u * x) / D;
+        vec2 v2 = t < Nk ? unpackHalf2x16(ws_u32[((R.ws_off + P.ws_v_q) >> 2) + (bhk * Nk * D) / 2u +
+                                                 ((j0 * D) / 2u) + x])
+                         : vec2(0.0);
+        vs[2u * x] = v2.x;
+        vs[2u * x + 1u] = v2.y;
+    }
+}
 
 float round_f16(float x) { return unpackHalf2x16(f32_to_f16_bits(x)).x; }
 
@@ -102,8 +131,81 @@ void main()
         int my_end = key_end(int(min(i, Nq - 1u)), CAUSAL != 0u);
         int tile_end = key_end(int(min(i0 + BR, Nq) - 1u), CAUSAL != 0u);
 
-        for (uint j0 = 0u; int(j0) < tile_end; j0 += BC) {
+        /* SPARSE: the rows' keys, their union ([0, u_s) and [u_l, u_h)), the layout row. */
+        uint u_s = 0u, u_l = 0xffffffffu, u_h = 0u, ent = 0u, ent_end = 1u, next_j = 0u;
+        uint my_lo = 0u, my_hi = 0u, my_se = 0u;
+        if (SPARSE != 0u) {
+            if (tid < BR) {
+                uint lo = 0u, hi = 0u, se = 0u;
+                if (i0 + tid < Nq)
+                    sp_row_keys(int(i0 + tid), CAUSAL != 0u, lo, hi, se);
+                sp_lo[tid] = lo;
+                sp_hi[tid] = hi;
+                sp_se[tid] = se;
+            }
+            barrier();
+            for (uint rr = 0u; rr < BR; rr++) {
+                u_s = max(u_s, sp_se[rr]);
+                if (sp_hi[rr] > sp_lo[rr]) {
+                    u_l = min(u_l, sp_lo[rr]);
+                    u_h = max(u_h, sp_hi[rr]);
+                }
+            }
+            my_lo = sp_lo[r];
+            my_hi = sp_hi[r];
+            my_se = sp_se[r];
+            if (SPARSE == 2u)
+                sp_layout_row((b * P.heads_kv + h / P.group) * P.sp_q_blocks + i0 / P.sp_q_block, ent, ent_end);
+        }
+
+        for (uint it = 0u;; it++) {
+            uint j0;
+            bool full = true; /* SPARSE: every row of the tile sees every key of the step */
+            uint cells = 3u;  /* SPARSE 2: bit c: the 16 keys from (j0 & ~15) + 16 c are in a kept block */
+            if (SPARSE == 0u) {
+                j0 = it * BC;
+                if (int(j0) >= tile_end)
+                    break;
+            } else {
+                /* The next step (from next_j) holding a key of the union (and of a listed block). */
+                uint f = 0xffffffffu;
+                if (SPARSE == 1u) {
+                    f = sp_first_visible(next_j, Nk, u_s, u_l, u_h);
+                    if (f >= Nk)
+                        break;
+                } else {
+                    for (; ent < ent_end; ent++) {
+                        const uint kb = sp_entry(ent), blo = kb * P.sp_k_block, bhi = min(Nk, blo + P.sp_k_block);
+                        f = sp_first_visible(max(blo, next_j), bhi, u_s, u_l, u_h);
+                        if (f < bhi)
+                            break;
+                    }
+                    if (ent >= ent_end)
+                        break;
+                }
+                j0 = f / BC * BC;
+                next_j = j0 + BC;
+                if (SPARSE == 2u) {
+                    /* A step (<= 32 keys) touches at most 2 blocks: entries ent, ent + 1 (blocks of
+                     * earlier entries hold no visible key of it, else the walk would have stopped there). */
+                    const uint base = j0 & ~15u, kb0 = sp_entry(ent);
+                    const uint kb1 = ent + 1u < ent_end ? sp_entry(ent + 1u) : 0xffffffffu;
+                    cells = 0u;
+                    for (uint c = 0u; c < 2u; c++) {
+                        const uint kb = (base + 16u * c) / P.sp_k_block;
+                        if (kb == kb0 || kb == kb1)
+                            cells |= 1u << c;
+                    }
+                }
+                const uint jn = j0 + BC, need = ((jn - 1u - (j0 & ~15u)) >> 4) == 1u ? 3u : 1u;
+                full = jn <= Nk && (cells & need) == need;
+                for (uint rr = 0u; rr < BR && full; rr++)
+                    if (i0 + rr < Nq)
+                        full = (j0 >= sp_lo[rr] && jn <= sp_hi[rr]) || jn <= sp_se[rr];
+            }
             barrier(); /* ks, vs, ps of the previous key tile are consumed */
+            if (PV != 0u && tid == 0u)
+                pv_big = 0u;
             if (quant) {
                 for (uint e = tid; e < BC * DW; e += WG) {
                     uint t = j0 + e / DW;
@@ -114,21 +216,16 @@ void main()
                     kscale[j] = t < Nk ? ws_f32[((R.ws_off + P.ws_k_scale) >> 2) + bhk * P.k_groups +
                                                 group_of(t, P.k_block, P.k_interleave)] : 0.0;
                 }
-                for (uint e = tid; e < BC * D / 2u; e += WG) {
-                    uint t = j0 + (2u * e) / D;
-                    vec2 v2 = t < Nk ? unpackHalf2x16(ws_u32[((R.ws_off + P.ws_v_q) >> 2) + (bhk * Nk * D) / 2u +
-                                                             ((j0 * D) / 2u) + e])
-                                     : vec2(0.0);
-                    vs[2u * e] = v2.x;
-                    vs[2u * e + 1u] = v2.y;
-                }
+                if (PV == 0u)
+                    load_v_tile(j0, bhk);
             } else {
                 uint kbase = R.k_off + b * P.k_sb + (h / P.group) * P.k_sh;
                 uint vbase = R.v_off + b * P.v_sb + (h / P.group) * P.v_sh;
-                for (uint e = tid; e < BC * D; e += WG) {
-                    uint t = j0 + e / D, d = e % D;
-                    ks[e] = floatBitsToUint(t < Nk ? load_k(kbase + t * P.k_sn + d) : 0.0);
-                    vs[e] = t < Nk ? load_v(vbase + t * P.v_sn + d) : 0.0;
+                for (uint x = tid; x < BC * D; x += WG) {
+                    uint t = j0 + x / D, d = x % D;
+                    ks[x] = floatBitsToUint(t < Nk ? load_k(kbase + t * P.k_sn + d) : 0.0);
+                    if (PV == 0u)
+                        vs[x] = t < Nk ? load_v(vbase + t * P.v_sn + d) : 0.0;
                 }
             }
             barrier();
@@ -147,8 +244,17 @@ void main()
                         acc += uintBitsToFloat(qs[r * D + d]) * uintBitsToFloat(ks[j * D + d]);
                     s = acc * P.qk_scale_log2;
                 }
-                if (int(j0 + j) >= my_end)
-                    s = NEG_INF;
+                if (SPARSE == 0u) {
+                    if (int(j0 + j) >= my_end)
+                        s = NEG_INF;
+                } else if (!full) {
+                    const uint key = j0 + j;
+                    bool vis = key < Nk && (key < my_se || (key >= my_lo && key < my_hi));
+                    if (SPARSE == 2u)
+                        vis = vis && ((cells >> ((key - (j0 & ~15u)) >> 4)) & 1u) != 0u;
+                    if (!vis)
+                        s = NEG_INF;
+                }
                 ss[r * BC + j] = s;
             }
             barrier();
@@ -171,13 +277,33 @@ void main()
                 float p = m_new == NEG_INF ? 0.0 : exp2(ss[r * BC + j] - m_new);
                 ps[r * BC + j] = quant ? round_f16(p) : p;
             }
+            bool skip_pv = false;
+            if (PV != 0u) {
+                /* The step's largest P of this row: below 2^-lambda for every row, the P.V is skipped. */
+                if (sub == 0u && row_valid && m_new != NEG_INF && !(exp2(tile_max - m_new) < P.pv_limit))
+                    atomicOr(pv_big, 1u);
+                barrier();
+                skip_pv = pv_big == 0u;
+                if (!skip_pv) {
+                    if (quant) {
+                        load_v_tile(j0, bhk);
+                    } else {
+                        uint vbase = R.v_off + b * P.v_sb + (h / P.group) * P.v_sh;
+                        for (uint x = tid; x < BC * D; x += WG) {
+                            uint t = j0 + x / D;
+                            vs[x] = t < Nk ? load_v(vbase + t * P.v_sn + x % D) : 0.0;
+                        }
+                    }
+                }
+            }
             barrier();
 
             for (uint c = 0u; c < CPT; c++) {
                 uint d = sub + TPR * c;
                 float acc = o[c] * alpha;
-                for (uint j = 0u; j < BC; j++)
-                    acc += ps[r * BC + j] * vs[j * D + d];
+                if (!skip_pv)
+                    for (uint j = 0u; j < BC; j++)
+                        acc += ps[r * BC + j] * vs[j * D + d];
                 o[c] = acc;
             }
         }

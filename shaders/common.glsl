@@ -43,6 +43,16 @@ layout(std140, set = 0, binding = 6) uniform Params {
     uint ws_q_i8, ws_k_i8, ws_v_q, ws_q_scale, ws_k_scale, ws_k_mean, ws_q_kmean, ws_status;
     uint q_block, q_interleave, k_block, k_interleave, q_groups, k_groups;
     uint smooth_k, check_finite, return_lse, q_tiles;
+    /* Sparse plans (sparse.glsl); zero for dense ones. Window bounds: SP_UNBOUNDED
+     * or the bound (clamped below 2^32 - 1), sinks clamped to seq_k. */
+    uint sp_window, sp_left, sp_right, sp_sinks;
+    uint sp_q_block, sp_k_block, sp_q_blocks, sp_k_blocks;
+    uint sp_ptr, sp_idx, sp_stride; /* the layout in the workspace (bytes), see sparse.glsl */
+    float pv_limit;                 /* 2^-pv_threshold */
+    /* PREDICT: the core's regions and the backend's scratch (bytes) */
+    uint sp_q_pool, sp_k_pool, sp_q_sim, sp_k_sim, sp_counts, sp_density, sp_weights, sp_keep, sp_tally;
+    float sp_sim_threshold, sp_cdf_threshold, sp_topk;
+    uint sp_sink_blocks, sp_recent_blocks, sp_last_q_blocks;
 } P;
 
 /* Per run: where each tensor starts in its buffer (elements; the workspace in bytes). */

@@ -7,6 +7,7 @@
  * into the context's command buffer, submits it and waits: qattn_run on
  * Vulkan is synchronous (qattn_ctx_synchronize has nothing left to wait for).
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,14 @@ typedef struct vk_params {
     uint32_t ws_q_i8, ws_k_i8, ws_v_q, ws_q_scale, ws_k_scale, ws_k_mean, ws_q_kmean, ws_status;
     uint32_t q_block, q_interleave, k_block, k_interleave, q_groups, k_groups;
     uint32_t smooth_k, check_finite, return_lse, q_tiles;
+    /* sparse plans (shaders/sparse.glsl) */
+    uint32_t sp_window, sp_left, sp_right, sp_sinks;
+    uint32_t sp_q_block, sp_k_block, sp_q_blocks, sp_k_blocks;
+    uint32_t sp_ptr, sp_idx, sp_stride;
+    float pv_limit;
+    uint32_t sp_q_pool, sp_k_pool, sp_q_sim, sp_k_sim, sp_counts, sp_density, sp_weights, sp_keep, sp_tally;
+    float sp_sim_threshold, sp_cdf_threshold, sp_topk;
+    uint32_t sp_sink_blocks, sp_recent_blocks, sp_last_q_blocks;
 } vk_params;
 
 /* Mirrors `Run` in shaders/common.glsl. */
@@ -36,9 +45,11 @@ typedef struct vk_planned_dispatch {
     uint32_t grid[2];
     uint32_t arg0;
     bool barrier_before; /* wait for the previous dispatches' writes */
+    bool arg1_count;     /* arg1: the run's block_count (a BLOCKS plan's attention) */
 } vk_planned_dispatch;
 
-#define MAX_DISPATCH 8
+#define MAX_DISPATCH 16
+#define VK_PREDICT_MAX_KB 32768 /* MAX_KB of shaders/sparse_predict.comp */
 
 typedef struct vk_plan {
     bool coopmat, emulated; /* the kernel variant plan_init chose */
@@ -52,7 +63,9 @@ typedef struct vk_plan {
 
 /* Specialization constant ids shared by the shaders (see the shaders). */
 enum { SPEC_D = 0, SPEC_IN_DTYPE = 1, SPEC_OUT_DTYPE = 2, SPEC_BR = 3, SPEC_BC = 4, SPEC_QUANT = 5, SPEC_CAUSAL = 6,
-       SPEC_SUBGROUP = 7, SPEC_PREFETCH = 8, SPEC_COUNT = 9 };
+       SPEC_SUBGROUP = 7, SPEC_PREFETCH = 8, SPEC_SPARSE = 9, SPEC_PV = 10, SPEC_COUNT = 11 };
+
+
 
 /* The cooperative-matrix kernel's key tile and register prefetch; a build
  * may override them (-Dc_args=-DQATTN_VK_COOPMAT_BC=32) to compare variants. */
@@ -178,12 +191,16 @@ qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     const uint32_t D = (uint32_t)p->head_dim;
     const uint32_t smem = caps->props.limits.maxComputeSharedMemorySize;
     char no_coopmat[160] = "";
-    const bool coopmat = !quant && !coopmat_unavailable(vc, p, no_coopmat, sizeof(no_coopmat));
+    const bool sparse = plan->sparse.enabled;
+    if (sparse)
+        snprintf(no_coopmat, sizeof(no_coopmat), "sparse plans run the scalar kernel (the cooperative-matrix kernel "
+                 "has no sparse path yet)");
+    const bool coopmat = !quant && !sparse && !coopmat_unavailable(vc, p, no_coopmat, sizeof(no_coopmat));
     bool emulated = false;
 #ifdef QATTN_VK_FORCE_EMULATED_COOPMAT
     /* Test builds: run the cooperative-matrix kernel's logic with emulated
      * matrix operations where the device has no matrix units (lavapipe). */
-    if (!coopmat && !quant && p->in_dtype == QATTN_DTYPE_F16 && (D == 64 || D == 128) && caps->subgroup_shuffle &&
+    if (!coopmat && !quant && !sparse && p->in_dtype == QATTN_DTYPE_F16 && (D == 64 || D == 128) && caps->subgroup_shuffle &&
         caps->subgroup_size >= 8 && caps->subgroup_size <= 64 && smem >= 32u * 1024u) {
         emulated = true;
         snprintf(no_coopmat, sizeof(no_coopmat), "emulated cooperative matrices (test build)");
@@ -202,6 +219,16 @@ qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     plan->kv_tile = (int)bc;
     plan->status_word = p->check_finite;
     plan->backend_workspace = 0;
+    const qattn_sparse_problem *sp = &plan->sparse;
+    if (sp->layout == QATTN_SPARSE_PREDICT) {
+        if (sp->k_blocks > VK_PREDICT_MAX_KB)
+            return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                                   "the vulkan backend predicts layouts of up to %d key blocks a row, not %lld (use a "
+                                   "larger k_block)",
+                                   VK_PREDICT_MAX_KB, (long long)sp->k_blocks);
+        /* The selection's scratch: each row's block weights, then its visible count. */
+        plan->backend_workspace = (size_t)sp->rows * (size_t)sp->k_blocks * 4 + (size_t)sp->rows * 4;
+    }
     snprintf(plan->kernel, sizeof(plan->kernel), "vulkan_%s_%s_d%u",
              coopmat ? "coopmat" : emulated ? "coopmat_emulated" : "scalar", qattn_precision_name(plan->precision), D);
     size_t used = strlen(plan->why);
@@ -213,6 +240,13 @@ qattn_status vk_plan_init(qattn_ctx *ctx, qattn_plan *plan)
         snprintf(plan->why + used, sizeof(plan->why) - used, " INT8 Q.K with %s.",
                  caps->int_dot && vk_spirv_find("attn_scalar_intdot") ? "packed integer dot products"
                                                                       : "unpacked 8-bit integer products");
+    used = strlen(plan->why);
+    if (sparse && quant)
+        snprintf(plan->why + used, sizeof(plan->why) - used, " Sparse: the scalar kernel walks the layout per tile.");
+    used = strlen(plan->why);
+    if (sparse && sp->pv_threshold > 0.f && br < QATTN_SPARSE_PV_GROUP)
+        snprintf(plan->why + used, sizeof(plan->why) - used,
+                 " pv_threshold decides per %u rows (the tile; shared memory allows no 16-row tile).", br);
     vk_plan *vp = calloc(1, sizeof(*vp));
     if (!vp)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");
@@ -266,6 +300,41 @@ static void fill_params(const qattn_plan *plan, vk_params *pr)
     pr->check_finite = p->check_finite;
     pr->return_lse = p->return_lse;
     pr->q_tiles = (uint32_t)qattn_ceil_div(p->seq_q, plan->q_tile);
+
+    const qattn_sparse_problem *sp = &plan->sparse;
+    if (sp->enabled) {
+        /* Window bounds of 2^32 - 1 or more bound nothing (positions are below 2^31). */
+        pr->sp_window = sp->window;
+        pr->sp_left = sp->window_left < 0 || sp->window_left >= UINT32_MAX ? UINT32_MAX : (uint32_t)sp->window_left;
+        pr->sp_right = sp->window_right < 0 || sp->window_right >= UINT32_MAX ? UINT32_MAX : (uint32_t)sp->window_right;
+        pr->sp_sinks = (uint32_t)qattn_min_i64(sp->sink_tokens, p->seq_k);
+        pr->pv_limit = exp2f(-sp->pv_threshold);
+    }
+    if (sp->layout != QATTN_SPARSE_NO_LAYOUT) {
+        pr->sp_q_block = (uint32_t)sp->q_block;
+        pr->sp_k_block = (uint32_t)sp->k_block;
+        pr->sp_q_blocks = (uint32_t)sp->q_blocks;
+        pr->sp_k_blocks = (uint32_t)sp->k_blocks;
+    }
+    if (sp->layout == QATTN_SPARSE_PREDICT) {
+        pr->sp_ptr = (uint32_t)L->sparse_counts;
+        pr->sp_idx = (uint32_t)L->sparse_indices;
+        pr->sp_stride = (uint32_t)sp->k_blocks;
+        pr->sp_q_pool = (uint32_t)L->sparse_q_pool;
+        pr->sp_k_pool = (uint32_t)L->sparse_k_pool;
+        pr->sp_q_sim = (uint32_t)L->sparse_q_sim;
+        pr->sp_k_sim = (uint32_t)L->sparse_k_sim;
+        pr->sp_counts = (uint32_t)L->sparse_counts;
+        pr->sp_density = (uint32_t)L->sparse_density;
+        pr->sp_sim_threshold = sp->sim_threshold;
+        pr->sp_cdf_threshold = sp->cdf_threshold;
+        pr->sp_topk = sp->topk;
+        pr->sp_sink_blocks = (uint32_t)qattn_min_i64(sp->sink_blocks, sp->k_blocks);
+        pr->sp_recent_blocks = (uint32_t)qattn_min_i64(sp->recent_blocks, sp->k_blocks);
+        pr->sp_last_q_blocks = (uint32_t)qattn_min_i64(sp->last_q_blocks, sp->q_blocks);
+        pr->sp_weights = (uint32_t)L->backend;
+        pr->sp_tally = (uint32_t)(L->backend + (size_t)sp->rows * (size_t)sp->k_blocks * 4);
+    }
 }
 
 static qattn_status add_dispatch(qattn_ctx *ctx, vk_ctx *vc, vk_plan *vp, const char *shader, const uint32_t *spec,
@@ -304,6 +373,8 @@ static qattn_status plan_dispatches(qattn_ctx *ctx, vk_ctx *vc, const qattn_plan
         [SPEC_CAUSAL] = p->causal,
         [SPEC_SUBGROUP] = coopmat ? 32 : caps->subgroup_size,
         [SPEC_PREFETCH] = QATTN_VK_COOPMAT_PREFETCH,
+        [SPEC_SPARSE] = !plan->sparse.enabled ? 0u : plan->sparse.layout == QATTN_SPARSE_NO_LAYOUT ? 1u : 2u,
+        [SPEC_PV] = plan->sparse.enabled && plan->sparse.pv_threshold > 0.f,
     };
     uint64_t bhq = (uint64_t)p->batch * (uint64_t)p->heads_q, bhk = (uint64_t)p->batch * (uint64_t)p->heads_kv;
     qattn_status s = QATTN_OK;
@@ -336,6 +407,20 @@ static qattn_status plan_dispatches(qattn_ctx *ctx, vk_ctx *vc, const qattn_plan
             s = add_dispatch(ctx, vc, vp, "quant_rows", spec, 0, vk_min_u32((uint64_t)L->q_groups, cap),
                              vk_min_u32(bhq, cap), 0, false);
     }
+    if (!s && plan->sparse.layout == QATTN_SPARSE_PREDICT) {
+        /* The prediction (shaders/sparse_predict.comp): pool Q and K blocks, select each row, densities. */
+        const qattn_sparse_problem *sp = &plan->sparse;
+        s = add_dispatch(ctx, vc, vp, "sparse_predict", spec, 0, vk_min_u32((uint64_t)sp->q_blocks, cap),
+                         vk_min_u32(bhq, cap), 0, true);
+        if (!s)
+            s = add_dispatch(ctx, vc, vp, "sparse_predict", spec, 0, vk_min_u32((uint64_t)sp->k_blocks, cap),
+                             vk_min_u32(bhk, cap), 1, true);
+        if (!s)
+            s = add_dispatch(ctx, vc, vp, "sparse_predict", spec, 0, vk_min_u32((uint64_t)sp->q_blocks, cap),
+                             vk_min_u32(bhk, cap), 2, true);
+        if (!s)
+            s = add_dispatch(ctx, vc, vp, "sparse_predict", spec, 0, vk_min_u32(bhk, cap), 1, 3, true);
+    }
     if (!s) {
         const char *shader = coopmat    ? "attn_coopmat"
                              : emulated ? "attn_coopmat_emu"
@@ -348,6 +433,8 @@ static qattn_status plan_dispatches(qattn_ctx *ctx, vk_ctx *vc, const qattn_plan
                           : 0;
         s = add_dispatch(ctx, vc, vp, shader, spec, sg, vk_min_u32(vp->params.q_tiles, cap), vk_min_u32(bhq, cap), 0,
                          true);
+        if (!s)
+            vp->d[vp->count - 1].arg1_count = plan->sparse.layout == QATTN_SPARSE_BLOCKS;
     }
     return s;
 }
@@ -393,21 +480,24 @@ void vk_plan_release(qattn_ctx *ctx, qattn_plan *plan)
 
 /* ------------------------------------------------------------------- runs */
 
-/* Points the plan's descriptor set at the run's buffers. Under vc->lock. */
+/* Points the plan's descriptor set at the run's buffers (a BLOCKS plan's
+ * layout at bindings 7 and 8; other plans bind q there, unread). Under vc->lock. */
 static void bind_run(vk_ctx *vc, const vk_plan *vp, const qattn_run_bound *run)
 {
-    const qattn_buffer *bufs[VK_BINDINGS - 1] = {run->q, run->k, run->v, run->o,
-                                                 run->lse ? run->lse : run->o,
-                                                 run->workspace ? run->workspace : run->q};
+    const qattn_buffer *ptr = run->block_indptr ? run->block_indptr : run->q;
+    const qattn_buffer *bufs[VK_BINDINGS] = {run->q, run->k, run->v, run->o,
+                                             run->lse ? run->lse : run->o,
+                                             run->workspace ? run->workspace : run->q, NULL, ptr,
+                                             run->block_indices ? run->block_indices : ptr};
     VkDescriptorBufferInfo infos[VK_BINDINGS];
     VkWriteDescriptorSet writes[VK_BINDINGS];
     for (int i = 0; i < VK_BINDINGS; i++) {
-        VkBuffer b = i < VK_BINDINGS - 1 ? vk_buffer_handle(bufs[i]) : vp->params_buf.buffer;
+        VkBuffer b = i != VK_UNIFORM_BINDING ? vk_buffer_handle(bufs[i]) : vp->params_buf.buffer;
         infos[i] = (VkDescriptorBufferInfo){.buffer = b, .offset = 0, .range = VK_WHOLE_SIZE};
         writes[i] = (VkWriteDescriptorSet){.sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstSet = vp->set,
                                            .dstBinding = (uint32_t)i, .descriptorCount = 1,
-                                           .descriptorType = i == VK_BINDINGS - 1 ? VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER
-                                                                                  : VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+                                           .descriptorType = i == VK_UNIFORM_BINDING ? VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER
+                                                                                     : VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
                                            .pBufferInfo = &infos[i]};
     }
     vc->vk.vkUpdateDescriptorSets(vc->device, VK_BINDINGS, writes, 0, NULL);
@@ -447,6 +537,7 @@ qattn_status vk_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_boun
             if (d->barrier_before && i > 0)
                 vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
             push.arg0 = d->arg0;
+            push.arg1 = d->arg1_count ? (uint32_t)run->block_count : 0u;
             vk_record_dispatch(vc, vc->pipeline_layout, d->pipeline, &push, sizeof(push), d->grid);
         }
         if (p->check_finite)

@@ -277,6 +277,7 @@ const qattn_backend_iface qattn_backend_vulkan = {
     .plan_release = vk_plan_release,
     .run = vk_run,
     .tensor_alignment = 16,
+    .sparse = QATTN_SPARSE_CAP_WINDOW | QATTN_SPARSE_CAP_BLOCKS | QATTN_SPARSE_CAP_PREDICT | QATTN_SPARSE_CAP_PV_SKIP,
     .kv_append = vk_kv_append,
     .paged_plan_init = vk_paged_plan_init,
     .paged_plan_release = vk_paged_plan_release,

@@ -130,7 +130,8 @@ typedef struct vk_spirv {
 } vk_spirv;
 const vk_spirv *vk_spirv_find(const char *name); /* NULL when not built */
 
-#define VK_BINDINGS 7 /* q, k, v, o, lse, workspace, params */
+#define VK_BINDINGS 9 /* q, k, v, o, lse, workspace, params (uniform), a block layout's indptr and indices */
+#define VK_UNIFORM_BINDING 6
 #define VK_PAGED_BINDINGS 13 /* the paged KV cache's kernels: see shaders/paged_common.glsl */
 #define VK_PAGED_PUSH_BYTES 128
 #define VK_MAX_SPEC 16
@@ -244,10 +245,10 @@ qattn_status vk_staged_copy(qattn_ctx *ctx, vk_ctx *vc, VkBuffer buffer, size_t 
 /* Creates (or finds) the compute pipeline for key (takes vc->lock). */
 qattn_status vk_pipeline_get(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *key, VkPipeline *out);
 
-/* A descriptor set layout of `bindings` storage buffers (the last a uniform
- * buffer when uniform_last) and a pipeline layout with it and push_bytes of
+/* A descriptor set layout of `bindings` storage buffers (binding uniform_at a
+ * uniform buffer instead, unless it is negative) and a pipeline layout with it and push_bytes of
  * push constants. `what` ends the calls' names in errors ("" or " (paged)"). */
-qattn_status vk_layout_create(qattn_ctx *ctx, vk_ctx *vc, uint32_t bindings, bool uniform_last, uint32_t push_bytes,
+qattn_status vk_layout_create(qattn_ctx *ctx, vk_ctx *vc, uint32_t bindings, int uniform_at, uint32_t push_bytes,
                               const char *what, VkDescriptorSetLayout *set_layout, VkPipelineLayout *layout);
 /* A descriptor pool for one set of `layout` (its bindings counted by sizes),
  * and the set. `what` as for vk_layout_create. */

@@ -103,7 +103,7 @@ qattn_status vk_paged_ctx_init(qattn_ctx *ctx, vk_ctx *vc)
                  lim->maxPushConstantsSize);
         return QATTN_OK; /* the rest of the backend works */
     }
-    qattn_status s = vk_layout_create(ctx, vc, VK_PAGED_BINDINGS, false, VK_PAGED_PUSH_BYTES, " (paged)",
+    qattn_status s = vk_layout_create(ctx, vc, VK_PAGED_BINDINGS, -1, VK_PAGED_PUSH_BYTES, " (paged)",
                                       &vc->paged_set_layout, &vc->paged_layout);
     if (!s) {
         const VkDescriptorPoolSize size = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_PAGED_BINDINGS};

@@ -248,6 +248,10 @@ static void gather_caps(const vk_instance *inst, vk_device_caps *c)
         snprintf(c->unusable, sizeof(c->unusable), "no queue family with compute");
     else if (!c->storage16)
         snprintf(c->unusable, sizeof(c->unusable), "no 16-bit storage buffer access (storageBuffer16BitAccess)");
+    else if (c->props.limits.maxPerStageDescriptorStorageBuffers < VK_BINDINGS - 1 ||
+             c->props.limits.maxDescriptorSetStorageBuffers < VK_BINDINGS - 1)
+        snprintf(c->unusable, sizeof(c->unusable), "%u storage buffers per stage (the attention kernels bind %d)",
+                 c->props.limits.maxPerStageDescriptorStorageBuffers, VK_BINDINGS - 1);
 }
 
 /* Lists the usable devices of the instance, GPUs first; false (with instance_error) when there is none. */
@@ -767,7 +771,7 @@ qattn_status vk_device_open(qattn_ctx *ctx, vk_ctx *vc)
         s = vk_mem_create(ctx, vc, 256, vc->readback_type, true, &vc->readback, "status readback buffer");
     /* One layout for every attention kernel: 6 storage buffers and the plan's parameters. */
     if (!s)
-        s = vk_layout_create(ctx, vc, VK_BINDINGS, true, 64, "", &vc->set_layout, &vc->pipeline_layout);
+        s = vk_layout_create(ctx, vc, VK_BINDINGS, VK_UNIFORM_BINDING, 64, "", &vc->set_layout, &vc->pipeline_layout);
     if (!s) {
         VkPipelineCacheCreateInfo ci = {.sType = VK_STRUCTURE_TYPE_PIPELINE_CACHE_CREATE_INFO};
         s = vk_check(ctx, vc->vk.vkCreatePipelineCache(vc->device, &ci, NULL, &vc->pipeline_cache),
@@ -879,7 +883,7 @@ qattn_status vk_pipeline_get(qattn_ctx *ctx, vk_ctx *vc, const vk_pipeline_key *
     return s;
 }
 
-qattn_status vk_layout_create(qattn_ctx *ctx, vk_ctx *vc, uint32_t bindings, bool uniform_last, uint32_t push_bytes,
+qattn_status vk_layout_create(qattn_ctx *ctx, vk_ctx *vc, uint32_t bindings, int uniform_at, uint32_t push_bytes,
                               const char *what, VkDescriptorSetLayout *set_layout, VkPipelineLayout *layout)
 {
     VkDescriptorSetLayoutBinding b[VK_PAGED_BINDINGS > VK_BINDINGS ? VK_PAGED_BINDINGS : VK_BINDINGS];
@@ -888,7 +892,7 @@ qattn_status vk_layout_create(qattn_ctx *ctx, vk_ctx *vc, uint32_t bindings, boo
     for (uint32_t i = 0; i < bindings; i++)
         b[i] = (VkDescriptorSetLayoutBinding){
             .binding = i,
-            .descriptorType = uniform_last && i == bindings - 1 ? VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER
+            .descriptorType = uniform_at >= 0 && i == (uint32_t)uniform_at ? VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER
                                                                 : VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
             .descriptorCount = 1,
             .stageFlags = VK_SHADER_STAGE_COMPUTE_BIT};

@@ -511,7 +511,10 @@ static void bad_inputs(void **state)
     assert_int_equal(qattn_buffer_fill(k, 0, qattn_tensor_bytes(&desc.k), 0x3c), QATTN_OK);
     assert_int_equal(qattn_buffer_fill(v, 0, qattn_tensor_bytes(&desc.v), 0x3c), QATTN_OK);
     assert_int_equal(qattn_buffer_fill(o, 0, obytes, 0xab), QATTN_OK);
-    qattn_run_args args = {.q = q, .k = k, .v = v, .o = o};
+    qattn_buffer *ws = NULL; /* GPU backends keep the checks' status word there */
+    if (qattn_plan_workspace_size(plan))
+        assert_int_equal(qattn_buffer_create(ctx, qattn_plan_workspace_size(plan), &ws), QATTN_OK);
+    qattn_run_args args = {.q = q, .k = k, .v = v, .o = o, .workspace = ws};
     assert_int_equal(qattn_run(plan, &args), QATTN_ERR_INVALID_ARGUMENT); /* needs its layout */
     assert_int_equal(qattn_sparse_run(plan, &args, NULL), QATTN_ERR_INVALID_ARGUMENT);
     const struct {
@@ -563,10 +566,16 @@ static void bad_inputs(void **state)
     assert_int_equal(qattn_buffer_upload(idx, 0, good_idx, sizeof(good_idx)), QATTN_OK);
     sa = (qattn_sparse_args){.block_indptr = ptr, .block_indices = idx, .block_count = 4};
     assert_int_equal(qattn_sparse_run(plan, &args, &sa), QATTN_OK);
+    assert_int_equal(qattn_ctx_synchronize(ctx), QATTN_OK);
     /* A layout for a plan without one. */
     qattn_plan *dense = NULL;
     assert_int_equal(qattn_plan_create(ctx, &desc, &dense), QATTN_OK);
+    qattn_buffer *dense_ws = NULL;
+    if (qattn_plan_workspace_size(dense))
+        assert_int_equal(qattn_buffer_create(ctx, qattn_plan_workspace_size(dense), &dense_ws), QATTN_OK);
+    args.workspace = dense_ws;
     assert_int_equal(qattn_sparse_run(dense, &args, &sa), QATTN_ERR_INVALID_ARGUMENT);
+    qattn_buffer_destroy(dense_ws);
     assert_int_equal(qattn_sparse_layout_rows(dense, NULL, NULL), 0);
     qattn_plan_destroy(dense);
     qattn_buffer_destroy(small);
@@ -576,6 +585,7 @@ static void bad_inputs(void **state)
     qattn_buffer_destroy(o);
     qattn_buffer_destroy(ptr);
     qattn_buffer_destroy(idx);
+    qattn_buffer_destroy(ws);
     qattn_plan_destroy(plan);
 }
 

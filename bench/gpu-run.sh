@@ -112,6 +112,10 @@ for spec in "--n 32768 --blocks 128x128 --keep 0.5" "--n 32768 --blocks 128x128 
   timeout 150 $B --backend cuda --b 1 --h 16 --d 128 --precision exact,int8_fp8 --check-rows 2 --warmup 3 \
     --iters 10 --no-finite-check $spec --json
 done > "$O/sparse_bench.jsonl" 2> "$O/sparse_bench.err"
+echo "### --n 131072 --data structured --predict 0.99 --causal" >> "$O/sparse_bench.jsonl"
+timeout 150 $B --backend cuda --b 1 --h 16 --d 128 --precision int8_fp8 --check-rows 1 --warmup 2 --iters 5 \
+  --no-finite-check --n 131072 --data structured --predict 0.99 --causal --json >> "$O/sparse_bench.jsonl" \
+  2>> "$O/sparse_bench.err"
 echo "rc=$?"
 grep -E "^###|sparse" "$O/sparse_bench.jsonl" | cut -c1-400
 echo "== torch SDPA beside them (dense, same shapes)"

@@ -182,8 +182,37 @@ qattn_status qa_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     const qa_ctx *c = ctx->impl;
     qattn_env env; /* QATTN_CUDA_WGMMA=0 keeps sm_90 on the mma.sync kernels (testing them on Hopper) */
     qattn_env_read(&env, NULL);
+    const qattn_sparse_problem *sp = &plan->sparse;
+    if (sp->enabled && !env.cuda_sparse)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "sparse attention on the cuda backend is off until it has been measured on a GPU: "
+                               "set QATTN_CUDA_SPARSE=1 to run it");
+    /* The selection kernel holds a layout row's weights in shared memory (cuda_sparse.cu). */
+    if (sp->enabled && sp->layout == QATTN_SPARSE_PREDICT && sp->k_blocks > QA_SPARSE_MAX_K_BLOCKS)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "predicted sparse layouts on the cuda backend take at most %d key blocks (this plan: "
+                               "%lld; use a larger k_block)",
+                               QA_SPARSE_MAX_K_BLOCKS, (long long)sp->k_blocks);
     qattn_status s = qa_plan_dense(ctx, plan, c->cc, c->rt->sm90a_kernels && env.cuda_wgmma);
-    if (s || (s = qa_enter(ctx)))
+    if (s)
+        return s;
+    /* Sparse plans run on the mma.sync kernels and the sm_90a TMA kernels;
+     * the cp.async wgmma kernel (FP8 with Nk % 16 != 0) has no sparse form. */
+    const qa_plan_info *info = plan->impl;
+    if (sp->enabled && info->wgmma && !info->tma && (s = qa_plan_dense(ctx, plan, c->cc, 0)))
+        return s;
+    if (sp->enabled && sp->layout != QATTN_SPARSE_NO_LAYOUT) {
+        const qattn_problem *p = &plan->problem;
+        const double tiles = (double)p->batch * (double)p->heads_kv * (double)((p->seq_q + QA_BLOCK_M - 1) / QA_BLOCK_M);
+        const double ksteps = (double)((p->seq_k + plan->kv_tile - 1) / plan->kv_tile);
+        if (tiles * ksteps * 12.0 > (double)(SIZE_MAX / 4) || tiles > INT32_MAX)
+            return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                                   "the sparse step lists of this problem (%.0f query tiles x %.0f key steps) are too "
+                                   "large for the cuda backend",
+                                   tiles, ksteps);
+        plan->backend_workspace = qa_sparse_lists_layout(plan, plan->backend_workspace).total;
+    }
+    if ((s = qa_enter(ctx)))
         return s;
     if (c->rt->dense_prepare(plan)) {
         int e = c->rt->last_error();
@@ -206,6 +235,9 @@ qattn_status qa_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_boun
         .o = (char *)run->o->impl + run->o_offset,
         .lse = run->lse ? (float *)((char *)run->lse->impl + run->lse_offset) : NULL,
         .ws = run->workspace ? (char *)run->workspace->impl + run->workspace_offset : NULL,
+        .block_indptr = run->block_indptr ? (const int32_t *)run->block_indptr->impl : NULL,
+        .block_indices = run->block_indices ? (const int32_t *)run->block_indices->impl : NULL,
+        .block_count = run->block_count,
     };
     const struct {
         const char *name;

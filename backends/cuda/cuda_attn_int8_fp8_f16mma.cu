@@ -6,15 +6,15 @@
 #include "cuda_launch.cuh"
 
 QA_NAMESPACE_BEGIN
-int attn_int8_fp8_f16mma(const AttnParams *p, int head_dim, bool f16acc, int grid, void *stream, bool prepare)
+int attn_int8_fp8_f16mma(const AttnParams *p, int head_dim, bool f16acc, int grid, void *stream, bool prepare, bool sparse)
 {
     switch (head_dim) {
     case 64:
-        return f16acc ? attn_launch<64, Qk::S8, Pv::E4M3H_F16>(p, grid, stream, prepare)
-                      : attn_launch<64, Qk::S8, Pv::E4M3H_F32>(p, grid, stream, prepare);
+        return f16acc ? attn_launch<64, Qk::S8, Pv::E4M3H_F16>(p, grid, stream, prepare, sparse)
+                      : attn_launch<64, Qk::S8, Pv::E4M3H_F32>(p, grid, stream, prepare, sparse);
     case 128:
-        return f16acc ? attn_launch<128, Qk::S8, Pv::E4M3H_F16>(p, grid, stream, prepare)
-                      : attn_launch<128, Qk::S8, Pv::E4M3H_F32>(p, grid, stream, prepare);
+        return f16acc ? attn_launch<128, Qk::S8, Pv::E4M3H_F16>(p, grid, stream, prepare, sparse)
+                      : attn_launch<128, Qk::S8, Pv::E4M3H_F32>(p, grid, stream, prepare, sparse);
     default: return 0;
     }
 }

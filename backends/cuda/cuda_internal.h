@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -63,7 +64,41 @@ typedef struct qa_dense_args {
     void *o;
     float *lse;
     void *ws;
+    /* QATTN_SPARSE_BLOCKS plans: the user's layout (indices may be NULL when count is 0). */
+    const int32_t *block_indptr, *block_indices;
+    int64_t block_count;
 } qa_dense_args;
+
+/*
+ * Sparse plans with a block layout (given or predicted): the pre-pass's
+ * per-tile step lists (cuda_sparse.cuh) in the backend's workspace region,
+ * after the quantization scratch: counts int32 [tiles], steps uint32
+ * [tiles][ksteps], cell masks uint64 [tiles][ksteps], for tiles = B * Hkv *
+ * ceil(Nq / 128) and ksteps = ceil(Nk / kv_tile).
+ */
+typedef struct qa_sparse_lists {
+    size_t count, steps, cells, total; /* byte offsets inside the backend region from `base` on */
+    int64_t tiles;
+    int ksteps, bn;
+} qa_sparse_lists;
+
+/* PREDICT plans: key blocks per layout row the selection kernel holds in 48 KiB of shared memory. */
+#define QA_SPARSE_MAX_K_BLOCKS 6000
+
+static inline qa_sparse_lists qa_sparse_lists_layout(const qattn_plan *plan, size_t base)
+{
+    const qattn_problem *p = &plan->problem;
+    qa_sparse_lists s;
+    memset(&s, 0, sizeof(s));
+    s.bn = plan->kv_tile;
+    s.ksteps = (int)((p->seq_k + s.bn - 1) / s.bn);
+    s.tiles = p->batch * p->heads_kv * ((p->seq_q + QA_BLOCK_M - 1) / QA_BLOCK_M);
+    s.count = qattn_round_up(base, 256);
+    s.steps = s.count + qattn_round_up((size_t)s.tiles * 4, 256);
+    s.cells = s.steps + qattn_round_up((size_t)s.tiles * (size_t)s.ksteps * 4, 256);
+    s.total = s.cells + qattn_round_up((size_t)s.tiles * (size_t)s.ksteps * 8, 256);
+    return s;
+}
 
 /* ----------------------------------------------------- paged KV cache */
 
@@ -280,7 +315,12 @@ qattn_status qa_merge_states(qattn_ctx *ctx, const qattn_merge_desc *desc, const
     .buffer_alloc = qa_buffer_alloc, .buffer_wrap = qa_buffer_wrap, .buffer_release = qa_buffer_release,               \
     .buffer_upload = qa_buffer_upload, .buffer_download = qa_buffer_download, .buffer_fill = qa_buffer_fill,           \
     .plan_init = qa_plan_init, .run = qa_run, .tensor_alignment = QA_ALIGN, .kv_append = qa_kv_append,                \
-    .paged_plan_init = qa_paged_plan_init, .paged_run = qa_paged_run, .merge_states = qa_merge_states
+    .paged_plan_init = qa_paged_plan_init, .paged_run = qa_paged_run, .merge_states = qa_merge_states,          \
+    .sparse = QA_SPARSE_CAPS
+
+/* What of a sparse plan the backend runs (with QATTN_CUDA_SPARSE=1; plan_init refuses sparse plans without it). */
+#define QA_SPARSE_CAPS                                                                                                 \
+    (QATTN_SPARSE_CAP_WINDOW | QATTN_SPARSE_CAP_BLOCKS | QATTN_SPARSE_CAP_PREDICT | QATTN_SPARSE_CAP_PV_SKIP)
 
 #ifdef __cplusplus
 }

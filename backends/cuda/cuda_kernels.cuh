@@ -24,6 +24,7 @@
 
 #include "internal.h"
 #include "cuda_device.cuh"
+#include "cuda_sparse.cuh"
 
 QA_NAMESPACE_BEGIN
 
@@ -61,6 +62,7 @@ struct AttnParams {
     int heads_q, heads_kv, group, seq_q, seq_k, q_tiles;
     int causal;
     float scale_log2; /* sm_scale * log2(e) */
+    SparseParams sp;  /* sparse plans (the SPARSE instantiations read it) */
 };
 
 /* Byte offset of 16-byte chunk c of row r in a tile with C chunks per row,
@@ -224,7 +226,7 @@ template <int D, Qk QK, Pv PV> struct AttnTraits {
  *   wait V; [sm_90 FP8: widen own V^T chunks to fp16]; barrier; copy next K
  *   online softmax; O += P V
  */
-template <int D, Qk QK, Pv PV> QA_KERNEL(kThreads) attention_kernel(const AttnParams p)
+template <int D, Qk QK, Pv PV, bool SPARSE = false> QA_KERNEL(kThreads) attention_kernel(const AttnParams p)
 {
     using T = AttnTraits<D, QK, PV>;
     constexpr bool FP8 = T::kFp8, PERM = T::kPermK, VH = T::kVh;
@@ -260,6 +262,23 @@ template <int D, Qk QK, Pv PV> QA_KERNEL(kThreads) attention_kernel(const AttnPa
     }
     const int n_tiles = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
     const int n_plain = min(n_tiles, mask_from / kBlockN); /* leading tiles without any mask */
+
+    /* Sparse plans: the key steps this tile visits (cuda_sparse.cuh) and
+     * the visible keys of this thread's four rows. */
+    [[maybe_unused]] StepWalk walk;
+    [[maybe_unused]] RowKeys rk[2][2];
+    int n_steps = n_tiles, first_j0 = 0;
+    if constexpr (SPARSE) {
+        walk = sparse_walk(p.sp, p.seq_q, p.seq_k, p.causal != 0, p.q_tiles, bhk, tile, i0, rows_valid);
+        n_steps = walk.count();
+        first_j0 = n_steps > 0 ? walk.step(0) * kBlockN : 0;
+QA_UNROLL
+        for (int mt = 0; mt < 2; mt++)
+QA_UNROLL
+            for (int hh = 0; hh < 2; hh++)
+                rk[mt][hh] = sparse_row_keys(p.sp, p.seq_q, p.seq_k, p.causal != 0,
+                                             i0 + warp * 32 + mt * 16 + hh * 8 + g);
+    }
 
     /* Global sources. */
     const uint8_t *gQ, *gK, *gV;
@@ -338,14 +357,15 @@ QA_UNROLL
     const int vh_ld = swz<HC>((mi >> 1) * 8 + (lane & 7), mi & 1);
 
     load_rows<kBlockM, QC>(sQ, gQ, q_row, rows_valid, NaturalRows());
-    if (n_tiles > 0)
-        load_k(0);
+    if (n_steps > 0)
+        load_k(first_j0);
     cp_async_commit();
 
-    /* One key tile; MASK: the tile holds keys past Nk or past a row's causal end. */
-    auto tile_step = [&](const int it, auto mask_tag) {
+    /* One key tile from key j0 (next_j0: the next tile's, or -1); MASK: the
+     * tile holds keys past Nk or past a row's causal end (sparse: keys the
+     * structured masks or the cell mask `cells` hide from some row). */
+    auto tile_step = [&](const int j0, const int next_j0, auto mask_tag, [[maybe_unused]] const uint64_t cells) {
         constexpr bool MASK = decltype(mask_tag)::value;
-        const int j0 = it * kBlockN;
         cp_async_wait<0>();
         sync_block(); /* K tile visible; every warp is done with the previous V tile */
         load_v(j0);
@@ -408,7 +428,11 @@ QA_UNROLL
                     float v = (float)s[mt][j][i] * q_scale[mt][i >> 1];
                     if constexpr (QK == Qk::S8)
                         v *= k_scale[j & 1][i & 1];
-                    if constexpr (MASK) {
+                    if constexpr (MASK && SPARSE) {
+                        const int kl = key_of<PERM>(j, 2 * t + (i & 1));
+                        if (!sparse_visible(rk[mt][i >> 1], j0 + kl, p.seq_k, cells, (warp * 2 + mt) * 8 + (kl >> 4)))
+                            v = -INFINITY;
+                    } else if constexpr (MASK) {
                         int key = j0 + key_of<PERM>(j, 2 * t + (i & 1));
                         int row = i0 + warp * 32 + mt * 16 + (i >> 1) * 8 + g;
                         if (key >= p.seq_k || (p.causal && key > row + diag))
@@ -433,13 +457,14 @@ QA_UNROLL_1 /* one chunk's temporaries at a time: S and O already hold most regi
             }
         }
         sync_block(); /* V tile visible; every warp is done with this K tile */
-        if (it + 1 < n_tiles)
-            load_k(j0 + kBlockN);
+        if (next_j0 >= 0)
+            load_k(next_j0);
         cp_async_commit();
 
         /* ---- online softmax (log2 domain) */
         bool rescale = false;
         float alpha[MT][2];
+        [[maybe_unused]] bool small[MT][2]; /* pv_threshold: the row's P all below 2^-lambda */
 QA_UNROLL
         for (int mt = 0; mt < MT; mt++)
 QA_UNROLL
@@ -455,6 +480,9 @@ QA_UNROLL
                 rescale = rescale || m_new != m[mt][hh];
                 alpha[mt][hh] = ex2(m[mt][hh] - m_use);
                 m[mt][hh] = m_new;
+                if constexpr (SPARSE)
+                    small[mt][hh] = mx - m_use < -p.sp.pv_threshold ||
+                                    i0 + warp * 32 + mt * 16 + hh * 8 + g >= p.seq_q;
                 const float bias = FP8 ? m_use - kLog2P8 : m_use; /* FP8: P comes out scaled by 448 */
                 float sum = 0.f;
 QA_UNROLL
@@ -481,8 +509,29 @@ QA_UNROLL
                 }
         }
 
+        /* pv_threshold (SpargeAttn's second stage): a 16-row m16 tile whose P
+         * all lie below 2^-lambda skips P V (its sums in l keep them). */
+        bool skip_pv = false;
+        if constexpr (SPARSE) {
+            if (p.sp.pv_threshold > 0.f) {
+                bool skip[MT];
+QA_UNROLL
+                for (int mt = 0; mt < MT; mt++) {
+                    skip[mt] = !warp_any(!(small[mt][0] && small[mt][1]));
+                    if (skip[mt])
+QA_UNROLL
+                        for (int j = 0; j < NT; j++)
+QA_UNROLL
+                            for (int i = 0; i < 4; i++)
+                                x[mt][j][i] = 0.f;
+                }
+                skip_pv = skip[0] && skip[1];
+            }
+        }
+
         /* ---- O += P V */
-        if constexpr (!FP8) {
+        if (skip_pv) {
+        } else if constexpr (!FP8) {
 QA_UNROLL
             for (int kc = 0; kc < NT / 2; kc++) {
                 uint32_t pa[MT][4];
@@ -629,11 +678,22 @@ QA_UNROLL
         }
     };
 
-    int it = 0;
-    for (; it < n_plain; it++)
-        tile_step(it, std::false_type());
-    for (; it < n_tiles; it++)
-        tile_step(it, std::true_type());
+    if constexpr (SPARSE) {
+        for (int w = 0; w < n_steps; w++) {
+            const int j0 = walk.step(w) * kBlockN;
+            const int next_j0 = w + 1 < n_steps ? walk.step(w + 1) * kBlockN : -1;
+            if (walk.masked(w))
+                tile_step(j0, next_j0, std::true_type(), walk.cell_mask(w));
+            else
+                tile_step(j0, next_j0, std::false_type(), ~(uint64_t)0);
+        }
+    } else {
+        int it = 0;
+        for (; it < n_plain; it++)
+            tile_step(it * kBlockN, it + 1 < n_tiles ? (it + 1) * kBlockN : -1, std::false_type(), ~(uint64_t)0);
+        for (; it < n_tiles; it++)
+            tile_step(it * kBlockN, it + 1 < n_tiles ? (it + 1) * kBlockN : -1, std::true_type(), ~(uint64_t)0);
+    }
     cp_async_wait<0>();
 
     /* ---- normalize and store O (and LSE) */

@@ -185,6 +185,9 @@ static const char *dense_enqueue(const qattn_plan *plan, const qa_dense_args *a,
     r.lse = a->lse;
     r.ws = (uint8_t *)a->ws;
     r.stream = stream;
+    r.block_indptr = a->block_indptr;
+    r.block_indices = a->block_indices;
+    r.block_count = a->block_count;
     return run_plan(plan, r);
 }
 

@@ -17,3 +17,4 @@
 #include "cuda_attn_int8_fp8_f16acc.cu"
 #include "cuda_attn_int8_fp8_f16mma.cu"
 #include "cuda_quant.cu"
+#include "cuda_sparse.cu"

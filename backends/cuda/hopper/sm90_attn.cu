@@ -29,9 +29,10 @@ static AttnParams with_cta_rows(const AttnParams &p, int rows)
     return r;
 }
 
-template <int D, bool BF16> static int sm90_exact_ws_launch(const AttnParams *p, int grid, void *stream, bool prepare)
+template <int D, bool BF16, bool SPARSE>
+static int sm90_exact_ws_launch(const AttnParams *p, int grid, void *stream, bool prepare)
 {
-    auto fn = &sm90::attention_exact_ws_kernel<D, BF16>;
+    auto fn = &sm90::attention_exact_ws_kernel<D, BF16, false, SPARSE>;
     using T = sm90::ExactWsTraits<D>;
     if (prepare)
         return QA_SET_SMEM(fn, T::kSmem) ? T::kSmem : 0;
@@ -47,9 +48,9 @@ template <int D, bool BF16> static int sm90_exact_ws_launch(const AttnParams *p,
 /* INT8_FP16 on the EXACT TMA kernel with INT8 Q.K (workspace Q, K int8 and V fp16). */
 static bool encode_i8f16_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int64_t batch, int q_rows, int kv_rows);
 
-template <int D> static int sm90_i8f16_launch(const AttnParams *p, int grid, void *stream, bool prepare)
+template <int D, bool SPARSE> static int sm90_i8f16_launch(const AttnParams *p, int grid, void *stream, bool prepare)
 {
-    auto fn = &sm90::attention_exact_ws_kernel<D, false, true>;
+    auto fn = &sm90::attention_exact_ws_kernel<D, false, true, SPARSE>;
     using T = sm90::ExactWsTraits<D, true>;
     if (prepare)
         return QA_SET_SMEM(fn, T::kSmem) ? T::kSmem : 0;
@@ -62,26 +63,39 @@ template <int D> static int sm90_i8f16_launch(const AttnParams *p, int grid, voi
     return T::kSmem;
 }
 
-int attn_sm90_int8_fp16(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare)
+template <bool SPARSE> static int sm90_int8_fp16_as(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare)
 {
     switch (head_dim) {
-    case 64: return sm90_i8f16_launch<64>(p, grid, stream, prepare);
-    case 128: return sm90_i8f16_launch<128>(p, grid, stream, prepare);
+    case 64: return sm90_i8f16_launch<64, SPARSE>(p, grid, stream, prepare);
+    case 128: return sm90_i8f16_launch<128, SPARSE>(p, grid, stream, prepare);
     default: return 0;
     }
 }
 
-int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare)
+int attn_sm90_int8_fp16(const AttnParams *p, int head_dim, int grid, void *stream, bool prepare, bool sparse)
+{
+    return sparse ? sm90_int8_fp16_as<true>(p, head_dim, grid, stream, prepare)
+                  : sm90_int8_fp16_as<false>(p, head_dim, grid, stream, prepare);
+}
+
+template <bool SPARSE>
+static int sm90_exact_as(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare)
 {
     switch (head_dim) {
-    case 64: return bf16 ? sm90_exact_ws_launch<64, true>(p, grid, stream, prepare)
-                         : sm90_exact_ws_launch<64, false>(p, grid, stream, prepare);
-    case 128: return bf16 ? sm90_exact_ws_launch<128, true>(p, grid, stream, prepare)
-                          : sm90_exact_ws_launch<128, false>(p, grid, stream, prepare);
-    case 256: return bf16 ? sm90_exact_ws_launch<256, true>(p, grid, stream, prepare)
-                          : sm90_exact_ws_launch<256, false>(p, grid, stream, prepare);
+    case 64: return bf16 ? sm90_exact_ws_launch<64, true, SPARSE>(p, grid, stream, prepare)
+                         : sm90_exact_ws_launch<64, false, SPARSE>(p, grid, stream, prepare);
+    case 128: return bf16 ? sm90_exact_ws_launch<128, true, SPARSE>(p, grid, stream, prepare)
+                          : sm90_exact_ws_launch<128, false, SPARSE>(p, grid, stream, prepare);
+    case 256: return bf16 ? sm90_exact_ws_launch<256, true, SPARSE>(p, grid, stream, prepare)
+                          : sm90_exact_ws_launch<256, false, SPARSE>(p, grid, stream, prepare);
     default: return 0;
     }
+}
+
+int attn_sm90_exact(const AttnParams *p, int head_dim, bool bf16, int grid, void *stream, bool prepare, bool sparse)
+{
+    return sparse ? sm90_exact_as<true>(p, head_dim, bf16, grid, stream, prepare)
+                  : sm90_exact_as<false>(p, head_dim, bf16, grid, stream, prepare);
 }
 
 /* The tensor-map encoder of the driver, found through the runtime (the
@@ -182,10 +196,10 @@ static bool encode_i8f16_maps(sm90::TmaMaps *m, const AttnParams &p, int D, int6
            encode_bhnd16(&m->v, p.vq, v_st, D, p.seq_k, p.heads_kv, batch, kv_rows);
 }
 
-template <int D, bool F16ACC, bool UNIFORM_K>
+template <int D, bool F16ACC, bool UNIFORM_K, bool SPARSE>
 static int sm90_fp8_ws_launch(const AttnParams *p, int grid, void *stream, bool prepare)
 {
-    auto fn = &sm90::attention_fp8_ws_kernel<D, F16ACC, UNIFORM_K>;
+    auto fn = &sm90::attention_fp8_ws_kernel<D, F16ACC, UNIFORM_K, SPARSE>;
     using T = sm90::WsTraits<D>;
     if (prepare)
         return QA_SET_SMEM(fn, T::kSmem) ? T::kSmem : 0;
@@ -198,28 +212,38 @@ static int sm90_fp8_ws_launch(const AttnParams *p, int grid, void *stream, bool 
     return T::kSmem;
 }
 
-template <int D, bool F16ACC> static int sm90_fp8_ws(const AttnParams *p, int grid, void *stream, bool prepare)
+template <int D, bool F16ACC, bool SPARSE>
+static int sm90_fp8_ws(const AttnParams *p, int grid, void *stream, bool prepare)
 {
     if (prepare) {
-        const int a = sm90_fp8_ws_launch<D, F16ACC, true>(p, grid, stream, true);
-        const int b = sm90_fp8_ws_launch<D, F16ACC, false>(p, grid, stream, true);
+        const int a = sm90_fp8_ws_launch<D, F16ACC, true, SPARSE>(p, grid, stream, true);
+        const int b = sm90_fp8_ws_launch<D, F16ACC, false, SPARSE>(p, grid, stream, true);
         return a > 0 && b > 0 ? a : 0;
     }
-    return p->k_inter == 1 ? sm90_fp8_ws_launch<D, F16ACC, true>(p, grid, stream, false)
-                           : sm90_fp8_ws_launch<D, F16ACC, false>(p, grid, stream, false);
+    return p->k_inter == 1 ? sm90_fp8_ws_launch<D, F16ACC, true, SPARSE>(p, grid, stream, false)
+                           : sm90_fp8_ws_launch<D, F16ACC, false, SPARSE>(p, grid, stream, false);
 }
 
-int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, bool tma, int grid, void *stream, bool prepare)
+template <bool SPARSE>
+static int sm90_fp8_ws_as(const AttnParams *p, int head_dim, bool f16acc, int grid, void *stream, bool prepare)
 {
-    if (tma) {
-        switch (head_dim) {
-        case 64: return f16acc ? sm90_fp8_ws<64, true>(p, grid, stream, prepare)
-                               : sm90_fp8_ws<64, false>(p, grid, stream, prepare);
-        case 128: return f16acc ? sm90_fp8_ws<128, true>(p, grid, stream, prepare)
-                                : sm90_fp8_ws<128, false>(p, grid, stream, prepare);
-        default: return 0;
-        }
+    switch (head_dim) {
+    case 64: return f16acc ? sm90_fp8_ws<64, true, SPARSE>(p, grid, stream, prepare)
+                           : sm90_fp8_ws<64, false, SPARSE>(p, grid, stream, prepare);
+    case 128: return f16acc ? sm90_fp8_ws<128, true, SPARSE>(p, grid, stream, prepare)
+                            : sm90_fp8_ws<128, false, SPARSE>(p, grid, stream, prepare);
+    default: return 0;
     }
+}
+
+int attn_sm90_fp8(const AttnParams *p, int head_dim, bool f16acc, bool tma, int grid, void *stream, bool prepare,
+                  bool sparse)
+{
+    if (tma)
+        return sparse ? sm90_fp8_ws_as<true>(p, head_dim, f16acc, grid, stream, prepare)
+                      : sm90_fp8_ws_as<false>(p, head_dim, f16acc, grid, stream, prepare);
+    if (sparse)
+        return 0; /* the cp.async wgmma kernel has no sparse form: the planner keeps those plans on mma.sync */
     switch (head_dim) {
     case 64: return f16acc ? sm90_fp8_launch<64, true>(p, grid, stream, prepare)
                            : sm90_fp8_launch<64, false>(p, grid, stream, prepare);

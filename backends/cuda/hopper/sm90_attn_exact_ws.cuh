@@ -49,7 +49,7 @@ QA_DEV void tma_load_4d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int 
 }
 #endif
 
-template <int D, bool BF16, bool INT8_QK = false>
+template <int D, bool BF16, bool INT8_QK = false, bool SPARSE = false>
 __global__ void __launch_bounds__(WsShape::kThreads, 1)
     attention_exact_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
 {
@@ -74,6 +74,21 @@ __global__ void __launch_bounds__(WsShape::kThreads, 1)
     sync_block();
 
     const TileSpan ts = tile_span_steps(p, T::kRows, BN);
+    /* Sparse plans: producer and consumers walk the same key steps
+     * (cuda_sparse.cuh); `it` stays the ring position, kstep(it) the keys. */
+    [[maybe_unused]] StepWalk walk;
+    int n_steps = ts.n_tiles;
+    if constexpr (SPARSE) {
+        walk = sparse_walk(p.sp, p.seq_q, p.seq_k, p.causal != 0, p.q_tiles, ts.bhk, ts.i0 / T::kRows, ts.i0,
+                           ts.rows_valid);
+        n_steps = walk.count();
+    }
+    auto kstep = [&](int it) {
+        if constexpr (SPARSE)
+            return walk.step(it);
+        else
+            return it;
+    };
     const int warp = warp_id();
     if (warp < 4) {
         setmaxnreg_dec<T::kProducerRegs>();
@@ -87,17 +102,17 @@ __global__ void __launch_bounds__(WsShape::kThreads, 1)
             else
                 for (int c = 0; c < CB; c++)
                     tma_load_4d(sQ + c * T::kRows * 128, &maps.q, ring.q(), c * 64, ts.i0, ts.h, ts.b);
-            for (int it = 0; it < ts.n_tiles; it++) {
+            for (int it = 0; it < n_steps; it++) {
+                const int j0 = kstep(it) * BN;
                 ring.acquire(it);
                 const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
                 mbar_expect_tx(ring.full(it), T::kStageBytes);
                 if constexpr (INT8_QK) /* rows past this head's keys are masked */
-                    tma_load_2d(stage, &maps.k, ring.full(it), 0, (int)(ts.bhk * p.seq_k + it * BN));
+                    tma_load_2d(stage, &maps.k, ring.full(it), 0, (int)(ts.bhk * p.seq_k + j0));
                 for (int c = 0; c < CB; c++) {
                     if constexpr (!INT8_QK)
-                        tma_load_4d(stage + c * BN * 128, &maps.k, ring.full(it), c * 64, it * BN, ts.hk, ts.b);
-                    tma_load_4d(stage + T::kKBytes + c * BN * 128, &maps.v, ring.full(it), c * 64, it * BN, ts.hk,
-                                ts.b);
+                        tma_load_4d(stage + c * BN * 128, &maps.k, ring.full(it), c * 64, j0, ts.hk, ts.b);
+                    tma_load_4d(stage + T::kKBytes + c * BN * 128, &maps.v, ring.full(it), c * 64, j0, ts.hk, ts.b);
                 }
             }
         }
@@ -106,8 +121,12 @@ __global__ void __launch_bounds__(WsShape::kThreads, 1)
         const int lane = lane_id();
         const int cw = (warp >> 2) - 1, wl = warp & 3;
         const int g = lane >> 2, t = lane & 3;
-        const int i0 = ts.i0, diag = ts.diag, n_tiles = ts.n_tiles, n_plain = ts.n_plain;
+        const int i0 = ts.i0, diag = ts.diag, n_tiles = n_steps, n_plain = ts.n_plain;
         const int row_base = cw * 64 + wl * 16 + g; /* this thread's rows: row_base and row_base + 8 */
+        [[maybe_unused]] RowKeys rk[2];
+        if constexpr (SPARSE)
+            for (int hh = 0; hh < 2; hh++)
+                rk[hh] = sparse_row_keys(p.sp, p.seq_q, p.seq_k, p.causal != 0, i0 + row_base + hh * 8);
 
         float o[DT * 4];
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -144,7 +163,7 @@ QA_UNROLL
         auto load_k_scales = [&](int it, float (&ks)[BN / 64][2]) {
 QA_UNROLL
             for (int b = 0; b < BN / 64; b++) {
-                const int blk = min(it * (BN / 64) + b, k_blocks - 1);
+                const int blk = min(kstep(it) * (BN / 64) + b, k_blocks - 1);
                 const float *kb = p.k_scale + ts.bhk * p.k_groups + (int64_t)blk * p.k_inter;
 QA_UNROLL
                 for (int cb = 0; cb < 2; cb++)
@@ -183,7 +202,10 @@ QA_UNROLL
         auto softmax = [&](int it, auto mask_tag, const float (&ksc)[T::kBN / 64][2], uint32_t (&pa)[T::kBN / 16][4],
                            float (&alpha)[2]) {
             constexpr bool MASK = decltype(mask_tag)::value;
-            const int j0 = it * BN;
+            const int j0 = kstep(it) * BN;
+            [[maybe_unused]] uint64_t cells = ~(uint64_t)0;
+            if constexpr (SPARSE && MASK)
+                cells = walk.cell_mask(it);
             float x[NT][4];
             /* INT8: the score from the int32 sum in one FFMA (the raw form of
              * sm90_attn.cuh: the bits of s + 1.5 * 2^23 read as a float). */
@@ -209,7 +231,11 @@ QA_UNROLL
                                  nb[j >> 3][i >> 1][i & 1]);
                     else
                         v = s[4 * j + i] * p.scale_log2;
-                    if constexpr (MASK) {
+                    if constexpr (MASK && SPARSE) {
+                        const int kl = j * 8 + 2 * t + (i & 1);
+                        if (!sparse_visible(rk[i >> 1], j0 + kl, p.seq_k, cells, (cw * 4 + wl) * 8 + (kl >> 4)))
+                            v = -INFINITY;
+                    } else if constexpr (MASK) {
                         const int key = j0 + j * 8 + 2 * t + (i & 1);
                         const int row = i0 + row_base + (i >> 1) * 8;
                         if (key >= p.seq_k || (p.causal && key > row + diag))
@@ -218,6 +244,12 @@ QA_UNROLL
                     x[j][i] = v;
                 }
             online_softmax(x, m, l, alpha, 0.f);
+            if constexpr (SPARSE) { /* pv_threshold: l already counts the skipped P */
+                float unused[2];
+                if (p.sp.pv_threshold > 0.f)
+                    pv_group_skip(x, p.sp.pv_threshold, 1.f, i0 + row_base < p.seq_q, i0 + row_base + 8 < p.seq_q,
+                                  unused);
+            }
 QA_UNROLL
             for (int kc = 0; kc < BN / 16; kc++) {
                 if constexpr (BF16)
@@ -228,7 +260,12 @@ QA_UNROLL
         };
         auto softmax_tile = [&](int it, const float (&ksc)[T::kBN / 64][2], uint32_t (&pa)[T::kBN / 16][4],
                                 float (&alpha)[2]) {
-            if (it < n_plain)
+            bool plain;
+            if constexpr (SPARSE)
+                plain = !walk.masked(it);
+            else
+                plain = it < n_plain;
+            if (plain)
                 softmax(it, std::false_type(), ksc, pa, alpha);
             else
                 softmax(it, std::true_type(), ksc, pa, alpha);

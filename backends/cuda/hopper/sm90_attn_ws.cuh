@@ -221,7 +221,7 @@ QA_UNROLL
 }
 #endif
 
-template <int D, bool F16ACC, bool UNIFORM_K>
+template <int D, bool F16ACC, bool UNIFORM_K, bool SPARSE = false>
 __global__ void __launch_bounds__(WsShape::kThreads, 1)
     attention_fp8_ws_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps)
 {
@@ -252,6 +252,21 @@ __global__ void __launch_bounds__(WsShape::kThreads, 1)
     sync_block();
 
     const TileSpan ts = tile_span_steps(p, T::kRows, BN);
+    /* Sparse plans: producer and consumers walk the same key steps
+     * (cuda_sparse.cuh); `it` stays the ring position, kstep(it) the keys. */
+    [[maybe_unused]] StepWalk walk;
+    int n_steps = ts.n_tiles;
+    if constexpr (SPARSE) {
+        walk = sparse_walk(p.sp, p.seq_q, p.seq_k, p.causal != 0, p.q_tiles, ts.bhk, ts.i0 / T::kRows, ts.i0,
+                           ts.rows_valid);
+        n_steps = walk.count();
+    }
+    auto kstep = [&](int it) {
+        if constexpr (SPARSE)
+            return walk.step(it);
+        else
+            return it;
+    };
     const int warp = warp_id();
     if (warp < 4) {
         /* Producer: one thread issues every copy. */
@@ -264,12 +279,13 @@ __global__ void __launch_bounds__(WsShape::kThreads, 1)
             tma_load_2d(sQ, &maps.q, ring.q(), 0, (int)(ts.bhq * p.seq_q + ts.i0));
             const int key16 = (int)(ts.bhk * p.seq_k / 16);
             const int v_row = (int)(ts.bhk * D);
-            for (int it = 0; it < ts.n_tiles; it++) {
+            for (int it = 0; it < n_steps; it++) {
+                const int ks = kstep(it);
                 ring.acquire(it);
                 const uint32_t stage = sStage + (uint32_t)((it % S) * T::kStageBytes);
                 mbar_expect_tx(ring.full(it), T::kCopyBytes);
-                tma_load_5d(stage, &maps.k, ring.full(it), key16 + it * (BN / 16));
-                tma_load_2d(stage + T::kKBytes, &maps.v, ring.full(it), it * BN, v_row);
+                tma_load_5d(stage, &maps.k, ring.full(it), key16 + ks * (BN / 16));
+                tma_load_2d(stage + T::kKBytes, &maps.v, ring.full(it), ks * BN, v_row);
             }
         }
     } else {
@@ -277,7 +293,7 @@ __global__ void __launch_bounds__(WsShape::kThreads, 1)
         const int lane = lane_id();
         const int cw = (warp >> 2) - 1, wl = warp & 3; /* consumer warpgroup, warp within it */
         const int g = lane >> 2, t = lane & 3;
-        const int i0 = ts.i0, diag = ts.diag, n_tiles = ts.n_tiles, n_plain = ts.n_plain;
+        const int i0 = ts.i0, diag = ts.diag, n_tiles = n_steps, n_plain = ts.n_plain;
         const int64_t bhq = ts.bhq, bhk = ts.bhk;
 
         /* This thread's two rows (within the CTA tile): r and r + 8. Rows past
@@ -291,6 +307,11 @@ QA_UNROLL
             const int64_t grp = (int64_t)(row / p.q_block) * p.q_inter + (row % p.q_block) % p.q_inter;
             q_scale[hh] = row < p.seq_q ? p.q_scale[bhq * p.q_groups + grp] * p.scale_log2 : 1e-6f;
         }
+
+        [[maybe_unused]] RowKeys rk[2];
+        if constexpr (SPARSE)
+            for (int hh = 0; hh < 2; hh++)
+                rk[hh] = sparse_row_keys(p.sp, p.seq_q, p.seq_k, p.causal != 0, i0 + row_base + hh * 8);
 
         float o[DT * 4];
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -328,7 +349,7 @@ QA_UNROLL
         auto load_k_scales = [&](int it, float (&k_scale)[T::kBN / 64][2][2]) {
 QA_UNROLL
             for (int b = 0; b < NB; b++) {
-                const int blk = min(it * NB + b, k_blocks - 1);
+                const int blk = min(kstep(it) * NB + b, k_blocks - 1);
                 const float *ks_tile = p.k_scale + bhk * p.k_groups + (int64_t)blk * p.k_inter;
                 if constexpr (UNIFORM_K) {
                     k_scale[b][0][0] = k_scale[b][0][1] = k_scale[b][1][0] = k_scale[b][1][1] = ks_tile[0];
@@ -343,15 +364,22 @@ QA_UNROLL
         };
         /* -inf for a key past seq_k or (causal) right of this row's diagonal;
          * column group j, element i of the S fragment, K rows in key_of order. */
+        /* Sparse: outside the row's windows or sinks, or in a cell the layout drops. */
+        [[maybe_unused]] uint64_t cells = ~(uint64_t)0;
         auto masked = [&](float v, int j0, int j, int i) {
-            const int key = j0 + key_of<true>(j, 2 * t + (i & 1));
+            const int kl = key_of<true>(j, 2 * t + (i & 1));
+            const int key = j0 + kl;
+            if constexpr (SPARSE)
+                return sparse_visible(rk[i >> 1], key, p.seq_k, cells, (cw * 4 + wl) * 8 + (kl >> 4)) ? v : -INFINITY;
             const int row = i0 + row_base + (i >> 1) * 8;
             return key >= p.seq_k || (p.causal && key > row + diag) ? -INFINITY : v;
         };
         auto softmax = [&](int it, auto mask_tag, const float (&k_scale)[T::kBN / 64][2][2],
-                           uint32_t (&pa)[T::kBN / 32][4], float (&alpha)[2]) {
+                           uint32_t (&pa)[T::kBN / 32][4], float (&alpha)[2], float (&pv_sum)[2]) {
             constexpr bool MASK = decltype(mask_tag)::value;
-            const int j0 = it * BN;
+            const int j0 = kstep(it) * BN;
+            if constexpr (SPARSE && MASK)
+                cells = walk.cell_mask(it);
             float x[NT][4];
             if constexpr (UNIFORM_K) {
                 /* The raw scores (see online_softmax_raw). */
@@ -394,6 +422,14 @@ QA_UNROLL
                     }
                 online_softmax<NT, false>(x, m, l, alpha, kLog2P8);
             }
+            /* pv_threshold: this warp's 16 rows skip P V; their sums, which the
+             * ones block would have given, go to l directly (o_update). */
+            pv_sum[0] = pv_sum[1] = 0.f;
+            if constexpr (SPARSE) {
+                if (p.sp.pv_threshold > 0.f)
+                    pv_group_skip(x, p.sp.pv_threshold, 448.f, i0 + row_base < p.seq_q, i0 + row_base + 8 < p.seq_q,
+                                  pv_sum);
+            }
             /* P x448 to E4M3 in the A-register layout (see sm90_attn.cuh). */
 QA_UNROLL
             for (int kc = 0; kc < BN / 32; kc++) {
@@ -405,11 +441,16 @@ QA_UNROLL
             }
         };
         auto softmax_tile = [&](int it, const float (&k_scale)[T::kBN / 64][2][2], uint32_t (&pa)[T::kBN / 32][4],
-                                float (&alpha)[2]) {
-            if (it < n_plain)
-                softmax(it, std::false_type(), k_scale, pa, alpha);
+                                float (&alpha)[2], float (&pv_sum)[2]) {
+            bool plain;
+            if constexpr (SPARSE)
+                plain = !walk.masked(it);
             else
-                softmax(it, std::true_type(), k_scale, pa, alpha);
+                plain = it < n_plain;
+            if (plain)
+                softmax(it, std::false_type(), k_scale, pa, alpha, pv_sum);
+            else
+                softmax(it, std::true_type(), k_scale, pa, alpha, pv_sum);
         };
 
         using Acc = typename std::conditional<F16ACC, uint32_t, float>::type;
@@ -447,7 +488,7 @@ QA_UNROLL
             }
             wgmma_commit();
         };
-        auto o_update = [&](const float (&alpha)[2]) {
+        auto o_update = [&](const float (&alpha)[2], const float (&pv_sum)[2]) {
 QA_UNROLL
             for (int n = 0; n < DT; n++) {
                 if constexpr (F16ACC) {
@@ -468,10 +509,14 @@ QA_UNROLL
                 l[0] = l[0] * alpha[0] + acc[0][4 * DT];
                 l[1] = l[1] * alpha[1] + acc[0][4 * DT + 2];
             }
+            if constexpr (SPARSE) {
+                l[0] += pv_sum[0];
+                l[1] += pv_sum[1];
+            }
         };
 
         uint32_t pa[2][BN / 32][4];
-        float alpha[2][2];
+        float alpha[2][2], pv_sum[2][2];
         /* K scales, loaded a step before their softmax (an L2 round trip is
          * longer than the S GEMM it would otherwise hide behind). */
         float k_scale[2][NB][2][2];
@@ -483,15 +528,16 @@ QA_UNROLL
             qk_issue(0);
             wgmma_wait<0>();
             fence_operands(s);
-            softmax_tile(0, k_scale[0], pa[0], alpha[0]);
+            softmax_tile(0, k_scale[0], pa[0], alpha[0], pv_sum[0]);
         }
         /* Iteration it: S of tile it + 1 and P V of tile it issued back to back,
          * the softmax of tile it + 1 while P V runs (sm90_attn.cuh). The last
          * tile issues a throwaway S of itself so that every path has the same
          * wgmma groups in flight. */
         auto step = [&](int it, const uint32_t (&pa_cur)[T::kBN / 32][4], const float (&alpha_cur)[2],
-                        uint32_t (&pa_next)[T::kBN / 32][4], float (&alpha_next)[2],
-                        const float (&ks_next)[T::kBN / 64][2][2], float (&ks_after)[T::kBN / 64][2][2]) {
+                        const float (&sum_cur)[2], uint32_t (&pa_next)[T::kBN / 32][4], float (&alpha_next)[2],
+                        float (&sum_next)[2], const float (&ks_next)[T::kBN / 64][2][2],
+                        float (&ks_after)[T::kBN / 64][2][2]) {
             const bool more = it + 1 < n_tiles;
             const int next = more ? it + 1 : it;
             /* ks_after held tile it's scales, used by the previous softmax. */
@@ -502,19 +548,23 @@ QA_UNROLL
             pv_issue(it, pa_cur);
             wgmma_wait<1>(); /* S of the next tile (committed first) */
             fence_operands(s);
+            /* o_update reads sum_cur after the softmax: copy it first (the
+             * next softmax writes the other slot, but keep it obvious). */
+            const float sc0 = sum_cur[0], sc1 = sum_cur[1];
             if (more)
-                softmax_tile(next, ks_next, pa_next, alpha_next);
+                softmax_tile(next, ks_next, pa_next, alpha_next, sum_next);
             wgmma_wait<0>();
 QA_UNROLL
             for (int a = 0; a < NACC; a++)
                 fence_operands(acc[a]);
             ring.release(it, lane);
-            o_update(alpha_cur);
+            const float cur_sum[2] = {sc0, sc1};
+            o_update(alpha_cur, cur_sum);
         };
         for (int it = 0; it < n_tiles; it += 2) {
-            step(it, pa[0], alpha[0], pa[1], alpha[1], k_scale[1], k_scale[0]);
+            step(it, pa[0], alpha[0], pv_sum[0], pa[1], alpha[1], pv_sum[1], k_scale[1], k_scale[0]);
             if (it + 1 < n_tiles)
-                step(it + 1, pa[1], alpha[1], pa[0], alpha[0], k_scale[0], k_scale[1]);
+                step(it + 1, pa[1], alpha[1], pv_sum[1], pa[0], alpha[0], pv_sum[0], k_scale[0], k_scale[1]);
         }
         /* Every thread of a row holds the whole row sum; store_rows adds the
          * four threads' parts. */

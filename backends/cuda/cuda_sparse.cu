@@ -244,7 +244,7 @@ bool sparse_layout(const LayoutParams &lp, long long tiles, void *stream)
     if (tiles <= 0)
         return true;
     const int smem = (3 * 8 + kLayoutThreads + 1) * 4;
-    QA_LAUNCH(sparse_layout_kernel, (int)tiles, kLayoutThreads, smem, stream, lp);
+    QA_LAUNCH(sparse_layout_kernel<128>, (int)tiles, kLayoutThreads, smem, stream, lp);
     return true;
 }
 

@@ -277,9 +277,12 @@ QA_DEV void layout_row(const LayoutParams &p, int64_t r, int64_t &begin, int64_t
  * wholly visible to every row. Shared memory: 3 x 8 ints of row-group
  * ranges and kLayoutThreads + 1 ints for the scan.
  */
-QA_KERNEL(kLayoutThreads) sparse_layout_kernel(const LayoutParams p)
+/* A template only so that every translation unit including this header may
+ * hold it (a plain __global__ function would be defined once per object). */
+template <int kRows> QA_KERNEL(kLayoutThreads) sparse_layout_kernel(const LayoutParams p)
 {
-    constexpr int kRows = 128, kGroups = kRows / 16;
+    static_assert(kRows == kLayoutThreads, "one thread per row");
+    constexpr int kGroups = kRows / 16;
     int *g_lo = (int *)dynamic_smem(), *g_hi = g_lo + kGroups, *g_sink = g_hi + kGroups;
     int *scan = g_sink + kGroups; /* [kLayoutThreads + 1] */
     const int bx = block_x();

@@ -119,7 +119,7 @@ timeout 150 $B --backend cuda --b 1 --h 16 --d 128 --precision int8_fp8 --check-
 echo "rc=$?"
 grep -E "^###|sparse" "$O/sparse_bench.jsonl" | cut -c1-400
 echo "== torch SDPA beside them (dense, same shapes)"
-timeout 200 python3 bench/compare.py --d 128 --n ${SPARSE_TORCH_N:-32768,131072} --causal both --backends flash,cudnn,qattn \
+timeout 200 python3 bench/compare.py --d 128 --n ${SPARSE_TORCH_N:-32768,131072} --causal ${SPARSE_TORCH_CAUSAL:-both} --backends flash,cudnn,qattn \
   --modes exact,int8_fp8 --iters 10 --warmup 3 --ref-heads 1 --json "$O/sparse_torch.json" \
   --markdown "$O/sparse_torch.md" > "$O/sparse_torch.log" 2>&1
 echo "rc=$?"

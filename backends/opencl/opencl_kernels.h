@@ -9,5 +9,6 @@ extern const char qattn_opencl_src_flash[];
 extern const char qattn_opencl_src_paged[];
 extern const char qattn_opencl_src_merge[];
 extern const char qattn_opencl_src_kv_append[];
+extern const char qattn_opencl_src_sparse[];
 
 #endif

@@ -20,6 +20,12 @@
  * INT8 Q.K exact in integers, P rounded to fp16 or to E4M3 (P * 448), V fp16
  * or E4M3 with per-channel scales, F16ACC rounding sums of 32 keys into an
  * fp16 accumulator per 64-key block.
+ *
+ * SPARSE (sparse.cl comes before this file): the tile visits only the key
+ * steps its rows see under causal + window + sinks (sp_tile_steps), or, with
+ * a layout, the steps sparse_lists listed for its (b, hkv, tile), masking per
+ * element only in steps the masks cut; pv_limit > 0 drops P.V of a 16-row
+ * group for a step whose P are all below it (the row sums keep them).
  */
 #define MODE_EXACT 0
 #define MODE_INT8_FP16 1
@@ -38,6 +44,9 @@
 #define KC (HEAD_DIM > 128 ? 16 : 32)
 #ifndef F16ACC_CHUNK
 #define F16ACC_CHUNK 32 /* keys summed exactly before each fp16 accumulation (plan: pv_f16_chunk) */
+#endif
+#ifndef SPARSE
+#define SPARSE 0
 #endif
 
 /* Channels (exact) or 4-channel words (INT8) staged per Q.K step. */
@@ -114,7 +123,12 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void flash_attention(
     long lse_off, int want_lse,
     int heads_q, int heads_kv, int group, int nq, int nk, int causal, float qk_scale, int nqb,
     long status_at, long q_i8_at, long k_i8_at, long v_q_at, long q_scale_at, long k_scale_at, long v_scale_at,
-    long q_kmean_at, int q_groups, int k_groups, int q_block, int q_inter, int k_block, int k_inter, int nk_pad)
+    long q_kmean_at, int q_groups, int k_groups, int q_block, int q_inter, int k_block, int k_inter, int nk_pad
+#if SPARSE
+    , int sp_window, long sp_left, long sp_right, long sp_sinks, int sp_layout, long sp_counts_at, long sp_list_at,
+    int sp_nsteps, float pv_limit
+#endif
+    )
 {
     /* One local array: the staging area, P, the row reductions; at the end
      * the normalized output block, stored to global memory cooperatively. */
@@ -140,6 +154,31 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void flash_attention(
     const int last_row = min(row0 + BQ, nq) - 1;
     const int key_end = causal ? min(nk, last_row + 1 + diag) : nk;
     const int ntiles = key_end > 0 ? (key_end + BK - 1) / BK : 0;
+#if SPARSE
+    /* Each row's keys, the tile's union (the steps it visits) and what every row sees (unmasked steps). */
+    local int pv_big[BQ / 16];
+    int row_lo[TM], row_hi[TM], row_sink[TM];
+#pragma unroll
+    for (int r = 0; r < TM; r++) {
+        int i = row0 + ty * TM + r;
+        row_lo[r] = row_hi[r] = row_sink[r] = 0;
+        if (i < nq)
+            sp_row_keys(i, nq, nk, causal, sp_window, sp_left, sp_right, sp_sinks, &row_lo[r], &row_hi[r],
+                        &row_sink[r]);
+    }
+    int u_lo, u_hi, u_sink, x_lo, x_hi, x_sink, sp_ns, sp_w0, nsteps;
+    sp_tile_keys(row0, min(BQ, nq - row0), nq, nk, causal, sp_window, sp_left, sp_right, sp_sinks, &u_lo, &u_hi,
+                 &u_sink, &x_lo, &x_hi, &x_sink);
+    sp_tile_steps(u_lo, u_hi, u_sink, &sp_ns, &sp_w0, &nsteps);
+    global const uint2 *sp_list = 0;
+    if (sp_layout) {
+        const long at = (long)bhk * nqb + qblk;
+        nsteps = clamp(((global const int *)(ws + sp_counts_at))[at], 0, sp_nsteps);
+        sp_list = (global const uint2 *)(ws + sp_list_at) + at * sp_nsteps;
+    }
+    const uint all_cells = BQ == 64 ? 0xffffu : 0xffu;
+    const int my_group = (ty * TM) / 16;
+#endif
 
     global const in_bits *qh = q + q_off + (long)b * q_sb + (long)h * q_sh;
     global const in_bits *kh = k + k_off + (long)b * k_sb + (long)hk * k_sh;
@@ -170,8 +209,21 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void flash_attention(
             acc[r][i] = 0.0f;
     }
 
+#if SPARSE
+    for (int e = 0; e < nsteps; e++) {
+        int tile = e < sp_ns ? e : sp_w0 + e - sp_ns;
+        uint cells = all_cells;
+        if (sp_layout) {
+            const uint2 it = sp_list[e];
+            tile = (int)it.x;
+            cells = it.y;
+        }
+        const int j0 = tile * BK;
+        const bool cut = cells != all_cells || !sp_step_full(j0, nk, x_lo, x_hi, x_sink);
+#else
     for (int tile = 0; tile < ntiles; tile++) {
         const int j0 = tile * BK;
+#endif
 
         /* ---- S = Q K^T for BQ rows x BK keys, DC channels (words) per step */
 #if QUANT
@@ -191,6 +243,10 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void flash_attention(
             }
         for (int d0 = 0; d0 < QK_STEPS; d0 += DC) {
             barrier(CLK_LOCAL_MEM_FENCE); /* the previous readers of `stage` are done */
+#if SPARSE
+            if (d0 == 0 && lid < BQ / 16)
+                pv_big[lid] = 0; /* the previous step's readers passed this barrier */
+#endif
             /* Stage Q [DC][BQ] and K [DC][BK], transposed; 4 channels (words) per item,
              * consecutive work-items on consecutive channels of a row. */
             for (int e = lid; e < BQ * (DC / 4); e += WG) {
@@ -274,7 +330,15 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void flash_attention(
 #else
                 float x = s[r][c];
 #endif
+#if SPARSE
+                bool vis = true;
+                if (cut)
+                    vis = (j < row_sink[r] || (j >= row_lo[r] && j < row_hi[r])) &&
+                          ((cells >> (4 * ((ty * TM + r) >> 4) + (tx >> 2))) & 1u);
+                s[r][c] = vis ? x : -INFINITY;
+#else
                 s[r][c] = j < visible ? x : -INFINITY;
+#endif
                 tile_max[r] = fmax(tile_max[r], s[r][c]);
             }
         }
@@ -306,13 +370,42 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void flash_attention(
         }
 
         /* P = 2^(s - m): the row sum uses P unquantized, P.V its quantized value. */
+#if SPARSE
+#pragma unroll
+        for (int c = 0; c < TN; c++)
+#pragma unroll
+            for (int r = 0; r < TM; r++)
+                s[r][c] = native_exp2(s[r][c] - m_ref[r]);
+        /* pv_threshold: a 16-row group (absolute rows; row0 is a multiple of 16) whose P in this
+         * step are all below the limit adds nothing to P.V; a step where every group does skips V. */
+        bool pv_drop = false, pv_skip_step = false;
+        if (pv_limit > 0.0f) {
+            bool big = false;
+#pragma unroll
+            for (int r = 0; r < TM; r++)
+#pragma unroll
+                for (int c = 0; c < TN; c++)
+                    big = big || (s[r][c] >= pv_limit && row0 + ty * TM + r < nq);
+            if (big)
+                pv_big[my_group] = 1;
+            barrier(CLK_LOCAL_MEM_FENCE);
+            pv_drop = pv_big[my_group] == 0;
+            pv_skip_step = true;
+            for (int g = 0; g < BQ / 16; g++)
+                pv_skip_step = pv_skip_step && pv_big[g] == 0;
+        }
+#endif
 #pragma unroll
         for (int c = 0; c < TN; c++) {
             float pq[TM];
 #pragma unroll
             for (int r = 0; r < TM; r++) {
+#if SPARSE
+                float p = pv_drop ? 0.0f : s[r][c];
+#else
                 float p = native_exp2(s[r][c] - m_ref[r]);
                 s[r][c] = p;
+#endif
 #if MODE == MODE_INT8_FP16
                 pq[r] = round_f16(p);
 #elif FP8
@@ -338,6 +431,10 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void flash_attention(
         }
 
         /* ---- O += P V, V staged KC keys at a time */
+#if SPARSE
+        if (pv_skip_step)
+            continue; /* no group keeps a product: V is not loaded */
+#endif
 #if MODE == MODE_INT8_FP8_F16ACC
         float acc16[TM][TD], part[TM][TD];
 #pragma unroll

@@ -8,6 +8,7 @@
  * back; without it the run is asynchronous on the context's queue.
  */
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,8 +26,16 @@
 
 typedef struct ocl_plan {
     cl_kernel scan, k_mean, quant_rows, q_kmean, quant_v, flash;
+    cl_kernel sp_lists, sp_pool, sp_select, sp_density; /* sparse plans (sparse.cl) */
     int tm;  /* query rows per work-item */
     int nqb; /* query blocks of 8*tm rows */
+    /* Sparse plans with a layout: the flash tiles' step lists in the backend's
+     * workspace region (byte offsets from its start): counts [B*Hkv*nqb] int32,
+     * lists [B*Hkv*nqb][nsteps] (step, cell mask) uint2; PREDICT adds keep
+     * flags and weights [rows][scratch_stride] uint32 and visible counts [rows] int32. */
+    int nsteps;
+    int64_t scratch_stride; /* k_blocks rounded up to 64, plus 128 words of padding */
+    size_t sp_counts, sp_list, sp_keep, sp_vis, sp_weight;
 } ocl_plan;
 
 void qattn_opencl_plan_release(qattn_ctx *ctx, qattn_plan *plan)
@@ -34,7 +43,8 @@ void qattn_opencl_plan_release(qattn_ctx *ctx, qattn_plan *plan)
     ocl_plan *op = plan->impl;
     if (!op)
         return;
-    const cl_kernel all[] = {op->scan, op->k_mean, op->quant_rows, op->q_kmean, op->quant_v, op->flash};
+    const cl_kernel all[] = {op->scan,     op->k_mean,  op->quant_rows, op->q_kmean,   op->quant_v,
+                             op->flash,    op->sp_lists, op->sp_pool,   op->sp_select, op->sp_density};
     qattn_opencl_release_kernels(impl_of(ctx), all, sizeof(all) / sizeof(all[0]));
     free(op);
     plan->impl = NULL;
@@ -50,8 +60,8 @@ static int mode_code(qattn_precision p)
     }
 }
 
-/* Local memory of flash.cl for (D, TM, mode), in bytes: mirrors its macros. */
-static size_t flash_local_bytes(int64_t D, int tm, bool quant)
+/* Local memory of flash.cl for (D, TM, mode), in bytes: mirrors its macros (SPARSE adds pv_big). */
+static size_t flash_local_bytes(int64_t D, int tm, bool quant, bool sparse)
 {
     int64_t bq = 8 * tm, dc;
     if (quant) {
@@ -64,7 +74,7 @@ static size_t flash_local_bytes(int64_t D, int tm, bool quant)
     int64_t stage_qk = dc * ((bq + 4) + (OCL_BK + 4)), stage_v = kc * (D + 4);
     int64_t stage = stage_qk > stage_v ? stage_qk : stage_v;
     int64_t work = stage + OCL_BK * (bq + 4) + 16 * (bq + 4), out_block = bq * D + bq;
-    return (size_t)(work > out_block ? work : out_block) * 4;
+    return (size_t)(work > out_block ? work : out_block) * 4 + (sparse ? (size_t)bq / 16 * 4 : 0);
 }
 
 /* What the problem asks of the device that the kernels cannot give: head dim, dtypes, 32-bit rows, work-groups. */
@@ -148,16 +158,23 @@ static qattn_status build_flash(qattn_ctx *ctx, qattn_plan *plan, ocl_plan *op, 
     const qattn_problem *p = &plan->problem;
     const int64_t D = p->head_dim;
     const bool quant = plan->precision != QATTN_PRECISION_EXACT;
-    const char *flash_parts[2] = {qattn_opencl_src_common, qattn_opencl_src_flash};
+    /* Dense plans build exactly the program they always did; sparse ones put sparse.cl's mask helpers first. */
+    const bool sparse = plan->sparse.enabled;
+    const char *dense_parts[2] = {qattn_opencl_src_common, qattn_opencl_src_flash};
+    const char *sparse_parts[3] = {qattn_opencl_src_common, qattn_opencl_src_sparse, qattn_opencl_src_flash};
     char options[512];
     for (;;) {
-        snprintf(options, sizeof(options),
-                 "-cl-std=CL1.2 -DHEAD_DIM=%lld -DTM=%d -DMODE=%d -DIN_DTYPE=%d -DOUT_DTYPE=%d -DHAS_FP16=%d "
-                 "-DHAS_FP64=%d -DHAS_INT_DOT=%d -DF16ACC_CHUNK=%d",
-                 (long long)D, *tm, mode_code(plan->precision), dtype_code(p->in_dtype), dtype_code(p->out_dtype),
-                 d->fp16, d->fp64, *use_dot, quant && plan->quant.pv_f16_chunk > 0 ? plan->quant.pv_f16_chunk : 32);
+        int n = snprintf(options, sizeof(options),
+                         "-cl-std=CL1.2 -DHEAD_DIM=%lld -DTM=%d -DMODE=%d -DIN_DTYPE=%d -DOUT_DTYPE=%d -DHAS_FP16=%d "
+                         "-DHAS_FP64=%d -DHAS_INT_DOT=%d -DF16ACC_CHUNK=%d",
+                         (long long)D, *tm, mode_code(plan->precision), dtype_code(p->in_dtype),
+                         dtype_code(p->out_dtype), d->fp16, d->fp64, *use_dot,
+                         quant && plan->quant.pv_f16_chunk > 0 ? plan->quant.pv_f16_chunk : 32);
+        if (sparse && n > 0 && (size_t)n < sizeof(options))
+            snprintf(options + n, sizeof(options) - (size_t)n, " -DSPARSE=1");
         cl_program prog = NULL;
-        qattn_status s = qattn_opencl_get_program(ctx, "flash", flash_parts, 2, options, &prog);
+        qattn_status s = sparse ? qattn_opencl_get_program(ctx, "flash", sparse_parts, 3, options, &prog)
+                                : qattn_opencl_get_program(ctx, "flash", dense_parts, 2, options, &prog);
         if (s && *use_dot) {
             /* Same results without the extension's builtins (exact int8 products either way);
              * the kernel name and the plan's account say which ran. */
@@ -234,6 +251,57 @@ static qattn_status build_prep(qattn_ctx *ctx, const qattn_plan *plan, ocl_plan 
     return QATTN_OK;
 }
 
+/* Sparse plans: the kernels of sparse.cl the plan needs and the backend's workspace for the step lists. */
+static qattn_status sparse_plan_init(qattn_ctx *ctx, qattn_plan *plan, ocl_plan *op)
+{
+    const ocl_device *d = impl_of(ctx)->dev;
+    const qattn_problem *p = &plan->problem;
+    const qattn_sparse_problem *sp = &plan->sparse;
+    if (sp->layout == QATTN_SPARSE_NO_LAYOUT)
+        return QATTN_OK; /* structured masks: computed in the flash kernel */
+    const bool predict = sp->layout == QATTN_SPARSE_PREDICT;
+    const char *parts[2] = {qattn_opencl_src_common, qattn_opencl_src_sparse};
+    char options[512];
+    snprintf(options, sizeof(options),
+             "-cl-std=CL1.2 -DSPARSE_KERNELS=1 -DHEAD_DIM=%lld -DIN_DTYPE=%d -DOUT_DTYPE=0 -DHAS_FP16=%d "
+             "-DHAS_FP64=%d",
+             (long long)p->head_dim, dtype_code(p->in_dtype), d->fp16, d->fp64);
+    cl_program prog = NULL;
+    qattn_status s;
+    if ((s = qattn_opencl_get_program(ctx, "sparse", parts, 2, options, &prog)) ||
+        (s = make_kernel(ctx, prog, "sparse_lists", &op->sp_lists)))
+        return s;
+    if (predict && ((s = make_kernel(ctx, prog, "sparse_pool", &op->sp_pool)) ||
+                    (s = make_kernel(ctx, prog, "sparse_select", &op->sp_select)) ||
+                    (s = make_kernel(ctx, prog, "sparse_density", &op->sp_density))))
+        return s;
+    const int64_t tiles = p->batch * p->heads_kv * (int64_t)op->nqb;
+    op->nsteps = (int)qattn_ceil_div(p->seq_k, OCL_BK);
+    size_t bytes = 0, part = 0;
+    bool ok = tiles <= INT32_MAX;
+    op->sp_counts = 0;
+    bytes = qattn_round_up((size_t)tiles * 4, QATTN_WS_ALIGN);
+    op->sp_list = bytes;
+    ok = ok && !__builtin_mul_overflow((size_t)tiles, (size_t)op->nsteps * 8, &part) &&
+         !__builtin_add_overflow(bytes, qattn_round_up(part, QATTN_WS_ALIGN), &bytes);
+    if (predict) {
+        op->scratch_stride = (sp->k_blocks + 63) / 64 * 64 + 128;
+        op->sp_keep = bytes;
+        ok = ok && !__builtin_mul_overflow((size_t)sp->rows, (size_t)op->scratch_stride * 4, &part) &&
+             !__builtin_add_overflow(bytes, qattn_round_up(part, QATTN_WS_ALIGN), &bytes);
+        op->sp_weight = bytes;
+        ok = ok && !__builtin_add_overflow(bytes, qattn_round_up(part, QATTN_WS_ALIGN), &bytes);
+        op->sp_vis = bytes;
+        ok = ok && !__builtin_add_overflow(bytes, qattn_round_up((size_t)sp->rows * 4, QATTN_WS_ALIGN), &bytes);
+    }
+    if (!ok || bytes > (size_t)1 << 50)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "the opencl sparse step lists for %lld tiles of %d steps do not fit the workspace",
+                               (long long)tiles, op->nsteps);
+    plan->backend_workspace = bytes;
+    return QATTN_OK;
+}
+
 qattn_status qattn_opencl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
 {
     const ocl_device *d = impl_of(ctx)->dev;
@@ -247,13 +315,15 @@ qattn_status qattn_opencl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     const bool quant = plan->precision != QATTN_PRECISION_EXACT;
 
     /* 8 rows per work-item where registers allow; F16ACC and D > 128 carry more accumulators. */
+    const bool sparse = plan->sparse.enabled;
     int tm = (D <= 128 && plan->precision != QATTN_PRECISION_INT8_FP8_F16ACC) ? 8 : 4;
-    if (flash_local_bytes(D, tm, quant) > d->local_mem)
+    if (flash_local_bytes(D, tm, quant, sparse) > d->local_mem)
         tm = 4;
-    if (flash_local_bytes(D, tm, quant) > d->local_mem)
+    if (flash_local_bytes(D, tm, quant, sparse) > d->local_mem)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "the opencl flash kernel needs %zu bytes of local memory at D=%lld; %s has %" PRIu64,
-                               flash_local_bytes(D, tm, quant), (long long)D, d->name, (uint64_t)d->local_mem);
+                               flash_local_bytes(D, tm, quant, sparse), (long long)D, d->name,
+                               (uint64_t)d->local_mem);
 
     ocl_plan *op = calloc(1, sizeof(*op));
     if (!op)
@@ -272,8 +342,11 @@ qattn_status qattn_opencl_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     plan->kv_tile = OCL_BK;
     plan->status_word = p->check_finite;
     plan->backend_workspace = 0;
-    snprintf(plan->kernel, sizeof(plan->kernel), "opencl_flash_%s_d%lld_r%d%s", qattn_precision_name(plan->precision),
-             (long long)D, 8 * tm, use_dot ? "_dot4" : "");
+    if (sparse && (s = sparse_plan_init(ctx, plan, op)))
+        return s;
+    snprintf(plan->kernel, sizeof(plan->kernel), "opencl_flash_%s_d%lld_r%d%s%s",
+             qattn_precision_name(plan->precision), (long long)D, 8 * tm, use_dot ? "_dot4" : "",
+             sparse ? "_sparse" : "");
     return QATTN_OK;
 }
 
@@ -454,6 +527,162 @@ static qattn_status enqueue_quantize(qattn_ctx *ctx, const run_state *rs)
     return QATTN_OK;
 }
 
+/* The window's bounds as the kernels take them: -1 where unbounded, and bounds past every key folded into -1. */
+static void sparse_window(const qattn_plan *plan, int64_t *left, int64_t *right, int64_t *sinks)
+{
+    const qattn_problem *p = &plan->problem;
+    const qattn_sparse_problem *sp = &plan->sparse;
+    const int64_t reach = p->seq_k + p->seq_q;
+    *left = sp->window && sp->window_left >= 0 && sp->window_left <= reach ? sp->window_left : -1;
+    *right = sp->window && sp->window_right >= 0 && sp->window_right <= reach ? sp->window_right : -1;
+    *sinks = sp->window ? qattn_min_i64(sp->sink_tokens, p->seq_k) : 0;
+}
+
+/* The structured-mask arguments sparse.cl's kernels share: causal, window, left, right, sinks. */
+static void arg_window(arg_list *a, const qattn_plan *plan)
+{
+    int64_t left, right, sinks;
+    sparse_window(plan, &left, &right, &sinks);
+    arg_int(a, plan->problem.causal);
+    arg_int(a, plan->sparse.window);
+    arg_long(a, left);
+    arg_long(a, right);
+    arg_long(a, sinks);
+}
+
+/* PREDICT: pool Q and K blocks, select each layout row's key blocks, the densities (sparse.cl). */
+static qattn_status enqueue_predict(qattn_ctx *ctx, const run_state *rs)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const qattn_plan *plan = rs->plan;
+    const qattn_problem *p = &plan->problem;
+    const qattn_sparse_problem *sp = &plan->sparse;
+    const qattn_workspace_layout *L = &plan->ws;
+    const ocl_plan *op = plan->impl;
+    const size_t es = qattn_dtype_size(p->in_dtype);
+    const int64_t backend = region(rs, L->backend);
+    const int64_t q_items = p->batch * p->heads_q * sp->q_blocks, k_items = p->batch * p->heads_kv * sp->k_blocks;
+    qattn_status s;
+    {
+        arg_list a = args_for(c, op->sp_pool, "sparse_pool");
+        arg_mem(&a, mem_of(rs->run->q));
+        arg_mem(&a, mem_of(rs->run->k));
+        arg_tensor(&a, rs->run->q_offset, es, p->q_stride);
+        arg_tensor(&a, rs->run->k_offset, es, p->k_stride);
+        arg_int(&a, p->heads_q);
+        arg_int(&a, p->heads_kv);
+        arg_int(&a, p->seq_q);
+        arg_int(&a, p->seq_k);
+        arg_int(&a, sp->q_block);
+        arg_int(&a, sp->k_block);
+        arg_int(&a, sp->q_blocks);
+        arg_int(&a, sp->k_blocks);
+        arg_long(&a, q_items);
+        arg_mem(&a, rs->ws);
+        arg_long(&a, region(rs, L->sparse_q_pool));
+        arg_long(&a, region(rs, L->sparse_k_pool));
+        arg_long(&a, region(rs, L->sparse_q_sim));
+        arg_long(&a, region(rs, L->sparse_k_sim));
+        arg_long(&a, rs->status_at);
+        size_t local = 64, global = (size_t)(q_items + k_items) * local;
+        if ((s = launch(ctx, &a, 1, &global, &local)))
+            return s;
+    }
+    {
+        arg_list a = args_for(c, op->sp_select, "sparse_select");
+        arg_mem(&a, rs->ws);
+        arg_long(&a, region(rs, L->sparse_q_pool));
+        arg_long(&a, region(rs, L->sparse_k_pool));
+        arg_long(&a, region(rs, L->sparse_q_sim));
+        arg_long(&a, region(rs, L->sparse_k_sim));
+        arg_long(&a, region(rs, L->sparse_counts));
+        arg_long(&a, region(rs, L->sparse_indices));
+        arg_long(&a, backend + (int64_t)op->sp_keep);
+        arg_long(&a, backend + (int64_t)op->sp_vis);
+        arg_long(&a, backend + (int64_t)op->sp_weight);
+        arg_long(&a, op->scratch_stride);
+        arg_int(&a, p->heads_q);
+        arg_int(&a, p->heads_kv);
+        arg_int(&a, p->group);
+        arg_int(&a, p->seq_q);
+        arg_int(&a, p->seq_k);
+        arg_window(&a, plan);
+        arg_int(&a, sp->q_block);
+        arg_int(&a, sp->k_block);
+        arg_int(&a, sp->q_blocks);
+        arg_int(&a, sp->k_blocks);
+        arg_float(&a, p->sm_scale);
+        arg_float(&a, sp->sim_threshold);
+        arg_float(&a, sp->cdf_threshold);
+        arg_float(&a, sp->topk);
+        arg_long(&a, sp->sink_blocks);
+        arg_long(&a, sp->recent_blocks);
+        arg_long(&a, sp->last_q_blocks);
+        arg_long(&a, rs->status_at);
+        size_t local = 128, global = (size_t)sp->rows * local;
+        if ((s = launch(ctx, &a, 1, &global, &local)))
+            return s;
+    }
+    const int64_t bhk = p->batch * p->heads_kv;
+    arg_list a = args_for(c, op->sp_density, "sparse_density");
+    arg_mem(&a, rs->ws);
+    arg_long(&a, region(rs, L->sparse_counts));
+    arg_long(&a, backend + (int64_t)op->sp_vis);
+    arg_long(&a, region(rs, L->sparse_density));
+    arg_int(&a, bhk);
+    arg_int(&a, sp->q_blocks);
+    arg_int(&a, sp->k_blocks);
+    arg_long(&a, rs->status_at);
+    size_t local = 64, global = qattn_round_up((size_t)bhk, local);
+    return launch(ctx, &a, 1, &global, &local);
+}
+
+/* A layout (the run's block CSR or the predicted rows) to the flash tiles' step lists (sparse_lists). */
+static qattn_status enqueue_lists(qattn_ctx *ctx, const run_state *rs)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const qattn_plan *plan = rs->plan;
+    const qattn_problem *p = &plan->problem;
+    const qattn_sparse_problem *sp = &plan->sparse;
+    const qattn_workspace_layout *L = &plan->ws;
+    const qattn_run_bound *run = rs->run;
+    const ocl_plan *op = plan->impl;
+    const int64_t backend = region(rs, L->backend);
+    const int64_t tiles = p->batch * p->heads_kv * (int64_t)op->nqb;
+    arg_list a = args_for(c, op->sp_lists, "sparse_lists");
+    if (sp->layout == QATTN_SPARSE_PREDICT) {
+        arg_mem(&a, rs->ws);
+        arg_long(&a, region(rs, L->sparse_counts));
+        arg_mem(&a, rs->ws);
+        arg_long(&a, region(rs, L->sparse_indices));
+        arg_long(&a, sp->k_blocks);
+        arg_long(&a, sp->rows * sp->k_blocks);
+    } else {
+        arg_mem(&a, mem_of(run->block_indptr));
+        arg_long(&a, 0);
+        arg_mem(&a, run->block_indices ? mem_of(run->block_indices) : mem_of(run->block_indptr));
+        arg_long(&a, 0);
+        arg_long(&a, 0);
+        arg_long(&a, run->block_indices ? run->block_count : 0);
+    }
+    arg_int(&a, sp->q_block);
+    arg_int(&a, sp->k_block);
+    arg_int(&a, sp->q_blocks);
+    arg_int(&a, p->seq_q);
+    arg_int(&a, p->seq_k);
+    arg_window(&a, plan);
+    arg_int(&a, plan->q_tile);
+    arg_int(&a, op->nqb);
+    arg_int(&a, tiles);
+    arg_int(&a, op->nsteps);
+    arg_mem(&a, rs->ws);
+    arg_long(&a, backend + (int64_t)op->sp_counts);
+    arg_long(&a, backend + (int64_t)op->sp_list);
+    arg_long(&a, rs->status_at);
+    size_t local = 64, global = qattn_round_up((size_t)tiles, local);
+    return launch(ctx, &a, 1, &global, &local);
+}
+
 static qattn_status enqueue_flash(qattn_ctx *ctx, const run_state *rs)
 {
     ocl_ctx *c = impl_of(ctx);
@@ -502,6 +731,22 @@ static qattn_status enqueue_flash(qattn_ctx *ctx, const run_state *rs)
     arg_int(&a, quant ? qp->k_block : 1);
     arg_int(&a, quant ? qp->k_interleave : 1);
     arg_int(&a, L->v_keys_padded);
+    if (plan->sparse.enabled) {
+        const qattn_sparse_problem *sp = &plan->sparse;
+        const bool layout = sp->layout != QATTN_SPARSE_NO_LAYOUT;
+        const int64_t backend = layout ? region(rs, L->backend) : 0;
+        int64_t left, right, sinks;
+        sparse_window(plan, &left, &right, &sinks);
+        arg_int(&a, sp->window);
+        arg_long(&a, left);
+        arg_long(&a, right);
+        arg_long(&a, sinks);
+        arg_int(&a, layout);
+        arg_long(&a, layout ? backend + (int64_t)op->sp_counts : 0);
+        arg_long(&a, layout ? backend + (int64_t)op->sp_list : 0);
+        arg_int(&a, op->nsteps);
+        arg_float(&a, sp->pv_threshold > 0.f ? exp2f(-sp->pv_threshold) : 0.f);
+    }
     size_t local = OCL_WG, global = (size_t)op->nqb * (size_t)(p->batch * p->heads_q) * local;
     return launch(ctx, &a, 1, &global, &local);
 }
@@ -530,6 +775,10 @@ qattn_status qattn_opencl_run(qattn_ctx *ctx, const qattn_plan *plan, const qatt
         s = enqueue_scan(ctx, &rs);
     if (!s && plan->precision != QATTN_PRECISION_EXACT)
         s = enqueue_quantize(ctx, &rs);
+    if (!s && plan->sparse.layout == QATTN_SPARSE_PREDICT)
+        s = enqueue_predict(ctx, &rs);
+    if (!s && plan->sparse.layout != QATTN_SPARSE_NO_LAYOUT)
+        s = enqueue_lists(ctx, &rs);
     if (!s)
         s = enqueue_flash(ctx, &rs);
     uint32_t words[QATTN_STATUS_WORDS];

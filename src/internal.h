@@ -292,7 +292,8 @@ struct qattn_plan {
     bool paged;                 /* a qattn_paged_plan_create plan: `pp` is set, `problem` is not */
     qattn_paged_problem pp;
     qattn_problem problem;
-    qattn_sparse_problem sparse; /* qattn_sparse_plan_create's restriction (enabled false: dense) */
+    qattn_sparse_problem sparse; /* qattn_sparse_plan_create's restriction (enabled false: dense); paged
+                                    plans: a window and sinks (qattn_paged_sparse_plan_create) */
     qattn_precision precision;
     qattn_granularity granularity;
     qattn_quant_params quant;
@@ -326,7 +327,8 @@ enum {
     QATTN_SPARSE_CAP_WINDOW = 1u << 0,  /* window and sinks */
     QATTN_SPARSE_CAP_BLOCKS = 1u << 1,  /* user block layouts */
     QATTN_SPARSE_CAP_PREDICT = 1u << 2, /* predicted layouts */
-    QATTN_SPARSE_CAP_PV_SKIP = 1u << 3  /* pv_threshold */
+    QATTN_SPARSE_CAP_PV_SKIP = 1u << 3, /* pv_threshold */
+    QATTN_SPARSE_CAP_PAGED_WINDOW = 1u << 4 /* window and sinks on paged plans (plan->sparse of a paged plan) */
 };
 
 /* ----------------------------------------------------------------- vtable */

@@ -212,7 +212,22 @@ int qattn_paged_choose_splits(int64_t items, int64_t slots, int64_t max_pages, i
     return best;
 }
 
+static qattn_status paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, const qattn_sparse_desc *sparse,
+                                      qattn_plan **out);
+
 qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, qattn_plan **out)
+{
+    return paged_plan_create(ctx, d, NULL, out);
+}
+
+qattn_status qattn_paged_sparse_plan_create(qattn_ctx *ctx, const qattn_paged_desc *desc,
+                                            const qattn_sparse_desc *sparse, qattn_plan **out)
+{
+    return paged_plan_create(ctx, desc, sparse, out);
+}
+
+static qattn_status paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, const qattn_sparse_desc *sparse,
+                                      qattn_plan **out)
 {
     if (!out)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "out (the plan pointer) is NULL");
@@ -287,12 +302,27 @@ qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, 
 
     if (!ctx->backend->paged_plan_init)
         return unsupported_slot(ctx, "paged attention");
+    qattn_sparse_problem sp = {0};
+    if (sparse) { /* a cache is pruned by its page tables: the window and sinks are what apply here */
+        if (sparse->layout != QATTN_SPARSE_NO_LAYOUT || sparse->pv_threshold != 0.f)
+            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                   "sparse: paged plans take a window and sinks only (no block layout, no "
+                                   "pv_threshold)");
+        const qattn_problem unused = {0}; /* sizes only matter to layouts */
+        if ((s = qattn_sparse_validate(ctx, &unused, sparse, &sp)))
+            return s;
+        if (!(ctx->backend->sparse & QATTN_SPARSE_CAP_PAGED_WINDOW))
+            return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                                   "backend %s does not run a window or sinks over a paged cache",
+                                   ctx->backend->name);
+    }
     qattn_plan *plan = calloc(1, sizeof(*plan));
     if (!plan)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");
     plan->ctx = ctx;
     plan->paged = true;
     plan->pp = pp;
+    plan->sparse = sp;
     plan->precision = QATTN_PRECISION_EXACT;
     s = ctx->backend->paged_plan_init(ctx, plan);
     if (!s && plan->pp.num_splits < 1)

@@ -449,6 +449,176 @@ static void skipped_keys_unread(void **state)
     free_result(&got);
 }
 
+/*
+ * A window and sinks over a paged cache (decode and chunked prefill, GQA,
+ * CSR tables, one and two splits) against an fp64 reference of the cached
+ * (fp16-rounded) K and V under the same mask.
+ */
+static void paged_window(void **state)
+{
+    (void)state;
+    enum { B = 3, HQ = 4, HKV = 2, D = 64, PAGE = 16 };
+    const int64_t kv_len[B] = {300, 77, 500}, q_len[B] = {1, 5, 40}, left = 50, sinks = 4;
+    int32_t indptr[B + 1] = {0}, last[B], qo[B + 1] = {0};
+    int64_t pages = 0, total_q = 0;
+    for (int b = 0; b < B; b++) {
+        pages += (kv_len[b] + PAGE - 1) / PAGE;
+        indptr[b + 1] = (int32_t)pages;
+        last[b] = (int32_t)((kv_len[b] - 1) % PAGE + 1);
+        total_q += q_len[b];
+        qo[b + 1] = (int32_t)total_q;
+    }
+    int32_t *indices = malloc((size_t)pages * 4);
+    for (int64_t i = 0; i < pages; i++) /* pages out of order: the table decides */
+        indices[i] = (int32_t)i;
+    for (int64_t i = pages - 1; i > 0; i--) {
+        const int64_t j = (int64_t)(ref_rng_uniform(&rng) * (double)(i + 1));
+        const int32_t tmp = indices[i];
+        indices[i] = indices[j];
+        indices[j] = tmp;
+    }
+    const qattn_kv_cache_desc cache = {.num_pages = pages, .page_size = PAGE, .heads_kv = HKV, .head_dim = D,
+                                       .dtype = F16, .layout = QATTN_KV_NHD};
+    qattn_kv_cache_sizes sizes;
+    assert_int_equal(qattn_kv_cache_bytes(ctx, &cache, &sizes), QATTN_OK);
+    int64_t tokens = 0;
+    for (int b = 0; b < B; b++)
+        tokens += kv_len[b];
+    float *kv[2] = {malloc((size_t)tokens * HKV * D * 4), malloc((size_t)tokens * HKV * D * 4)};
+    int64_t *slots = malloc((size_t)tokens * 8), *first_token = malloc(B * 8);
+    for (int64_t t = 0, b = 0; b < B; b++) {
+        first_token[b] = t;
+        for (int64_t j = 0; j < kv_len[b]; j++, t++) {
+            slots[t] = (int64_t)indices[indptr[b] + j / PAGE] * PAGE + j % PAGE;
+            for (int64_t e = 0; e < HKV * D; e++)
+                for (int i = 0; i < 2; i++) /* the cache holds fp16: the reference reads what it holds */
+                    kv[i][t * HKV * D + e] = qattn_round_f16((float)ref_rng_normal(&rng));
+        }
+    }
+    uint16_t *q = malloc((size_t)total_q * HQ * D * 2);
+    for (int64_t e = 0; e < total_q * HQ * D; e++)
+        qattn_store_f(q, F16, e, (float)ref_rng_normal(&rng));
+    qattn_buffer *kc, *vc, *kn, *vn, *sl, *bq, *bo, *blse, *bqo, *bptr, *bidx, *blast;
+    const size_t obytes = (size_t)total_q * HQ * D * 2;
+    assert_int_equal(qattn_buffer_create(ctx, sizes.cache_bytes, &kc), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, sizes.cache_bytes, &vc), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, (size_t)tokens * HKV * D * 4, &kn), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, (size_t)tokens * HKV * D * 4, &vn), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, (size_t)tokens * 8, &sl), QATTN_OK);
+    assert_int_equal(qattn_buffer_upload(kn, 0, kv[0], (size_t)tokens * HKV * D * 4), QATTN_OK);
+    assert_int_equal(qattn_buffer_upload(vn, 0, kv[1], (size_t)tokens * HKV * D * 4), QATTN_OK);
+    assert_int_equal(qattn_buffer_upload(sl, 0, slots, (size_t)tokens * 8), QATTN_OK);
+    qattn_kv_cache_buffers cb = {.k = kc, .v = vc};
+    qattn_kv_append_args ap = {.cache = &cache, .buffers = &cb, .num_tokens = tokens, .new_dtype = F32,
+                               .new_stride = {HKV * D, D}, .k_new = kn, .v_new = vn, .slot_mapping = sl};
+    if (qattn_kv_append(ctx, &ap))
+        fail_msg("paged_window: append: %s", qattn_last_error(ctx));
+    assert_int_equal(qattn_buffer_create(ctx, (size_t)total_q * HQ * D * 2, &bq), QATTN_OK);
+    assert_int_equal(qattn_buffer_upload(bq, 0, q, (size_t)total_q * HQ * D * 2), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, obytes, &bo), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, (size_t)total_q * HQ * 4, &blse), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, sizeof(qo), &bqo), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, sizeof(indptr), &bptr), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, (size_t)pages * 4, &bidx), QATTN_OK);
+    assert_int_equal(qattn_buffer_create(ctx, sizeof(last), &blast), QATTN_OK);
+    assert_int_equal(qattn_buffer_upload(bqo, 0, qo, sizeof(qo)), QATTN_OK);
+    assert_int_equal(qattn_buffer_upload(bptr, 0, indptr, sizeof(indptr)), QATTN_OK);
+    assert_int_equal(qattn_buffer_upload(bidx, 0, indices, (size_t)pages * 4), QATTN_OK);
+    assert_int_equal(qattn_buffer_upload(blast, 0, last, sizeof(last)), QATTN_OK);
+    const qattn_sparse_desc sd = {.window = 1, .window_left = left, .window_right = -1, .sink_tokens = sinks};
+    uint16_t *o = malloc(obytes);
+    float *lse = malloc((size_t)total_q * HQ * 4);
+    double *row = malloc(D * sizeof(double)), *s = malloc(512 * sizeof(double));
+    for (int splits = 1; splits <= 2; splits++) {
+        qattn_paged_desc pd = {.cache = cache, .table = QATTN_PAGES_CSR, .batch = B, .max_pages_per_seq = 32,
+                               .total_q = total_q, .max_q_len = 40, .heads_q = HQ, .q_dtype = F16,
+                               .q_stride = {HQ * D, D}, .o_stride = {HQ * D, D}, .causal = 1, .return_lse = 1,
+                               .num_splits = splits};
+        qattn_plan *plan = NULL;
+        qattn_status st = qattn_paged_sparse_plan_create(ctx, &pd, &sd, &plan);
+        if (st == QATTN_ERR_UNSUPPORTED) {
+            skip_unsupported(&(sp_case){.name = "paged_window"}, st);
+        }
+        assert_int_equal(st, QATTN_OK);
+        qattn_buffer *ws = NULL;
+        if (qattn_plan_workspace_size(plan))
+            assert_int_equal(qattn_buffer_create(ctx, qattn_plan_workspace_size(plan), &ws), QATTN_OK);
+        assert_int_equal(qattn_buffer_fill(bo, 0, obytes, REF_POISON_BYTE), QATTN_OK);
+        qattn_paged_args pa = {.cache = &cb, .q = bq, .o = bo, .lse = blse, .qo_indptr = bqo, .indptr = bptr,
+                               .indices = bidx, .last_page_len = blast, .workspace = ws};
+        st = qattn_paged_run(plan, &pa);
+        if (st)
+            fail_msg("paged_window: %s: %s", qattn_status_str(st), qattn_last_error(ctx));
+        assert_int_equal(qattn_ctx_synchronize(ctx), QATTN_OK);
+        assert_int_equal(qattn_buffer_download(bo, 0, o, obytes), QATTN_OK);
+        assert_int_equal(qattn_buffer_download(blse, 0, lse, (size_t)total_q * HQ * 4), QATTN_OK);
+        ref_accum acc = {0};
+        double lse_err = 0.0;
+        for (int b = 0; b < B; b++)
+            for (int64_t i = 0; i < q_len[b]; i++)
+                for (int64_t h = 0; h < HQ; h++) {
+                    const int64_t place = i + kv_len[b] - q_len[b], hk = h / (HQ / HKV), r = qo[b] + i;
+                    double m = -INFINITY, l = 0.0;
+                    for (int64_t j = 0; j <= place; j++) {
+                        s[j] = -INFINITY;
+                        if (j < place - left && j >= sinks)
+                            continue;
+                        double dot = 0.0;
+                        for (int64_t d = 0; d < D; d++)
+                            dot += qattn_load_f(q, F16, (r * HQ + h) * D + d) *
+                                   kv[0][((first_token[b] + j) * HKV + hk) * D + d];
+                        s[j] = dot / sqrt((double)D);
+                        m = s[j] > m ? s[j] : m;
+                    }
+                    for (int64_t d = 0; d < D; d++)
+                        row[d] = 0.0;
+                    for (int64_t j = 0; j <= place; j++) {
+                        if (s[j] == -INFINITY)
+                            continue;
+                        const double w = exp(s[j] - m);
+                        l += w;
+                        for (int64_t d = 0; d < D; d++)
+                            row[d] += w * kv[1][((first_token[b] + j) * HKV + hk) * D + d];
+                    }
+                    for (int64_t d = 0; d < D; d++)
+                        ref_accum_add(&acc, qattn_load_f(o, F16, (r * HQ + h) * D + d), row[d] / l);
+                    const double want = m + log(l), diff = fabs(lse[r * HQ + h] - want);
+                    lse_err = isfinite(diff) && diff < lse_err ? lse_err : diff;
+                }
+        ref_metrics mt = ref_accum_finish(&acc);
+        print_message("  paged_window (%d split%s): cos %.7f relL1 %.5f max %.2e lse %.2e\n", splits,
+                      splits > 1 ? "s" : "", mt.cos_sim, mt.rel_l1, mt.max_abs, lse_err);
+        assert_int_equal(mt.nonfinite, 0);
+        if (!(mt.cos_sim >= 0.99999 && mt.rel_l1 <= 2e-3 && lse_err <= 1e-3))
+            fail_msg("paged_window: accuracy below the bar with %d split(s)", splits);
+        qattn_buffer_destroy(ws);
+        qattn_plan_destroy(plan);
+    }
+    /* Layouts and the P.V skip are refused on paged plans. */
+    qattn_paged_desc pd = {.cache = cache, .table = QATTN_PAGES_CSR, .batch = B, .max_pages_per_seq = 32,
+                           .total_q = total_q, .max_q_len = 40, .heads_q = HQ, .q_dtype = F16,
+                           .q_stride = {HQ * D, D}, .o_stride = {HQ * D, D}};
+    qattn_plan *plan = NULL;
+    const qattn_sparse_desc bad = {.layout = QATTN_SPARSE_BLOCKS, .q_block = 64, .k_block = 64};
+    assert_int_equal(qattn_paged_sparse_plan_create(ctx, &pd, &bad, &plan), QATTN_ERR_INVALID_ARGUMENT);
+    const qattn_sparse_desc bad_pv = {.window = 1, .window_left = 8, .window_right = -1, .pv_threshold = 4.f};
+    assert_int_equal(qattn_paged_sparse_plan_create(ctx, &pd, &bad_pv, &plan), QATTN_ERR_INVALID_ARGUMENT);
+    assert_null(plan);
+    qattn_buffer *all[] = {kc, vc, kn, vn, sl, bq, bo, blse, bqo, bptr, bidx, blast};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        qattn_buffer_destroy(all[i]);
+    free(kv[0]);
+    free(kv[1]);
+    free(slots);
+    free(first_token);
+    free(indices);
+    free(q);
+    free(o);
+    free(lse);
+    free(row);
+    free(s);
+}
+
 /* Refusals: clear errors, outputs untouched. */
 static void bad_inputs(void **state)
 {
@@ -639,12 +809,13 @@ int main(int argc, char **argv)
     if (filter && *filter)
         cmocka_set_test_filter(filter);
     enum { NCASES = sizeof(cases) / sizeof(cases[0]) };
-    struct CMUnitTest tests[NCASES + 2];
+    struct CMUnitTest tests[NCASES + 3];
     for (int i = 0; i < NCASES; i++)
         tests[i] = (struct CMUnitTest){cases[i].name, run_case, NULL, NULL, (void *)&cases[i]};
     tests[NCASES] = (struct CMUnitTest){"skipped_keys_unread", skipped_keys_unread, NULL, NULL, NULL};
     tests[NCASES + 1] = (struct CMUnitTest){"bad_inputs", bad_inputs, NULL, NULL, NULL};
-    int failed = _cmocka_run_group_tests(backend_name, tests, NCASES + 2, NULL, NULL);
+    tests[NCASES + 2] = (struct CMUnitTest){"paged_window", paged_window, NULL, NULL, NULL};
+    int failed = _cmocka_run_group_tests(backend_name, tests, NCASES + 3, NULL, NULL);
     qattn_ctx_destroy(ctx);
     return failed ? 1 : 0;
 }

@@ -24,6 +24,7 @@
 #include "cpu_flash.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -672,6 +673,27 @@ static void sparse_tile_init(cpu_sparse_tile *t, const cpu_job *job, int64_t b, 
     t->count = job->block_count;
     t->stride = job->block_stride;
     t->layout_row0 = (b * p->heads_kv + hk) * sp->q_blocks + t->qb0;
+}
+
+void cpu_sparse_rows_filter(cpu_scratch *sc, const qattn_sparse_problem *sp, const int64_t *lo, const int64_t *hi,
+                            const int64_t *sinks, int rows, cpu_step_filter *filter)
+{
+    cpu_sparse_tile *t = sc->sparse;
+    memset(t, 0, offsetof(cpu_sparse_tile, kept));
+    t->sp = sp;
+    t->rows = rows;
+    t->nqb = 1; /* no layout: one group of rows, whose union of intervals decides the visits */
+    t->qlo[0] = INT64_MAX;
+    for (int r = 0; r < rows; r++) {
+        t->lo[r] = lo[r];
+        t->hi[r] = hi[r];
+        t->sinks[r] = sinks[r];
+        t->qlo[0] = lo[r] < t->qlo[0] ? lo[r] : t->qlo[0];
+        t->qhi[0] = hi[r] > t->qhi[0] ? hi[r] : t->qhi[0];
+        t->qsinks[0] = sinks[r] > t->qsinks[0] ? sinks[r] : t->qsinks[0];
+        sc->key_end[r] = hi[r];
+    }
+    *filter = (cpu_step_filter){.visit = sparse_visit, .mask = sparse_mask, .ctx = t};
 }
 
 /* Computes one (b, h, query tile) work item. */

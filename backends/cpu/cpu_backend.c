@@ -157,7 +157,8 @@ const qattn_backend_iface qattn_backend_cpu = {
     .plan_release = NULL,
     .run = cpu_run,
     .tensor_alignment = 1,
-    .sparse = QATTN_SPARSE_CAP_WINDOW | QATTN_SPARSE_CAP_BLOCKS | QATTN_SPARSE_CAP_PREDICT | QATTN_SPARSE_CAP_PV_SKIP,
+    .sparse = QATTN_SPARSE_CAP_WINDOW | QATTN_SPARSE_CAP_BLOCKS | QATTN_SPARSE_CAP_PREDICT | QATTN_SPARSE_CAP_PV_SKIP |
+              QATTN_SPARSE_CAP_PAGED_WINDOW,
     .kv_append = cpu_kv_append,
     .paged_plan_init = cpu_paged_plan_init,
     .paged_run = cpu_paged_run,

@@ -57,6 +57,12 @@ typedef struct cpu_flash_params {
 void cpu_flash_loop(cpu_scratch *sc, int rows, const cpu_flash_params *fp, int64_t key_begin, int64_t key_end,
                     cpu_kv_loader load, const void *loader_ctx);
 
+/* A filter for rows whose visible keys the caller computed (qattn_sparse_row_keys:
+ * [lo, hi) and sinks [0, sinks)), without a layout: paged plans under a window.
+ * Sets sc->key_end to hi. */
+void cpu_sparse_rows_filter(cpu_scratch *sc, const qattn_sparse_problem *sp, const int64_t *lo, const int64_t *hi,
+                            const int64_t *sinks, int rows, cpu_step_filter *filter);
+
 /* LSE (natural log) of a row from its log2-domain max and sum; -inf when empty. */
 float cpu_row_lse(float m, float l);
 

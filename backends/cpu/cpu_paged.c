@@ -243,7 +243,7 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
         part_lse = part_o + (size_t)splits * pp->total_q * Hq * D;
     }
     const float qk_to_log2 = pp->sm_scale * (float)QATTN_LOG2E;
-    const cpu_flash_params fp = {.head_dim = (int)D, .precision = QATTN_PRECISION_EXACT};
+    const cpu_flash_params dense_fp = {.head_dim = (int)D, .precision = QATTN_PRECISION_EXACT};
 
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -268,6 +268,16 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
         if (splits > 1) {
             qattn_split_range(pp->max_pages_per_seq, pp->cache.page_size, split, splits, &begin, &end);
             end = end < kv_len ? end : kv_len;
+        }
+        cpu_flash_params fp = dense_fp;
+        cpu_step_filter filter;
+        if (plan->sparse.enabled) { /* the window and sinks, placed as causal is: i' = i + kv_len - q_len */
+            const qattn_problem seq = {.seq_q = q_len, .seq_k = kv_len, .causal = pp->causal};
+            int64_t lo[CPU_QT], hi[CPU_QT], sinks[CPU_QT];
+            for (int r = 0; r < rows; r++)
+                qattn_sparse_row_keys(&seq, &plan->sparse, (first + r) / G, &lo[r], &hi[r], &sinks[r]);
+            cpu_sparse_rows_filter(mine, &plan->sparse, lo, hi, sinks, rows, &filter);
+            fp.filter = &filter;
         }
         paged_loader pl = {.pp = pp, .tables = &tables, .cache = a->cache, .b = b, .hk = hk};
         cpu_flash_loop(mine, rows, &fp, begin, end, load_paged_kv, &pl);

@@ -586,6 +586,12 @@ typedef struct qattn_paged_args {
 } qattn_paged_args;
 
 QATTN_API qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *desc, qattn_plan **out);
+/* A paged plan under a local window and sinks (sparse.window; no layout and
+ * no pv_threshold: a cache is pruned through its page tables). Query i of a
+ * sequence with q_len queries and kv_len cached tokens sits at i' = i +
+ * kv_len - q_len among its keys, as with causal. NULL sparse: as above. */
+QATTN_API qattn_status qattn_paged_sparse_plan_create(qattn_ctx *ctx, const qattn_paged_desc *desc,
+                                                      const qattn_sparse_desc *sparse, qattn_plan **out);
 /* qattn_plan_destroy, qattn_plan_workspace_size, qattn_plan_describe and
  * qattn_plan_get_info (q_tile: query rows per item; kv_tile: keys per split
  * chunk, 0 when unsplit) apply to paged plans too. */

@@ -63,7 +63,7 @@ extern "C" {
 /* ---------------------------------------------------------------- version */
 
 #define QATTN_VERSION_MAJOR 0
-#define QATTN_VERSION_MINOR 1
+#define QATTN_VERSION_MINOR 2
 #define QATTN_VERSION_PATCH 0
 #define QATTN_VERSION_NUMBER (QATTN_VERSION_MAJOR * 10000 + QATTN_VERSION_MINOR * 100 + QATTN_VERSION_PATCH)
 

@@ -37,7 +37,7 @@ from ._tune import SparsityTuning, tune_sparsity
 from ._errors import (BackendError, DeviceLostError, InternalError, InvalidArgumentError, NonfiniteInputError,
                       NotFoundError, OutOfMemoryError, QattnError, UnavailableError, UnsupportedError)
 
-__version__ = "0.1.0"  # of this binding; qattn.version() is the loaded library's
+__version__ = "0.2.0"  # of this binding; qattn.version() is the loaded library's
 
 __all__ = [
     "attention", "attention_plan", "get_context", "clear_plan_caches", "LAYOUTS", "PRECISIONS",

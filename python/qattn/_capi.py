@@ -19,7 +19,7 @@ from ctypes import (POINTER, Structure, c_char, c_char_p, c_float, c_int, c_int3
 
 # The header this binding mirrors. Before 1.0 a minor release may change the
 # structs, so major and minor must both match the loaded library.
-HEADER_VERSION = (0, 1)
+HEADER_VERSION = (0, 2)
 
 NAME_MAX = 256  # QATTN_NAME_MAX
 
@@ -293,8 +293,8 @@ _PROTOTYPES = {
     "qattn_run": (c_enum, [c_void_p, POINTER(RunArgs)]),
 }
 
-# Functions added to the 0.1 header after its first release: a library
-# without them still loads (has(name) tells), and the binding's features that
+# Functions added in 0.2 (sparse attention): a library of 0.1
+# still loads (has(name) tells), and the binding's features that
 # need them raise UnavailableError naming what is missing.
 _OPTIONAL_PROTOTYPES = {
     "qattn_sparse_plan_create": (c_enum, [c_void_p, POINTER(AttentionDesc), POINTER(SparseDesc), POINTER(c_void_p)]),
@@ -376,8 +376,9 @@ def _try_load(spec):
         return None, "not a qattn %d.%d library (%s)" % (HEADER_VERSION + (e,))
     number = lib.qattn_version_number()
     loaded = (number // 10000, number // 100 % 100)
-    if loaded != HEADER_VERSION:
-        return None, "library version %s, but this binding mirrors qattn.h %d.%d" % (
+    # One soname keeps its structs' layout: an older minor lacks only the optional functions.
+    if loaded[0] != HEADER_VERSION[0] or loaded[1] > HEADER_VERSION[1] or loaded[1] < 1:
+        return None, "library version %s, but this binding mirrors qattn.h %d.%d (and reads 0.1 too)" % (
             lib.qattn_version().decode(), HEADER_VERSION[0], HEADER_VERSION[1])
     return lib, None
 

@@ -71,7 +71,7 @@ class Refusals(unittest.TestCase):
             self.skipTest("no libm to load")
         lib, why = capi._try_load(libm)
         self.assertIsNone(lib)
-        self.assertIn("not a qattn 0.1 library", why)
+        self.assertIn("not a qattn 0.2 library", why)
 
     def test_another_version(self):
         cc = shutil.which(os.environ.get("CC", "cc"))
@@ -91,7 +91,7 @@ class Refusals(unittest.TestCase):
             subprocess.run([cc, "-shared", "-fPIC", src, "-o", lib_path], check=True)
             lib, why = capi._try_load(lib_path)
         self.assertIsNone(lib)
-        self.assertIn("library version 1.2.3, but this binding mirrors qattn.h 0.1", why)
+        self.assertIn("library version 1.2.3, but this binding mirrors qattn.h 0.2", why)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ class SparseCApi(Check):
         sd = qattn.make_sparse_desc(window=(16, 0), sink_tokens=4)
         plan = self.ctx.create_sparse_plan(self.desc(), sd)
         self.assertEqual(plan.layout_rows(), (0, 0, 0))
-        self.assertIn("sparse: window [-16, +0] + 4 sinks", plan.describe())
+        self.assertIn("sparse: window of 16 keys before, 0 after, 4 sinks", plan.describe())
         self.assertEqual(plan.sparse.window_left, 16)
         predict = qattn.make_sparse_desc(layout=qattn.SparseLayoutKind.PREDICT,
                                          predict=qattn.PredictParams(q_block=0, k_block=0))

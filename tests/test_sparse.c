@@ -218,7 +218,7 @@ static qattn_sparse_desc sparse_desc(const sp_case *c)
     }
     if (c->layout == PREDICT) {
         sd.sim_threshold = 0.6f;
-        sd.cdf_threshold = 0.99f;
+        sd.cdf_threshold = 0.995f;
         sd.sink_blocks = 1;
         sd.recent_blocks = 1;
         sd.last_q_blocks = 1;

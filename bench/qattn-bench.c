@@ -298,32 +298,8 @@ static qattn_tensor_desc make_desc(const options *o, int64_t heads, int64_t n, q
 
 /* ---------------------------------------------------------- sparse rows */
 
-typedef struct bench_mask {
-    const qattn_sparse_desc *sd;
-    int64_t nq, nk, hkv, group, q_blocks, k_blocks;
-    const uint8_t *kept; /* [rows][k_blocks], NULL without a layout */
-} bench_mask;
-
-static bool bench_visible(const void *c, int64_t b, int64_t h, int64_t i, int64_t j)
-{
-    const bench_mask *m = c;
-    const qattn_sparse_desc *sd = m->sd;
-    if (sd->window) {
-        const int64_t place = i + m->nk - m->nq;
-        bool in_window = (sd->window_left < 0 || j >= place - sd->window_left) &&
-                         (sd->window_right < 0 || j <= place + sd->window_right);
-        if (!in_window && j >= sd->sink_tokens)
-            return false;
-    }
-    if (m->kept) {
-        const int64_t row = (b * m->hkv + h / m->group) * m->q_blocks + i / sd->q_block;
-        return m->kept[row * m->k_blocks + j / sd->k_block] != 0;
-    }
-    return true;
-}
-
 /* Visible pairs of (b, kv head) rows under the mask, and under causal alone. */
-static void count_pairs(const options *o, const bench_mask *m, double *kept, double *dense)
+static void count_pairs(const options *o, const ref_sparse_mask *m, double *kept, double *dense)
 {
     *kept = *dense = 0;
     for (int64_t b = 0; b < o->b; b++)
@@ -349,7 +325,7 @@ static void count_pairs(const options *o, const bench_mask *m, double *kept, dou
                         continue;
                     }
                     for (int64_t j = j0; j < j1; j++)
-                        *kept += bench_visible(m, b, hk * m->group, i, j);
+                        *kept += ref_sparse_visible(m, b, hk * m->group, i, j);
                 }
             }
 }
@@ -467,10 +443,10 @@ static int sparse_row(const options *o, qattn_ctx *ctx, const qattn_attention_de
     /* Outputs of the last run (same inputs as the first): accuracy under the mask. */
     qattn_buffer_download(args.o, 0, ho, qattn_tensor_bytes(&dense_desc->o));
     qattn_buffer_download(args.lse, 0, hlse, (size_t)(o->b * o->h * o->nq) * 4);
-    bench_mask m = {.sd = &sd, .nq = o->nq, .nk = o->nk, .hkv = o->hkv, .group = o->h / o->hkv,
+    ref_sparse_mask m = {.sd = &sd, .nq = o->nq, .nk = o->nk, .hkv = o->hkv, .group = o->h / o->hkv,
                     .q_blocks = q_blocks, .k_blocks = k_blocks, .kept = kept};
     ref_problem rp = *dense_rp;
-    rp.visible = bench_visible;
+    rp.visible = ref_sparse_visible;
     rp.visible_ctx = &m;
     ref_compare cmp = {0};
     if (o->check_rows > 0) {

@@ -56,32 +56,6 @@ typedef struct sp_case {
     float pv;         /* pv_threshold */
 } sp_case;
 
-/* The element mask of a case, for the fp64 reference: the window and sinks
- * and a dense [rows][k_blocks] map of the layout (causal is the reference's). */
-typedef struct mask_ctx {
-    const qattn_sparse_desc *sd;
-    int64_t nq, nk, hkv, group, q_blocks, k_blocks;
-    uint8_t *kept; /* NULL without a layout */
-} mask_ctx;
-
-static bool visible(const void *c, int64_t b, int64_t h, int64_t i, int64_t j)
-{
-    const mask_ctx *m = c;
-    const qattn_sparse_desc *sd = m->sd;
-    if (sd->window) {
-        const int64_t place = i + m->nk - m->nq;
-        bool in_window = (sd->window_left < 0 || j >= place - sd->window_left) &&
-                         (sd->window_right < 0 || j <= place + sd->window_right);
-        if (!in_window && j >= sd->sink_tokens)
-            return false;
-    }
-    if (m->kept) {
-        const int64_t row = (b * m->hkv + h / m->group) * m->q_blocks + i / sd->q_block;
-        return m->kept[row * m->k_blocks + j / sd->k_block] != 0;
-    }
-    return true;
-}
-
 typedef struct bars {
     double cos_min, rel_l1_max, lse_max;
 } bars;
@@ -262,25 +236,26 @@ static void run_case(void **state)
             ref_fill_randn(host[i], in_descs[i], &rng, 1.0, NULL);
     }
 
-    mask_ctx mc = {.sd = &sd, .nq = c->nq, .nk = c->nk, .hkv = c->hkv, .group = c->hq / c->hkv};
+    ref_sparse_mask mc = {.sd = &sd, .nq = c->nq, .nk = c->nk, .hkv = c->hkv, .group = c->hq / c->hkv};
+    uint8_t *kept = NULL; /* the layout's blocks, as mc.kept */
     int32_t *indptr = NULL, *indices = NULL;
     int64_t count = 0;
     if (c->layout != NO_LAYOUT) {
         mc.q_blocks = qattn_ceil_div(c->nq, c->q_block);
         mc.k_blocks = qattn_ceil_div(c->nk, c->k_block);
         const int64_t rows = c->b * c->hkv * mc.q_blocks;
-        mc.kept = calloc((size_t)(rows * mc.k_blocks), 1);
+        mc.kept = kept = calloc((size_t)(rows * mc.k_blocks), 1);
         indptr = malloc((size_t)(rows + 1) * 4);
         indices = malloc((size_t)(rows * mc.k_blocks + 1) * 4);
         if (c->layout == BLOCKS)
-            count = random_layout(c, rows, mc.k_blocks, indptr, indices, mc.kept);
+            count = random_layout(c, rows, mc.k_blocks, indptr, indices, kept);
     }
 
     run_result got = run_sparse(&desc, &sd, host, indptr, indices, count, 0);
     if (got.status == QATTN_ERR_UNSUPPORTED) {
         for (int i = 0; i < 3; i++)
             free(host[i]);
-        free(mc.kept);
+        free(kept);
         free(indptr);
         free(indices);
         skip_unsupported(c, got.status);
@@ -294,11 +269,11 @@ static void run_case(void **state)
             fail_msg("%s: the predicted layout is not valid: %s", c->name, qattn_last_error(ctx));
         for (int64_t r = 0; r < sp.rows; r++)
             for (int64_t e = got.indptr[r]; e < got.indptr[r + 1]; e++)
-                mc.kept[r * mc.k_blocks + got.indices[e]] = 1;
+                kept[r * mc.k_blocks + got.indices[e]] = 1;
     }
 
     ref_problem rp = {.q = &desc.q, .k = &desc.k, .v = &desc.v, .qd = host[0], .kd = host[1], .vd = host[2],
-                      .causal = c->causal != 0, .visible = visible, .visible_ctx = &mc};
+                      .causal = c->causal != 0, .visible = ref_sparse_visible, .visible_ctx = &mc};
     ref_compare cmp = ref_check(&rp, got.o, &desc.o, got.lse, 0, &rng);
     bars bar = accuracy_bars(c->prec, c->in);
     if (c->structured && c->prec != EXACT) /* logits up to ~15: INT8 Q.K errors scale with them */
@@ -344,16 +319,16 @@ static void run_case(void **state)
         if (st.needle_key >= 0)
             for (int64_t b = 0; b < c->b; b++)
                 for (int64_t h = 0; h < c->hq; h++)
-                    if (visible(&(mask_ctx){.sd = &sd, .nq = c->nq, .nk = c->nk}, b, h, st.needle_query,
+                    if (ref_sparse_visible(&(ref_sparse_mask){.sd = &sd, .nq = c->nq, .nk = c->nk}, b, h, st.needle_query,
                                 st.needle_key) && /* the window may hide it: the layout must not */
-                        !visible(&mc, b, h, st.needle_query, st.needle_key))
+                        !ref_sparse_visible(&mc, b, h, st.needle_query, st.needle_key))
                         fail_msg("%s: the needle (query %lld, key %lld) of (b %lld, h %lld) was pruned", c->name,
                                  (long long)st.needle_query, (long long)st.needle_key, (long long)b, (long long)h);
     }
 
     for (int i = 0; i < 3; i++)
         free(host[i]);
-    free(mc.kept);
+    free(kept);
     free(indptr);
     free(indices);
     free_result(&got);
@@ -407,10 +382,10 @@ static void skipped_keys_unread(void **state)
     }
     assert_int_equal(got.status, QATTN_OK);
     qattn_sparse_desc msd = sd;
-    mask_ctx mc = {.sd = &msd, .nq = N, .nk = N, .hkv = Hkv, .group = Hq / Hkv, .q_blocks = N / QB,
+    ref_sparse_mask mc = {.sd = &msd, .nq = N, .nk = N, .hkv = Hkv, .group = Hq / Hkv, .q_blocks = N / QB,
                    .k_blocks = kblocks, .kept = kept};
     ref_problem rp = {.q = &desc.q, .k = &desc.k, .v = &desc.v, .qd = host[0], .kd = host[1], .vd = host[2],
-                      .causal = true, .visible = visible, .visible_ctx = &mc};
+                      .causal = true, .visible = ref_sparse_visible, .visible_ctx = &mc};
     ref_compare cmp = ref_check(&rp, got.o, &desc.o, got.lse, 0, &rng);
     print_message("  skipped_keys_unread: cos %.7f relL1 %.5f nonfinite %lld\n", cmp.out.cos_sim, cmp.out.rel_l1,
                   (long long)cmp.out.nonfinite);
@@ -438,9 +413,9 @@ static void skipped_keys_unread(void **state)
         skip_unsupported(&(sp_case){.name = "skipped_keys_unread (window)"}, got.status);
     }
     assert_int_equal(got.status, QATTN_OK);
-    mask_ctx wc = {.sd = &wd, .nq = N - q0, .nk = N, .hkv = Hkv, .group = Hq / Hkv};
+    ref_sparse_mask wc = {.sd = &wd, .nq = N - q0, .nk = N, .hkv = Hkv, .group = Hq / Hkv};
     ref_problem wp = {.q = &late.q, .k = &late.k, .v = &late.v, .qd = host[0], .kd = host[1], .vd = host[2],
-                      .causal = true, .visible = visible, .visible_ctx = &wc};
+                      .causal = true, .visible = ref_sparse_visible, .visible_ctx = &wc};
     cmp = ref_check(&wp, got.o, &late.o, got.lse, 0, &rng);
     print_message("  skipped_keys_unread (window): cos %.7f relL1 %.5f nonfinite %lld\n", cmp.out.cos_sim,
                   cmp.out.rel_l1, (long long)cmp.out.nonfinite);

@@ -226,6 +226,24 @@ int ref_backend_context(int argc, char **argv, const char *program, qattn_ctx **
     return -1;
 }
 
+bool ref_sparse_visible(const void *mask, int64_t b, int64_t h, int64_t i, int64_t j)
+{
+    const ref_sparse_mask *m = mask;
+    const qattn_sparse_desc *sd = m->sd;
+    if (sd->window) {
+        const int64_t place = i + m->nk - m->nq;
+        bool in_window = (sd->window_left < 0 || j >= place - sd->window_left) &&
+                         (sd->window_right < 0 || j <= place + sd->window_right);
+        if (!in_window && j >= sd->sink_tokens)
+            return false;
+    }
+    if (m->kept) {
+        const int64_t row = (b * m->hkv + h / m->group) * m->q_blocks + i / sd->q_block;
+        return m->kept[row * m->k_blocks + j / sd->k_block] != 0;
+    }
+    return true;
+}
+
 ref_structure ref_structure_default(int64_t nk)
 {
     ref_structure st = {.seg_min = nk / 16 > 64 ? nk / 16 : 64, .seg_max = nk / 4 > 64 ? nk / 4 : 64,

@@ -30,6 +30,16 @@ void *ref_tensor_alloc(const qattn_tensor_desc *t);
  */
 void ref_fill_randn(void *base, const qattn_tensor_desc *t, ref_rng *rng, double scale, const double *channel_bias);
 
+/* The element mask of a sparse plan beyond causal, for ref_problem.visible:
+ * the window and sinks of sd (aligned bottom-right) and, when kept is set, a
+ * dense map [B * Hkv * q_blocks][k_blocks] of the kept blocks (sd's sizes). */
+typedef struct ref_sparse_mask {
+    const qattn_sparse_desc *sd;
+    int64_t nq, nk, hkv, group, q_blocks, k_blocks;
+    const uint8_t *kept; /* NULL without a layout */
+} ref_sparse_mask;
+bool ref_sparse_visible(const void *mask, int64_t b, int64_t h, int64_t i, int64_t j);
+
 /*
  * Q, K and V with the structure real attention has, for sparse attention's
  * tests and benchmarks (random data gives uniform attention, where pruning

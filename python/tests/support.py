@@ -34,10 +34,11 @@ QUANTIZED = ("int8_fp16", "int8_fp8", "int8_fp8_f16acc")
 MODES = ("exact",) + QUANTIZED
 
 
-def reference(q, k, v, causal=False, sm_scale=None, layout="HND"):
+def reference(q, k, v, causal=False, sm_scale=None, layout="HND", mask=None):
     """fp64 attention with qattn's conventions (bottom-right causal, GQA,
     rows that see no key give O = 0 and LSE = -inf). Inputs in the layout;
-    returns (O in the layout, LSE [B, H, N])."""
+    mask (optional): an element mask [Nq, Nk] or [B, Hkv, Nq, Nk], True where
+    visible, on top of causal. Returns (O in the layout, LSE [B, H, N])."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     if layout == "NHD":
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
@@ -52,6 +53,12 @@ def reference(q, k, v, causal=False, sm_scale=None, layout="HND"):
         i = np.arange(nq)[:, None]
         j = np.arange(nk)[None, :]
         s = np.where(j <= i + (nk - nq), s, -np.inf)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.ndim == 2:
+            mask = mask[None, None]
+        mask = np.repeat(np.broadcast_to(mask, (b, hkv, nq, nk)), group, axis=1)
+        s = np.where(mask, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     seen = np.isfinite(m)
     p = np.exp(s - np.where(seen, m, 0.0))

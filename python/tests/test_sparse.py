@@ -11,7 +11,7 @@ import tempfile
 import types
 import unittest
 
-from support import BARS, NUMPY_MISSING, REPO, metrics, np, qattn, randn
+from support import BARS, NUMPY_MISSING, REPO, metrics, np, qattn, randn, reference
 
 HAVE_SPARSE = qattn.capi.has("qattn_sparse_run") if np is not None else False
 SPARSE_MISSING = "the loaded libqattn predates sparse attention"
@@ -19,26 +19,8 @@ SPARSE_MISSING = "the loaded libqattn predates sparse attention"
 
 def masked_reference(q, k, v, mask, sm_scale=None):
     """fp64 attention of HND q, k, v under an element mask [Nq, Nk] or
-    [B, Hkv, Nq, Nk] (True: visible); rows that see nothing give O = 0 and
-    LSE = -inf. Returns (O, LSE)."""
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    mask = np.asarray(mask)
-    if mask.ndim == 2:
-        mask = mask[None, None]
-    mask = np.repeat(np.broadcast_to(mask, (b, hkv, nq, nk)), group, axis=1)
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    s = np.where(mask, np.einsum("bhid,bhjd->bhij", q, k) * scale, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
-    seen = np.isfinite(m)
-    p = np.exp(s - np.where(seen, m, 0.0))
-    l = p.sum(axis=-1, keepdims=True)
-    o = np.where(seen, np.einsum("bhij,bhjd->bhid", p, v) / np.where(seen, l, 1.0), 0.0)
-    lse = np.where(seen, m + np.log(np.where(seen, l, 1.0)), -np.inf)[..., 0]
-    return o, lse
+    [B, Hkv, Nq, Nk] (True: visible). Returns (O, LSE)."""
+    return reference(q, k, v, sm_scale=sm_scale, mask=mask)
 
 
 def pv_skip_reference(q, k, v, lam, step, causal):

@@ -196,6 +196,9 @@ typedef struct qattn_workspace_layout {
      * block [B, Hkv, k_blocks, D] (f32), and their mean pairwise cosine
      * [B, Hq, q_blocks] and [B, Hkv, k_blocks] (f32). */
     size_t sparse_counts, sparse_indices, sparse_density, sparse_q_pool, sparse_k_pool, sparse_q_sim, sparse_k_sim;
+    /* Paged plans with page selection: int32 counts [B * Hkv] and logical
+     * pages [B * Hkv][max_pages_per_seq] (see qattn_select_problem). */
+    size_t select_counts, select_pages;
     size_t total;
     int64_t q_groups, k_groups, v_key_pad, v_keys_padded;
 } qattn_workspace_layout;
@@ -287,6 +290,57 @@ static inline void qattn_split_range(int64_t max_pages, int64_t page_size, int s
  * every GPU backend chooses alike. */
 int qattn_paged_choose_splits(int64_t items, int64_t slots, int64_t max_pages, int64_t page_size);
 
+/* A validated qattn_page_select_desc (enabled false: no selection). Each
+ * selection row r = b * Hkv + hk holds counts[r] logical page indices,
+ * ascending, at pages[r * max_pages_per_seq ..] (workspace regions
+ * select_counts and select_pages); attention reads the row's pages as if they
+ * were the sequence's cache: kv_len' = (count - 1) * page_size + the last
+ * page's tokens (the last page is always selected). */
+typedef struct qattn_select_problem {
+    bool enabled, adaptive;
+    int64_t budget_pages;     /* > 0: fixed budget; 0: budget_fraction */
+    float budget_fraction;
+    int64_t sink_pages, recent_pages;
+    float epsilon;
+    int64_t max_budget_pages; /* adaptive cap (0: none) */
+} qattn_select_problem;
+
+/* One sequence's selection geometry (every backend computes it alike):
+ * n pages, forced pages [0, *sinks) and [*recent_begin, n), the budget
+ * *budget (forced pages included, clamped to [forced, n]) and, adaptive, the
+ * cap *cap (>= budget). */
+static inline void qattn_select_geometry(const qattn_select_problem *sel, int64_t page_size, int64_t kv_len,
+                                         int64_t q_len, int64_t *sinks, int64_t *recent_begin, int64_t *budget,
+                                         int64_t *cap)
+{
+    const int64_t n = (kv_len + page_size - 1) / page_size;
+    int64_t s = sel->sink_pages < n ? sel->sink_pages : n;
+    int64_t recent = sel->recent_pages > 1 ? sel->recent_pages : 1;
+    int64_t rb = n - recent;
+    int64_t first_q = kv_len - (q_len > 0 ? q_len : 0);
+    first_q = first_q > 0 ? first_q / page_size : 0; /* the first page holding a query token */
+    if (first_q < rb)
+        rb = first_q;
+    if (rb < 0)
+        rb = 0;
+    if (rb < s)
+        s = rb; /* overlapping: the recent range covers the rest */
+    const int64_t forced = s + (n - rb);
+    int64_t k = sel->budget_pages;
+    if (k <= 0) { /* ceil(fraction * n), without libm */
+        const double want = (double)sel->budget_fraction * (double)n;
+        k = (int64_t)want;
+        k += (double)k < want;
+    }
+    k = k < forced ? forced : k > n ? n : k;
+    int64_t c = sel->adaptive && sel->max_budget_pages > 0 ? sel->max_budget_pages : n;
+    c = c < k ? k : c > n ? n : c;
+    *sinks = s;
+    *recent_begin = rb;
+    *budget = k;
+    *cap = sel->adaptive ? c : k;
+}
+
 struct qattn_plan {
     qattn_ctx *ctx;
     bool paged;                 /* a qattn_paged_plan_create plan: `pp` is set, `problem` is not */
@@ -294,6 +348,7 @@ struct qattn_plan {
     qattn_problem problem;
     qattn_sparse_problem sparse; /* qattn_sparse_plan_create's restriction (enabled false: dense); paged
                                     plans: a window and sinks (qattn_paged_sparse_plan_create) */
+    qattn_select_problem select; /* paged plans: page selection (qattn_paged_select_plan_create) */
     qattn_precision precision;
     qattn_granularity granularity;
     qattn_quant_params quant;
@@ -329,6 +384,14 @@ enum {
     QATTN_SPARSE_CAP_PREDICT = 1u << 2, /* predicted layouts */
     QATTN_SPARSE_CAP_PV_SKIP = 1u << 3, /* pv_threshold */
     QATTN_SPARSE_CAP_PAGED_WINDOW = 1u << 4 /* window and sinks on paged plans (plan->sparse of a paged plan) */
+};
+
+/* Parts of decode-time pruning a backend runs (qattn_backend_iface.prune). */
+enum {
+    QATTN_PRUNE_CAP_META = 1u << 0,      /* kv_append keeps buffers->k_meta */
+    QATTN_PRUNE_CAP_SELECT = 1u << 1,    /* paged plans with a fixed-budget page selection */
+    QATTN_PRUNE_CAP_ADAPTIVE = 1u << 2,  /* ... and the adaptive budget (epsilon > 0) */
+    QATTN_PRUNE_CAP_PAGE_MASS = 1u << 3  /* paged_page_mass */
 };
 
 /* ----------------------------------------------------------------- vtable */
@@ -394,6 +457,14 @@ struct qattn_backend_iface {
     void (*paged_plan_release)(qattn_ctx *ctx, qattn_plan *plan);       /* optional; as plan_release */
     qattn_status (*paged_run)(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args);
     qattn_status (*merge_states)(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
+
+    /* QATTN_PRUNE_CAP_* bits: what of decode-time pruning kv_append,
+     * paged_plan_init/paged_run (plan->select) and paged_page_mass handle;
+     * the core refuses the rest with QATTN_ERR_UNSUPPORTED. */
+    uint32_t prune;
+    /* Optional (QATTN_PRUNE_CAP_PAGE_MASS): qattn_paged_page_mass, arguments checked. */
+    qattn_status (*paged_page_mass)(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args,
+                                    qattn_buffer *mass, size_t mass_offset);
 };
 
 /* Backends compiled in (NULL when not built). */
@@ -478,6 +549,45 @@ qattn_status qattn_paged_status_error(qattn_ctx *ctx, const qattn_plan *plan, co
                                       const uint32_t words[QATTN_STATUS_WORDS]);
 qattn_status qattn_kv_append_status_error(qattn_ctx *ctx, const qattn_kv_append_args *args,
                                           const uint32_t words[QATTN_STATUS_WORDS]);
+
+/* ------------------------------ decode-time pruning (src/prune.c) */
+
+/* qattn_paged_plan_create with an optional window/sinks and page selection. */
+qattn_status qattn_paged_plan_create_internal(qattn_ctx *ctx, const qattn_paged_desc *desc,
+                                              const qattn_sparse_desc *sparse, const qattn_select_problem *select,
+                                              qattn_plan **out);
+/* qattn_paged_run's checks of its arguments against the plan (buffers present,
+ * of this context, large enough, aligned), without the aliasing rule. */
+qattn_status qattn_paged_check_args(const qattn_plan *plan, const qattn_paged_args *args);
+
+/* Sizes of the k_meta buffer (see qattn_kv_meta_bytes); validates the cache desc. */
+qattn_status qattn_kv_meta_validate(qattn_ctx *ctx, const qattn_kv_cache_desc *desc, qattn_kv_meta_sizes *sizes);
+/* Bytes of one metadata element: 2 for f16/bf16 pages, 1 for FP8 and INT8. */
+static inline size_t qattn_kv_meta_elem(const qattn_kv_cache_desc *c)
+{
+    return c->dtype == QATTN_DTYPE_F16 || c->dtype == QATTN_DTYPE_BF16 ? 2 : 1;
+}
+
+/* Recomputes the metadata of (page, head) from its page_size slots (host
+ * memory: the CPU backend's path and the tests' reference). k: the cache's K
+ * pages; k_scale: its scales (NULL when unscaled); meta: the k_meta buffer. */
+void qattn_kv_meta_update_host(const qattn_kv_cache_desc *c, const void *k, const float *k_scale, void *meta,
+                               int64_t page, int64_t head);
+/* The dequantized minimum and maximum rows of (page, head): lo[D], hi[D]. */
+void qattn_kv_meta_read_host(const qattn_kv_cache_desc *c, const void *meta, const float *k_scale, int64_t page,
+                             int64_t head, float *lo, float *hi);
+
+/* The selection of a paged plan from host copies (q with the plan's strides,
+ * checked tables, the metadata and the K scales): fills counts [B * Hkv] and
+ * pages [B * Hkv][max_pages_per_seq]. The CPU backend's path and the
+ * reference other backends are checked against. QATTN_ERR_OUT_OF_MEMORY when
+ * its scratch fails (nothing written). */
+qattn_status qattn_select_pages_host(qattn_ctx *ctx, const qattn_plan *plan, const void *q, const qattn_page_tables *t,
+                                     const void *k, const void *meta, const float *k_scale, int32_t *counts,
+                                     int32_t *pages, int threads);
+/* Adaptive selection: the selected full pages (best by bound) whose keys are
+ * read for an exact lower bound on the read weight, per query row and head. */
+#define QATTN_SELECT_EXACT_PAGES 4
 
 /* ------------------------------------ sparse attention (src/sparse.c) */
 

@@ -131,7 +131,23 @@ static qattn_status check_cache_buffers(qattn_ctx *ctx, const qattn_kv_cache_des
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "scale buffers were given for unscaled %s pages",
                                qattn_dtype_name(cache->dtype));
     }
+    if (b->k_meta) {
+        qattn_kv_meta_sizes ms;
+        if ((s = qattn_kv_meta_validate(ctx, cache, &ms)) ||
+            (s = check_buffer(ctx, "cache k_meta", b->k_meta, 0, ms.meta_bytes, 4)))
+            return s;
+        if (b->k_meta == b->k || b->k_meta == b->v)
+            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "cache k_meta must be its own buffer");
+    }
     return QATTN_OK;
+}
+
+static size_t meta_bytes(const qattn_kv_cache_desc *cache, const qattn_kv_cache_buffers *b)
+{
+    qattn_kv_meta_sizes ms = {0};
+    if (b->k_meta)
+        qattn_kv_meta_validate(NULL, cache, &ms); /* validated with the cache already */
+    return ms.meta_bytes;
 }
 
 /* A [tokens, heads, D] host-layout tensor with token and head strides, as a
@@ -179,17 +195,21 @@ qattn_status qattn_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a)
                           (size_t)a->num_tokens * 8, 8)))
         return s;
     const qattn_kv_cache_buffers *b = a->buffers;
-    const qattn_span outs[4] = {{"cache k", b->k, 0, sizes.cache_bytes},
+    const qattn_span outs[5] = {{"cache k", b->k, 0, sizes.cache_bytes},
                                 {"cache v", b->v, 0, sizes.cache_bytes},
                                 {"cache k_scale", b->k_scale, 0, sizes.scale_bytes},
-                                {"cache v_scale", b->v_scale, 0, sizes.scale_bytes}};
+                                {"cache v_scale", b->v_scale, 0, sizes.scale_bytes},
+                                {"cache k_meta", b->k_meta, 0, meta_bytes(a->cache, b)}};
     const qattn_span ins[3] = {{"k_new", a->k_new, a->k_new_offset, bytes},
                                {"v_new", a->v_new, a->v_new_offset, bytes},
                                {"slot_mapping", a->slot_mapping, a->slot_mapping_offset, (size_t)a->num_tokens * 8}};
-    if ((s = qattn_check_outputs(ctx, outs, 4, ins, 3)))
+    if ((s = qattn_check_outputs(ctx, outs, 5, ins, 3)))
         return s;
     if (!ctx->backend->kv_append)
         return unsupported_slot(ctx, "the paged KV cache (kv_append)");
+    if (b->k_meta && !(ctx->backend->prune & QATTN_PRUNE_CAP_META))
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "backend %s does not keep page metadata (k_meta)",
+                               ctx->backend->name);
     return ctx->backend->kv_append(ctx, a, &sizes);
 }
 
@@ -212,22 +232,20 @@ int qattn_paged_choose_splits(int64_t items, int64_t slots, int64_t max_pages, i
     return best;
 }
 
-static qattn_status paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, const qattn_sparse_desc *sparse,
-                                      qattn_plan **out);
-
 qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, qattn_plan **out)
 {
-    return paged_plan_create(ctx, d, NULL, out);
+    return qattn_paged_plan_create_internal(ctx, d, NULL, NULL, out);
 }
 
 qattn_status qattn_paged_sparse_plan_create(qattn_ctx *ctx, const qattn_paged_desc *desc,
                                             const qattn_sparse_desc *sparse, qattn_plan **out)
 {
-    return paged_plan_create(ctx, desc, sparse, out);
+    return qattn_paged_plan_create_internal(ctx, desc, sparse, NULL, out);
 }
 
-static qattn_status paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d, const qattn_sparse_desc *sparse,
-                                      qattn_plan **out)
+qattn_status qattn_paged_plan_create_internal(qattn_ctx *ctx, const qattn_paged_desc *d,
+                                              const qattn_sparse_desc *sparse, const qattn_select_problem *select,
+                                              qattn_plan **out)
 {
     if (!out)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "out (the plan pointer) is NULL");
@@ -323,6 +341,8 @@ static qattn_status paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d,
     plan->paged = true;
     plan->pp = pp;
     plan->sparse = sp;
+    if (select)
+        plan->select = *select;
     plan->precision = QATTN_PRECISION_EXACT;
     s = ctx->backend->paged_plan_init(ctx, plan);
     if (!s && plan->pp.num_splits < 1)
@@ -330,10 +350,8 @@ static qattn_status paged_plan_create(qattn_ctx *ctx, const qattn_paged_desc *d,
     return qattn_plan_finish(plan, s, out);
 }
 
-qattn_status qattn_paged_run(const qattn_plan *plan, const qattn_paged_args *a)
+qattn_status qattn_paged_check_args(const qattn_plan *plan, const qattn_paged_args *a)
 {
-    if (!plan)
-        return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT, "plan is NULL");
     qattn_ctx *ctx = plan->ctx;
     if (!plan->paged)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "this plan is not paged: run it with qattn_run");
@@ -343,6 +361,9 @@ qattn_status qattn_paged_run(const qattn_plan *plan, const qattn_paged_args *a)
     qattn_status s = check_cache_buffers(ctx, &pp->cache, &pp->sizes, a->cache);
     if (s)
         return s;
+    if (plan->select.enabled && !a->cache->k_meta)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "this plan selects pages by their metadata: the cache's k_meta buffer is NULL");
     size_t es = qattn_dtype_size(pp->q_dtype), b4 = (size_t)pp->batch * 4;
     if ((s = check_buffer(ctx, "q", a->q, a->q_offset, pp->q_bytes, es)) ||
         (s = check_buffer(ctx, "o", a->o, a->o_offset, pp->o_bytes, es)) ||
@@ -368,10 +389,23 @@ qattn_status qattn_paged_run(const qattn_plan *plan, const qattn_paged_args *a)
     if (plan->ws.total && (s = check_buffer(ctx, "workspace", a->workspace, a->workspace_offset, plan->ws.total,
                                             QATTN_WS_ALIGN)))
         return s;
+    return QATTN_OK;
+}
+
+qattn_status qattn_paged_run(const qattn_plan *plan, const qattn_paged_args *a)
+{
+    if (!plan)
+        return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT, "plan is NULL");
+    qattn_ctx *ctx = plan->ctx;
+    qattn_status s = qattn_paged_check_args(plan, a);
+    if (s)
+        return s;
+    const qattn_paged_problem *pp = &plan->pp;
+    const size_t b4 = (size_t)pp->batch * 4;
     /* Outputs may share no byte with anything the kernels read, tables included. */
     const qattn_kv_cache_buffers *c = a->cache;
     const bool dense = pp->table == QATTN_PAGES_DENSE;
-    const qattn_span ins[11] = {
+    const qattn_span ins[12] = {
         {"args.q", a->q, a->q_offset, pp->q_bytes},
         {"cache k", c->k, 0, pp->sizes.cache_bytes},
         {"cache v", c->v, 0, pp->sizes.cache_bytes},
@@ -382,12 +416,13 @@ qattn_status qattn_paged_run(const qattn_plan *plan, const qattn_paged_args *a)
         {"args.seq_lens", dense ? a->seq_lens : NULL, 0, b4},
         {"args.indptr", dense ? NULL : a->indptr, 0, b4 + 4},
         {"args.indices", dense ? NULL : a->indices, 0, a->indices ? a->indices->size : 0},
-        {"args.last_page_len", dense ? NULL : a->last_page_len, 0, b4}};
+        {"args.last_page_len", dense ? NULL : a->last_page_len, 0, b4},
+        {"cache k_meta", plan->select.enabled ? c->k_meta : NULL, 0, meta_bytes(&pp->cache, c)}};
     const qattn_span outs[3] = {{"args.o", a->o, a->o_offset, pp->o_bytes},
                                 {"args.lse", pp->return_lse ? a->lse : NULL, a->lse_offset, pp->lse_bytes},
                                 {"args.workspace", plan->ws.total ? a->workspace : NULL, a->workspace_offset,
                                  plan->ws.total}};
-    if ((s = qattn_check_outputs(ctx, outs, 3, ins, 11)))
+    if ((s = qattn_check_outputs(ctx, outs, 3, ins, 12)))
         return s;
     return ctx->backend->paged_run(ctx, plan, a);
 }

@@ -37,7 +37,8 @@ qattn_status qattn_workspace_layout_init(qattn_plan *plan, bool status_word)
     size_t *regions[] = {&ws->q_i8, &ws->k_i8, &ws->v_q, &ws->q_scale, &ws->k_scale,
                          &ws->v_scale, &ws->k_mean, &ws->q_kmean, &ws->status, &ws->backend,
                          &ws->sparse_counts, &ws->sparse_indices, &ws->sparse_density, &ws->sparse_q_pool,
-                         &ws->sparse_k_pool, &ws->sparse_q_sim, &ws->sparse_k_sim};
+                         &ws->sparse_k_pool, &ws->sparse_q_sim, &ws->sparse_k_sim, &ws->select_counts,
+                         &ws->select_pages};
     for (size_t i = 0; i < sizeof(regions) / sizeof(regions[0]); i++)
         *regions[i] = QATTN_WS_ABSENT;
     ws->total = 0;
@@ -86,6 +87,12 @@ qattn_status qattn_workspace_layout_init(qattn_plan *plan, bool status_word)
              add_region(&cursor, &ws->sparse_q_sim, bytes);
         ok = ok && mul_size(&bytes, p->batch * p->heads_kv, sp->k_blocks, 4, 1) &&
              add_region(&cursor, &ws->sparse_k_sim, bytes);
+    }
+    if (plan->paged && plan->select.enabled) {
+        const qattn_paged_problem *pp = &plan->pp;
+        ok = ok && mul_size(&bytes, pp->batch, pp->cache.heads_kv, 4, 1) && add_region(&cursor, &ws->select_counts, bytes);
+        ok = ok && mul_size(&bytes, pp->batch, pp->cache.heads_kv, pp->max_pages_per_seq, 4) &&
+             add_region(&cursor, &ws->select_pages, bytes);
     }
     if (!ok)
         return qattn_set_error(plan->ctx, QATTN_ERR_INVALID_ARGUMENT,

@@ -163,4 +163,6 @@ const qattn_backend_iface qattn_backend_cpu = {
     .paged_plan_init = cpu_paged_plan_init,
     .paged_run = cpu_paged_run,
     .merge_states = cpu_merge_states,
+    .prune = QATTN_PRUNE_CAP_META | QATTN_PRUNE_CAP_SELECT | QATTN_PRUNE_CAP_ADAPTIVE | QATTN_PRUNE_CAP_PAGE_MASS,
+    .paged_page_mass = cpu_paged_page_mass,
 };

@@ -39,6 +39,8 @@ qattn_status cpu_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_run_bou
 qattn_status cpu_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *args, const qattn_kv_cache_sizes *sizes);
 qattn_status cpu_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan);
 qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args);
+qattn_status cpu_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args,
+                                 qattn_buffer *mass, size_t mass_offset);
 qattn_status cpu_merge_states(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
 
 #endif

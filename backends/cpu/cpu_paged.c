@@ -47,6 +47,41 @@ static void load_cache_row(const qattn_kv_cache_desc *c, const void *cache, cons
     }
 }
 
+static int cmp_i64(const void *a, const void *b)
+{
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* After an append's writes: the metadata of every page it wrote, recomputed
+ * from the page's slots (each page once). */
+static qattn_status update_meta(qattn_ctx *ctx, const qattn_kv_append_args *a, const int64_t *slots,
+                                const float *k_scale)
+{
+    const qattn_kv_cache_desc *c = a->cache;
+    const int64_t capacity = c->num_pages * c->page_size;
+    int64_t *touched = malloc((size_t)a->num_tokens * sizeof(int64_t)), n = 0;
+    if (!touched)
+        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory updating the page metadata");
+    for (int64_t t = 0; t < a->num_tokens; t++)
+        if (slots[t] >= 0 && slots[t] < capacity)
+            touched[n++] = slots[t] / c->page_size;
+    qsort(touched, (size_t)n, sizeof(int64_t), cmp_i64);
+    int64_t unique = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (unique == 0 || touched[unique - 1] != touched[i])
+            touched[unique++] = touched[i];
+    const int64_t items = unique * c->heads_kv;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(cpu_worker_count(ctx->num_threads, items))
+#endif
+    for (int64_t it = 0; it < items; it++)
+        qattn_kv_meta_update_host(c, a->buffers->k->host, k_scale, a->buffers->k_meta->host,
+                                  touched[it / c->heads_kv], it % c->heads_kv);
+    free(touched);
+    return QATTN_OK;
+}
+
 qattn_status cpu_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const qattn_kv_cache_sizes *sizes)
 {
     (void)sizes;
@@ -109,6 +144,8 @@ qattn_status cpu_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const 
                 }
             }
     }
+    if (a->buffers->k_meta)
+        return update_meta(ctx, a, slots, k_scale);
     return QATTN_OK;
 }
 
@@ -151,6 +188,7 @@ typedef struct paged_loader {
     const qattn_page_tables *tables;
     const qattn_kv_cache_buffers *cache;
     int64_t b, hk;
+    const int32_t *selected; /* a selection row: the logical pages read, in order (NULL: all) */
 } paged_loader;
 
 static void load_paged_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc)
@@ -163,7 +201,10 @@ static void load_paged_kv(const void *ctx, int64_t j0, int keys, cpu_scratch *sc
     if (keys < CPU_KT_MAX)
         memset(sc->Kt, 0, (size_t)D * CPU_KT_MAX * sizeof(float));
     for (int j = 0; j < keys; j++) {
-        int64_t t = j0 + j, page = qattn_table_page(pl->pp, pl->tables, pl->b, t / c->page_size), off = t % c->page_size;
+        int64_t t = j0 + j, logical = t / c->page_size, off = t % c->page_size;
+        if (pl->selected)
+            logical = pl->selected[logical];
+        int64_t page = qattn_table_page(pl->pp, pl->tables, pl->b, logical);
         load_cache_row(c, pl->cache->k->host, ks, page, off, pl->hk, sc->row);
         for (int d = 0; d < D; d++)
             sc->Kt[(size_t)d * CPU_KT_MAX + j] = sc->row[d];
@@ -228,6 +269,18 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
         }
     }
 
+    int32_t *sel_counts = NULL, *sel_pages = NULL;
+    if (plan->select.enabled) { /* choose each (sequence, KV head)'s pages first, into the workspace */
+        char *ws = host_at(a->workspace, a->workspace_offset);
+        sel_counts = (int32_t *)(ws + plan->ws.select_counts);
+        sel_pages = (int32_t *)(ws + plan->ws.select_pages);
+        s = qattn_select_pages_host(ctx, plan, q, &tables, a->cache->k->host, a->cache->k_meta->host,
+                                    a->cache->k_scale ? a->cache->k_scale->host : NULL, sel_counts, sel_pages,
+                                    ctx->num_threads);
+        if (s)
+            return s;
+    }
+
     const int splits = pp->num_splits;
     const int64_t tiles = qattn_ceil_div(G * pp->max_q_len, CPU_QT);
     const int64_t items = pp->batch * Hkv * tiles * splits;
@@ -251,7 +304,14 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
     for (int64_t it = 0; it < items; it++) {
         const int split = (int)(it % splits);
         const int64_t tile = (it / splits) % tiles, hk = (it / splits / tiles) % Hkv, b = it / splits / tiles / Hkv;
-        const int64_t q0 = tables.qo_indptr[b], q_len = tables.qo_indptr[b + 1] - q0, kv_len = qattn_table_kv_len(pp, &tables, b);
+        const int64_t q0 = tables.qo_indptr[b], q_len = tables.qo_indptr[b + 1] - q0;
+        int64_t kv_len = qattn_table_kv_len(pp, &tables, b);
+        const int32_t *selected = NULL;
+        if (sel_counts && kv_len > 0) { /* the selected pages, as if they were the whole cache */
+            const int64_t P = pp->cache.page_size, n = (kv_len + P - 1) / P, count = sel_counts[b * Hkv + hk];
+            selected = sel_pages + (b * Hkv + hk) * pp->max_pages_per_seq;
+            kv_len = (count - 1) * P + (kv_len - (n - 1) * P);
+        }
         const int64_t first = tile * CPU_QT, rows_total = q_len * G;
         if (first >= rows_total)
             continue;
@@ -279,7 +339,7 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
             cpu_sparse_rows_filter(mine, &plan->sparse, lo, hi, sinks, rows, &filter);
             fp.filter = &filter;
         }
-        paged_loader pl = {.pp = pp, .tables = &tables, .cache = a->cache, .b = b, .hk = hk};
+        paged_loader pl = {.pp = pp, .tables = &tables, .cache = a->cache, .b = b, .hk = hk, .selected = selected};
         cpu_flash_loop(mine, rows, &fp, begin, end, load_paged_kv, &pl);
 
         for (int r = 0; r < rows; r++) {
@@ -318,6 +378,76 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
                 }
     }
     cpu_scratch_array_free(sc, threads);
+    return QATTN_OK;
+}
+
+qattn_status cpu_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a,
+                                 qattn_buffer *mass_buf, size_t mass_offset)
+{
+    const qattn_paged_problem *pp = &plan->pp;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the cpu backend");
+    const qattn_page_tables tables = {
+        .qo_indptr = a->qo_indptr->host,
+        .block_table = a->block_table ? a->block_table->host : NULL,
+        .seq_lens = a->seq_lens ? a->seq_lens->host : NULL,
+        .indptr = a->indptr ? a->indptr->host : NULL,
+        .indices = a->indices ? a->indices->host : NULL,
+        .last_page_len = a->last_page_len ? a->last_page_len->host : NULL,
+        .indices_count = a->indices ? (int64_t)(a->indices->size / 4) : 0,
+    };
+    qattn_status s = qattn_paged_check_tables(ctx, pp, &tables);
+    if (s)
+        return s;
+    const qattn_kv_cache_desc *c = &pp->cache;
+    const int64_t D = c->head_dim, P = c->page_size, Hkv = c->heads_kv, Hq = pp->heads_q, G = pp->group;
+    const int64_t M = pp->max_pages_per_seq;
+    const char *q = host_at(a->q, a->q_offset);
+    const float *lse = host_at(a->lse, a->lse_offset);
+    const float *ks = a->cache->k_scale ? a->cache->k_scale->host : NULL;
+    float *mass = host_at(mass_buf, mass_offset);
+    const size_t es = qattn_dtype_size(pp->q_dtype);
+    const int64_t items = pp->batch * Hkv;
+    float *rows = malloc((size_t)cpu_worker_count(ctx->num_threads, items) * 2u * (size_t)D * sizeof(float));
+    if (!rows)
+        return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the page mass");
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(cpu_worker_count(ctx->num_threads, items))
+#endif
+    for (int64_t it = 0; it < items; it++) {
+        const int64_t b = it / Hkv, hk = it % Hkv;
+        float *qrow = rows + (size_t)cpu_thread_index() * 2u * (size_t)D, *krow = qrow + D;
+        const int64_t q0 = tables.qo_indptr[b], q_len = tables.qo_indptr[b + 1] - q0;
+        const int64_t kv_len = qattn_table_kv_len(pp, &tables, b), n = (kv_len + P - 1) / P;
+        float *out = mass + it * M;
+        for (int64_t p = 0; p < M; p++)
+            out[p] = 0.f;
+        for (int64_t p = 0; p < n; p++) {
+            const int64_t page = qattn_table_page(pp, &tables, b, p);
+            double sum = 0.0;
+            for (int64_t t = 0; t < P && p * P + t < kv_len; t++) {
+                load_cache_row(c, a->cache->k->host, ks, page, t, hk, krow);
+                for (int64_t i = 0; i < q_len; i++) {
+                    if (pp->causal && p * P + t > i + kv_len - q_len)
+                        continue;
+                    for (int64_t g = 0; g < G; g++) {
+                        const int64_t h = hk * G + g;
+                        const float l = lse[(q0 + i) * Hq + h];
+                        if (l == -INFINITY)
+                            continue;
+                        cpu_convert_row(qrow, q + (size_t)((q0 + i) * pp->q_stride[0] + h * pp->q_stride[1]) * es,
+                                        pp->q_dtype, (int)D, 1.f);
+                        double dot = 0.0;
+                        for (int64_t d = 0; d < D; d++)
+                            dot += (double)qrow[d] * krow[d];
+                        sum += exp((double)pp->sm_scale * dot - l);
+                    }
+                }
+            }
+            out[p] = (float)sum;
+        }
+    }
+    free(rows);
     return QATTN_OK;
 }
 

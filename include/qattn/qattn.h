@@ -63,7 +63,7 @@ extern "C" {
 /* ---------------------------------------------------------------- version */
 
 #define QATTN_VERSION_MAJOR 0
-#define QATTN_VERSION_MINOR 2
+#define QATTN_VERSION_MINOR 3
 #define QATTN_VERSION_PATCH 0
 #define QATTN_VERSION_NUMBER (QATTN_VERSION_MAJOR * 10000 + QATTN_VERSION_MINOR * 100 + QATTN_VERSION_PATCH)
 
@@ -496,11 +496,39 @@ typedef struct qattn_kv_cache_sizes {
 QATTN_API qattn_status qattn_kv_cache_bytes(qattn_ctx *ctx, const qattn_kv_cache_desc *desc,
                                             qattn_kv_cache_sizes *sizes);
 
-/* The cache's buffers as given to qattn_kv_append and qattn_paged_run. */
+/* The cache's buffers as given to qattn_kv_append and qattn_paged_run.
+ * (0.3 added k_meta at the end: code built against 0.2 headers must be
+ * rebuilt, and should zero-initialize the struct.) */
 typedef struct qattn_kv_cache_buffers {
     qattn_buffer *k, *v;             /* cache_bytes each */
     qattn_buffer *k_scale, *v_scale; /* scale_bytes each; NULL for unscaled pages */
+    qattn_buffer *k_meta;            /* optional page metadata (qattn_kv_meta_bytes); NULL: none kept */
 } qattn_kv_cache_buffers;
+
+/*
+ * Page metadata for query-aware page selection (Quest): per page and KV head,
+ * the channel-wise minimum and maximum of the page's keys, kept beside the
+ * cache by qattn_kv_append when buffers->k_meta is set. Every append
+ * recomputes the metadata of each page it writes from all page_size slots of
+ * that page, so it always describes the page's current keys (rewritten slots
+ * included). Slots a sequence has not filled yet hold stale data; only the
+ * last page of a sequence is partly filled, and selection always reads it
+ * without looking at its metadata.
+ * Layout of the k_meta buffer: codes [num_pages][Hkv][2][D] (min row, then
+ * max row) in the cache's own element type: f16 and bf16 pages keep f16/bf16
+ * values, FP8 pages E4M3 codes and INT8 per-head pages INT8 codes (the real
+ * value is code * the head's scale, exact); INT8 per-row pages keep INT8 codes
+ * against a scale per (page, head), rounded outward (min down, max up) so the
+ * bound stays a bound: fp32 [num_pages][Hkv] at byte offset scale_offset.
+ * Its size is exactly 1/page_size of the K+V bytes it describes (f16, bf16,
+ * FP8, INT8 per head) and at most that (INT8 per row, scales counted).
+ */
+typedef struct qattn_kv_meta_sizes {
+    size_t meta_bytes;   /* the whole k_meta buffer */
+    size_t scale_offset; /* INT8 per-row pages: where the fp32 scales start; 0 otherwise */
+} qattn_kv_meta_sizes;
+QATTN_API qattn_status qattn_kv_meta_bytes(qattn_ctx *ctx, const qattn_kv_cache_desc *desc,
+                                           qattn_kv_meta_sizes *sizes);
 
 /*
  * Writes new tokens into the cache (vLLM's reshape_and_cache): token t of
@@ -592,6 +620,68 @@ QATTN_API qattn_status qattn_paged_plan_create(qattn_ctx *ctx, const qattn_paged
  * kv_len - q_len among its keys, as with causal. NULL sparse: as above. */
 QATTN_API qattn_status qattn_paged_sparse_plan_create(qattn_ctx *ctx, const qattn_paged_desc *desc,
                                                       const qattn_sparse_desc *sparse, qattn_plan **out);
+
+/*
+ * Query-aware page selection (Quest-style) on a paged plan: before attending,
+ * each (sequence b, KV head hk) picks the pages to read from the cache's
+ * metadata (buffers->k_meta must be kept), and attention reads only those.
+ *   Bound of page p for query row i and query head h of hk's group:
+ *     ub = sum_d max(q_d * kmin_d, q_d * kmax_d) >= q . k for every key of p.
+ *   Score of p: the largest ub over the sequence's query rows and the group's
+ *   query heads (a page any head needs is kept for the group).
+ *   Forced pages: the first sink_pages, and the last max(recent_pages, pages
+ *   holding the sequence's query tokens) pages (so causal chunked prefill
+ *   stays exact); at least the last page.
+ *   Budget: budget_tokens (> 0, rounded up to whole pages) or else
+ *   ceil(budget_fraction * the sequence's pages); never fewer than the
+ *   forced pages, never more than the sequence has. The rest of the budget
+ *   goes to the unforced pages of highest score; equal scores: the lower page
+ *   index first. A sequence within its budget reads every page (dense).
+ *   Adaptive (epsilon > 0): the budget doubles (up to max_budget_tokens, 0:
+ *   no cap) until, for every query row and head, the unread pages' weight
+ *   bound U / (L + U) <= epsilon, where U sums n_p exp(s * ub) over unread
+ *   pages and L sums n_p exp(s * lb) over the selected full pages (lb =
+ *   sum_d min(q_d kmin_d, q_d kmax_d), s = sm_scale, n_p the page's tokens):
+ *   a true bound on the softmax weight attention leaves out.
+ * Attention then runs over each (b, hk)'s selected pages in page order, as
+ * if they were the sequence's whole cache. No window or sinks on the same
+ * plan. qattn_paged_selection_read returns the selected page lists.
+ */
+typedef struct qattn_page_select_desc {
+    int64_t budget_tokens;      /* > 0: tokens per (sequence, KV head), rounded up to pages */
+    float budget_fraction;      /* budget_tokens == 0: fraction of each sequence's pages, (0, 1] */
+    int64_t sink_pages;         /* first pages always read (>= 0) */
+    int64_t recent_pages;       /* last pages always read (>= 0; the query tokens' pages always are) */
+    float epsilon;              /* > 0: adaptive budget (see above); 0: fixed */
+    int64_t max_budget_tokens;  /* adaptive: the budget's cap in tokens (0: the whole sequence) */
+} qattn_page_select_desc;
+
+QATTN_API qattn_status qattn_paged_select_plan_create(qattn_ctx *ctx, const qattn_paged_desc *desc,
+                                                      const qattn_page_select_desc *select, qattn_plan **out);
+/*
+ * After a run of a selection plan, with the workspace it used: for each row r
+ * = b * Hkv + hk, counts[r] (B * Hkv entries) and the selected logical page
+ * indices (positions in the sequence's page table, ascending) at
+ * pages[r * max_pages_per_seq ..] (B * Hkv * max_pages_per_seq entries).
+ * Either output may be NULL.
+ */
+QATTN_API qattn_status qattn_paged_selection_read(const qattn_plan *plan, const qattn_buffer *workspace,
+                                                  size_t workspace_offset, int32_t *counts, int32_t *pages);
+
+/*
+ * Attention mass per page, for score-based eviction (H2O- and SnapKV-style):
+ * after a run of plan (made with return_lse) filled args->lse, reads the same
+ * queries, cache and tables and writes fp32 mass [B, Hkv, max_pages_per_seq]:
+ *   mass[b][hk][p] = sum over b's query rows i and hk's query heads h of
+ *                    sum over keys j of page p that row i sees of
+ *                    exp(sm_scale * q_ih . k_j - lse[i][h])
+ * over every page of the table (a selection plan's LSE covers only what it
+ * read, so there the masses of a row may add to more than 1). Entries past a
+ * sequence's pages are 0. args->lse is an input here.
+ */
+QATTN_API qattn_status qattn_paged_page_mass(const qattn_plan *plan, const qattn_paged_args *args,
+                                             qattn_buffer *mass, size_t mass_offset);
+
 /* qattn_plan_destroy, qattn_plan_workspace_size, qattn_plan_describe and
  * qattn_plan_get_info (q_tile: query rows per item; kv_tile: keys per split
  * chunk, 0 when unsplit) apply to paged plans too. */
@@ -632,6 +722,27 @@ QATTN_API qattn_status qattn_page_pool_alloc(qattn_page_pool *pool, int64_t n, i
 /* Returns pages; freeing a page that is not allocated is QATTN_ERR_INVALID_ARGUMENT (nothing changes). */
 QATTN_API qattn_status qattn_page_pool_free(qattn_page_pool *pool, int64_t n, const int32_t *pages);
 QATTN_API int64_t qattn_page_pool_free_count(const qattn_page_pool *pool);
+/*
+ * Page-granular eviction for one sequence, so a stream runs in a fixed number
+ * of pages: pages[0 .. *num_pages) is the sequence's page list in order (the
+ * last page may be partly filled). When it holds more than keep_pages pages,
+ * the pages beyond the budget are returned to pool: never the first
+ * sink_pages nor the last recent_pages; among the others, without scores the
+ * oldest go first (StreamingLLM: sinks + a recent window), with scores
+ * (one per page, e.g. accumulated qattn_paged_page_mass) the lowest score
+ * first, equal scores the older first. The survivors stay in order, compacted
+ * to the front of pages (and of scores, so they can keep accumulating);
+ * *num_pages and *freed (may be NULL) say how many remain and went.
+ * Attention over the kept pages treats them as the sequence's cache.
+ */
+typedef struct qattn_evict_policy {
+    int64_t keep_pages;   /* pages a sequence keeps at most; >= sink_pages + recent_pages, >= 1 */
+    int64_t sink_pages;   /* >= 0 */
+    int64_t recent_pages; /* >= 1: the page being filled always stays */
+} qattn_evict_policy;
+QATTN_API qattn_status qattn_evict_pages(qattn_page_pool *pool, const qattn_evict_policy *policy, int32_t *pages,
+                                         int64_t *num_pages, float *scores, int64_t *freed);
+
 /*
  * Builds a dense block table row and the CSR arrays for sequences whose pages
  * are given as lists: seq_pages[b] has pages_per_seq[b] entries. block_table

@@ -9,6 +9,7 @@
  *                      [--table dense|csr] [--splits N] [--ordered-pages] [--check]
  *                      [--warmup W] [--iters I] [--reps R] [--check-seqs S]
  *                      [--peak-gbps GBPS] [--seed S] [--json]
+ *                      [--select LIST] [--adaptive EPS[,CAP]]
  *
  * Every (batch, context, page size) builds one set of sequences: K, V and Q
  * are N(0, 1), generated from a seed per sequence (so the checked sequences
@@ -18,6 +19,12 @@
  * synchronize; the median of the R per-run times is reported. Per-head scales
  * of FP8/INT8 pages are the per-head amax of the data over 448 / 127.
  * Decode: one query per sequence, every sequence `ctx` tokens long.
+ * Pruned rows (--select, --adaptive): the caches also keep page metadata;
+ * after the dense row of a dtype, each budget (tokens) runs a page-selection
+ * plan and reports its time, the fraction of pages it read, its speed-up
+ * over the dense row and its output's distance from the dense output (on
+ * N(0, 1) data attention is nearly uniform, the worst case for pruning: the
+ * distance is reported, not judged).
  * Exit status: 0 when every accuracy check met its bar, 1 when one did not,
  * 2 on errors.
  */
@@ -62,6 +69,10 @@ typedef struct options {
     int splits, ordered, check, warmup, iters, reps, check_seqs, json;
     double peak_gbps;
     uint64_t seed;
+    int64_t select[MAX_LIST];
+    int nselect;
+    double adaptive_eps;
+    int64_t adaptive_cap;
 } options;
 
 static void progress(const char *fmt, ...)
@@ -233,7 +244,9 @@ static void usage(FILE *f)
             "  --check-seqs S     sequences checked against fp64 (default 2; 0 skips)\n"
             "  --peak-gbps GBPS   also print the fraction of this bandwidth (e.g. a measured copy rate)\n"
             "  --seed S           data seed (default 1)\n"
-            "  --json             one JSON object per line\n");
+            "  --json             one JSON object per line\n"
+            "  --select LIST      also run page selection with these token budgets (e.g. 2k)\n"
+            "  --adaptive EPS[,CAP]  with --select: the adaptive budget from each budget, up to CAP tokens\n");
 }
 
 static int parse_kinds(const char *s, options *o)
@@ -312,6 +325,12 @@ static void parse_args(int argc, char **argv, options *o, int *explicit_shape, i
             o->layout = !strcmp(v, "hnd") ? QATTN_KV_HND : QATTN_KV_NHD;
         } else if (!strcmp(a, "--table")) {
             o->table = !strcmp(v, "csr") ? QATTN_PAGES_CSR : QATTN_PAGES_DENSE;
+        } else if (!strcmp(a, "--select")) {
+            o->nselect = parse_list(v, o->select);
+        } else if (!strcmp(a, "--adaptive")) {
+            o->adaptive_eps = atof(v);
+            const char *comma = strchr(v, ',');
+            o->adaptive_cap = comma ? atoll(comma + 1) : 0;
         } else if (!strcmp(a, "--splits")) {
             o->splits = atoi(v);
         } else if (!strcmp(a, "--warmup")) {
@@ -378,6 +397,95 @@ static void reference_row(const float *q, const float *k, const float *v, int64_
         out[e] /= l;
 }
 
+/* Median seconds per run of plan after the warm-up. */
+static double time_plan(const options *o, const qattn_plan *plan, const qattn_paged_args *args)
+{
+    for (int w = 0; w < o->warmup; w++)
+        CHECK(qattn_paged_run(plan, args));
+    CHECK(qattn_ctx_synchronize(ctx));
+    double *times = malloc((size_t)o->reps * sizeof(double));
+    for (int r = 0; r < o->reps; r++) {
+        double t0 = now_seconds();
+        for (int it = 0; it < o->iters; it++)
+            CHECK(qattn_paged_run(plan, args));
+        CHECK(qattn_ctx_synchronize(ctx));
+        times[r] = (now_seconds() - t0) / o->iters;
+    }
+    qsort(times, (size_t)o->reps, sizeof(double), cmp_double);
+    double med = o->reps % 2 ? times[o->reps / 2] : 0.5 * (times[o->reps / 2 - 1] + times[o->reps / 2]);
+    free(times);
+    return med;
+}
+
+/* The pruned rows of one cache: each budget against the dense run (dense_med, dense output dense_o). */
+static void run_selected(const options *o, const qattn_paged_desc *pd, qattn_paged_args args, const char *kind,
+                         const char *device, double dense_med, const uint16_t *dense_o, int64_t pages_per_seq)
+{
+    const int64_t B = pd->batch, Hq = pd->heads_q, D = pd->cache.head_dim, Hkv = pd->cache.heads_kv;
+    const size_t q_elems = (size_t)(B * Hq * D);
+    uint16_t *oh = malloc(q_elems * 2);
+    int32_t *counts = malloc((size_t)(B * Hkv) * 4);
+    for (int i = 0; i < o->nselect; i++) {
+        qattn_page_select_desc sel = {.budget_tokens = o->select[i], .sink_pages = 1, .recent_pages = 1,
+                                      .epsilon = (float)o->adaptive_eps,
+                                      .max_budget_tokens = o->adaptive_eps > 0 ? o->adaptive_cap : 0};
+        qattn_plan *plan = NULL;
+        qattn_status st = qattn_paged_select_plan_create(ctx, pd, &sel, &plan);
+        if (st == QATTN_ERR_UNSUPPORTED) {
+            progress("  %s pages, selection %lld: unsupported here: %s", kind, (long long)o->select[i],
+                     qattn_last_error(ctx));
+            continue;
+        }
+        CHECK(st);
+        qattn_plan_info info;
+        CHECK(qattn_plan_get_info(plan, &info));
+        qattn_buffer *ws = buffer(info.workspace_bytes);
+        args.workspace = ws;
+        const double med = time_plan(o, plan, &args);
+        CHECK(qattn_paged_run(plan, &args));
+        CHECK(qattn_ctx_synchronize(ctx));
+        CHECK(qattn_buffer_download(args.o, 0, oh, q_elems * 2));
+        CHECK(qattn_paged_selection_read(plan, ws, 0, counts, NULL));
+        double read = 0;
+        for (int64_t r = 0; r < B * Hkv; r++)
+            read += counts[r];
+        const double frac = read / (double)(B * Hkv * pages_per_seq);
+        ref_accum acc = {0};
+        for (size_t e = 0; e < q_elems; e++) {
+            float x, y;
+            uint32_t bx = (uint32_t)oh[e], by = (uint32_t)dense_o[e];
+            /* f16 -> f32 through the reference's loader */
+            const qattn_tensor_desc one = qattn_tensor_nhd(QATTN_DTYPE_F16, 1, 1, 1, 1);
+            uint16_t hx = (uint16_t)bx, hy = (uint16_t)by;
+            x = (float)ref_load(&hx, &one, 0, 0, 0, 0);
+            y = (float)ref_load(&hy, &one, 0, 0, 0, 0);
+            ref_accum_add(&acc, x, y);
+        }
+        ref_metrics m = ref_accum_finish(&acc);
+        if (o->json) {
+            printf("{\"backend\":\"%s\",\"device\":\"%s\",\"batch\":%lld,\"ctx\":%lld,\"hq\":%lld,\"hkv\":%lld,"
+                   "\"d\":%lld,\"page\":%lld,\"dtype\":\"%s\",\"select_budget\":%lld,\"adaptive_eps\":%g,"
+                   "\"kernel\":\"%s\",\"median_us\":%.3f,\"dense_us\":%.3f,\"speedup_vs_dense\":%.3f,"
+                   "\"pages_read_frac\":%.5f,\"cos_vs_dense\":%.7f,\"rel_l1_vs_dense\":%.5f}\n",
+                   qattn_ctx_backend(ctx), device, (long long)B, (long long)(pd->max_pages_per_seq * pd->cache.page_size),
+                   (long long)Hq, (long long)Hkv, (long long)D, (long long)pd->cache.page_size, kind,
+                   (long long)o->select[i], o->adaptive_eps, info.kernel, med * 1e6, dense_med * 1e6, dense_med / med,
+                   frac, m.cos_sim, m.rel_l1);
+        } else {
+            printf("%5lld %6s %5lld %-8s select %6lld%s: %9.2f us (dense %9.2f us) %6.2fx, read %5.1f%% of pages, vs "
+                   "dense cos %.5f relL1 %.4f  %s\n",
+                   (long long)B, "", (long long)pd->cache.page_size, kind, (long long)o->select[i],
+                   o->adaptive_eps > 0 ? " adaptive" : "", med * 1e6, dense_med * 1e6, dense_med / med, 100 * frac,
+                   m.cos_sim, m.rel_l1, info.kernel);
+        }
+        fflush(stdout);
+        qattn_buffer_destroy(ws);
+        qattn_plan_destroy(plan);
+    }
+    free(oh);
+    free(counts);
+}
+
 static int run_shape(const options *o, int64_t B, int64_t N, int64_t P, const char *device)
 {
     const int64_t Hq = o->hq, Hkv = o->hkv, D = o->d, G = Hq / Hkv;
@@ -438,6 +546,11 @@ static int run_shape(const options *o, int64_t B, int64_t N, int64_t P, const ch
         memset(&c->bufs, 0, sizeof(c->bufs));
         c->bufs.k = buffer(c->sizes.cache_bytes);
         c->bufs.v = buffer(c->sizes.cache_bytes);
+        if (o->nselect > 0) { /* selection reads the page metadata the appends keep */
+            qattn_kv_meta_sizes ms;
+            CHECK(qattn_kv_meta_bytes(ctx, &c->desc, &ms));
+            c->bufs.k_meta = buffer(ms.meta_bytes);
+        }
         if (c->kind->scales != QATTN_KV_SCALES_NONE) {
             c->bufs.k_scale = buffer(c->sizes.scale_bytes);
             c->bufs.v_scale = buffer(c->sizes.scale_bytes);
@@ -544,20 +657,7 @@ static int run_shape(const options *o, int64_t B, int64_t N, int64_t P, const ch
             args.indices = ixb;
             args.last_page_len = lpb;
         }
-        for (int w = 0; w < o->warmup; w++)
-            CHECK(qattn_paged_run(plan, &args));
-        CHECK(qattn_ctx_synchronize(ctx));
-        double *times = malloc((size_t)o->reps * sizeof(double));
-        for (int r = 0; r < o->reps; r++) {
-            double t0 = now_seconds();
-            for (int it = 0; it < o->iters; it++)
-                CHECK(qattn_paged_run(plan, &args));
-            CHECK(qattn_ctx_synchronize(ctx));
-            times[r] = (now_seconds() - t0) / o->iters;
-        }
-        qsort(times, (size_t)o->reps, sizeof(double), cmp_double);
-        double med = o->reps % 2 ? times[o->reps / 2] : 0.5 * (times[o->reps / 2 - 1] + times[o->reps / 2]);
-        free(times);
+        const double med = time_plan(o, plan, &args);
 
         /* Bytes read: every cached row of K and V, the scales, Q, and the page table. */
         const double es = (double)qattn_dtype_size(c->kind->dtype);
@@ -625,6 +725,12 @@ static int run_shape(const options *o, int64_t B, int64_t N, int64_t P, const ch
                    o->check_seqs > 0 ? m.rel_l1 : NAN, ok ? "ok" : "FAIL", info.kernel);
         }
         fflush(stdout);
+        if (o->nselect > 0) { /* the dense output, then the pruned rows against it */
+            CHECK(qattn_paged_run(plan, &args));
+            CHECK(qattn_ctx_synchronize(ctx));
+            CHECK(qattn_buffer_download(ob, 0, oh, q_elems * 2));
+            run_selected(o, &pd, args, c->kind->name, device, med, oh, pages_per_seq);
+        }
         qattn_buffer_destroy(ws);
         qattn_plan_destroy(plan);
     }
@@ -634,6 +740,7 @@ static int run_shape(const options *o, int64_t B, int64_t N, int64_t P, const ch
         qattn_buffer_destroy(caches[i].bufs.v);
         qattn_buffer_destroy(caches[i].bufs.k_scale);
         qattn_buffer_destroy(caches[i].bufs.v_scale);
+        qattn_buffer_destroy(caches[i].bufs.k_meta);
     }
     qattn_buffer *bufs[] = {qb, ob, qob, btb, slb, ipb, ixb, lpb};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)

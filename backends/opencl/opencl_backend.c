@@ -277,4 +277,5 @@ const qattn_backend_iface qattn_backend_opencl = {
     .paged_plan_release = qattn_opencl_paged_plan_release,
     .paged_run = qattn_opencl_paged_run,
     .merge_states = qattn_opencl_merge_states,
+    .prune = QATTN_PRUNE_CAP_META,
 };

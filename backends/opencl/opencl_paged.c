@@ -510,6 +510,38 @@ static qattn_status append_check(qattn_ctx *ctx, const qattn_kv_append_args *a, 
     return s;
 }
 
+/* kv_append.cl's append_meta over the append's tokens (QATTN_PRUNE_CAP_META); *done: its event. */
+static qattn_status enqueue_append_meta(qattn_ctx *ctx, const qattn_kv_append_args *a, cl_kernel kernel,
+                                        cl_event *done)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const qattn_kv_cache_desc *cd = a->cache;
+    int64_t page_stride, tok_stride, head_stride;
+    qattn_kv_cache_strides(cd, &page_stride, &tok_stride, &head_stride);
+    qattn_kv_meta_sizes ms;
+    qattn_status s = qattn_kv_meta_validate(ctx, cd, &ms);
+    if (s)
+        return s;
+    arg_list al = args_for(c, kernel, "append_meta");
+    arg_mem(&al, mem_of(a->slot_mapping));
+    arg_long(&al, (int64_t)(a->slot_mapping_offset / 8));
+    arg_long(&al, a->num_tokens);
+    arg_long(&al, cd->num_pages * cd->page_size);
+    arg_int(&al, cd->heads_kv);
+    arg_int(&al, cd->page_size);
+    arg_long(&al, page_stride);
+    arg_long(&al, tok_stride);
+    arg_long(&al, head_stride);
+    arg_mem(&al, mem_of(a->buffers->k));
+    arg_mem(&al, mem_of(a->buffers->k_scale));
+    arg_mem(&al, mem_of(a->buffers->k_meta));
+    arg_long(&al, (int64_t)ms.scale_offset);
+    const int64_t items = a->num_tokens * cd->heads_kv * cd->head_dim;
+    const int64_t groups = qattn_ceil_div(items, APPEND_WG);
+    size_t local = APPEND_WG, global = (size_t)(groups < MAX_GROUPS ? groups : MAX_GROUPS) * local;
+    return launch_event(ctx, &al, 1, &global, &local, done);
+}
+
 qattn_status qattn_opencl_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const qattn_kv_cache_sizes *sizes)
 {
     (void)sizes;
@@ -529,11 +561,12 @@ qattn_status qattn_opencl_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *
     const char *parts[2] = {qattn_opencl_src_common, qattn_opencl_src_kv_append};
     const bool check = !(a->flags & QATTN_FLAG_NO_FINITE_CHECK);
     cl_program prog = NULL;
-    cl_kernel kernels[2] = {NULL, NULL}; /* write, scan */
+    cl_kernel kernels[3] = {NULL, NULL, NULL}; /* write, scan, meta */
     qattn_status s;
     if ((s = qattn_opencl_get_program(ctx, "kv_append", parts, 2, options, &prog)) ||
         (s = make_kernel(ctx, prog, "append_write", &kernels[0])) ||
-        (check && (s = make_kernel(ctx, prog, "append_scan", &kernels[1]))))
+        (check && (s = make_kernel(ctx, prog, "append_scan", &kernels[1]))) ||
+        (a->buffers->k_meta && (s = make_kernel(ctx, prog, "append_meta", &kernels[2]))))
         goto done;
     if (check && (s = append_check(ctx, a, kernels[1])))
         goto done;
@@ -566,12 +599,22 @@ qattn_status qattn_opencl_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *
     cl_event written = NULL;
     if ((s = launch_event(ctx, &al, 1, &global, &local, &written)))
         goto done;
+    if (a->buffers->k_meta) { /* the pages it wrote get their metadata recomputed, after it on the in-order queue */
+        cl_event meta_done = NULL;
+        if ((s = enqueue_append_meta(ctx, a, kernels[2], &meta_done))) {
+            c->cl->clWaitForEvents(1, &written); /* nothing of ours is left in flight */
+            c->cl->clReleaseEvent(written);
+            goto done;
+        }
+        c->cl->clReleaseEvent(written);
+        written = meta_done;
+    }
     /* Synchronous, as the API promises for backends without streams. */
     cl_int err = c->cl->clWaitForEvents(1, &written);
     c->cl->clReleaseEvent(written);
     if (err != CL_SUCCESS)
         s = cl_error(ctx, err, "clWaitForEvents", "the cache append");
 done:
-    qattn_opencl_release_kernels(c, kernels, 2);
+    qattn_opencl_release_kernels(c, kernels, 3);
     return s;
 }

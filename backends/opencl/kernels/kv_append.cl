@@ -125,3 +125,97 @@ kernel __attribute__((reqd_work_group_size(APPEND_WG, 1, 1))) void append_write(
 #endif
     }
 }
+
+/*
+ * Page metadata (QATTN_PRUNE_CAP_META), enqueued after append_write: for every
+ * page the append wrote and every KV head, the channel-wise min and max of the
+ * page's dequantized keys over all page_size slots, as src/prune.c's
+ * qattn_kv_meta_update_host has them: NaN never wins (strict compares, slots
+ * in order, so the first of equal values is kept); f16/bf16 store the min/max
+ * element's own bits, FP8 and INT8 per-head its code; INT8 per row stores
+ * codes against the page's largest row scale, rounded outward (floor for the
+ * min, ceil for the max, clamped to [-127, 127]) and that scale as fp32 at
+ * byte scale_off of meta, index page * heads + h. Layout [pages][heads][2][D].
+ *
+ * One work-item per (token, head, channel), grid-stride; no local memory and no
+ * barriers. Token t recomputes its page only when it is the first of a run of
+ * tokens in that page (t == 0, or token t-1 skipped or in another page);
+ * pages written by non-adjacent tokens are recomputed more than once with the
+ * same values. Slots that are negative or out of range are skipped.
+ */
+static inline float meta_cache_value(global const uchar *kc, long at)
+{
+#if CACHE_FMT == FMT_F16
+    return vload_half(at, (global const half *)kc);
+#elif CACHE_FMT == FMT_BF16
+    return bf16_bits_to_float(((global const ushort *)kc)[at]);
+#elif CACHE_FMT == FMT_FP8
+    return e4m3_to_float(kc[at]);
+#else
+    return (float)(char)kc[at];
+#endif
+}
+
+kernel void append_meta(global const long *slots, long slot_off, long num_tokens, long capacity, int heads,
+                        int page_size, long page_stride, long tok_stride, long head_stride, global const uchar *kc,
+                        global const float *ks, global uchar *meta, long scale_off)
+{
+    const long total = num_tokens * heads * HEAD_DIM;
+    for (long w = get_global_id(0); w < total; w += get_global_size(0)) {
+        const long t = w / ((long)heads * HEAD_DIM);
+        const int rem = (int)(w - t * heads * HEAD_DIM), h = rem / HEAD_DIM, d = rem - h * HEAD_DIM;
+        const long slot = slots[slot_off + t];
+        if (slot < 0 || slot >= capacity)
+            continue;
+        const long page = slot / page_size;
+        if (t > 0) {
+            const long prev = slots[slot_off + t - 1];
+            if (prev >= 0 && prev < capacity && prev / page_size == page)
+                continue; /* the run's first token does this page */
+        }
+        const long base = page * page_stride + (long)h * head_stride + d;
+#if CACHE_FMT == FMT_I8_ROW
+        float row_scale_max = 0.0f;
+        for (int s = 0; s < page_size; s++) {
+            float sc = ks[(page * page_size + s) * heads + h];
+            if (sc > row_scale_max) /* NaN (stale) never wins */
+                row_scale_max = sc;
+        }
+#endif
+        float lo = INFINITY, hi = -INFINITY;
+        long lo_at = base, hi_at = base;
+        for (int s = 0; s < page_size; s++) {
+            const long at = base + s * tok_stride;
+#if CACHE_FMT == FMT_I8_ROW
+            float x = meta_cache_value(kc, at) * ks[(page * page_size + s) * heads + h];
+#else
+            float x = meta_cache_value(kc, at);
+#endif
+            if (x < lo) {
+                lo = x;
+                lo_at = at;
+            }
+            if (x > hi) {
+                hi = x;
+                hi_at = at;
+            }
+        }
+        const long row = (page * heads + h) * 2 * HEAD_DIM; /* element index of the min row */
+#if CACHE_FMT == FMT_F16 || CACHE_FMT == FMT_BF16
+        global const ushort *k16 = (global const ushort *)kc;
+        global ushort *m16 = (global ushort *)meta;
+        m16[row + d] = k16[lo_at];
+        m16[row + HEAD_DIM + d] = k16[hi_at];
+#elif CACHE_FMT == FMT_FP8 || CACHE_FMT == FMT_I8
+        meta[row + d] = kc[lo_at];
+        meta[row + HEAD_DIM + d] = kc[hi_at];
+#else
+        const float inv = row_scale_max > 0.0f ? div_rn(1.0f, row_scale_max) : 0.0f;
+        const float l = lo == INFINITY ? 0.0f : floor(lo * inv), u = hi == -INFINITY ? 0.0f : ceil(hi * inv);
+        meta[row + d] = (uchar)(char)(int)fmin(fmax(l, -127.0f), 127.0f);
+        meta[row + HEAD_DIM + d] = (uchar)(char)(int)fmin(fmax(u, -127.0f), 127.0f);
+        if (d == 0)
+            ((global float *)(meta + scale_off))[page * heads + h] = row_scale_max;
+#endif
+    }
+}

@@ -7,7 +7,9 @@ Measures, on the current CUDA device:
     contiguous fp16 K/V [B, Hkv, N, D] with enable_gqa=True (or K/V expanded to
     Hq heads when this torch lacks it), for the same shapes,
 and prints them next to qattn-decode-bench's rows (run as a subprocess with
---json, or read from --qattn-json). Throughput is bytes read per second:
+--json, or read from --qattn-json). Pruned rows (qattn-decode-bench
+--select) print their time, the fraction of pages read, their speed-up over
+qattn's dense row and over torch, and their distance from the dense output. Throughput is bytes read per second:
 K and V (+ Q, + the page table and scales for qattn), so the columns compare.
 
   python3 bench/decode_compare.py [--bench PATH] [--batch 1,16,64] [--ctx 1k,8k,32k]
@@ -158,6 +160,15 @@ def main():
                                       "device": name}) + "\n")
             for r in qrows:
                 if r["batch"] != b or r["ctx"] != n:
+                    continue
+                if "select_budget" in r:  # a pruned row: against qattn dense and torch
+                    label = f"qattn {r['dtype']} select {r['select_budget']}" + (" ad" if r.get("adaptive_eps") else "")
+                    print(f"{b:5d} {n:6d} {label:<22} {r['page']:4d} {'-':>6} {r['median_us']:9.1f} "
+                          f"read {100 * r['pages_read_frac']:5.1f}% of pages, {r['speedup_vs_dense']:.2f}x qattn "
+                          f"dense, {t['median_us'] / r['median_us']:.2f}x torch; vs dense cos {r['cos_vs_dense']:.4f}")
+                    if out:
+                        out.write(json.dumps({"impl": "qattn_select", **r, "torch_us": t["median_us"],
+                                              "copy_gbps": copy_gbps}) + "\n")
                     continue
                 label = f"qattn {r['dtype']} {r['layout']}"
                 speed = f"{r['speedup_vs_f16']:.2f}x" if r.get("speedup_vs_f16") else ""

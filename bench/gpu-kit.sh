@@ -13,8 +13,8 @@ for lib in "$build"/libqattn.so*; do
   [[ -d $lib ]] || cp -a "$lib" "$kit/" # not the .p folder of object files
 done
 # test_opencl exists only in builds with the OpenCL backend.
-for program in tests/test_conformance tests/test_workspace tests/test_paged tests/test_paged_vs_cpu tests/test_sparse \
-               tests/test_opencl tests/test_api bench/qattn-bench bench/qattn-decode-bench tools/qattn-info; do
+for program in tests/test_conformance tests/test_workspace tests/test_paged tests/test_paged_vs_cpu tests/test_sparse tests/test_prune \
+               tests/test_opencl tests/test_api bench/qattn-bench bench/qattn-decode-bench bench/qattn-prune-bench tools/qattn-info; do
   if [[ -f $build/$program ]]; then cp -a "$build/$program" "$kit/$program"; fi
 done
 # The Khronos validation layer for gpu-run.sh's sanitize section (the GPU machine has none): its

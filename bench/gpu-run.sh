@@ -8,6 +8,9 @@
 # Sections (default: all): sass tests compare kernels profile portable decode decode-portable
 # Also not in the default list: sparse (test_sparse on cuda/vulkan/opencl, qattn-bench sparse rows
 # beside dense at 32k/128k, compare.py's torch rows at the same shapes; QATTN_CUDA_SPARSE=1 set).
+# Nor prune (test_prune on cuda; qattn-decode-bench --select 2k at 32k for batch 1/16/64 with
+# decode_compare.py's torch rows, and at 128k batch 16; qattn-prune-bench needles at 100k tokens and
+# a 1M-token eviction stream; QATTN_CUDA_PRUNE=1 set).
 # Not in the default list: sanitize (about 6 minutes): compute-sanitizer's memcheck, racecheck,
 # synccheck and initcheck over every CUDA kernel family at small shapes (the kit's test programs:
 # dense in every mode on the sm_90a kernels and, with QATTN_CUDA_WGMMA=0, on the mma.sync ones; the
@@ -140,6 +143,43 @@ timeout 120 python3 bench/decode_compare.py --bench $D --qattn-json "$O/decode_p
   --json "$O/decode_compare.jsonl" > "$O/decode_compare.log" 2>&1
 echo "rc=$?"
 cat "$O/decode_compare.log"
+fi
+
+if want prune; then
+echo "== decode-time pruning: the shared suite, selection speed beside dense qattn and torch, needles, eviction"
+export QATTN_CUDA_PRUNE=${QATTN_CUDA_PRUNE:-1}
+P=$K/bench/qattn-prune-bench
+{ timeout 150 "$K/tests/test_prune" cuda; echo "rc=$?"; } > "$O/prune_tests.log" 2>&1
+grep -E "^\[  (PASSED|FAILED|SKIPPED|  OK|  SKIP) |^\[  ERROR|^rc=|read .* of .* pages|needles|eviction|metadata|page mass|covering" \
+  "$O/prune_tests.log" | head -40
+# 32k context, budget 2048 tokens, batch 1/16/64 (targets 3x, 6x, 6x over dense), torch beside
+timeout 150 $D --backend cuda --batch 1,16,64 --ctx 32k --page 16 --dtype f16,fp8 --select 2k --check-seqs 1 \
+  --json > "$O/prune_32k.jsonl" 2> "$O/prune_32k.err"
+echo "rc=$?"
+timeout 120 python3 bench/decode_compare.py --batch 1,16,64 --ctx 32k --qattn-json "$O/prune_32k.jsonl" \
+  --json "$O/prune_compare.jsonl" > "$O/prune_compare.log" 2>&1
+echo "rc=$?"
+cat "$O/prune_compare.log"
+# 128k, batch 16 (target 15x with a two-level bound; this is the one-level scheme)
+timeout 150 $D --backend cuda --batch 16 --ctx 128k --page 16 --dtype f16 --select 2k --check-seqs 0 --iters 10 \
+  --reps 5 > "$O/prune_128k.log" 2>&1
+echo "rc=$?"
+grep -vE "^\[decode-bench\]" "$O/prune_128k.log"
+# retrieval at 100k tokens, 200 trials, budget 1024 (target 99%); adaptive on page-coherent keys
+timeout 120 $P needle --backend cuda --ctx 100k --trials 200 --batch 16 --budget 1024 > "$O/needle.log" 2>&1
+echo "rc=$?"
+timeout 120 $P needle --backend cuda --ctx 100k --trials 200 --batch 16 --budget 1024 --haystack coherent \
+  >> "$O/needle.log" 2>&1
+echo "rc=$?"
+timeout 120 $P needle --backend cuda --ctx 100k --trials 200 --batch 16 --budget 64 --adaptive 0.01,1024 \
+  --haystack coherent >> "$O/needle.log" 2>&1
+echo "rc=$?"
+grep -v "^\[prune-bench\]" "$O/needle.log"
+# a 1M-token stream under a 4k-token budget
+timeout 150 $P evict --backend cuda --tokens 1M --keep-tokens 4096 --hq 32 --hkv 8 --check-every 256 \
+  > "$O/evict.log" 2>&1
+echo "rc=$?"
+cat "$O/evict.log"
 fi
 
 if want decode-portable; then

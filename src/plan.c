@@ -417,16 +417,34 @@ size_t qattn_plan_describe(const qattn_plan *plan, char *buf, size_t len)
         n = snprintf(text, sizeof(text), "(no plan)");
     } else if (plan->paged) {
         const qattn_paged_problem *pp = &plan->pp;
+        const qattn_select_problem *sel = &plan->select;
+        char select[256] = "";
+        if (sel->enabled) {
+            char budget[64];
+            if (sel->budget_pages > 0)
+                snprintf(budget, sizeof(budget), "%lld pages", (long long)sel->budget_pages);
+            else
+                snprintf(budget, sizeof(budget), "%g of each sequence", (double)sel->budget_fraction);
+            snprintf(select, sizeof(select),
+                     "; page selection: budget %s, %lld sink and %lld recent page(s)%s", budget,
+                     (long long)sel->sink_pages, (long long)sel->recent_pages, sel->adaptive ? ", adaptive" : "");
+            if (sel->adaptive) {
+                const size_t used = strlen(select);
+                snprintf(select + used, sizeof(select) - used, " (epsilon %g, cap %lld pages)", (double)sel->epsilon,
+                         (long long)sel->max_budget_pages);
+            }
+        }
         n = snprintf(text, sizeof(text),
                      "backend %s, kernel %s: paged attention over %s pages of %lld tokens (%s, %lld pages), "
                      "B=%lld Hq=%lld Hkv=%lld D=%lld, %lld query rows (<= %lld per sequence) %s%s, %s tables; "
-                     "%d split(s); workspace %zu bytes. %s",
+                     "%d split(s)%s; workspace %zu bytes. %s",
                      plan->ctx->backend->name, plan->kernel, qattn_dtype_name(pp->cache.dtype),
                      (long long)pp->cache.page_size, pp->cache.layout == QATTN_KV_NHD ? "NHD" : "HND",
                      (long long)pp->cache.num_pages, (long long)pp->batch, (long long)pp->heads_q,
                      (long long)pp->cache.heads_kv, (long long)pp->cache.head_dim, (long long)pp->total_q,
                      (long long)pp->max_q_len, pp->causal ? "causal" : "full", pp->return_lse ? " +LSE" : "",
-                     pp->table == QATTN_PAGES_DENSE ? "dense" : "CSR", pp->num_splits, plan->ws.total, plan->why);
+                     pp->table == QATTN_PAGES_DENSE ? "dense" : "CSR", pp->num_splits, select, plan->ws.total,
+                     plan->why);
     } else {
         const qattn_problem *p = &plan->problem;
         char quant[512] = "";

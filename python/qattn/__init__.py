@@ -14,6 +14,14 @@ High level:
     qattn.structured_qkv(...)      test data with topics, locality, sinks, a needle
     qattn.tune_sparsity(q, k, v)   SpargeAttn's per-head autotune of the prediction
                                    (CLI: python3 -m qattn.tune_sparsity --help)
+    qattn.PagedKVCache(ctx, num_pages, page_size, heads_kv, head_dim, dtype=...,
+                       metadata=...)
+                                   a paged KV cache with a page pool and sequences
+                                   (append, evict, accumulate_mass); libqattn 0.3
+    qattn.paged_attention(cache, q, seqs, q_lens=None, select=..., return_lse=...,
+                          return_selection=..., return_mass=...)
+                                   decode / chunked prefill over it, with
+                                   query-aware page selection (qattn.PageSelect)
 
 The C API as objects:
     qattn.Context, Buffer, Plan; qattn.backends(), qattn.device_info()
@@ -25,24 +33,27 @@ qattn_last_error's message.
 from . import _capi as capi
 from ._attention import (LAYOUTS, PRECISIONS, attention, attention_plan, clear_plan_caches, get_context)
 from ._capi import (CAP_BF16, CAP_FP8, CAP_FP16, CAP_INT8_DOT, CAP_MATRIX_UNITS, CAP_SUBGROUPS, CAP_UNIFIED_MEMORY,
-                    FLAG_NO_FINITE_CHECK, DType, Granularity, LibraryNotFound, Precision, SparseLayoutKind, Status,
-                    Toggle, library_path)
+                    FLAG_NO_FINITE_CHECK, DType, Granularity, KVLayout, KVScales, LibraryNotFound, PageTableKind,
+                    Precision, SparseLayoutKind, Status, Toggle, library_path)
 from ._core import (BackendInfo, Buffer, Context, DeviceInfo, Plan, PlanInfo, backends, device_info, dtype_name,
                     dtype_size, granularity_name, make_desc, precision_name, status_str, tensor_bytes, tensor_desc,
                     tensor_hnd, tensor_nhd, version, version_number)
 from ._sparse import (BlockLayout, PredictParams, block_visibility, make_sparse_desc, sparse_attention,
                       sparse_attention_plan, sparse_mask)
+from ._paged import CACHE_DTYPES, PagedKVCache, PagedPlan, PageSelect, create_paged_plan, paged_attention
 from ._structured import structured_qkv
 from ._tune import SparsityTuning, tune_sparsity
 from ._errors import (BackendError, DeviceLostError, InternalError, InvalidArgumentError, NonfiniteInputError,
                       NotFoundError, OutOfMemoryError, QattnError, UnavailableError, UnsupportedError)
 
-__version__ = "0.2.0"  # of this binding; qattn.version() is the loaded library's
+__version__ = "0.3.0"  # of this binding; qattn.version() is the loaded library's
 
 __all__ = [
     "attention", "attention_plan", "get_context", "clear_plan_caches", "LAYOUTS", "PRECISIONS",
     "sparse_attention", "sparse_attention_plan", "sparse_mask", "block_visibility", "make_sparse_desc",
     "BlockLayout", "PredictParams", "SparseLayoutKind", "structured_qkv", "tune_sparsity", "SparsityTuning",
+    "PagedKVCache", "PageSelect", "PagedPlan", "paged_attention", "create_paged_plan", "CACHE_DTYPES",
+    "KVLayout", "KVScales", "PageTableKind",
     "Context", "Buffer", "Plan", "BackendInfo", "DeviceInfo", "PlanInfo",
     "backends", "device_info", "version", "version_number", "library_path", "status_str",
     "dtype_name", "dtype_size", "precision_name", "granularity_name",

@@ -18,8 +18,13 @@ from ctypes import (POINTER, Structure, c_char, c_char_p, c_float, c_int, c_int3
                     c_uint8, c_uint32, c_uint64, c_void_p)
 
 # The header this binding mirrors. Before 1.0 a minor release may change the
-# structs, so major and minor must both match the loaded library.
-HEADER_VERSION = (0, 2)
+# structs: the binding loads libraries of this major and of a minor from 0.1
+# up to HEADER_VERSION's, and gates what an older minor lacks (the sparse calls
+# need 0.2; the paged KV cache and pruning calls need 0.3, whose
+# qattn_kv_cache_buffers gained k_meta).
+HEADER_VERSION = (0, 3)
+SPARSE_VERSION = (0, 2)  # the first minor with the sparse-attention calls
+PAGED_VERSION = (0, 3)   # the first minor whose paged structs this binding mirrors
 
 NAME_MAX = 256  # QATTN_NAME_MAX
 
@@ -80,6 +85,25 @@ class SparseLayoutKind(enum.IntEnum):
     NO_LAYOUT = 0  # structured masks only (window, sinks, causal)
     BLOCKS = 1     # a block CSR given to each run (SparseArgs)
     PREDICT = 2    # predicted from Q and K at each run (SpargeAttn)
+
+
+class KVLayout(enum.IntEnum):
+    """qattn_kv_layout: a page is [page_size, Hkv, D] (NHD) or [Hkv, page_size, D] (HND)."""
+    NHD = 0
+    HND = 1
+
+
+class KVScales(enum.IntEnum):
+    """qattn_kv_scales."""
+    NONE = 0      # fp16/bf16 pages
+    PER_HEAD = 1  # fp8 or int8 pages, a static scale per KV head
+    PER_ROW = 2   # int8 pages, a scale per (token, head), set on append
+
+
+class PageTableKind(enum.IntEnum):
+    """qattn_page_table_kind."""
+    DENSE = 0  # block_table [B, max_pages_per_seq] + seq_lens [B]
+    CSR = 1    # indptr [B + 1], indices, last_page_len [B]
 
 
 # qattn_device_info.caps
@@ -248,6 +272,170 @@ class SparseArgs(Structure):
     ]
 
 
+class KVCacheDesc(Structure):
+    """qattn_kv_cache_desc."""
+    _fields_ = [
+        ("num_pages", c_int64),
+        ("page_size", c_int64),
+        ("heads_kv", c_int64),
+        ("head_dim", c_int64),
+        ("dtype", c_enum),
+        ("layout", c_enum),
+        ("scales", c_enum),
+    ]
+
+
+class KVCacheSizes(Structure):
+    """qattn_kv_cache_sizes."""
+    _fields_ = [
+        ("page_bytes", c_size_t),
+        ("cache_bytes", c_size_t),
+        ("scale_bytes", c_size_t),
+    ]
+
+
+class KVCacheBuffers(Structure):
+    """qattn_kv_cache_buffers (0.3: k_meta added at the end)."""
+    _fields_ = [
+        ("k", c_void_p),
+        ("v", c_void_p),
+        ("k_scale", c_void_p),
+        ("v_scale", c_void_p),
+        ("k_meta", c_void_p),
+    ]
+
+
+class KVMetaSizes(Structure):
+    """qattn_kv_meta_sizes."""
+    _fields_ = [
+        ("meta_bytes", c_size_t),
+        ("scale_offset", c_size_t),
+    ]
+
+
+class KVAppendArgs(Structure):
+    """qattn_kv_append_args."""
+    _fields_ = [
+        ("cache", POINTER(KVCacheDesc)),
+        ("buffers", POINTER(KVCacheBuffers)),
+        ("num_tokens", c_int64),
+        ("new_dtype", c_enum),
+        ("new_stride", c_int64 * 2),
+        ("k_new", c_void_p),
+        ("v_new", c_void_p),
+        ("slot_mapping", c_void_p),
+        ("k_new_offset", c_size_t),
+        ("v_new_offset", c_size_t),
+        ("slot_mapping_offset", c_size_t),
+        ("flags", c_uint32),
+        ("stream", c_void_p),
+    ]
+
+
+class PagedDesc(Structure):
+    """qattn_paged_desc."""
+    _fields_ = [
+        ("cache", KVCacheDesc),
+        ("table", c_enum),
+        ("batch", c_int64),
+        ("max_pages_per_seq", c_int64),
+        ("total_q", c_int64),
+        ("max_q_len", c_int64),
+        ("heads_q", c_int64),
+        ("q_dtype", c_enum),
+        ("q_stride", c_int64 * 2),
+        ("o_stride", c_int64 * 2),
+        ("causal", c_int),
+        ("return_lse", c_int),
+        ("sm_scale", c_float),
+        ("num_splits", c_int),
+        ("flags", c_uint32),
+    ]
+
+    def key(self):
+        """A hashable value of every field (the struct's bytes: ctypes zeroes its padding)."""
+        return bytes(self)
+
+
+class PagedArgs(Structure):
+    """qattn_paged_args."""
+    _fields_ = [
+        ("cache", POINTER(KVCacheBuffers)),
+        ("q", c_void_p),
+        ("o", c_void_p),
+        ("lse", c_void_p),
+        ("qo_indptr", c_void_p),
+        ("block_table", c_void_p),
+        ("seq_lens", c_void_p),
+        ("indptr", c_void_p),
+        ("indices", c_void_p),
+        ("last_page_len", c_void_p),
+        ("workspace", c_void_p),
+        ("q_offset", c_size_t),
+        ("o_offset", c_size_t),
+        ("lse_offset", c_size_t),
+        ("workspace_offset", c_size_t),
+        ("stream", c_void_p),
+    ]
+
+
+class PageSelectDesc(Structure):
+    """qattn_page_select_desc: query-aware page selection (Quest) on a paged plan."""
+    _fields_ = [
+        ("budget_tokens", c_int64),
+        ("budget_fraction", c_float),
+        ("sink_pages", c_int64),
+        ("recent_pages", c_int64),
+        ("epsilon", c_float),
+        ("max_budget_tokens", c_int64),
+    ]
+
+    def key(self):
+        return bytes(self)
+
+    def __repr__(self):
+        return "PageSelectDesc(%s)" % ", ".join("%s=%r" % (name, getattr(self, name)) for name, _ in self._fields_)
+
+
+class MergeDesc(Structure):
+    """qattn_merge_desc."""
+    _fields_ = [
+        ("num_states", c_int64),
+        ("rows", c_int64),
+        ("heads", c_int64),
+        ("head_dim", c_int64),
+        ("v_dtype", c_enum),
+        ("o_dtype", c_enum),
+        ("v_stride", c_int64 * 3),
+        ("s_stride", c_int64 * 3),
+        ("o_stride", c_int64 * 2),
+    ]
+
+
+class MergeArgs(Structure):
+    """qattn_merge_args."""
+    _fields_ = [
+        ("v", c_void_p),
+        ("s", c_void_p),
+        ("o", c_void_p),
+        ("lse", c_void_p),
+        ("v_offset", c_size_t),
+        ("s_offset", c_size_t),
+        ("o_offset", c_size_t),
+        ("lse_offset", c_size_t),
+        ("stream", c_void_p),
+    ]
+
+
+class EvictPolicy(Structure):
+    """qattn_evict_policy."""
+    _fields_ = [
+        ("keep_pages", c_int64),
+        ("sink_pages", c_int64),
+        ("recent_pages", c_int64),
+    ]
+
+
 def _enum_name(enum_type, value):
     try:
         return enum_type(value).name
@@ -293,15 +481,40 @@ _PROTOTYPES = {
     "qattn_run": (c_enum, [c_void_p, POINTER(RunArgs)]),
 }
 
-# Functions added in 0.2 (sparse attention): a library of 0.1
-# still loads (has(name) tells), and the binding's features that
-# need them raise UnavailableError naming what is missing.
+# Functions added after 0.1: a library of an older minor still loads
+# (has(name) and version_at_least tell), and the binding's features that need
+# them raise UnavailableError naming what is missing. 0.2: sparse attention.
+# 0.3: the paged KV cache and decode-time pruning (the paged calls of a 0.2
+# library take the 0.2 qattn_kv_cache_buffers, without k_meta: the binding
+# calls none of them on a library older than PAGED_VERSION).
 _OPTIONAL_PROTOTYPES = {
     "qattn_sparse_plan_create": (c_enum, [c_void_p, POINTER(AttentionDesc), POINTER(SparseDesc), POINTER(c_void_p)]),
     "qattn_sparse_run": (c_enum, [c_void_p, POINTER(RunArgs), POINTER(SparseArgs)]),
     "qattn_sparse_layout_rows": (c_int64, [c_void_p, POINTER(c_int64), POINTER(c_int64)]),
     "qattn_sparse_layout_read": (c_enum, [c_void_p, c_void_p, c_size_t, POINTER(c_int32), POINTER(c_int32), c_int64,
                                           POINTER(c_int64), POINTER(c_float)]),
+    # 0.3
+    "qattn_kv_cache_bytes": (c_enum, [c_void_p, POINTER(KVCacheDesc), POINTER(KVCacheSizes)]),
+    "qattn_kv_meta_bytes": (c_enum, [c_void_p, POINTER(KVCacheDesc), POINTER(KVMetaSizes)]),
+    "qattn_kv_append": (c_enum, [c_void_p, POINTER(KVAppendArgs)]),
+    "qattn_paged_plan_create": (c_enum, [c_void_p, POINTER(PagedDesc), POINTER(c_void_p)]),
+    "qattn_paged_sparse_plan_create": (c_enum, [c_void_p, POINTER(PagedDesc), POINTER(SparseDesc),
+                                                POINTER(c_void_p)]),
+    "qattn_paged_select_plan_create": (c_enum, [c_void_p, POINTER(PagedDesc), POINTER(PageSelectDesc),
+                                                POINTER(c_void_p)]),
+    "qattn_paged_selection_read": (c_enum, [c_void_p, c_void_p, c_size_t, POINTER(c_int32), POINTER(c_int32)]),
+    "qattn_paged_page_mass": (c_enum, [c_void_p, POINTER(PagedArgs), c_void_p, c_size_t]),
+    "qattn_paged_run": (c_enum, [c_void_p, POINTER(PagedArgs)]),
+    "qattn_merge_states": (c_enum, [c_void_p, POINTER(MergeDesc), POINTER(MergeArgs)]),
+    "qattn_page_pool_create": (c_enum, [c_int64, POINTER(c_void_p)]),
+    "qattn_page_pool_destroy": (None, [c_void_p]),
+    "qattn_page_pool_alloc": (c_enum, [c_void_p, c_int64, POINTER(c_int32)]),
+    "qattn_page_pool_free": (c_enum, [c_void_p, c_int64, POINTER(c_int32)]),
+    "qattn_page_pool_free_count": (c_int64, [c_void_p]),
+    "qattn_evict_pages": (c_enum, [c_void_p, POINTER(EvictPolicy), POINTER(c_int32), POINTER(c_int64),
+                                   POINTER(c_float), POINTER(c_int64)]),
+    "qattn_page_tables_build": (c_enum, [c_int64, POINTER(POINTER(c_int32)), POINTER(c_int64), c_int64,
+                                         POINTER(c_int32), POINTER(c_int32), POINTER(c_int32)]),
 }
 
 
@@ -364,6 +577,17 @@ def has(name):
     return getattr(load(), name, None) is not None
 
 
+def loaded_version():
+    """(major, minor) of the loaded library (loads it if needed)."""
+    number = load().qattn_version_number()
+    return number // 10000, number // 100 % 100
+
+
+def version_at_least(version):
+    """Whether the loaded library's (major, minor) is at least `version`."""
+    return loaded_version() >= tuple(version)
+
+
 def _try_load(spec):
     """Loads and declares one candidate; returns (lib, None) or (None, why)."""
     try:
@@ -376,9 +600,10 @@ def _try_load(spec):
         return None, "not a qattn %d.%d library (%s)" % (HEADER_VERSION + (e,))
     number = lib.qattn_version_number()
     loaded = (number // 10000, number // 100 % 100)
-    # One soname keeps its structs' layout: an older minor lacks only the optional functions.
+    # An older minor lacks functions (gated by version_at_least) but keeps every
+    # struct the binding passes to the functions it had.
     if loaded[0] != HEADER_VERSION[0] or loaded[1] > HEADER_VERSION[1] or loaded[1] < 1:
-        return None, "library version %s, but this binding mirrors qattn.h %d.%d (and reads 0.1 too)" % (
+        return None, "library version %s, but this binding mirrors qattn.h %d.%d (and reads 0.1 and 0.2 too)" % (
             lib.qattn_version().decode(), HEADER_VERSION[0], HEADER_VERSION[1])
     return lib, None
 

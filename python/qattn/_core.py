@@ -174,17 +174,41 @@ def device_info(backend, device=0):
 
 
 class _NativeContext:
-    """Owns one qattn_ctx*; destroyed when the last object using it goes."""
+    """Owns one qattn_ctx*; destroyed when the last object using it goes.
 
-    __slots__ = ("handle", "__weakref__")
+    Buffers and plans hold a reference to it, and also register as children
+    (retain / release): when the garbage collector frees a reference cycle
+    that holds the context and its buffers (say, through an exception's
+    traceback), it runs their finalizers in no particular order, so the
+    context's may run first. It then only marks itself pending, and the last
+    child to be destroyed destroys the context."""
+
+    __slots__ = ("handle", "children", "pending", "__weakref__")
 
     def __init__(self, handle):
         self.handle = handle
+        self.children = []  # one token per live child (list append/pop are atomic)
+        self.pending = False
 
-    def __del__(self):
+    def retain(self):
+        self.children.append(None)
+
+    def release(self):
+        if self.children:
+            self.children.pop()
+        if self.pending and not self.children:
+            self._destroy()
+
+    def _destroy(self):
         if self.handle and not _finalizing():
             _lib().qattn_ctx_destroy(self.handle)
         self.handle = None
+
+    def __del__(self):
+        if self.children:
+            self.pending = True  # a child in the same cycle is still to be finalized
+            return
+        self._destroy()
 
 
 class Context:
@@ -345,15 +369,19 @@ class Buffer:
         self._native_ctx = native_ctx
         self._handle = handle
         self._keepalive = keepalive
+        native_ctx.retain()
 
     def __del__(self):
-        if getattr(self, "_handle", None) and not _finalizing():
-            _lib().qattn_buffer_destroy(self._handle)
+        if getattr(self, "_handle", None):
+            if not _finalizing():
+                _lib().qattn_buffer_destroy(self._handle)
+                self._native_ctx.release()
         self._handle = None
 
     def close(self):
         if self._handle:
             _lib().qattn_buffer_destroy(self._handle)
+            self._native_ctx.release()
         self._handle = None
         self._keepalive = None
 
@@ -436,6 +464,7 @@ class Plan:
     def __init__(self, native_ctx, handle, desc, sparse=None):
         self._native_ctx = native_ctx
         self._handle = handle
+        native_ctx.retain()
         self.desc = capi.AttentionDesc.from_buffer_copy(desc)
         self.sparse = capi.SparseDesc.from_buffer_copy(sparse) if sparse is not None else None
         info = capi.PlanInfo()
@@ -446,8 +475,10 @@ class Plan:
         self.workspace_size = int(_lib().qattn_plan_workspace_size(handle))
 
     def __del__(self):
-        if getattr(self, "_handle", None) and not _finalizing():
-            _lib().qattn_plan_destroy(self._handle)
+        if getattr(self, "_handle", None):
+            if not _finalizing():
+                _lib().qattn_plan_destroy(self._handle)
+                self._native_ctx.release()
         self._handle = None
 
     def __repr__(self):
@@ -463,6 +494,7 @@ class Plan:
     def close(self):
         if self._handle:
             _lib().qattn_plan_destroy(self._handle)
+            self._native_ctx.release()
         self._handle = None
 
     def describe(self):

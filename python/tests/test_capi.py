@@ -4,7 +4,9 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import textwrap
 import unittest
 
 from support import BARS, NUMPY_MISSING, REPO, metrics, np, qattn, randn, reference
@@ -123,6 +125,29 @@ class Contexts(unittest.TestCase):
         ctx.close()
         buf2.fill(1)
         self.assertEqual(bytes(buf2.download()), b"\x01" * 16)
+
+    def test_a_collected_cycle_frees_the_context_last(self):
+        # The garbage collector finalizes a cycle's objects in no set order: a
+        # context caught in one with its buffers and plans (through an
+        # exception's traceback, say) must outlive them. In a child process, so
+        # a crash fails this test instead of the run.
+        code = textwrap.dedent("""
+            import gc, sys
+            sys.path.insert(0, %r)
+            import qattn
+            for i in range(40):
+                ctx = qattn.Context("cpu")
+                t = qattn.tensor_hnd(qattn.DType.F16, 1, 1, 16, 64)
+                plan = ctx.create_plan(qattn.make_desc(t, t, t, t))
+                cycle = {"bufs": [ctx.create_buffer(64) for _ in range(3)], "ctx": ctx, "plan": plan}
+                cycle["ctx"]._cycle = cycle  # the context's native handle is only reachable from the cycle
+                cycle["bufs"].insert(0, ctx.create_buffer(32))
+                del ctx, plan, cycle
+                gc.collect()
+            print("OK")
+            """ % os.path.join(REPO, "python"))
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "OK"), result.stderr)
 
     def test_wrapped_host_memory(self):
         ctx = qattn.Context("cpu")
@@ -261,6 +286,17 @@ class StructLayouts(unittest.TestCase):
         "qattn_run_args": capi.RunArgs,
         "qattn_sparse_desc": capi.SparseDesc,
         "qattn_sparse_args": capi.SparseArgs,
+        "qattn_kv_cache_desc": capi.KVCacheDesc,
+        "qattn_kv_cache_sizes": capi.KVCacheSizes,
+        "qattn_kv_cache_buffers": capi.KVCacheBuffers,
+        "qattn_kv_meta_sizes": capi.KVMetaSizes,
+        "qattn_kv_append_args": capi.KVAppendArgs,
+        "qattn_paged_desc": capi.PagedDesc,
+        "qattn_paged_args": capi.PagedArgs,
+        "qattn_page_select_desc": capi.PageSelectDesc,
+        "qattn_merge_desc": capi.MergeDesc,
+        "qattn_merge_args": capi.MergeArgs,
+        "qattn_evict_policy": capi.EvictPolicy,
     }
 
     def test_layouts_match_the_c_compiler(self):

@@ -71,7 +71,7 @@ class Refusals(unittest.TestCase):
             self.skipTest("no libm to load")
         lib, why = capi._try_load(libm)
         self.assertIsNone(lib)
-        self.assertIn("not a qattn 0.2 library", why)
+        self.assertIn("not a qattn %d.%d library" % capi.HEADER_VERSION, why)
 
     def test_another_version(self):
         cc = shutil.which(os.environ.get("CC", "cc"))
@@ -91,7 +91,49 @@ class Refusals(unittest.TestCase):
             subprocess.run([cc, "-shared", "-fPIC", src, "-o", lib_path], check=True)
             lib, why = capi._try_load(lib_path)
         self.assertIsNone(lib)
-        self.assertIn("library version 1.2.3, but this binding mirrors qattn.h 0.2", why)
+        self.assertIn("library version 1.2.3, but this binding mirrors qattn.h %d.%d" % capi.HEADER_VERSION, why)
+
+
+def build_stub_library(folder, version_number, version_text):
+    """A library exporting every required entry point as a stub, of the given
+    version; None without a C compiler."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None
+    stubs = ["unsigned qattn_version_number(void) { return %d; }" % version_number,
+             'const char *qattn_version(void) { return "%s"; }' % version_text,
+             'const char *qattn_last_error(const void *ctx) { (void)ctx; return ""; }']
+    for name in capi._PROTOTYPES:
+        if name not in ("qattn_version_number", "qattn_version", "qattn_last_error"):
+            stubs.append("void %s(void) {}" % name)
+    src = os.path.join(folder, "fake.c")
+    lib_path = os.path.join(folder, "libqattn.so.0")
+    with open(src, "w") as f:
+        f.write("\n".join(stubs) + "\n")
+    subprocess.run([cc, "-shared", "-fPIC", src, "-o", lib_path], check=True)
+    return lib_path
+
+
+class OlderMinors(unittest.TestCase):
+    def test_a_0_2_library_loads_and_the_paged_api_says_what_is_missing(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            lib_path = build_stub_library(tmp, 200, "0.2.0")
+            if lib_path is None:
+                self.skipTest("needs a C compiler")
+            result = run_python("""
+                import qattn
+                print("VERSION", qattn.version(), qattn.capi.version_at_least((0, 3)))
+                for call in (lambda: qattn.PagedKVCache(None, 8, 16, 1, 64),
+                             lambda: qattn.create_paged_plan(None, None)):
+                    try:
+                        call()
+                    except qattn.UnavailableError as e:
+                        print("UNAVAILABLE", e)
+                """, {"QATTN_LIBRARY": lib_path})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("VERSION 0.2.0 False", result.stdout)
+        self.assertEqual(result.stdout.count("UNAVAILABLE QATTN_ERR_UNAVAILABLE"), 2, result.stdout)
+        self.assertIn("version 0.2.0) predates the paged KV cache and pruning API of qattn 0.3", result.stdout)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,8 @@ qattn_status qattn_opencl_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *
 qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan);
 void qattn_opencl_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan);
 qattn_status qattn_opencl_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args);
+qattn_status qattn_opencl_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args,
+                                          qattn_buffer *mass, size_t mass_offset);
 qattn_status qattn_opencl_merge_states(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
 
 #endif

@@ -10,5 +10,6 @@ extern const char qattn_opencl_src_paged[];
 extern const char qattn_opencl_src_merge[];
 extern const char qattn_opencl_src_kv_append[];
 extern const char qattn_opencl_src_sparse[];
+extern const char qattn_opencl_src_prune[];
 
 #endif

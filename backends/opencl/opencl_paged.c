@@ -13,6 +13,7 @@
  * return when the cache is written.
  */
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +26,7 @@
 #define MERGE_WG 64   /* merge.cl: MERGE_WG */
 #define APPEND_WG 64  /* kv_append.cl: APPEND_WG */
 #define SCAN_WG 64
+#define SEL_WG 64     /* prune.cl: SEL_WG */
 #define MAX_GROUPS 65536 /* work-groups of the grid-stride kernels (merge, append) */
 
 /* ------------------------------------------------------------ planning */
@@ -79,8 +81,10 @@ static size_t paged_local_bytes(int64_t D, int64_t es, const paged_geometry *g)
 
 typedef struct ocl_paged_plan {
     cl_kernel attention, check, merge;
+    cl_kernel scores, topk; /* page selection (prune.cl), when plan->select.enabled */
     paged_geometry geo;
     int q_tiles;
+    int64_t scores_at, chosen_at; /* selection scratch, bytes from the workspace's start */
 } ocl_paged_plan;
 
 void qattn_opencl_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
@@ -88,8 +92,8 @@ void qattn_opencl_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
     ocl_paged_plan *op = plan->impl;
     if (!op)
         return;
-    const cl_kernel all[] = {op->attention, op->check, op->merge};
-    qattn_opencl_release_kernels(impl_of(ctx), all, 3);
+    const cl_kernel all[] = {op->attention, op->check, op->merge, op->scores, op->topk};
+    qattn_opencl_release_kernels(impl_of(ctx), all, 5);
     free(op);
     plan->impl = NULL;
 }
@@ -159,6 +163,14 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     qattn_status partials = qattn_paged_partials_bytes(ctx, pp, &plan->backend_workspace);
     if (partials)
         return partials;
+    /* Page selection: fp32 scores and int32 chosen flags per (b, KV head, logical page), after the partials. */
+    size_t scores_off = 0, chosen_off = 0;
+    if (plan->select.enabled) {
+        const size_t per = (size_t)pp->batch * (size_t)pp->cache.heads_kv * (size_t)pp->max_pages_per_seq * 4u;
+        scores_off = qattn_round_up(plan->backend_workspace, 256);
+        chosen_off = scores_off + qattn_round_up(per, 256);
+        plan->backend_workspace = chosen_off + per;
+    }
 
     ocl_paged_plan *op = calloc(1, sizeof(*op));
     if (!op)
@@ -166,6 +178,8 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     plan->impl = op; /* from here on a failure leaves it to the core, which calls the release slot */
     op->geo = geo;
     op->q_tiles = (int)q_tiles;
+    op->scores_at = (int64_t)scores_off; /* made absolute (+ ws.backend) at run time */
+    op->chosen_at = (int64_t)chosen_off;
     qattn_status s;
     char options[512];
     snprintf(options, sizeof(options),
@@ -199,6 +213,17 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
         const char *merge_parts[2] = {qattn_opencl_src_common, qattn_opencl_src_merge};
         if ((s = qattn_opencl_get_program(ctx, "merge", merge_parts, 2, options, &prog)) ||
             (s = make_kernel(ctx, prog, "merge_states", &op->merge)))
+            return s;
+    }
+    if (plan->select.enabled) {
+        snprintf(options, sizeof(options),
+                 "-cl-std=CL1.2 -DHEAD_DIM=%lld -DCACHE_FMT=%d -DIN_DTYPE=%d -DOUT_DTYPE=0 -DADAPTIVE=%d "
+                 "-DHAS_FP16=%d -DHAS_FP64=%d",
+                 (long long)D, fmt, dtype_code(pp->q_dtype), plan->select.adaptive ? 1 : 0, d->fp16, d->fp64);
+        const char *prune_parts[2] = {qattn_opencl_src_common, qattn_opencl_src_prune};
+        if ((s = qattn_opencl_get_program(ctx, "prune", prune_parts, 2, options, &prog)) ||
+            (s = make_kernel(ctx, prog, "select_scores", &op->scores)) ||
+            (s = make_kernel(ctx, prog, "select_topk", &op->topk)))
             return s;
     }
     const int64_t per = qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits);
@@ -263,7 +288,7 @@ static qattn_status enqueue_check(qattn_ctx *ctx, const qattn_plan *plan, const 
 }
 
 static qattn_status enqueue_attention(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a, cl_mem ws,
-                                      int64_t status_at, int64_t part_o_at, int64_t part_lse_at)
+                                      int64_t status_at, int64_t part_o_at, int64_t part_lse_at, int64_t sel_at)
 {
     ocl_ctx *c = impl_of(ctx);
     const qattn_paged_problem *pp = &plan->pp;
@@ -310,8 +335,96 @@ static qattn_status enqueue_attention(qattn_ctx *ctx, const qattn_plan *plan, co
     arg_long(&al, status_at);
     arg_long(&al, part_o_at);
     arg_long(&al, part_lse_at);
+    arg_long(&al, sel_at >= 0 ? (int64_t)a->workspace_offset + (int64_t)plan->ws.select_counts : -1);
+    arg_long(&al, sel_at);
     size_t local = PAGED_WG;
     size_t global = (size_t)(pp->batch * pp->cache.heads_kv * op->q_tiles * pp->num_splits) * local;
+    return launch(ctx, &al, 1, &global, &local);
+}
+
+/* The budget fraction as m * 2^-shift (m < 2^24), for prune.cl's exact ceil(fraction * n). */
+static void fraction_bits(float f, int64_t *m, int *shift)
+{
+    *m = 0;
+    *shift = 0;
+    if (!(f > 0.f))
+        return;
+    int e = 0;
+    float x = frexpf(f, &e); /* f = x * 2^e, x in [0.5, 1) */
+    *m = (int64_t)ldexpf(x, 24);
+    *shift = 24 - e;
+}
+
+/* The selection of every (b, KV head) into the workspace: select_scores, then select_topk. */
+static qattn_status enqueue_selection(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a, cl_mem ws,
+                                      int64_t status_at)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const qattn_paged_problem *pp = &plan->pp;
+    const ocl_paged_plan *op = plan->impl;
+    const qattn_select_problem *sel = &plan->select;
+    const size_t es = qattn_dtype_size(pp->q_dtype);
+    const int64_t base = (int64_t)a->workspace_offset, backend = base + (int64_t)plan->ws.backend;
+    const int64_t scores_at = backend + op->scores_at, chosen_at = backend + op->chosen_at;
+    const int64_t rows = pp->batch * pp->cache.heads_kv, chunks = qattn_ceil_div(pp->max_pages_per_seq, SEL_WG);
+    qattn_kv_meta_sizes ms;
+    qattn_status s = qattn_kv_meta_validate(ctx, &pp->cache, &ms);
+    if (s)
+        return s;
+    const int64_t indices_count = a->indices ? (int64_t)(a->indices->size / 4) : 0;
+    arg_list al = args_for(c, op->scores, "select_scores");
+    arg_mem(&al, mem_of(a->q));
+    arg_long(&al, (int64_t)(a->q_offset / es));
+    arg_long(&al, pp->q_stride[0]);
+    arg_long(&al, pp->q_stride[1]);
+    arg_mem(&al, mem_of(a->cache->k_meta));
+    arg_long(&al, (int64_t)ms.scale_offset);
+    arg_mem(&al, mem_of(a->cache->k_scale));
+    arg_tables(&al, a);
+    arg_int(&al, pp->table == QATTN_PAGES_DENSE);
+    arg_int(&al, pp->max_pages_per_seq);
+    arg_int(&al, pp->cache.page_size);
+    arg_int(&al, pp->cache.num_pages);
+    arg_int(&al, pp->total_q);
+    arg_int(&al, pp->max_q_len);
+    arg_long(&al, indices_count);
+    arg_int(&al, pp->cache.heads_kv);
+    arg_int(&al, pp->group);
+    arg_float(&al, pp->sm_scale);
+    arg_int(&al, chunks);
+    arg_mem(&al, ws);
+    arg_long(&al, status_at);
+    arg_long(&al, scores_at);
+    size_t local = SEL_WG, global = (size_t)(rows * chunks) * local;
+    if ((s = launch(ctx, &al, 1, &global, &local)))
+        return s;
+
+    int64_t frac_m;
+    int frac_shift;
+    fraction_bits(sel->budget_fraction, &frac_m, &frac_shift);
+    al = args_for(c, op->topk, "select_topk");
+    arg_tables(&al, a);
+    arg_int(&al, pp->table == QATTN_PAGES_DENSE);
+    arg_int(&al, pp->max_pages_per_seq);
+    arg_int(&al, pp->cache.page_size);
+    arg_int(&al, pp->cache.num_pages);
+    arg_int(&al, pp->total_q);
+    arg_int(&al, pp->max_q_len);
+    arg_long(&al, indices_count);
+    arg_int(&al, pp->cache.heads_kv);
+    arg_long(&al, sel->sink_pages);
+    arg_long(&al, sel->recent_pages);
+    arg_long(&al, sel->budget_pages);
+    arg_long(&al, frac_m);
+    arg_int(&al, frac_shift);
+    arg_long(&al, sel->max_budget_pages);
+    arg_mem(&al, ws);
+    arg_long(&al, status_at);
+    arg_long(&al, scores_at);
+    arg_long(&al, chosen_at);
+    arg_long(&al, base + (int64_t)plan->ws.select_counts);
+    arg_long(&al, base + (int64_t)plan->ws.select_pages);
+    global = (size_t)rows * local;
     return launch(ctx, &al, 1, &global, &local);
 }
 
@@ -377,12 +490,89 @@ qattn_status qattn_opencl_paged_run(qattn_ctx *ctx, const qattn_plan *plan, cons
     qattn_status s = QATTN_OK;
     if (pp->check)
         s = enqueue_check(ctx, plan, a, ws, status_at);
+    int64_t sel_at = -1; /* the selected pages' lists, when the plan selects */
+    if (!s && plan->select.enabled) {
+        sel_at = base + (int64_t)plan->ws.select_pages;
+        s = enqueue_selection(ctx, plan, a, ws, status_at);
+    }
     if (!s)
-        s = enqueue_attention(ctx, plan, a, ws, status_at, part_o_at, part_lse_at);
+        s = enqueue_attention(ctx, plan, a, ws, status_at, part_o_at, part_lse_at, sel_at);
     if (!s && pp->num_splits > 1)
         s = enqueue_split_merge(ctx, plan, a, ws, status_at, part_o_at, part_lse_at);
     uint32_t words[QATTN_STATUS_WORDS];
     s = qattn_opencl_finish_run(ctx, s, ws, pp->check ? status_at : -1, "paged run", words);
+    return s ? s : qattn_paged_status_error(ctx, plan, a, words);
+}
+
+/* ----------------------------------------------------------- page mass */
+
+qattn_status qattn_opencl_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a,
+                                          qattn_buffer *mass, size_t mass_offset)
+{
+    ocl_ctx *c = impl_of(ctx);
+    const ocl_device *d = c->dev;
+    const qattn_paged_problem *pp = &plan->pp;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                               "args.stream must be NULL on the opencl backend (it runs on the context's queue)");
+    /* Built on first use (cached by the context): plans that never ask for masses never compile it. */
+    char options[256];
+    snprintf(options, sizeof(options),
+             "-cl-std=CL1.2 -DHEAD_DIM=%lld -DCACHE_FMT=%d -DIN_DTYPE=%d -DOUT_DTYPE=0 -DADAPTIVE=0 -DHAS_FP16=%d "
+             "-DHAS_FP64=%d",
+             (long long)pp->cache.head_dim, qattn_kv_format_of(&pp->cache), dtype_code(pp->q_dtype), d->fp16, d->fp64);
+    const char *parts[2] = {qattn_opencl_src_common, qattn_opencl_src_prune};
+    cl_program prog = NULL;
+    cl_kernel kernel = NULL;
+    qattn_status s;
+    if ((s = qattn_opencl_get_program(ctx, "prune", parts, 2, options, &prog)) ||
+        (s = make_kernel(ctx, prog, "page_mass", &kernel)))
+        return s;
+    cl_mem ws = plan->ws.total ? mem_of(a->workspace) : NULL;
+    const int64_t status_at = pp->check ? (int64_t)a->workspace_offset + (int64_t)plan->ws.status : -1;
+    const size_t es = qattn_dtype_size(pp->q_dtype);
+    int64_t page_stride, tok_stride, head_stride;
+    qattn_kv_cache_strides(&pp->cache, &page_stride, &tok_stride, &head_stride);
+    pthread_mutex_lock(&c->lock);
+    if (pp->check) /* the same table check (and Q scan) as a run's, before anything is read through the tables */
+        s = enqueue_check(ctx, plan, a, ws, status_at);
+    if (!s) {
+        arg_list al = args_for(c, kernel, "page_mass");
+        arg_mem(&al, mem_of(a->q));
+        arg_long(&al, (int64_t)(a->q_offset / es));
+        arg_long(&al, pp->q_stride[0]);
+        arg_long(&al, pp->q_stride[1]);
+        arg_mem(&al, mem_of(a->lse));
+        arg_long(&al, (int64_t)(a->lse_offset / 4));
+        arg_mem(&al, mem_of(a->cache->k));
+        arg_mem(&al, mem_of(a->cache->k_scale));
+        arg_tables(&al, a);
+        arg_int(&al, pp->table == QATTN_PAGES_DENSE);
+        arg_int(&al, pp->max_pages_per_seq);
+        arg_int(&al, pp->cache.page_size);
+        arg_int(&al, pp->cache.num_pages);
+        arg_int(&al, pp->total_q);
+        arg_int(&al, pp->max_q_len);
+        arg_long(&al, a->indices ? (int64_t)(a->indices->size / 4) : 0);
+        arg_int(&al, pp->cache.heads_kv);
+        arg_int(&al, pp->group);
+        arg_int(&al, pp->heads_q);
+        arg_long(&al, page_stride);
+        arg_long(&al, tok_stride);
+        arg_long(&al, head_stride);
+        arg_int(&al, pp->causal);
+        arg_float(&al, pp->sm_scale);
+        arg_mem(&al, ws);
+        arg_long(&al, status_at);
+        arg_mem(&al, mem_of(mass));
+        arg_long(&al, (int64_t)(mass_offset / 4));
+        size_t local = SEL_WG;
+        size_t global = (size_t)(pp->batch * pp->cache.heads_kv * pp->max_pages_per_seq) * local;
+        s = launch(ctx, &al, 1, &global, &local);
+    }
+    uint32_t words[QATTN_STATUS_WORDS];
+    s = qattn_opencl_finish_run(ctx, s, ws, pp->check ? status_at : -1, "page mass", words);
+    c->cl->clReleaseKernel(kernel); /* the enqueued command keeps what it needs */
     return s ? s : qattn_paged_status_error(ctx, plan, a, words);
 }
 

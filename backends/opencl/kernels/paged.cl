@@ -132,8 +132,9 @@ static inline float tile_max(local const float *red, int r)
  * zeros past `end`) and, for per-row scales, one scale into registers. */
 static inline void fetch_tile(int t0, int end, int lid, global const uint4 *kc, global const uint4 *vc,
                               global const float *ks, global const float *vs, global const int *page_list,
-                              int page_size, int num_pages, long page_stride, long tok_stride, long head_off,
-                              int heads_kv, int hk, private uint4 *kr, private uint4 *vr, private float *sr)
+                              global const int *sel_row, int sel_n, int page_size, int num_pages, long page_stride,
+                              long tok_stride, long head_off, int heads_kv, int hk, private uint4 *kr,
+                              private uint4 *vr, private float *sr)
 {
     for (int n = 0; n < NCH; n++) {
         int c = lid + n * WG, row = c / CPR;
@@ -141,6 +142,8 @@ static inline void fetch_tile(int t0, int end, int lid, global const uint4 *kc, 
         uint4 kx = (uint4)(0u), vx = (uint4)(0u);
         if (c < BK * CPR && j < end) {
             int pi = j / page_size, off = j - pi * page_size;
+            if (sel_row)
+                pi = clamp(sel_row[pi], 0, sel_n - 1);
             int page = clamp(page_list[pi], 0, num_pages - 1);
             long at = (page * page_stride + off * tok_stride + head_off) / (16 / CES) + (c - row * CPR);
             kx = kc[at];
@@ -155,6 +158,8 @@ static inline void fetch_tile(int t0, int end, int lid, global const uint4 *kc, 
     int j = t0 + (lid % BK);
     if (lid < 2 * BK && j < end) {
         int pi = j / page_size, off = j - pi * page_size;
+        if (sel_row)
+            pi = clamp(sel_row[pi], 0, sel_n - 1);
         int page = clamp(page_list[pi], 0, num_pages - 1);
         long at = ((long)page * page_size + off) * heads_kv + hk;
         x = lid < BK ? ks[at] : vs[at];
@@ -173,7 +178,7 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void paged_attention(
     long page_stride, long tok_stride, long head_stride,
     int heads_kv, int group, int heads_q, int page_size, int num_pages, int dense, int max_pages, int total_q,
     int max_q_len, long indices_count, int splits, int pages_per_split, int q_tiles, int causal, float q_scale,
-    long status_at, long part_o_at, long part_lse_at)
+    long status_at, long part_o_at, long part_lse_at, long sel_counts_at, long sel_pages_at)
 {
     local uint smem[SMEM_WORDS]; /* the K and V tiles; at the end, the key groups' sums */
     local float ksc[BK], vsc[BK];
@@ -209,6 +214,15 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void paged_attention(
         long p1 = clamp((long)indptr[b + 1], p0, indices_count);
         int pages = (int)min(p1 - p0, (long)max_pages);
         kv_len = pages ? (pages - 1) * P + clamp(last_page_len[b], 1, P) : 0;
+    }
+    /* A page selection (sel_pages_at >= 0): the (b, hk)'s selected logical pages, in order, are its cache;
+     * the last page (always selected) keeps its token count. */
+    global const int *sel_row = 0;
+    const int sel_n = (kv_len + P - 1) / P;
+    if (sel_pages_at >= 0 && sel_n > 0) {
+        const int count = clamp(((global const int *)(ws + sel_counts_at))[b * heads_kv + hk], 1, sel_n);
+        sel_row = (global const int *)(ws + sel_pages_at) + (long)(b * heads_kv + hk) * max_pages;
+        kv_len = (count - 1) * P + (kv_len - (sel_n - 1) * P);
     }
     const int row_base = qt * RT, rows = min(RT, q_len * G - row_base);
     if (rows <= 0)
@@ -260,7 +274,7 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void paged_attention(
     uint4 kr[NCH], vr[NCH];
     float sr = 0.0f;
     if (kb < ke)
-        fetch_tile(kb, ke, lid, kc, vc, ks, vs, page_list, P, num_pages, page_stride, tok_stride, head_off,
+        fetch_tile(kb, ke, lid, kc, vc, ks, vs, page_list, sel_row, sel_n, P, num_pages, page_stride, tok_stride, head_off,
                    heads_kv, hk, kr, vr, &sr);
 
     for (int t0 = kb; t0 < ke; t0 += BK) {
@@ -280,7 +294,7 @@ kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void paged_attention(
 #endif
         barrier(CLK_LOCAL_MEM_FENCE);
         if (t0 + BK < ke) /* the next tile's reads are in flight while this one is used */
-            fetch_tile(t0 + BK, ke, lid, kc, vc, ks, vs, page_list, P, num_pages, page_stride, tok_stride,
+            fetch_tile(t0 + BK, ke, lid, kc, vc, ks, vs, page_list, sel_row, sel_n, P, num_pages, page_stride, tok_stride,
                        head_off, heads_kv, hk, kr, vr, &sr);
 
         /* scores: partial dot products over this work-item's slice of the head dim */

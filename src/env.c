@@ -80,15 +80,16 @@ void qattn_env_read(qattn_env *env, const char **bad)
     }
 
     /* Switches of 0 or 1: Vulkan validation layers (off), the sm_90a CUDA kernels (on), CUDA sparse
-     * attention (off until a GPU run has measured it). */
+     * attention and decode-time pruning (off until a GPU run has measured them). */
     const struct {
         const char *name;
         bool *value;
     } switches[] = {{"QATTN_VULKAN_VALIDATION", &env->vulkan_validation},
                     {"QATTN_CUDA_WGMMA", &env->cuda_wgmma},
-                    {"QATTN_CUDA_SPARSE", &env->cuda_sparse}};
+                    {"QATTN_CUDA_SPARSE", &env->cuda_sparse},
+                    {"QATTN_CUDA_PRUNE", &env->cuda_prune}};
     env->cuda_wgmma = true;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         const char *text = nonempty(switches[i].name);
         if (!text)
             continue;

@@ -22,6 +22,7 @@ typedef struct qattn_env {
     bool vulkan_validation;  /* QATTN_VULKAN_VALIDATION=1: Khronos + synchronization validation; errors fail calls */
     bool cuda_wgmma;         /* QATTN_CUDA_WGMMA=0: the mma.sync kernels on sm_90 too (default 1: the sm_90a kernels) */
     bool cuda_sparse;        /* QATTN_CUDA_SPARSE=1: sparse attention on CUDA (default 0: QATTN_ERR_UNSUPPORTED) */
+    bool cuda_prune;         /* QATTN_CUDA_PRUNE=1: decode-time pruning on CUDA (default 0: QATTN_ERR_UNSUPPORTED) */
 } qattn_env;
 
 /* Reads the environment now (it may change between calls). Invalid values are

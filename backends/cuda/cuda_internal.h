@@ -138,7 +138,69 @@ typedef struct qa_paged_attn_params {
     int32_t causal, need_lo;                      /* need_lo: Q does not fit the MMA operand type: add a low part */
     float scale_log2;                             /* sm_scale * log2(e) */
     const uint32_t *status;
+    /* Page selection (plan->select): each (b, hk)'s selected pages, compacted:
+     * counts [B * Hkv] and their physical pages [B * Hkv][max_pages]; NULL: every page. */
+    const int32_t *sel_counts, *sel_phys;
 } qa_paged_attn_params;
+
+/* ------------------------------------------------- decode-time pruning */
+
+#define QA_SELECT_CHUNK_PAGES 64 /* pages per block of the selection's scoring kernel */
+#define QA_SELECT_SCORE_ROWS 64  /* query rows of a (b, hk) a scoring block holds at once */
+#define QA_SELECT_SMEM_KEYS 8192 /* candidates the top-k block keeps in shared memory (else it reads them again) */
+
+/* kv_append's metadata pass: one warp per (token that starts a run of slots in a page, KV head). */
+typedef struct qa_meta_params {
+    const int64_t *slots;
+    int64_t num_tokens, capacity;
+    const uint8_t *k;
+    const float *k_scale;
+    uint8_t *meta;
+    int64_t scale_offset;                          /* INT8 per row: byte offset of the page scales in meta */
+    int64_t page_stride, tok_stride, head_stride;
+    int32_t heads_kv, head_dim, page_size, cache_format;
+} qa_meta_params;
+
+/* The page selection of a paged plan (scoring, top-k, adaptive budget). */
+typedef struct qa_select_params {
+    qa_paged_tables tab;
+    const uint8_t *k;
+    const float *k_scale;
+    const uint8_t *meta;
+    int64_t meta_scale_offset;
+    int64_t page_stride, tok_stride, head_stride;
+    int32_t heads_kv, group, head_dim, format;
+    const void *q;
+    int64_t q_stride0, q_stride1;
+    int32_t q_elem;
+    float sm_scale;
+    /* qattn_select_problem */
+    int32_t adaptive;
+    int64_t budget_pages, sink_pages, recent_pages, max_budget_pages;
+    float budget_fraction, epsilon;
+    int32_t chunks;      /* scoring blocks per (b, hk): ceil(max_pages / QA_SELECT_CHUNK_PAGES) */
+    uint32_t *keys;      /* [B * Hkv][max_pages]: order-preserving keys of the pages' scores */
+    int32_t *counts;     /* ws.select_counts */
+    int32_t *pages;      /* ws.select_pages: logical pages, ascending */
+    int32_t *phys;       /* [B * Hkv][max_pages]: their physical pages */
+    float *ub, *lb;      /* adaptive: one query row's bounds per page [B * Hkv][max_pages] */
+    const uint32_t *status;
+} qa_select_params;
+
+/* qattn_paged_page_mass: one block per (b, hk, logical page). */
+typedef struct qa_mass_params {
+    qa_paged_tables tab;
+    const uint8_t *k;
+    const float *k_scale;
+    int64_t page_stride, tok_stride, head_stride;
+    int32_t heads_kv, group, heads_q, head_dim, format, causal;
+    const void *q;
+    int64_t q_stride0, q_stride1;
+    int32_t q_elem;
+    float sm_scale;
+    const float *lse;
+    float *mass;
+} qa_mass_params;
 
 typedef struct qa_paged_check_params {
     qa_paged_tables tab;
@@ -247,6 +309,11 @@ typedef struct qa_rt {
     int (*append_write)(long long grid, const qa_append_params *p, void *stream);
     /* Device address of the append check's QATTN_STATUS_WORDS (static device memory; NULL on failure). */
     uint32_t *(*append_status)(void);
+    /* Decode-time pruning (cuda_prune.cuh). */
+    int (*meta_update)(long long grid, const qa_meta_params *p, void *stream);
+    int (*select_score)(long long grid, const qa_select_params *p, void *stream);
+    int (*select_topk)(long long grid, const qa_select_params *p, void *stream);
+    int (*page_mass)(long long grid, const qa_mass_params *p, void *stream);
 } qa_rt;
 
 extern const qa_rt qa_rt_cuda;     /* cuda_rt.cu: built with nvcc */
@@ -307,6 +374,8 @@ qattn_status qa_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *args, cons
 qattn_status qa_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan);
 qattn_status qa_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args);
 qattn_status qa_merge_states(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
+qattn_status qa_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args,
+                                qattn_buffer *mass, size_t mass_offset);
 
 /* The vtable slots the real and the emulated backend share; each adds its
  * name, score, probe, device_info and ctx_init bound to its runtime. */
@@ -316,11 +385,16 @@ qattn_status qa_merge_states(qattn_ctx *ctx, const qattn_merge_desc *desc, const
     .buffer_upload = qa_buffer_upload, .buffer_download = qa_buffer_download, .buffer_fill = qa_buffer_fill,           \
     .plan_init = qa_plan_init, .run = qa_run, .tensor_alignment = QA_ALIGN, .kv_append = qa_kv_append,                \
     .paged_plan_init = qa_paged_plan_init, .paged_run = qa_paged_run, .merge_states = qa_merge_states,          \
-    .sparse = QA_SPARSE_CAPS
+    .sparse = QA_SPARSE_CAPS, .prune = QA_PRUNE_CAPS, .paged_page_mass = qa_paged_page_mass
 
 /* What of a sparse plan the backend runs (with QATTN_CUDA_SPARSE=1; plan_init refuses sparse plans without it). */
 #define QA_SPARSE_CAPS                                                                                                 \
     (QATTN_SPARSE_CAP_WINDOW | QATTN_SPARSE_CAP_BLOCKS | QATTN_SPARSE_CAP_PREDICT | QATTN_SPARSE_CAP_PV_SKIP)
+
+/* Decode-time pruning: all of it. The real backend runs it with QATTN_CUDA_PRUNE=1 only (cuda-emu always):
+ * without it kv_append with k_meta, selection plans and page masses return QATTN_ERR_UNSUPPORTED. */
+#define QA_PRUNE_CAPS                                                                                                  \
+    (QATTN_PRUNE_CAP_META | QATTN_PRUNE_CAP_SELECT | QATTN_PRUNE_CAP_ADAPTIVE | QATTN_PRUNE_CAP_PAGE_MASS)
 
 #ifdef __cplusplus
 }

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "cuda_internal.h"
+#include "env.h"
 
 /* qattn_dtype F32/F16/BF16 share their values with QA_ELEM_*. */
 static int elem_of(qattn_dtype dt) { return (int)dt; }
@@ -60,6 +61,60 @@ static void fast_divisor(uint32_t d, uint32_t *mul, uint32_t *shr)
     *shr = p - 32;
 }
 
+/* ------------------------------------------------- decode-time pruning */
+
+/* The real backend prunes with QATTN_CUDA_PRUNE=1 only (no GPU has measured it yet); cuda-emu always. */
+static qattn_status prune_gate(qattn_ctx *ctx, const char *what)
+{
+    qattn_env env;
+    qattn_env_read(&env, NULL);
+    if (env.cuda_prune || strcmp(qa_rt_of(ctx)->backend_name, "cuda-emu") == 0)
+        return QATTN_OK;
+    return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                           "%s on the cuda backend is off until it has been measured on a GPU: set QATTN_CUDA_PRUNE=1 "
+                           "to run it",
+                           what);
+}
+
+/* An upper bound on any (b, hk)'s selected pages (qattn_select_geometry at n = max_pages_per_seq): the
+ * split-KV chooser and the splits' page ranges see it instead of max_pages_per_seq. */
+static int64_t select_pages_bound(const qattn_paged_problem *pp, const qattn_select_problem *sel)
+{
+    const int64_t M = pp->max_pages_per_seq, P = pp->cache.page_size;
+    int64_t k = sel->budget_pages;
+    if (k <= 0) {
+        const double want = (double)sel->budget_fraction * (double)M;
+        k = (int64_t)want;
+        k += (double)k < want;
+    }
+    if (sel->adaptive)
+        k = sel->max_budget_pages > 0 ? (sel->max_budget_pages > k ? sel->max_budget_pages : k) : M;
+    const int64_t recent = sel->recent_pages > 1 ? sel->recent_pages : 1, qpages = (pp->max_q_len + P - 1) / P + 1;
+    const int64_t forced = sel->sink_pages + (recent > qpages ? recent : qpages);
+    const int64_t bound = k > forced ? k : forced;
+    return bound < M ? bound : M;
+}
+
+/* The selection's scratch in the backend's workspace region, after the split partials: the pages' score
+ * keys and the selected physical pages [B * Hkv][max_pages] (uint32, int32), and for adaptive plans one
+ * query row's upper and lower bounds per page (fp32, same shape). Byte offsets inside the region. */
+typedef struct select_scratch {
+    size_t keys, phys, ub, lb, total;
+} select_scratch;
+
+static select_scratch select_scratch_of(const qattn_plan *plan, size_t partials)
+{
+    const qattn_paged_problem *pp = &plan->pp;
+    const size_t row = qattn_round_up((size_t)pp->batch * (size_t)pp->cache.heads_kv * (size_t)pp->max_pages_per_seq * 4u, 256);
+    select_scratch s;
+    s.keys = qattn_round_up(partials, 256);
+    s.phys = s.keys + row;
+    s.ub = s.phys + row;
+    s.lb = s.ub + (plan->select.adaptive ? row : 0);
+    s.total = s.lb + (plan->select.adaptive ? row : 0);
+    return s;
+}
+
 qattn_status qa_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
 {
     qattn_paged_problem *pp = &plan->pp;
@@ -75,11 +130,18 @@ qattn_status qa_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                                (long long)pp->max_pages_per_seq, (long long)P);
     if (pp->heads_q > INT32_MAX / pp->max_q_len)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "heads_q * max_q_len overflows the cuda kernels' row index");
-    qattn_status s = qa_enter(ctx);
+    const bool select = plan->select.enabled;
+    if (select && pp->batch * pp->cache.heads_kv * qattn_ceil_div(pp->max_pages_per_seq, QA_SELECT_CHUNK_PAGES) > INT32_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "the page selection's scoring grid exceeds the CUDA grid");
+    qattn_status s = select ? prune_gate(ctx, "page selection") : QATTN_OK;
     if (s)
+        return s;
+    if ((s = qa_enter(ctx)))
         return s;
     const qa_rt *rt = qa_rt_of(ctx);
     const paged_config cfg = configure(pp);
+    /* With a selection the attention reads at most this many pages of a sequence. */
+    const int64_t pages = select ? select_pages_bound(pp, &plan->select) : pp->max_pages_per_seq;
     qa_device_props props;
     int smem = 0, per_sm = 0, e;
     if ((e = rt->device_props(ctx->device, &props)))
@@ -94,11 +156,12 @@ qattn_status qa_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     const int sms = props.sms;
     const int64_t items = pp->batch * pp->cache.heads_kv * cfg.q_tiles, slots = (int64_t)sms * per_sm;
     if (pp->num_splits == 0) {
-        pp->num_splits = qattn_paged_choose_splits(items, slots, pp->max_pages_per_seq, P);
+        pp->num_splits = qattn_paged_choose_splits(items, slots, pages, P);
         snprintf(plan->why, sizeof(plan->why),
                  "%lld work items (sequences x KV heads x %d query tile(s) of %d rows) for %lld resident blocks "
-                 "(%d SMs x %d): %d split(s) of the keys.",
-                 (long long)items, cfg.q_tiles, 16 * cfg.row_warps, (long long)slots, sms, per_sm, pp->num_splits);
+                 "(%d SMs x %d): %d split(s) of the keys%s.",
+                 (long long)items, cfg.q_tiles, 16 * cfg.row_warps, (long long)slots, sms, per_sm, pp->num_splits,
+                 select ? " (of the selected pages)" : "");
     } else {
         snprintf(plan->why, sizeof(plan->why), "%d split(s) of the keys, as requested; %lld resident blocks.",
                  pp->num_splits, (long long)slots);
@@ -109,12 +172,15 @@ qattn_status qa_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     qattn_status partials = qattn_paged_partials_bytes(ctx, pp, &plan->backend_workspace);
     if (partials)
         return partials;
-    const int64_t per = qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits);
+    if (select)
+        plan->backend_workspace = select_scratch_of(plan, plan->backend_workspace).total;
+    const int64_t per = qattn_ceil_div(pages, pp->num_splits);
     plan->q_tile = 16 * cfg.row_warps;
     plan->kv_tile = pp->num_splits > 1 ? (int)(per * P) : 0;
     plan->status_word = pp->check;
-    snprintf(plan->kernel, sizeof(plan->kernel), "cuda_paged_%s%s_d%lld_m%d", qattn_dtype_name(pp->cache.dtype),
-             cfg.fmt == QATTN_KV_FMT_I8_ROW ? "_row" : "", (long long)D, 16 * cfg.row_warps);
+    snprintf(plan->kernel, sizeof(plan->kernel), "cuda_paged_%s%s_d%lld_m%d%s", qattn_dtype_name(pp->cache.dtype),
+             cfg.fmt == QATTN_KV_FMT_I8_ROW ? "_row" : "", (long long)D, 16 * cfg.row_warps,
+             select ? (plan->select.adaptive ? "_select_adaptive" : "_select") : "");
     return QATTN_OK;
 }
 
@@ -184,7 +250,9 @@ qattn_status qa_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
     ap.lse = pp->return_lse ? (float *)device_ptr(a->lse, a->lse_offset) : NULL;
     ap.q_elem = elem_of(pp->q_dtype);
     ap.splits = pp->num_splits;
-    ap.pages_per_split = (int32_t)qattn_ceil_div(pp->max_pages_per_seq, pp->num_splits);
+    const bool select = plan->select.enabled;
+    ap.pages_per_split = (int32_t)qattn_ceil_div(select ? select_pages_bound(pp, &plan->select) : pp->max_pages_per_seq,
+                                                 pp->num_splits);
     ap.q_tiles = cfg.q_tiles;
     ap.row_warps = cfg.row_warps;
     ap.causal = pp->causal;
@@ -214,6 +282,59 @@ qattn_status qa_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
         if ((e = rt->memset_async(status, 0, QATTN_STATUS_BYTES, stream)) ||
             (e = rt->paged_check(pp->batch + scan, &cp, stream)))
             return qa_fail(ctx, e, "launching the paged-table check");
+    }
+    if (select) { /* score every page, then each (b, hk)'s top-k: no host synchronization between them */
+        size_t partials = 0;
+        if ((s = qattn_paged_partials_bytes(ctx, pp, &partials)))
+            return s;
+        const select_scratch sc = select_scratch_of(plan, partials);
+        uint8_t *region = ws + plan->ws.backend;
+        qa_select_params sp;
+        memset(&sp, 0, sizeof(sp));
+        sp.tab = ap.tab;
+        sp.k = ap.k;
+        sp.k_scale = ap.k_scale;
+        sp.meta = (const uint8_t *)device_ptr(cb->k_meta, 0);
+        if (misaligned(sp.meta, 16))
+            return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
+                                   "the cache's k_meta buffer must start on a 16-byte boundary: the selection reads "
+                                   "the metadata 16 bytes at a time; check wrapped pointers");
+        qattn_kv_meta_sizes ms;
+        if ((s = qattn_kv_meta_validate(ctx, &pp->cache, &ms)))
+            return s;
+        sp.meta_scale_offset = (int64_t)ms.scale_offset;
+        sp.page_stride = ap.page_stride;
+        sp.tok_stride = ap.tok_stride;
+        sp.head_stride = ap.head_stride;
+        sp.heads_kv = ap.heads_kv;
+        sp.group = ap.group;
+        sp.head_dim = cfg.head_dim;
+        sp.format = cfg.fmt;
+        sp.q = ap.q;
+        sp.q_stride0 = ap.q_stride0;
+        sp.q_stride1 = ap.q_stride1;
+        sp.q_elem = ap.q_elem;
+        sp.sm_scale = pp->sm_scale;
+        sp.adaptive = plan->select.adaptive;
+        sp.budget_pages = plan->select.budget_pages;
+        sp.budget_fraction = plan->select.budget_fraction;
+        sp.sink_pages = plan->select.sink_pages;
+        sp.recent_pages = plan->select.recent_pages;
+        sp.epsilon = plan->select.epsilon;
+        sp.max_budget_pages = plan->select.max_budget_pages;
+        sp.chunks = (int32_t)qattn_ceil_div(pp->max_pages_per_seq, QA_SELECT_CHUNK_PAGES);
+        sp.keys = (uint32_t *)(region + sc.keys);
+        sp.phys = (int32_t *)(region + sc.phys);
+        sp.ub = plan->select.adaptive ? (float *)(region + sc.ub) : NULL;
+        sp.lb = plan->select.adaptive ? (float *)(region + sc.lb) : NULL;
+        sp.counts = (int32_t *)(ws + plan->ws.select_counts);
+        sp.pages = (int32_t *)(ws + plan->ws.select_pages);
+        sp.status = status;
+        const long long rows = (long long)pp->batch * pp->cache.heads_kv;
+        if ((e = rt->select_score(rows * sp.chunks, &sp, stream)) || (e = rt->select_topk(rows, &sp, stream)))
+            return qa_fail(ctx, e, "launching the page selection");
+        ap.sel_counts = sp.counts;
+        ap.sel_phys = sp.phys;
     }
     const long long grid = (long long)pp->batch * pp->cache.heads_kv * cfg.q_tiles * pp->num_splits;
     if ((e = rt->paged_attention(cfg.fmt, cfg.head_dim, grid, &ap, stream)))
@@ -264,8 +385,10 @@ static pthread_mutex_t append_lock = PTHREAD_MUTEX_INITIALIZER; /* guards the st
 qattn_status qa_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const qattn_kv_cache_sizes *sizes)
 {
     (void)sizes;
-    qattn_status s = qa_enter(ctx);
+    qattn_status s = a->buffers->k_meta ? prune_gate(ctx, "page metadata (k_meta)") : QATTN_OK;
     if (s)
+        return s;
+    if ((s = qa_enter(ctx)))
         return s;
     const qa_rt *rt = qa_rt_of(ctx);
     const qattn_kv_cache_desc *c = a->cache;
@@ -317,6 +440,95 @@ qattn_status qa_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
     int64_t blocks = qattn_ceil_div(warps, QA_PAGED_THREADS / 32);
     if ((e = rt->append_write(blocks < 65536 ? blocks : 65536, &p, stream)))
         return qa_fail(ctx, e, "launching the cache append");
+    if (a->buffers->k_meta) { /* then the metadata of every page the append wrote, stream-ordered */
+        qa_meta_params mp;
+        memset(&mp, 0, sizeof(mp));
+        mp.slots = p.slots;
+        mp.num_tokens = p.num_tokens;
+        mp.capacity = p.capacity;
+        mp.k = p.k;
+        mp.k_scale = p.k_scale;
+        mp.meta = (uint8_t *)device_ptr(a->buffers->k_meta, 0);
+        qattn_kv_meta_sizes ms;
+        if ((s = qattn_kv_meta_validate(ctx, c, &ms)))
+            return s;
+        mp.scale_offset = (int64_t)ms.scale_offset;
+        mp.page_stride = p.page_stride;
+        mp.tok_stride = p.tok_stride;
+        mp.head_stride = p.head_stride;
+        mp.heads_kv = p.heads_kv;
+        mp.head_dim = p.head_dim;
+        mp.page_size = p.page_size;
+        mp.cache_format = p.cache_format;
+        int64_t meta_blocks = qattn_ceil_div(a->num_tokens * c->heads_kv, QA_PAGED_THREADS / 32);
+        if ((e = rt->meta_update(meta_blocks < 65536 ? meta_blocks : 65536, &mp, stream)))
+            return qa_fail(ctx, e, "launching the page-metadata update");
+    }
+    return QATTN_OK;
+}
+
+/* ------------------------------------------------------------ page mass */
+
+qattn_status qa_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a,
+                                qattn_buffer *mass, size_t mass_offset)
+{
+    const qattn_paged_problem *pp = &plan->pp;
+    qattn_status s = prune_gate(ctx, "the page mass");
+    if (s)
+        return s;
+    if ((s = qa_enter(ctx)))
+        return s;
+    const long long grid = (long long)pp->batch * pp->cache.heads_kv * pp->max_pages_per_seq;
+    if (grid > INT32_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "the page mass's %lld blocks exceed the CUDA grid", grid);
+    const qa_rt *rt = qa_rt_of(ctx);
+    const paged_config cfg = configure(pp);
+    const qattn_kv_cache_buffers *cb = a->cache;
+    void *stream = a->stream;
+    qa_mass_params mp;
+    memset(&mp, 0, sizeof(mp));
+    mp.tab = tables_of(pp, a);
+    mp.k = (const uint8_t *)device_ptr(cb->k, 0);
+    mp.k_scale = (const float *)device_ptr(cb->k_scale, 0);
+    qattn_kv_cache_strides(&pp->cache, &mp.page_stride, &mp.tok_stride, &mp.head_stride);
+    mp.heads_kv = (int32_t)pp->cache.heads_kv;
+    mp.group = (int32_t)pp->group;
+    mp.heads_q = (int32_t)pp->heads_q;
+    mp.head_dim = cfg.head_dim;
+    mp.format = cfg.fmt;
+    mp.causal = pp->causal;
+    mp.q = device_ptr(a->q, a->q_offset);
+    mp.q_stride0 = pp->q_stride[0];
+    mp.q_stride1 = pp->q_stride[1];
+    mp.q_elem = elem_of(pp->q_dtype);
+    mp.sm_scale = pp->sm_scale;
+    mp.lse = (const float *)device_ptr(a->lse, a->lse_offset);
+    mp.mass = (float *)device_ptr(mass, mass_offset);
+    int e;
+    if (pp->check && a->workspace) { /* the tables first: the mass kernel only clamps */
+        uint32_t *status = (uint32_t *)((uint8_t *)device_ptr(a->workspace, a->workspace_offset) + plan->ws.status);
+        qa_paged_check_params cp;
+        memset(&cp, 0, sizeof(cp));
+        cp.tab = mp.tab;
+        cp.q = mp.q;
+        cp.q_stride0 = mp.q_stride0;
+        cp.q_stride1 = mp.q_stride1;
+        cp.q_elem = mp.q_elem;
+        cp.heads_q = mp.heads_q;
+        cp.head_dim = cfg.head_dim;
+        cp.status = status;
+        int64_t scan = qattn_ceil_div(pp->total_q * pp->heads_q * pp->cache.head_dim, QA_PAGED_THREADS);
+        scan = scan < 1 ? 1 : scan > 1024 ? 1024 : scan;
+        uint32_t words[QATTN_STATUS_WORDS];
+        if ((e = rt->memset_async(status, 0, QATTN_STATUS_BYTES, stream)) ||
+            (e = rt->paged_check(pp->batch + scan, &cp, stream)) ||
+            (e = rt->read_sync(words, status, QATTN_STATUS_BYTES, stream)))
+            return qa_fail(ctx, e, "checking the page mass's tables");
+        if ((s = qattn_paged_status_error(ctx, plan, a, words)))
+            return s;
+    }
+    if ((e = rt->page_mass(grid, &mp, stream)))
+        return qa_fail(ctx, e, "launching the page mass");
     return QATTN_OK;
 }
 

@@ -17,6 +17,10 @@
  *  - check_body: the page-table check and the Q finite scan (status words).
  *  - merge_body: the exact LSE merge (split-KV partials, qattn_merge_states).
  *  - append_check_body / append_write_body: reshape_and_cache.
+ *
+ * With a page selection (p.sel_phys) the attention reads each (b, hk)'s
+ * compacted list of selected physical pages instead of the table, over
+ * kv_len' = (count - 1) * page_size + the last page's tokens (cuda_prune.cuh).
  */
 #ifndef QA_CUDA_PAGED_KERNELS_CUH
 #define QA_CUDA_PAGED_KERNELS_CUH
@@ -205,6 +209,13 @@ template <int FMT, int D> QA_DEV void attention_body(const qa_paged_attn_params 
         int pages = (int)min64(p1 - p0, tb.max_pages);
         kv_len = pages ? (pages - 1) * P + clamp<int>(tb.last_page_len[b], 1, P) : 0;
     }
+    const int32_t *sel_list = nullptr;
+    if (p.sel_phys) { /* the selected pages, compacted, as if they were the whole cache */
+        const long long r = (long long)b * p.heads_kv + hk;
+        const int n = (kv_len + P - 1) / P, count = clamp<int>(p.sel_counts[r], 0, n);
+        kv_len = count ? (count - 1) * P + (kv_len - (n - 1) * P) : 0;
+        sel_list = p.sel_phys + r * tb.max_pages;
+    }
     const int RT = 16 * p.row_warps, WK = 4 / p.row_warps;
     const int row_base = qt * RT, rows = imin(RT, q_len * G - row_base);
     if (rows <= 0)
@@ -224,7 +235,8 @@ template <int FMT, int D> QA_DEV void attention_body(const qa_paged_attn_params 
     const int ld_chunk = tid % CPR, ld_row0 = tid / CPR;
     const long long head_off = (long long)hk * p.head_stride;
     /* The sequence's page list: row b of the dense table, or its CSR slice. */
-    const int32_t *const page_list = tb.dense ? tb.block_table + (long long)b * tb.max_pages : tb.indices + p0;
+    const int32_t *const page_list =
+        sel_list ? sel_list : tb.dense ? tb.block_table + (long long)b * tb.max_pages : tb.indices + p0;
     auto page_index = [&](int j) -> int { /* j / P without a division */
         return p.page_div_mul ? (int)(umulhi((uint32_t)j, p.page_div_mul) >> p.page_div_shr) : j;
     };

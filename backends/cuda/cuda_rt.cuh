@@ -18,6 +18,7 @@
 #include "cuda_internal.h"
 #include "cuda_launch.cuh"
 #include "cuda_paged_kernels.cuh"
+#include "cuda_prune.cuh"
 
 #if defined(QA_EMULATE)
 #include <unistd.h>
@@ -326,6 +327,54 @@ static uint32_t *append_status()
 }
 #endif
 
+/* ------------------------------------------------- decode-time pruning */
+
+static int meta_update(long long grid, const qa_meta_params *p, void *stream)
+{
+    if (grid <= 0)
+        return 0;
+    auto fn = &prune::meta_kernel;
+    QA_LAUNCH(fn, (unsigned)grid, QA_PAGED_THREADS, 0, stream, *p);
+    return launched();
+}
+
+struct LaunchScore {
+    long long grid;
+    const qa_select_params *p;
+    void *stream;
+    template <int FMT, int D> void operator()()
+    {
+        auto fn = &prune::score_kernel<FMT, D>;
+        QA_LAUNCH(fn, (unsigned)grid, QA_PAGED_THREADS, QA_SELECT_SCORE_ROWS * D * 4, stream, *p);
+    }
+};
+
+static int select_score(long long grid, const qa_select_params *p, void *stream)
+{
+    if (grid <= 0)
+        return 0;
+    LaunchScore f = {grid, p, stream};
+    return with_format(p->format, p->head_dim, f) ? launched() : no_such_kernel();
+}
+
+static int select_topk(long long grid, const qa_select_params *p, void *stream)
+{
+    if (grid <= 0)
+        return 0;
+    auto fn = &prune::topk_kernel;
+    QA_LAUNCH(fn, (unsigned)grid, QA_PAGED_THREADS, prune::topk_smem_bytes(p->head_dim), stream, *p);
+    return launched();
+}
+
+static int page_mass(long long grid, const qa_mass_params *p, void *stream)
+{
+    if (grid <= 0)
+        return 0;
+    auto fn = &prune::mass_kernel;
+    QA_LAUNCH(fn, (unsigned)grid, QA_PAGED_THREADS, prune::mass_smem_bytes(p->head_dim), stream, *p);
+    return launched();
+}
+
 } // namespace rt
 
 /* The dense launch sequence's two runtime calls (cuda_launch.cuh). */
@@ -378,4 +427,8 @@ extern "C" const qa_rt QA_RT_INSTANCE = {
     qa::rt::append_check,
     qa::rt::append_write,
     qa::rt::append_status,
+    qa::rt::meta_update,
+    qa::rt::select_score,
+    qa::rt::select_topk,
+    qa::rt::page_mass,
 };

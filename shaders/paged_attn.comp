@@ -24,7 +24,9 @@
  * Key partitions are summed at the end (they share the running max). Rows
  * that see no key end with O = 0 and LSE = -inf. With several splits the
  * item writes its normalized partial O and LSE to the workspace and
- * paged_merge combines them. The host (vulkan_paged.c) derives every spec
+ * paged_merge combines them. With ARG_SELECT an item reads only its (sequence,
+ * KV head)'s selected pages (paged_prune.comp TOPK) through that indirection,
+ * as if they were the sequence's cache. The host (vulkan_paged.c) derives every spec
  * constant below from BR, BC and the page format.
  */
 #include "paged_common.glsl"
@@ -172,7 +174,17 @@ void main()
         if (row_base >= rows_total)
             continue; /* uniform: every invocation sees the same item */
         const uint rows = uint(min(int(BR), rows_total - row_base));
-        const int kv_len = seq.kv_len, span = int(A.pages_per_split * P);
+        /* A selection (ARG_SELECT): the item reads its row's selected pages as if they were the whole
+         * cache, kv_len' = (count - 1) * P + the last page's tokens (the last page is always selected). */
+        const bool selected = (A.flags & ARG_SELECT) != 0u && seq.kv_len > 0;
+        const uint sel_row = b * A.heads_kv + hk;
+        const int n_pages = (seq.kv_len + int(P) - 1) / int(P);
+        int kv_len = seq.kv_len;
+        if (selected) {
+            int count = clamp(int(ws_u32[A.ws_off + A.ws_sel_counts + sel_row]), 1, n_pages);
+            kv_len = (count - 1) * int(P) + (seq.kv_len - (n_pages - 1) * int(P));
+        }
+        const int span = int(A.pages_per_split * P);
         const int kb = min(int(split) * span, kv_len);
         const int ke = min(int(split + 1u) * span, kv_len);
         /* The keys past the tile's last row's causal end are seen by no row. */
@@ -212,6 +224,9 @@ void main()
                 }
                 if (t < ke_tile) {
                     uint page_index = uint(t) / P, off = uint(t) - page_index * P;
+                    if (selected) /* clamped: a selection only names the sequence's pages */
+                        page_index = uint(clamp(int(ws_u32[A.ws_off + A.ws_sel_pages + sel_row * A.max_pages + page_index]),
+                                                0, n_pages - 1));
                     uint page = page_at(seq, page_index);
                     uint within = hnd ? hk * P + off : off * A.heads_kv + hk;
                     base = ((page * P * A.heads_kv + within) * D) / CPW;

@@ -9,6 +9,7 @@
  *   7 workspace (status words, split partials)   8 qo_indptr
  *   9..11 the page table: DENSE block_table, seq_lens; CSR indptr, indices, last_page_len
  *   12 the workspace again (the merge's view of the partials)
+ * (paged_prune.comp's kernels bind the page metadata in place of 2 or 5, see there.)
  */
 #extension GL_EXT_shader_16bit_storage : require
 
@@ -32,6 +33,8 @@
 #define ARG_CAUSAL 4u
 #define ARG_DENSE 8u      /* DENSE tables (else CSR) */
 #define ARG_HND 16u       /* HND pages (else NHD) */
+#define ARG_SELECT 32u    /* paged_attn: read each (sequence, KV head)'s selected pages (ws_sel_*) */
+#define ARG_ADAPTIVE 64u  /* paged_prune TOPK: the adaptive budget */
 
 layout(std430, set = 0, binding = 0) readonly buffer QF32 { float q_f32[]; };
 layout(std430, set = 0, binding = 0) readonly buffer QU16 { uint16_t q_u16[]; };
@@ -42,6 +45,10 @@ layout(std430, set = 0, binding = 9) readonly buffer T0 { int table0[]; };  /* b
 layout(std430, set = 0, binding = 10) readonly buffer T1 { int table1[]; }; /* seq_lens | indices */
 layout(std430, set = 0, binding = 11) readonly buffer T2 { int table2[]; }; /* last_page_len */
 
+/* paged_prune.comp defines its own push constants (PAGED_CUSTOM_ARGS) with
+ * the members these helpers read: total_q, max_q_len, page_size, flags,
+ * max_pages, indices_count, num_pages, ws_off, ws_status. */
+#ifndef PAGED_CUSTOM_ARGS
 layout(push_constant) uniform Args {
     uint q_off, o_off, lse_off, ws_off; /* elements of q / o / lse; words of the workspace */
     uint q_s0, q_s1, o_s0, o_s1;        /* element strides: between tokens, between heads */
@@ -52,7 +59,9 @@ layout(push_constant) uniform Args {
     uint flags;
     uint ws_status, ws_part_o;          /* words from ws_off */
     uint ws_part_lse, items;            /* items: work items (paged_attn), table-check groups (paged_check) */
+    uint ws_sel_counts, ws_sel_pages;   /* ARG_SELECT: the selection's counts and page lists, words from ws_off */
 } A;
+#endif
 
 layout(constant_id = 1) const uint Q_DTYPE = DT_F16;
 

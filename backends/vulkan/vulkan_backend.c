@@ -283,4 +283,6 @@ const qattn_backend_iface qattn_backend_vulkan = {
     .paged_plan_release = vk_paged_plan_release,
     .paged_run = vk_paged_run,
     .merge_states = vk_merge_states,
+    .prune = QATTN_PRUNE_CAP_META | QATTN_PRUNE_CAP_SELECT | QATTN_PRUNE_CAP_ADAPTIVE | QATTN_PRUNE_CAP_PAGE_MASS,
+    .paged_page_mass = vk_paged_page_mass,
 };

@@ -301,5 +301,8 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan);
 void vk_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan);
 qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args);
 qattn_status vk_merge_states(qattn_ctx *ctx, const qattn_merge_desc *desc, const qattn_merge_args *args);
+/* Decode-time pruning: the page mass (the metadata and the selection run inside kv_append and paged_run). */
+qattn_status vk_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *args,
+                                qattn_buffer *mass, size_t mass_offset);
 
 #endif

@@ -1,7 +1,9 @@
 /*
  * The Vulkan backend's paged KV cache: appends (reshape_and_cache with
  * quantization), paged attention (decode and chunked prefill, split-KV) and
- * the LSE merge. The kernels live in shaders/paged_*.comp and share one
+ * the LSE merge, and decode-time pruning (page metadata kept by appends,
+ * query-aware page selection before attention, page mass: the kernels of
+ * shaders/paged_prune.comp). The kernels live in shaders/paged_*.comp and share one
  * descriptor layout of 13 storage buffers and 128 bytes of push constants
  * (the run's arguments: these kernels have no parameter buffer).
  *
@@ -27,8 +29,8 @@
 _Static_assert(QATTN_VK_PAGED_BC == 16 || QATTN_VK_PAGED_BC == 32 || QATTN_VK_PAGED_BC == 64,
                "the paged key tile is 16, 32 or 64");
 
-/* Argument flags of paged_check / paged_attn (shaders/paged_common.glsl). */
-enum { ARG_CHECK = 1, ARG_LSE = 2, ARG_CAUSAL = 4, ARG_DENSE = 8, ARG_HND = 16 };
+/* Argument flags of paged_check / paged_attn / paged_prune (shaders/paged_common.glsl). */
+enum { ARG_CHECK = 1, ARG_LSE = 2, ARG_CAUSAL = 4, ARG_DENSE = 8, ARG_HND = 16, ARG_SELECT = 32, ARG_ADAPTIVE = 64 };
 /* Of paged_merge. */
 enum { MERGE_LSE = 1, MERGE_PAGED = 2, MERGE_CHECK = 4 };
 /* Of paged_append. */
@@ -45,7 +47,30 @@ typedef struct vk_paged_args {
     uint32_t flags;
     uint32_t ws_status, ws_part_o;
     uint32_t ws_part_lse, items;
+    uint32_t ws_sel_counts, ws_sel_pages;
 } vk_paged_args;
+
+/* Mirrors `PruneArgs` in shaders/paged_prune.comp (paged_select_score, paged_select_topk, paged_mass). */
+typedef struct vk_prune_args {
+    uint32_t q_off, lse_off, ws_off, flags;
+    uint32_t q_s0, q_s1, batch, heads_kv;
+    uint32_t group, page_size, num_pages, max_pages;
+    uint32_t total_q, max_q_len, indices_count, ws_status;
+    float sm_scale;
+    uint32_t meta_scale_off;
+    uint32_t ws_scores, ws_sel_counts;
+    uint32_t ws_sel_pages, budget_pages, sink_pages, recent_pages;
+    uint32_t frac_m, frac_shift;
+    float epsilon;
+    uint32_t cap_pages;
+    uint32_t mass_off, reserved;
+} vk_prune_args;
+
+/* Mirrors `MetaArgs` in shaders/paged_prune.comp (paged_meta). */
+typedef struct vk_meta_args {
+    uint32_t slot_off, num_tokens, heads, head_dim;
+    uint32_t page_size, capacity, flags, meta_scale_off;
+} vk_meta_args;
 
 /* Mirrors `MergeArgs` in shaders/paged_merge.comp. */
 typedef struct vk_merge_args {
@@ -64,7 +89,8 @@ typedef struct vk_append_args {
 } vk_append_args;
 
 _Static_assert(sizeof(vk_paged_args) <= VK_PAGED_PUSH_BYTES && sizeof(vk_merge_args) <= VK_PAGED_PUSH_BYTES &&
-                   sizeof(vk_append_args) <= VK_PAGED_PUSH_BYTES,
+                   sizeof(vk_append_args) <= VK_PAGED_PUSH_BYTES && sizeof(vk_prune_args) <= VK_PAGED_PUSH_BYTES &&
+                   sizeof(vk_meta_args) <= VK_PAGED_PUSH_BYTES,
                "push constants fit the paged layout's range");
 
 /* The pipeline of a paged kernel (the paged layout) for these specialization constants. */
@@ -171,11 +197,19 @@ qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
                                "%llu tokens x %llu heads: the vulkan append indexes rows with 32-bit integers",
                                (unsigned long long)T, (unsigned long long)H);
+    const qattn_kv_cache_buffers *cb = a->buffers;
+    const bool meta = cb->k_meta != NULL;
+    if (meta && !eight && c->head_dim % 2)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "head dim %lld: the vulkan backend keeps page metadata two 16-bit values to a word "
+                               "(even head dims)",
+                               (long long)c->head_dim);
     const size_t es = qattn_dtype_size(a->new_dtype);
-    const uint32_t spec[2] = {(uint32_t)a->new_dtype, (uint32_t)fmt};
-    VkPipeline check_pipe = VK_NULL_HANDLE, write_pipe = VK_NULL_HANDLE;
+    const uint32_t spec[2] = {(uint32_t)a->new_dtype, (uint32_t)fmt}, meta_spec[1] = {(uint32_t)fmt};
+    VkPipeline check_pipe = VK_NULL_HANDLE, write_pipe = VK_NULL_HANDLE, meta_pipe = VK_NULL_HANDLE;
     if ((s = paged_pipeline(ctx, vc, "paged_append", spec, 2, &write_pipe)) ||
-        (check && (s = paged_pipeline(ctx, vc, "paged_append_check", spec, 2, &check_pipe))))
+        (check && (s = paged_pipeline(ctx, vc, "paged_append_check", spec, 2, &check_pipe))) ||
+        (meta && (s = paged_pipeline(ctx, vc, "paged_meta", meta_spec, 1, &meta_pipe))))
         return s;
 
     const uint64_t dup_groups = (uint64_t)qattn_ceil_div((int64_t)T, APPEND_CHECK_WG);
@@ -195,16 +229,30 @@ qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
         .flags = (check ? APPEND_CHECK : 0u) | (c->layout == QATTN_KV_HND ? APPEND_HND : 0u),
         .dup_groups = (uint32_t)dup_groups,
     };
-    const qattn_kv_cache_buffers *cb = a->buffers;
+    qattn_kv_meta_sizes ms = {0};
+    if (meta && (s = qattn_kv_meta_validate(ctx, c, &ms)))
+        return s;
+    const vk_meta_args meta_args = {
+        .slot_off = args.slot_off,
+        .num_tokens = args.num_tokens,
+        .heads = args.heads,
+        .head_dim = args.head_dim,
+        .page_size = args.page_size,
+        .capacity = args.capacity,
+        .flags = args.flags,
+        .meta_scale_off = (uint32_t)(ms.scale_offset / 4),
+    };
     VkBuffer bufs[VK_PAGED_BINDINGS] = {
         [0] = vk_buffer_handle(a->k_new),         [1] = vk_buffer_handle(cb->k),
         [2] = vk_buffer_handle(cb->v),            [3] = vk_buffer_handle(cb->k_scale),
-        [4] = vk_buffer_handle(cb->v_scale),      [7] = vc->paged_status.buffer,
-        [8] = vk_buffer_handle(a->slot_mapping), [12] = vk_buffer_handle(a->v_new),
+        [4] = vk_buffer_handle(cb->v_scale),      [5] = vk_buffer_handle(cb->k_meta),
+        [7] = vc->paged_status.buffer,            [8] = vk_buffer_handle(a->slot_mapping),
+        [12] = vk_buffer_handle(a->v_new),
     };
-    uint32_t check_grid[2], write_grid[2], words[QATTN_STATUS_WORDS] = {0};
+    uint32_t check_grid[2], write_grid[2], meta_grid[2], words[QATTN_STATUS_WORDS] = {0};
     vk_grid_of(dup_groups + scan_groups, check_grid);
     vk_grid_of(T * H * 2 < 65535 ? T * H * 2 : 65535, write_grid);
+    vk_grid_of(T < 65535 ? T : 65535, meta_grid);
 
     pthread_mutex_lock(&vc->lock);
     bind_all(vc, vc->paged_set, bufs, vk_buffer_handle(a->k_new));
@@ -220,6 +268,10 @@ qattn_status vk_kv_append(qattn_ctx *ctx, const qattn_kv_append_args *a, const q
             vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
         }
         dispatch(vc, write_pipe, &args, sizeof(args), write_grid);
+        if (meta) { /* the pages written, recomputed from their slots once the writes are visible */
+            vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
+            dispatch(vc, meta_pipe, &meta_args, sizeof(meta_args), meta_grid);
+        }
         if (check)
             vk_read_status_back(vc, vc->paged_status.buffer, 0);
         s = vk_submit_wait(ctx, vc);
@@ -283,6 +335,13 @@ typedef struct vk_paged_plan {
     paged_geometry g;
     uint32_t items, check_table_groups;
     uint32_t attn_grid[2], check_grid[2], merge_grid[2];
+    /* Page selection (plan->select): its kernels bind the metadata at 2 (a set of their own), and
+     * their scratch (scores; adaptive: bounds) lies in the backend's workspace after the partials. */
+    VkDescriptorPool select_pool;
+    VkDescriptorSet select_set;
+    VkPipeline score, topk;
+    uint32_t score_grid[2], topk_grid[2];
+    size_t scratch; /* byte offset from ws.backend */
 } vk_paged_plan;
 
 void vk_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
@@ -293,6 +352,8 @@ void vk_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
         return;
     if (vp->pool)
         vc->vk.vkDestroyDescriptorPool(vc->device, vp->pool, NULL);
+    if (vp->select_pool)
+        vc->vk.vkDestroyDescriptorPool(vc->device, vp->select_pool, NULL);
     free(vp);
     plan->impl = NULL;
 }
@@ -375,7 +436,8 @@ static void choose_splits(qattn_plan *plan, const vk_device_caps *caps, const pa
 }
 
 /* The plan's device objects: its pipelines and descriptor set. */
-static qattn_status make_pipelines(qattn_ctx *ctx, vk_ctx *vc, const qattn_paged_problem *pp, vk_paged_plan *vp)
+static qattn_status make_pipelines(qattn_ctx *ctx, vk_ctx *vc, const qattn_paged_problem *pp, bool select,
+                                   vk_paged_plan *vp)
 {
     const paged_geometry *g = &vp->g;
     const uint32_t D = (uint32_t)pp->cache.head_dim;
@@ -391,6 +453,14 @@ static qattn_status make_pipelines(qattn_ctx *ctx, vk_ctx *vc, const qattn_paged
     if (!s) {
         const VkDescriptorPoolSize size = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_PAGED_BINDINGS};
         s = vk_descriptor_set_create(ctx, vc, vc->paged_set_layout, &size, 1, "", &vp->pool, &vp->set);
+    }
+    if (!s && select) {
+        const uint32_t prune_spec[3] = {D, (uint32_t)pp->q_dtype, (uint32_t)qattn_kv_format_of(&pp->cache)};
+        const VkDescriptorPoolSize size = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, VK_PAGED_BINDINGS};
+        if (!(s = paged_pipeline(ctx, vc, "paged_select_score", prune_spec, 3, &vp->score)) &&
+            !(s = paged_pipeline(ctx, vc, "paged_select_topk", prune_spec, 3, &vp->topk)))
+            s = vk_descriptor_set_create(ctx, vc, vc->paged_set_layout, &size, 1, " (selection)", &vp->select_pool,
+                                         &vp->select_set);
     }
     return s;
 }
@@ -418,6 +488,19 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
                                (long long)items, pp->num_splits);
     if ((s = qattn_paged_partials_bytes(ctx, pp, &plan->backend_workspace)))
         return s;
+    size_t scratch = 0;
+    if (plan->select.enabled) { /* fp32 scores [B * Hkv][max_pages]; adaptive: upper and lower bounds as well */
+        const uint64_t rows = (uint64_t)pp->batch * (uint64_t)pp->cache.heads_kv * (uint64_t)pp->max_pages_per_seq;
+        const uint64_t bytes = rows * 4u * (plan->select.adaptive ? 3u : 1u);
+        scratch = qattn_round_up(plan->backend_workspace, 256);
+        if (bytes + scratch + 1024 > max_buffer)
+            return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                                   "the page selection's scratch (%llu bytes for %lld sequences x %lld KV heads x %lld "
+                                   "pages) exceeds the %llu bytes one Vulkan storage buffer holds",
+                                   (unsigned long long)bytes, (long long)pp->batch, (long long)pp->cache.heads_kv,
+                                   (long long)pp->max_pages_per_seq, (unsigned long long)max_buffer);
+        plan->backend_workspace = scratch + (size_t)bytes;
+    }
     if (plan->backend_workspace) {
         if ((uint64_t)plan->backend_workspace + 1024 > max_buffer)
             return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
@@ -446,18 +529,85 @@ qattn_status vk_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     scan = scan < 1 ? 1 : scan > 1024 ? 1024 : scan;
     vk_grid_of(vp->check_table_groups + scan, vp->check_grid);
     vk_grid_of((uint64_t)pp->total_q * (uint64_t)pp->heads_q, vp->merge_grid);
-    return make_pipelines(ctx, vc, pp, vp); /* on failure the core calls vk_paged_plan_release */
+    vp->scratch = scratch;
+    if (plan->select.enabled)
+        vk_str_append(plan->why, sizeof(plan->why),
+                      " Pages selected on the device first (paged_select_score, paged_select_topk%s).",
+                      plan->select.adaptive ? ", adaptive budget" : "");
+    const uint64_t rows = (uint64_t)pp->batch * (uint64_t)pp->cache.heads_kv;
+    vk_grid_of(rows * (uint64_t)qattn_ceil_div(pp->max_pages_per_seq, 128), vp->score_grid);
+    vk_grid_of(rows, vp->topk_grid);
+    return make_pipelines(ctx, vc, pp, plan->select.enabled, vp); /* on failure the core calls vk_paged_plan_release */
 }
 
 /* ------------------------------------------------------------------- runs */
 
-qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a)
+/* budget_fraction as m / 2^shift (m odd, or 0), so the kernel takes ceil(fraction * n) exactly. */
+static void fraction_bits(float f, uint32_t *m, uint32_t *shift)
 {
-    vk_ctx *vc = ctx->impl;
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    const uint32_t e = (bits >> 23) & 0xffu;
+    uint32_t mant = bits & 0x7fffffu, sh = 149; /* subnormal: mant * 2^-149 */
+    if (e != 0) {
+        mant |= 0x800000u;
+        sh = 150 - e; /* f = mant * 2^(e - 150); f <= 1 so e <= 127 */
+    }
+    while (mant && !(mant & 1u) && sh > 0) {
+        mant >>= 1;
+        sh--;
+    }
+    *m = mant;
+    *shift = sh;
+}
+
+/* The arguments of the pruning kernels (shaders/paged_prune.comp) for a run's arguments. */
+static vk_prune_args prune_args(const qattn_plan *plan, const qattn_paged_args *a, const vk_paged_args *run)
+{
+    const qattn_paged_problem *pp = &plan->pp;
+    const qattn_select_problem *sel = &plan->select;
+    const vk_paged_plan *vp = plan->impl;
+    const int64_t M1 = pp->max_pages_per_seq + 1; /* counts past max_pages act alike */
+    qattn_kv_meta_sizes ms = {0};
+    qattn_kv_meta_validate(NULL, &pp->cache, &ms); /* validated with the plan */
+    vk_prune_args p = {
+        .q_off = run->q_off,
+        .lse_off = run->lse_off,
+        .ws_off = run->ws_off,
+        .flags = (run->flags & ~(uint32_t)ARG_LSE) | (sel->adaptive ? (uint32_t)ARG_ADAPTIVE : 0u),
+        .q_s0 = run->q_s0,
+        .q_s1 = run->q_s1,
+        .batch = run->batch,
+        .heads_kv = run->heads_kv,
+        .group = run->group,
+        .page_size = run->page_size,
+        .num_pages = run->num_pages,
+        .max_pages = run->max_pages,
+        .total_q = run->total_q,
+        .max_q_len = run->max_q_len,
+        .indices_count = run->indices_count,
+        .ws_status = run->ws_status,
+        .sm_scale = pp->sm_scale,
+        .meta_scale_off = (uint32_t)(ms.scale_offset / 4),
+        .ws_scores = sel->enabled ? (uint32_t)((plan->ws.backend + vp->scratch) / 4) : 0u,
+        .ws_sel_counts = sel->enabled ? (uint32_t)(plan->ws.select_counts / 4) : 0u,
+        .ws_sel_pages = sel->enabled ? (uint32_t)(plan->ws.select_pages / 4) : 0u,
+        .budget_pages = (uint32_t)qattn_min_i64(sel->budget_pages, M1),
+        .sink_pages = (uint32_t)qattn_min_i64(sel->sink_pages, M1),
+        .recent_pages = (uint32_t)qattn_min_i64(sel->recent_pages, M1),
+        .epsilon = sel->epsilon,
+        .cap_pages = (uint32_t)qattn_min_i64(sel->max_budget_pages, M1),
+    };
+    (void)a;
+    fraction_bits(sel->budget_fraction, &p.frac_m, &p.frac_shift);
+    return p;
+}
+
+/* The run's arguments as paged_check / paged_attn take them (shaders/paged_common.glsl). */
+static vk_paged_args paged_args_of(const qattn_plan *plan, const qattn_paged_args *a)
+{
     const vk_paged_plan *vp = plan->impl;
     const qattn_paged_problem *pp = &plan->pp;
-    if (a->stream)
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the vulkan backend");
     const int64_t D = pp->cache.head_dim, Hq = pp->heads_q;
     const bool dense = pp->table == QATTN_PAGES_DENSE, split = pp->num_splits > 1;
     const size_t es = qattn_dtype_size(pp->q_dtype);
@@ -493,6 +643,27 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
     };
     if (split)
         args.ws_part_lse = args.ws_part_o + (uint32_t)((uint64_t)pp->num_splits * pp->total_q * Hq * D);
+    if (plan->select.enabled) {
+        args.flags |= ARG_SELECT;
+        args.ws_sel_counts = (uint32_t)(plan->ws.select_counts / 4);
+        args.ws_sel_pages = (uint32_t)(plan->ws.select_pages / 4);
+    }
+    return args;
+}
+
+qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a)
+{
+    vk_ctx *vc = ctx->impl;
+    const vk_paged_plan *vp = plan->impl;
+    const qattn_paged_problem *pp = &plan->pp;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the vulkan backend");
+    const int64_t D = pp->cache.head_dim, Hq = pp->heads_q;
+    const bool dense = pp->table == QATTN_PAGES_DENSE, split = pp->num_splits > 1;
+    const uint32_t ws_off = (uint32_t)(a->workspace_offset / 4);
+    const vk_paged_args args = paged_args_of(plan, a);
+    const bool select = plan->select.enabled;
+    const vk_prune_args sel_args = prune_args(plan, a, &args);
     vk_merge_args merge = {
         .v_off = ws_off + args.ws_part_o,
         .s_off = ws_off + args.ws_part_lse,
@@ -536,6 +707,12 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
 
     pthread_mutex_lock(&vc->lock);
     bind_all(vc, vp->set, bufs, vk_buffer_handle(a->q));
+    if (select) { /* the selection's set: the attention's, with the metadata at 2 */
+        VkBuffer sel_bufs[VK_PAGED_BINDINGS];
+        memcpy(sel_bufs, bufs, sizeof(sel_bufs));
+        sel_bufs[2] = vk_buffer_handle(cb->k_meta);
+        bind_all(vc, vp->select_set, sel_bufs, vk_buffer_handle(a->q));
+    }
     qattn_status s = vk_begin(ctx, vc);
     if (!s) {
         VkCommandBuffer cmd = vc->cmd;
@@ -548,6 +725,16 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
             dispatch(vc, vp->check, &check_args, sizeof(check_args), vp->check_grid);
             vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
         }
+        if (select) { /* scores -> each (sequence, KV head)'s pages -> attention over them, on the device */
+            vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1,
+                                           &vp->select_set, 0, NULL);
+            dispatch(vc, vp->score, &sel_args, sizeof(sel_args), vp->score_grid);
+            vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
+            dispatch(vc, vp->topk, &sel_args, sizeof(sel_args), vp->topk_grid);
+            vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
+            vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vp->set, 0,
+                                           NULL);
+        }
         dispatch(vc, vp->attn, &args, sizeof(args), vp->attn_grid);
         if (split) {
             vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
@@ -557,6 +744,76 @@ qattn_status vk_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
             vk_read_status_back(vc, ws, status_at);
         s = vk_submit_wait(ctx, vc);
         if (!s && pp->check)
+            vk_status_words(vc, words);
+    }
+    pthread_mutex_unlock(&vc->lock);
+    return s ? s : qattn_paged_status_error(ctx, plan, a, words);
+}
+
+/* ------------------------------------------------------------- page mass */
+
+qattn_status vk_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a,
+                                qattn_buffer *mass, size_t mass_offset)
+{
+    vk_ctx *vc = ctx->impl;
+    const vk_paged_plan *vp = plan->impl;
+    const qattn_paged_problem *pp = &plan->pp;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the vulkan backend");
+    const uint64_t items = (uint64_t)pp->batch * (uint64_t)pp->cache.heads_kv * (uint64_t)pp->max_pages_per_seq;
+    if (items > UINT32_MAX)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "%llu page masses: the vulkan kernel counts them in 32 bits",
+                               (unsigned long long)items);
+    const uint32_t spec[3] = {(uint32_t)pp->cache.head_dim, (uint32_t)pp->q_dtype,
+                              (uint32_t)qattn_kv_format_of(&pp->cache)};
+    VkPipeline pipe;
+    qattn_status s = paged_pipeline(ctx, vc, "paged_mass", spec, 3, &pipe);
+    if (s)
+        return s;
+    const vk_paged_args args = paged_args_of(plan, a);
+    vk_prune_args m = prune_args(plan, a, &args);
+    m.mass_off = (uint32_t)(mass_offset / 4);
+    const bool dense = pp->table == QATTN_PAGES_DENSE;
+    const qattn_kv_cache_buffers *cb = a->cache;
+    VkBuffer ws = vk_buffer_handle(a->workspace);
+    /* The table check (and Q's finite scan) first, as a run does, when the plan checks. */
+    const bool check = pp->check && ws != VK_NULL_HANDLE;
+    m.flags = check ? m.flags : m.flags & ~(uint32_t)ARG_CHECK;
+    VkBuffer bufs[VK_PAGED_BINDINGS] = {
+        [0] = vk_buffer_handle(a->q),
+        [1] = vk_buffer_handle(cb->k),
+        [3] = vk_buffer_handle(cb->k_scale),
+        [5] = vk_buffer_handle(mass),
+        [6] = vk_buffer_handle(a->lse),
+        [7] = ws,
+        [8] = vk_buffer_handle(a->qo_indptr),
+        [9] = vk_buffer_handle(dense ? a->block_table : a->indptr),
+        [10] = vk_buffer_handle(dense ? a->seq_lens : a->indices),
+        [11] = dense ? VK_NULL_HANDLE : vk_buffer_handle(a->last_page_len),
+    };
+    const VkDeviceSize status_at = a->workspace_offset + plan->ws.status;
+    uint32_t grid[2], words[QATTN_STATUS_WORDS] = {0};
+    vk_grid_of(items, grid);
+    pthread_mutex_lock(&vc->lock);
+    bind_all(vc, vc->paged_set, bufs, vk_buffer_handle(a->q));
+    s = vk_begin(ctx, vc);
+    if (!s) {
+        VkCommandBuffer cmd = vc->cmd;
+        if (check)
+            vk_status_clear(vc, ws, status_at);
+        vc->vk.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vc->paged_layout, 0, 1, &vc->paged_set, 0,
+                                       NULL);
+        if (check) {
+            vk_paged_args check_args = args;
+            check_args.items = vp->check_table_groups;
+            dispatch(vc, vp->check, &check_args, sizeof(check_args), vp->check_grid);
+            vk_compute_barrier(vc, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT);
+        }
+        dispatch(vc, pipe, &m, sizeof(m), grid);
+        if (check)
+            vk_read_status_back(vc, ws, status_at);
+        s = vk_submit_wait(ctx, vc);
+        if (!s && check)
             vk_status_words(vc, words);
     }
     pthread_mutex_unlock(&vc->lock);

@@ -1118,6 +1118,9 @@ int main(int argc, char **argv)
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(evict_window_case);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(evict_scores_case);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(bad_inputs_case);
+    const char *filter = getenv("QATTN_TEST_FILTER");
+    if (filter && *filter)
+        cmocka_set_test_filter(filter);
     rc = _cmocka_run_group_tests("prune", tests, (size_t)n, NULL, NULL);
     qattn_ctx_destroy(ctx);
     return rc;

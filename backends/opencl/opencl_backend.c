@@ -277,6 +277,6 @@ const qattn_backend_iface qattn_backend_opencl = {
     .paged_plan_release = qattn_opencl_paged_plan_release,
     .paged_run = qattn_opencl_paged_run,
     .merge_states = qattn_opencl_merge_states,
-    .prune = QATTN_PRUNE_CAP_META | QATTN_PRUNE_CAP_SELECT | QATTN_PRUNE_CAP_PAGE_MASS,
+    .prune = QATTN_PRUNE_CAP_META | QATTN_PRUNE_CAP_SELECT | QATTN_PRUNE_CAP_ADAPTIVE | QATTN_PRUNE_CAP_PAGE_MASS,
     .paged_page_mass = qattn_opencl_paged_page_mass,
 };

@@ -84,7 +84,8 @@ typedef struct ocl_paged_plan {
     cl_kernel scores, topk; /* page selection (prune.cl), when plan->select.enabled */
     paged_geometry geo;
     int q_tiles;
-    int64_t scores_at, chosen_at; /* selection scratch, bytes from the workspace's start */
+    int64_t scores_at, chosen_at; /* selection scratch, bytes from ws.backend's start */
+    int64_t ubs_at, lbs_at;       /* adaptive selection: per-page bounds of the query row being tested */
 } ocl_paged_plan;
 
 void qattn_opencl_paged_plan_release(qattn_ctx *ctx, qattn_plan *plan)
@@ -164,12 +165,17 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     if (partials)
         return partials;
     /* Page selection: fp32 scores and int32 chosen flags per (b, KV head, logical page), after the partials. */
-    size_t scores_off = 0, chosen_off = 0;
+    size_t scores_off = 0, chosen_off = 0, ubs_off = 0, lbs_off = 0;
     if (plan->select.enabled) {
         const size_t per = (size_t)pp->batch * (size_t)pp->cache.heads_kv * (size_t)pp->max_pages_per_seq * 4u;
         scores_off = qattn_round_up(plan->backend_workspace, 256);
         chosen_off = scores_off + qattn_round_up(per, 256);
         plan->backend_workspace = chosen_off + per;
+        if (plan->select.adaptive) {
+            ubs_off = qattn_round_up(plan->backend_workspace, 256);
+            lbs_off = ubs_off + qattn_round_up(per, 256);
+            plan->backend_workspace = lbs_off + per;
+        }
     }
 
     ocl_paged_plan *op = calloc(1, sizeof(*op));
@@ -180,6 +186,8 @@ qattn_status qattn_opencl_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     op->q_tiles = (int)q_tiles;
     op->scores_at = (int64_t)scores_off; /* made absolute (+ ws.backend) at run time */
     op->chosen_at = (int64_t)chosen_off;
+    op->ubs_at = (int64_t)ubs_off;
+    op->lbs_at = (int64_t)lbs_off;
     qattn_status s;
     char options[512];
     snprintf(options, sizeof(options),
@@ -424,6 +432,24 @@ static qattn_status enqueue_selection(qattn_ctx *ctx, const qattn_plan *plan, co
     arg_long(&al, chosen_at);
     arg_long(&al, base + (int64_t)plan->ws.select_counts);
     arg_long(&al, base + (int64_t)plan->ws.select_pages);
+    int64_t page_stride, tok_stride, head_stride;
+    qattn_kv_cache_strides(&pp->cache, &page_stride, &tok_stride, &head_stride);
+    arg_mem(&al, mem_of(a->q));
+    arg_long(&al, (int64_t)(a->q_offset / es));
+    arg_long(&al, pp->q_stride[0]);
+    arg_long(&al, pp->q_stride[1]);
+    arg_mem(&al, mem_of(a->cache->k_meta));
+    arg_long(&al, (int64_t)ms.scale_offset);
+    arg_mem(&al, mem_of(a->cache->k_scale));
+    arg_mem(&al, mem_of(a->cache->k));
+    arg_long(&al, page_stride);
+    arg_long(&al, tok_stride);
+    arg_long(&al, head_stride);
+    arg_int(&al, pp->group);
+    arg_float(&al, pp->sm_scale);
+    arg_float(&al, sel->epsilon);
+    arg_long(&al, sel->adaptive ? backend + op->ubs_at : 0);
+    arg_long(&al, sel->adaptive ? backend + op->lbs_at : 0);
     global = (size_t)rows * local;
     return launch(ctx, &al, 1, &global, &local);
 }

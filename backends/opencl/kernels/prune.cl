@@ -278,14 +278,176 @@ static void select_pass(global const float *scores, global int *chosen, int n, i
     }
 }
 
+#if ADAPTIVE
+/* The work-group's maximum of v (fmax: NaN never wins; every work-item calls it). */
+static inline float wg_max_float(local float *buf, float v)
+{
+    const int lid = get_local_id(0);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    buf[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int s = SEL_WG / 2; s > 0; s >>= 1) {
+        if (lid < s)
+            buf[lid] = fmax(buf[lid], buf[lid + s]);
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    return buf[0];
+}
+
+static inline acc_t wg_sum_acc(local acc_t *buf, acc_t v)
+{
+    const int lid = get_local_id(0);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    buf[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int s = SEL_WG / 2; s > 0; s >>= 1) {
+        if (lid < s)
+            buf[lid] += buf[lid + s];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    return buf[0];
+}
+
+/* The best (key, page) of the work-group: higher key, then lower page; page -1 is none. */
+static inline int wg_argmax(local uint *keys, local int *idx, uint key, int page)
+{
+    const int lid = get_local_id(0);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    keys[lid] = key;
+    idx[lid] = page;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int s = SEL_WG / 2; s > 0; s >>= 1) {
+        if (lid < s) {
+            const int a = idx[lid], b = idx[lid + s];
+            const uint ka = keys[lid], kb = keys[lid + s];
+            if (b >= 0 && (a < 0 || kb > ka || (kb == ka && b < a))) {
+                keys[lid] = kb;
+                idx[lid] = b;
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    return idx[0];
+}
+
+/*
+ * src/prune.c's adaptive_ok for (b, hk) under the chosen flags: for every
+ * query row and head, U = sum of n_p exp(ub - m) over the unchosen full pages
+ * and L = the exact weight of the EXACT_PAGES best chosen full pages by ub
+ * (their keys read) + n_p exp(lb - m) of the other chosen full pages, m the
+ * largest ub; false as soon as U > epsilon (L + U). The sequence's last page
+ * counts in neither. Page p is work-item p % SEL_WG's in every loop, as in
+ * select_pass, so each reads back only its own scratch (ubs, lbs, chosen).
+ */
+static bool adaptive_ok(const seq_view s, int b, int hk, global const in_bits *q, long q_off, long q_s0, long q_s1,
+                        global const uchar *meta, long meta_scale_off, global const float *ks,
+                        global const uchar *kc, global const int *block_table, global const int *indices, int dense,
+                        int max_pages, int page_size, int num_pages, int heads_kv, int group, long page_stride,
+                        long tok_stride, long head_stride, float sm_scale, float epsilon,
+                        global const int *chosen, global float *ubs, global float *lbs, local float *qrow,
+                        local float *fbuf, local acc_t *abuf, local uint *kbuf, local int *ibuf)
+{
+    const int lid = get_local_id(0), G = group, P = page_size, full = s.n - 1;
+    const int rows = s.q_len * G;
+    for (int r = 0; r < rows; r++) {
+        const int i = r / G, g = r - i * G;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int d = lid; d < HEAD_DIM; d += SEL_WG)
+            qrow[d] = load_in(q, q_off + (long)(s.q0 + i) * q_s0 + (long)(hk * G + g) * q_s1 + d) * sm_scale;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        float mloc = -INFINITY;
+        for (int p = lid; p < full; p += SEL_WG) {
+            const long page = phys_page(block_table, indices, dense, b, max_pages, s.p0, p, num_pages);
+            const float msc = meta_scale(meta, meta_scale_off, ks, page, hk, heads_kv);
+            float u = 0.0f, l = 0.0f;
+            for (int d = 0; d < HEAD_DIM; d++) {
+                float lo, hi;
+                meta_bounds(meta, msc, page, hk, heads_kv, d, &lo, &hi);
+                const float a = qrow[d] * lo, c = qrow[d] * hi;
+                u += a > c ? a : c;
+                l += a < c ? a : c;
+            }
+            ubs[p] = u;
+            lbs[p] = l;
+            mloc = u > mloc ? u : mloc;
+        }
+        const float mf = wg_max_float(fbuf, mloc);
+        if (mf == -INFINITY)
+            continue; /* one page: nothing left out */
+        const acc_t m = (acc_t)mf;
+        int exact[EXACT_PAGES];
+        int n_exact = 0;
+        for (int e = 0; e < EXACT_PAGES; e++) { /* the best chosen full pages by ub, lower page first */
+            uint best_key = 0u;
+            int best = -1;
+            for (int p = lid; p < full; p += SEL_WG) {
+                bool taken = !chosen[p];
+                for (int x = 0; x < e; x++)
+                    taken |= x < n_exact && exact[x] == p;
+                const uint key = score_key(ubs[p]);
+                if (!taken && (best < 0 || key > best_key)) { /* p ascending: the first of equal keys stays */
+                    best_key = key;
+                    best = p;
+                }
+            }
+            const int win = wg_argmax(kbuf, ibuf, best_key, best);
+            if (win < 0)
+                break;
+            exact[n_exact++] = win;
+        }
+        acc_t U = 0, L = 0;
+        for (int p = lid; p < full; p += SEL_WG) {
+            bool is_exact = false;
+            for (int x = 0; x < n_exact; x++)
+                is_exact |= exact[x] == p;
+            if (!chosen[p])
+                U += (acc_t)P * exp((acc_t)ubs[p] - m);
+            else if (!is_exact)
+                L += (acc_t)P * exp((acc_t)lbs[p] - m);
+        }
+        for (int x = 0; x < n_exact; x++) { /* exact weights: the page's keys, a work-item per token */
+            const long page = phys_page(block_table, indices, dense, b, max_pages, s.p0, exact[x], num_pages);
+            for (int t = lid; t < P; t += SEL_WG) {
+#if CACHE_FMT == FMT_FP8 || CACHE_FMT == FMT_I8
+                const float scale = ks[hk];
+#elif CACHE_FMT == FMT_I8_ROW
+                const float scale = ks[(page * P + t) * heads_kv + hk];
+#else
+                const float scale = 1.0f;
+#endif
+                const long at = page * page_stride + (long)t * tok_stride + (long)hk * head_stride;
+                float dot = 0.0f;
+                for (int d = 0; d < HEAD_DIM; d++)
+                    dot += qrow[d] * (raw_value(kc, at + d) * scale);
+                L += exp((acc_t)dot - m);
+            }
+        }
+        U = wg_sum_acc(abuf, U);
+        L = wg_sum_acc(abuf, L);
+        if (U > (acc_t)epsilon * (L + U))
+            return false;
+    }
+    return true;
+}
+#endif
+
 kernel __attribute__((reqd_work_group_size(SEL_WG, 1, 1))) void select_topk(
     global const int *qo_indptr, global const int *block_table, global const int *seq_lens, global const int *indptr,
     global const int *indices, global const int *last_page_len, int dense, int max_pages, int page_size,
     int num_pages, int total_q, int max_q_len, long indices_count, int heads_kv, long sink_pages, long recent_pages,
     long budget_pages, long frac_m, int frac_shift, long max_budget_pages, global uchar *ws, long status_at,
-    long scores_at, long chosen_at, long counts_at, long pages_at)
+    long scores_at, long chosen_at, long counts_at, long pages_at, global const in_bits *q, long q_off, long q_s0,
+    long q_s1, global const uchar *meta, long meta_scale_off, global const float *ks, global const uchar *kc,
+    long page_stride, long tok_stride, long head_stride, int group, float sm_scale, float epsilon, long ubs_at,
+    long lbs_at)
 {
     local int buf[SEL_WG + 1];
+#if ADAPTIVE
+    local float qrow[HEAD_DIM], fbuf[SEL_WG];
+    local acc_t abuf[SEL_WG];
+    local uint kbuf[SEL_WG];
+    local int ibuf[SEL_WG];
+#endif
     if (stopped(ws, status_at))
         return;
     const int lid = get_local_id(0), row = get_group_id(0);
@@ -324,7 +486,10 @@ kernel __attribute__((reqd_work_group_size(SEL_WG, 1, 1))) void select_topk(
             break;
         barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE); /* the flags are written */
 #if ADAPTIVE
-        if (adaptive_ok())
+        if (adaptive_ok(s, b, row - b * heads_kv, q, q_off, q_s0, q_s1, meta, meta_scale_off, ks, kc, block_table,
+                        indices, dense, max_pages, page_size, num_pages, heads_kv, group, page_stride, tok_stride,
+                        head_stride, sm_scale, epsilon, chosen, (global float *)(ws + ubs_at) + (long)row * max_pages,
+                        (global float *)(ws + lbs_at) + (long)row * max_pages, qrow, fbuf, abuf, kbuf, ibuf))
             break;
 #endif
         want = want * 2 < cap ? want * 2 : cap;

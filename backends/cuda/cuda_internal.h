@@ -145,7 +145,7 @@ typedef struct qa_paged_attn_params {
 
 /* ------------------------------------------------- decode-time pruning */
 
-#define QA_SELECT_CHUNK_PAGES 64 /* pages per block of the selection's scoring kernel */
+#define QA_SELECT_CHUNK_PAGES 64 /* at most this many pages per block of the selection's scoring kernel */
 #define QA_SELECT_SCORE_ROWS 64  /* query rows of a (b, hk) a scoring block holds at once */
 #define QA_SELECT_SMEM_KEYS 8192 /* candidates the top-k block keeps in shared memory (else it reads them again) */
 
@@ -178,7 +178,8 @@ typedef struct qa_select_params {
     int32_t adaptive;
     int64_t budget_pages, sink_pages, recent_pages, max_budget_pages;
     float budget_fraction, epsilon;
-    int32_t chunks;      /* scoring blocks per (b, hk): ceil(max_pages / QA_SELECT_CHUNK_PAGES) */
+    int32_t chunk_pages; /* pages per scoring block (16 to QA_SELECT_CHUNK_PAGES) */
+    int32_t chunks;      /* scoring blocks per (b, hk): ceil(max_pages / chunk_pages) */
     uint32_t *keys;      /* [B * Hkv][max_pages]: order-preserving keys of the pages' scores */
     int32_t *counts;     /* ws.select_counts */
     int32_t *pages;      /* ws.select_pages: logical pages, ascending */

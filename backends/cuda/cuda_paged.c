@@ -131,8 +131,12 @@ qattn_status qa_paged_plan_init(qattn_ctx *ctx, qattn_plan *plan)
     if (pp->heads_q > INT32_MAX / pp->max_q_len)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "heads_q * max_q_len overflows the cuda kernels' row index");
     const bool select = plan->select.enabled;
-    if (select && pp->batch * pp->cache.heads_kv * qattn_ceil_div(pp->max_pages_per_seq, QA_SELECT_CHUNK_PAGES) > INT32_MAX)
+    if (select && pp->batch * pp->cache.heads_kv * qattn_ceil_div(pp->max_pages_per_seq, 16) > INT32_MAX)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "the page selection's scoring grid exceeds the CUDA grid");
+    if (select && pp->max_pages_per_seq >= (1 << 21))
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "max_pages_per_seq=%lld: the cuda page selection ranks fewer than 2^21 pages per sequence",
+                               (long long)pp->max_pages_per_seq);
     qattn_status s = select ? prune_gate(ctx, "page selection") : QATTN_OK;
     if (s)
         return s;
@@ -322,7 +326,13 @@ qattn_status qa_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
         sp.recent_pages = plan->select.recent_pages;
         sp.epsilon = plan->select.epsilon;
         sp.max_budget_pages = plan->select.max_budget_pages;
-        sp.chunks = (int32_t)qattn_ceil_div(pp->max_pages_per_seq, QA_SELECT_CHUNK_PAGES);
+        /* about 1024 scoring blocks or more, so that one sequence still fills the GPU */
+        const int64_t all = pp->batch * pp->cache.heads_kv * pp->max_pages_per_seq;
+        int32_t chunk = 16;
+        while (chunk < QA_SELECT_CHUNK_PAGES && (int64_t)chunk * 1024 < all)
+            chunk *= 2;
+        sp.chunk_pages = chunk;
+        sp.chunks = (int32_t)qattn_ceil_div(pp->max_pages_per_seq, chunk);
         sp.keys = (uint32_t *)(region + sc.keys);
         sp.phys = (int32_t *)(region + sc.phys);
         sp.ub = plan->select.adaptive ? (float *)(region + sc.ub) : NULL;

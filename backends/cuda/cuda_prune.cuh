@@ -6,19 +6,20 @@
  *  - meta_body: after kv_append's write, one warp per (token, KV head) whose
  *    token starts a run of slots in its page recomputes the page's channel-wise
  *    min/max of the dequantized keys (NaN skipped) from all its slots.
- *  - score_body<FMT, D>: one block per (b, hk, chunk of 64 pages). Each page's
+ *  - score_body<FMT, D>: one block per (b, hk, chunk of 16-64 pages). Each page's
  *    metadata is read once, 16 bytes per thread (a page's min and max rows
  *    spread over D / (16 / elem) threads), and scored against every query row
  *    of the sequence and every head of the group held in shared memory:
  *    score = max over rows of sum_d max(qs_d lo_d, qs_d hi_d), qs = q * sm_scale.
  *    Scores are written as order-preserving uint32 keys (NaN lowest, -0 as +0).
  *  - topk_body: one block per (b, hk). The unforced pages [sinks, recent_begin)
- *    are ranked by an MSB-first radix select (four 8-bit passes with a shared
- *    histogram) for the threshold key T of the k-th best, then a pass in page
- *    order picks the lowest pages among those equal to T; a last pass writes
- *    the selected logical pages ascending (and their physical pages, which the
- *    attention kernel reads directly) with a block scan. Adaptive plans check
- *    adaptive_ok on the device and double the budget in the same block.
+ *    are ranked by an MSB-first radix select, 2 bits a step (16 steps, each one
+ *    packed 64-bit block sum of three counts over the keys the threads hold in
+ *    registers as contiguous slices of up to 16), for the threshold key T of
+ *    the k-th best; one block scan finds the lowest pages among those equal to
+ *    T, another places the selected logical pages ascending (and their
+ *    physical pages, which the attention kernel reads directly). Adaptive plans
+ *    check adaptive_ok on the device and double the budget in the same block.
  *  - mass_body: one block per (b, hk, logical page): the page's attention mass
  *    exp(sm_scale q.k - lse) summed over its visible keys, the group's heads and
  *    the sequence's queries.
@@ -382,7 +383,7 @@ template <int FMT, int D> QA_DEV void score_body(const qa_select_params &p)
     if (s.kv_len == 0)
         return;
     const Geo g = geometry(p, tb.page_size, s.kv_len, s.q_len);
-    const int begin = imax(g.sinks, chunk * QA_SELECT_CHUNK_PAGES), end = imin(g.rb, (chunk + 1) * QA_SELECT_CHUNK_PAGES);
+    const int begin = imax(g.sinks, chunk * p.chunk_pages), end = imin(g.rb, (chunk + 1) * p.chunk_pages);
     if (begin >= end)
         return;
     float *qs = (float *)dynamic_smem();
@@ -393,26 +394,35 @@ template <int FMT, int D> QA_DEV void score_body(const qa_select_params &p)
         sync_block();
         load_rows(p, s, hk, r0, nr, D, qs);
         sync_block();
+        /* each thread's next page's metadata is loaded while it scores this one */
+        int page = phys_page(tb, s, imin(begin + slot, end - 1));
+        uint32_t wl[4], wh[4];
+        long long at = (((long long)page * p.heads_kv + hk) * 2 * D + part * CH) * ES;
+        load16(p.meta + at, wl);
+        load16(p.meta + at + D * ES, wh);
         for (int base = begin; base < end; base += PPI) {
             const int lp = base + slot;
             const bool valid = lp < end;
-            const int page = phys_page(tb, s, valid ? lp : begin);
-            const long long at = (((long long)page * p.heads_kv + hk) * 2 * D + part * CH) * ES;
-            uint32_t wl[4], wh[4];
-            load16(p.meta + at, wl);
-            load16(p.meta + at + D * ES, wh);
             const float sc = meta_scale(p, FMT, page, hk);
             float lo[CH], hi[CH];
             decode16<FMT>(wl, sc, lo);
             decode16<FMT>(wh, sc, hi);
+            if (base + PPI < end) {
+                page = phys_page(tb, s, imin(lp + PPI, end - 1));
+                at = (((long long)page * p.heads_kv + hk) * 2 * D + part * CH) * ES;
+                load16(p.meta + at, wl);
+                load16(p.meta + at + D * ES, wh);
+            }
             float best = -inf_f32();
             for (int r = 0; r < nr; r++) {
                 const float *q = qs + r * D + part * CH;
                 float u = 0.f;
+                QA_UNROLL
                 for (int c = 0; c < CH; c++) {
                     const float a = q[c] * lo[c], bb = q[c] * hi[c];
                     u += a > bb ? a : bb;
                 }
+                QA_UNROLL
                 for (int m = 1; m < TP; m <<= 1)
                     u += shfl_xor(u, m);
                 best = u > best ? u : best;
@@ -438,12 +448,11 @@ template <int FMT, int D> QA_DEV void score_body(const qa_select_params &p)
 
 /* Shared memory of the top-k block. */
 struct TopkSmem {
-    uint32_t hist[256];
     int scan[8];
-    int misc[8];
     float fv[8];
     int fi[8];
     double dv[8];
+    uint64_t uv[8];
     int picks[QATTN_SELECT_EXACT_PAGES];
 };
 QA_HOSTDEV int topk_smem_bytes(int head_dim)
@@ -451,62 +460,112 @@ QA_HOSTDEV int topk_smem_bytes(int head_dim)
     return (int)sizeof(TopkSmem) + head_dim * 4 + QA_SELECT_SMEM_KEYS * 4;
 }
 
-/* The threshold key T of the k-th best of keys[0, n) (k >= 1) and how many of those equal to T are taken. */
-QA_DEV void radix_select(const uint32_t *keys, int n, int k, TopkSmem &sm, uint32_t *T, int *need)
+QA_DEV uint64_t block_sum_u64(uint64_t v, uint64_t *sm)
 {
-    uint32_t prefix = 0, mask = 0;
-    int rem = k;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid(); i < 256; i += kThreads)
-            sm.hist[i] = 0;
-        sync_block();
-        for (int i = tid(); i < n; i += kThreads) {
-            const uint32_t key = keys[i];
-            if ((key & mask) == prefix)
-                atomic_add(&sm.hist[(key >> shift) & 255u], 1u);
-        }
-        sync_block();
-        /* thread i holds digits 255 - 2i and 254 - 2i: counts above them by a scan from the top */
-        const int d0 = 255 - 2 * tid(), d1 = d0 - 1;
-        const int h0 = (int)sm.hist[d0], h1 = (int)sm.hist[d1];
-        int total;
-        const int above = block_scan(h0 + h1, sm.scan, &total);
-        if (above < rem && rem <= above + h0) {
-            sm.misc[0] = d0;
-            sm.misc[1] = above;
-        } else if (above + h0 < rem && rem <= above + h0 + h1) {
-            sm.misc[0] = d1;
-            sm.misc[1] = above + h0;
-        }
-        sync_block();
-        const uint32_t digit = (uint32_t)sm.misc[0];
-        rem -= sm.misc[1];
-        prefix |= digit << shift;
-        mask |= 255u << shift;
-        sync_block();
+    for (int m = 16; m; m >>= 1) {
+        const uint32_t lo = shfl_xor((uint32_t)v, m), hi = shfl_xor((uint32_t)(v >> 32), m);
+        v += (uint64_t)lo | ((uint64_t)hi << 32);
     }
-    *T = prefix;
-    *need = rem;
+    if ((tid() & 31) == 0)
+        sm[tid() >> 5] = v;
+    sync_block();
+    uint64_t r = 0;
+    for (int w = 0; w < kWarps; w++)
+        r += sm[w];
+    sync_block();
+    return r;
 }
 
-/* The need-th (from 1) index i in [0, n) with keys[i] == T, in ascending order. */
-QA_DEV int nth_equal(const uint32_t *keys, int n, uint32_t T, int need, TopkSmem &sm)
+constexpr int kRegKeys = 16; /* candidates a thread holds in registers: 2048 per block */
+
+/* A thread's contiguous slice [first, first + len) of the candidates' keys: the first kRegKeys in
+ * registers, the rest (more than 2048 candidates) read from memory. */
+struct Slice {
+    uint32_t r[kRegKeys];
+    const uint32_t *mem;
+    int first, len;
+    QA_DEV uint32_t at(int j) const { return j < kRegKeys ? r[j] : mem[first + j]; }
+};
+QA_DEV void slice_load(Slice &sl, const uint32_t *keys, int n)
 {
-    int seen = 0;
+    const int per = (n + kThreads - 1) / kThreads;
+    sl.mem = keys;
+    sl.first = imin(tid() * per, n);
+    sl.len = imin(per, n - sl.first);
+    QA_UNROLL
+    for (int j = 0; j < kRegKeys; j++)
+        sl.r[j] = j < sl.len ? keys[sl.first + j] : 0u;
+}
+
+/* The threshold key T of the k-th best candidate (k >= 1) by an MSB-first radix select of 2 bits a step
+ * (the three counts of a step packed in one 64-bit block sum), and how many of those equal to T are taken. */
+QA_DEV void radix_select(const Slice &sl, int k, TopkSmem &sm, uint32_t *T, int *need)
+{
+    uint32_t prefix = 0, mask = 0;
+    uint64_t rem = (uint64_t)k;
+    for (int shift = 30; shift >= 0; shift -= 2) {
+        uint64_t c = 0;
+        QA_UNROLL
+        for (int j = 0; j < kRegKeys; j++) {
+            const uint32_t key = sl.r[j];
+            if (j < sl.len && (key & mask) == prefix) {
+                const uint32_t d = (key >> shift) & 3u;
+                c += (uint64_t)(d >= 1) | ((uint64_t)(d >= 2) << 21) | ((uint64_t)(d >= 3) << 42);
+            }
+        }
+        for (int j = kRegKeys; j < sl.len; j++) {
+            const uint32_t key = sl.mem[sl.first + j];
+            if ((key & mask) == prefix) {
+                const uint32_t d = (key >> shift) & 3u;
+                c += (uint64_t)(d >= 1) | ((uint64_t)(d >= 2) << 21) | ((uint64_t)(d >= 3) << 42);
+            }
+        }
+        c = block_sum_u64(c, sm.uv);
+        const uint64_t c1 = c & 0x1fffffu, c2 = (c >> 21) & 0x1fffffu, c3 = c >> 42;
+        uint32_t digit;
+        if (rem <= c3) {
+            digit = 3;
+        } else if (rem <= c2) {
+            digit = 2;
+            rem -= c3;
+        } else if (rem <= c1) {
+            digit = 1;
+            rem -= c2;
+        } else {
+            digit = 0;
+            rem -= c1;
+        }
+        prefix |= digit << shift;
+        mask |= 3u << shift;
+    }
+    *T = prefix;
+    *need = (int)rem;
+}
+
+/* The candidate index of the need-th (from 1) key equal to T, in index order. */
+QA_DEV int nth_equal(const Slice &sl, uint32_t T, int need, TopkSmem &sm)
+{
+    int mine = 0;
+    QA_UNROLL
+    for (int j = 0; j < kRegKeys; j++)
+        mine += j < sl.len && sl.r[j] == T;
+    for (int j = kRegKeys; j < sl.len; j++)
+        mine += sl.mem[sl.first + j] == T;
+    int total;
+    const int before = block_scan(mine, sm.scan, &total);
     if (tid() == 0)
-        sm.misc[2] = -1;
+        sm.fi[0] = -1;
     sync_block();
-    for (int base = 0; base < n && seen < need; base += kThreads) {
-        const int i = base + tid();
-        const bool eq = i < n && keys[i] == T;
-        int total;
-        const int before = block_scan(eq ? 1 : 0, sm.scan, &total);
-        if (eq && seen + before + 1 == need)
-            sm.misc[2] = i;
-        seen += total;
+    if (before < need && need <= before + mine) {
+        int seen = before;
+        for (int j = 0; j < sl.len; j++)
+            if (sl.at(j) == T && ++seen == need) {
+                sm.fi[0] = sl.first + j;
+                break;
+            }
     }
     sync_block();
-    const int r = sm.misc[2];
+    const int r = sm.fi[0];
     sync_block();
     return r;
 }
@@ -630,16 +689,16 @@ QA_DEV void topk_body(const qa_select_params &p)
     uint32_t *cache = (uint32_t *)(dynamic_smem() + sizeof(TopkSmem) + p.head_dim * 4);
     const Geo g = geometry(p, tb.page_size, s.kv_len, s.q_len);
     const int ranked = g.rb - g.sinks, forced = g.sinks + (g.n - g.rb);
-    /* the candidates' keys: in shared memory when they fit */
-    const uint32_t *keys = p.keys + item * M;
+    /* the candidates' keys: in shared memory when they fit (the adaptive check reads them by page) */
+    const uint32_t *keys = p.keys + item * M + g.sinks;
     if (ranked <= QA_SELECT_SMEM_KEYS) {
         for (int i = tid(); i < ranked; i += kThreads)
-            cache[i] = keys[g.sinks + i];
+            cache[i] = keys[i];
         sync_block();
         keys = cache;
-    } else {
-        keys += g.sinks;
     }
+    Slice sl;
+    slice_load(sl, keys, ranked);
     Choice c;
     c.sinks = g.sinks;
     c.rb = g.rb;
@@ -650,29 +709,40 @@ QA_DEV void topk_body(const qa_select_params &p)
         c.last_eq = -1;
         if (c.taken > 0) {
             int need;
-            radix_select(keys, ranked, c.taken, sm, &c.T, &need);
-            c.last_eq = g.sinks + nth_equal(keys, ranked, c.T, need, sm);
+            radix_select(sl, c.taken, sm, &c.T, &need);
+            c.last_eq = g.sinks + nth_equal(sl, c.T, need, sm);
         }
         if (!p.adaptive || want >= g.cap ||
             adaptive_ok(p, s, hk, g.n, c, keys, p.ub + item * M, p.lb + item * M, qs, sm))
             break;
         want = want * 2 < g.cap ? want * 2 : g.cap;
     }
-    /* the selection, ascending, and its physical pages */
-    int count = 0;
-    for (int base = 0; base < g.n; base += kThreads) {
-        const int lp = base + tid();
-        const bool sel = lp < g.n && chosen(c, keys, lp);
-        int total;
-        const int before = block_scan(sel ? 1 : 0, sm.scan, &total);
-        if (sel) {
-            p.pages[item * M + count + before] = lp;
-            p.phys[item * M + count + before] = s.pages[lp];
+    /* the selection, ascending: the sinks, the taken candidates (exactly c.taken of them, placed by a
+     * scan of the threads' slices), the recent pages; and their physical pages */
+    int32_t *out = p.pages + item * M, *phys = p.phys + item * M;
+    for (int lp = tid(); lp < g.n; lp += kThreads)
+        if (lp < g.sinks || lp >= g.rb) {
+            const int at = lp < g.sinks ? lp : g.sinks + imax(c.taken, 0) + (lp - g.rb);
+            out[at] = lp;
+            phys[at] = s.pages[lp];
         }
-        count += total;
+    if (c.taken > 0) {
+        int mine = 0;
+        for (int j = 0; j < sl.len; j++)
+            mine += chosen(c, keys, g.sinks + sl.first + j);
+        int total;
+        int at = g.sinks + block_scan(mine, sm.scan, &total);
+        for (int j = 0; j < sl.len; j++) {
+            const int lp = g.sinks + sl.first + j;
+            if (chosen(c, keys, lp)) {
+                out[at] = lp;
+                phys[at] = s.pages[lp];
+                at++;
+            }
+        }
     }
     if (tid() == 0)
-        p.counts[item] = count;
+        p.counts[item] = forced + imax(c.taken, 0);
 }
 
 /* ------------------------------------------------------------ page mass */

@@ -81,7 +81,8 @@ static qattn_status ocl_device_info(int device, qattn_device_info *info, char *r
              "kernels: 128 work-items, 64 or 32 query rows x 64 keys, fp32 FMA with register blocking%s\n"
              "quantized modes: %s\n"
              "paged KV cache: f16, bf16, fp8e4m3 and int8 pages (NHD/HND, dense/CSR tables, split-KV); fp8/int8 "
-             "appends quantize as the reference does\n",
+             "appends quantize as the reference does\n"
+             "decode-time pruning: page metadata, page selection (fixed and adaptive budgets), page mass\n",
              d->platform_name, d->platform_version,
              (d->type & CL_DEVICE_TYPE_GPU) ? "GPU" : (d->type & CL_DEVICE_TYPE_CPU) ? "CPU"
              : (d->type & CL_DEVICE_TYPE_ACCELERATOR) ? "accelerator" : "other",

@@ -1,6 +1,8 @@
 /*
- * The OpenCL paged KV cache: appends with quantization (kv_append.cl), paged
- * attention with split-KV (paged.cl), the exact LSE merge (merge.cl).
+ * The OpenCL paged KV cache: appends with quantization and page metadata
+ * (kv_append.cl), paged attention with split-KV (paged.cl) over the whole
+ * table or a page selection (prune.cl: select_scores, select_topk), the page
+ * mass (prune.cl: page_mass), the exact LSE merge (merge.cl).
  *
  * Runs are enqueued on the context's in-order queue. With the check on (the
  * default), a run zeroes the workspace status word, runs the table check and

@@ -25,7 +25,9 @@
  * output. With split-KV the normalized partial output and its LSE go to the
  * workspace and merge.cl's merge_states combines them exactly. Bad tables
  * (when unchecked) are clamped so nothing outside the buffers is read; with
- * the check on, a non-zero status word stops every kernel.
+ * the check on, a non-zero status word stops every kernel. With a page
+ * selection (sel_pages_at >= 0, prune.cl's lists in the workspace) a
+ * (sequence, KV head) reads its selected logical pages as its cache.
  *
  * Host macros: HEAD_DIM (multiple of 16), CACHE_FMT (below), the geometry
  * RT, BK, AG, DG, TW, RG, KS (opencl_paged.c: paged_geometry), IN_DTYPE (Q)

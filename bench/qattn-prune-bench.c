@@ -155,6 +155,23 @@ static void tables_free(tables *t)
         qattn_buffer_destroy(t->last);
 }
 
+/* Fast N(0, 1) fill (a 1M-token stream of 32 heads is two billion values):
+ * xorshift64* and a float Box-Muller pair, seeded from the reference RNG. */
+static void fill_randn(float *x, int64_t n, ref_rng *rng)
+{
+    uint64_t s = (uint64_t)(ref_rng_uniform(rng) * 9007199254740992.0) | 1u;
+    for (int64_t i = 0; i < n; i += 2) {
+        s ^= s >> 12, s ^= s << 25, s ^= s >> 27;
+        const uint64_t r = s * 0x2545F4914F6CDD1Dull;
+        const float u1 = ((float)(r >> 40) + 0.5f) * (1.0f / 16777216.0f);
+        const float u2 = ((float)(r & 0xffffffu) + 0.5f) * (1.0f / 16777216.0f);
+        const float rad = sqrtf(-2.0f * logf(u1)), ang = 6.2831853071795865f * u2;
+        x[i] = rad * cosf(ang);
+        if (i + 1 < n)
+            x[i + 1] = rad * sinf(ang);
+    }
+}
+
 static double cosine(const float *a, const float *b, int64_t n)
 {
     double d = 0, x = 0, y = 0;
@@ -190,16 +207,21 @@ static int run_needle(const options *o)
         for (int64_t done = 0; done < N; done += chunk) {
             const int64_t T = N - done < chunk ? N - done : chunk;
             const int coherent = !strcmp(o->haystack, "coherent");
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t i = 0; i < row; i++) {
-                    /* coherent: a page's tokens share the centre of its first token */
-                    k[t * row + i] = coherent && (done + t) % P ? k[(t - 1) * row + i] : (float)ref_rng_normal(&rng);
-                    v[t * row + i] = (float)ref_rng_normal(&rng);
+            fill_randn(k, T * row, &rng);
+            fill_randn(v, T * row, &rng);
+            if (coherent) { /* a page's tokens share its first token's centre, plus their own noise */
+                float *noise = malloc((size_t)row * 4);
+                for (int64_t t = 0; t < T; t++) {
+                    if ((done + t) % P)
+                        memcpy(k + t * row, k + (t - 1) * row, (size_t)row * 4);
                 }
-            if (coherent) /* then each token gets its own noise around the centre */
-                for (int64_t t = T - 1; t >= 0; t--)
+                for (int64_t t = 0; t < T; t++) {
+                    fill_randn(noise, row, &rng);
                     for (int64_t i = 0; i < row; i++)
-                        k[t * row + i] += (float)(o->noise * ref_rng_normal(&rng));
+                        k[t * row + i] += (float)o->noise * noise[i];
+                }
+                free(noise);
+            }
             for (int64_t t = 0; t < T; t++)
                 slots[t] = (int64_t)lists[b][(done + t) / P] * P + (done + t) % P;
             write_slots(&c, k, v, slots, T);
@@ -351,10 +373,10 @@ static int run_evict(const options *o)
                 npages = lp + 1;
             }
             slots[t] = (int64_t)pages[lp] * P + pos % P;
-            for (int64_t i = 0; i < row; i++) {
-                k[t * row + i] = (float)ref_rng_normal(&rng);
-                v[t * row + i] = (float)ref_rng_normal(&rng);
-            }
+        }
+        fill_randn(k, T * row, &rng);
+        fill_randn(v, T * row, &rng);
+        for (int64_t t = 0; t < T; t++) {
             memcpy(mk + slots[t] * row, k + t * row, (size_t)row * 4);
             memcpy(mv + slots[t] * row, v + t * row, (size_t)row * 4);
         }

@@ -425,12 +425,12 @@ qattn_status qattn_paged_page_mass(const qattn_plan *plan, const qattn_paged_arg
     if (!plan->pp.return_lse)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT,
                                "page mass reads the LSE of a run: make the plan with return_lse");
-    if (!(ctx->backend->prune & QATTN_PRUNE_CAP_PAGE_MASS) || !ctx->backend->paged_page_mass)
-        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "backend %s does not compute page masses",
-                               ctx->backend->name);
     qattn_status s = qattn_paged_check_args(plan, args);
     if (s)
         return s;
+    if (!(ctx->backend->prune & QATTN_PRUNE_CAP_PAGE_MASS) || !ctx->backend->paged_page_mass)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "backend %s does not compute page masses",
+                               ctx->backend->name);
     if (!mass)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "mass is NULL");
     const size_t bytes = (size_t)plan->pp.batch * (size_t)plan->pp.cache.heads_kv * (size_t)plan->pp.max_pages_per_seq * 4u;

@@ -108,17 +108,21 @@ export QATTN_CUDA_SPARSE=${QATTN_CUDA_SPARSE:-1}
 grep -E "^### |^\[  (PASSED|FAILED|SKIPPED) \]|^rc=|ERROR" "$O/sparse_tests.log" | head -60
 B=$K/bench/qattn-bench
 # Block sparsity 0.5 and 0.9 at 32k (ideal 2x and 10x), a 4k window over 128k, prediction at 8k and 32k.
-for spec in "--n 32768 --blocks 128x128 --keep 0.5" "--n 32768 --blocks 128x128 --keep 0.1" \
-            "--n 32768 --blocks 64x128 --keep 0.5 --causal" "--n 131072 --window 4095,0 --sinks 4 --causal" \
-            "--n 8192 --data structured --predict 0.99 --causal" "--n 32768 --data structured --predict 0.99 --causal"; do
+specs=("--n 32768 --blocks 128x128 --keep 0.5" "--n 32768 --blocks 128x128 --keep 0.1"
+       "--n 32768 --blocks 64x128 --keep 0.5 --causal" "--n 131072 --window 4095,0 --sinks 4 --causal"
+       "--n 8192 --data structured --predict 0.99 --causal" "--n 32768 --data structured --predict 0.99 --causal")
+# SPARSE_QUICK=1: three shapes, no 128k prediction, torch at 32k only (a shared run's time box)
+[[ ${SPARSE_QUICK:-0} == 1 ]] && specs=("--n 32768 --blocks 128x128 --keep 0.1" \
+  "--n 32768 --blocks 64x128 --keep 0.5 --causal" "--n 32768 --data structured --predict 0.99 --causal")
+for spec in "${specs[@]}"; do
   echo "### $spec"
   timeout 150 $B --backend cuda --b 1 --h 16 --d 128 --precision exact,int8_fp8 --check-rows 2 --warmup 3 \
     --iters 10 --no-finite-check $spec --json
 done > "$O/sparse_bench.jsonl" 2> "$O/sparse_bench.err"
-echo "### --n 131072 --data structured --predict 0.99 --causal" >> "$O/sparse_bench.jsonl"
+[[ ${SPARSE_QUICK:-0} == 1 ]] || { echo "### --n 131072 --data structured --predict 0.99 --causal" >> "$O/sparse_bench.jsonl"
 timeout 150 $B --backend cuda --b 1 --h 16 --d 128 --precision int8_fp8 --check-rows 1 --warmup 2 --iters 5 \
   --no-finite-check --n 131072 --data structured --predict 0.99 --causal --json >> "$O/sparse_bench.jsonl" \
-  2>> "$O/sparse_bench.err"
+  2>> "$O/sparse_bench.err"; }
 echo "rc=$?"
 grep -E "^###|sparse" "$O/sparse_bench.jsonl" | cut -c1-400
 echo "== torch SDPA beside them (dense, same shapes)"
@@ -149,37 +153,34 @@ if want prune; then
 echo "== decode-time pruning: the shared suite, selection speed beside dense qattn and torch, needles, eviction"
 export QATTN_CUDA_PRUNE=${QATTN_CUDA_PRUNE:-1}
 P=$K/bench/qattn-prune-bench
-{ timeout 150 "$K/tests/test_prune" cuda; echo "rc=$?"; } > "$O/prune_tests.log" 2>&1
+{ timeout 90 "$K/tests/test_prune" cuda; echo "rc=$?"; } > "$O/prune_tests.log" 2>&1
 grep -E "^\[  (PASSED|FAILED|SKIPPED|  OK|  SKIP) |^\[  ERROR|^rc=|read .* of .* pages|needles|eviction|metadata|page mass|covering" \
   "$O/prune_tests.log" | head -40
 # 32k context, budget 2048 tokens, batch 1/16/64 (targets 3x, 6x, 6x over dense), torch beside
-timeout 150 $D --backend cuda --batch 1,16,64 --ctx 32k --page 16 --dtype f16,fp8 --select 2k --check-seqs 1 \
-  --json > "$O/prune_32k.jsonl" 2> "$O/prune_32k.err"
+timeout 120 $D --backend cuda --batch 1,16,64 --ctx 32k --page 16 --dtype f16 --select 2k --check-seqs 1 \
+  --warmup 3 --iters 10 --reps 5 --json > "$O/prune_32k.jsonl" 2> "$O/prune_32k.err"
 echo "rc=$?"
-timeout 120 python3 bench/decode_compare.py --batch 1,16,64 --ctx 32k --qattn-json "$O/prune_32k.jsonl" \
-  --json "$O/prune_compare.jsonl" > "$O/prune_compare.log" 2>&1
+timeout 60 python3 bench/decode_compare.py --batch 1,16,64 --ctx 32k --warmup 3 --iters 10 --reps 5 \
+  --qattn-json "$O/prune_32k.jsonl" --json "$O/prune_compare.jsonl" > "$O/prune_compare.log" 2>&1
 echo "rc=$?"
 cat "$O/prune_compare.log"
-# 128k, batch 16 (target 15x with a two-level bound; this is the one-level scheme)
-timeout 150 $D --backend cuda --batch 16 --ctx 128k --page 16 --dtype f16 --select 2k --check-seqs 0 --iters 10 \
-  --reps 5 > "$O/prune_128k.log" 2>&1
-echo "rc=$?"
-grep -vE "^\[decode-bench\]" "$O/prune_128k.log"
 # retrieval at 100k tokens, 200 trials, budget 1024 (target 99%); adaptive on page-coherent keys
-timeout 120 $P needle --backend cuda --ctx 100k --trials 200 --batch 16 --budget 1024 > "$O/needle.log" 2>&1
+timeout 50 $P needle --backend cuda --ctx 100k --trials 200 --batch 16 --budget 1024 > "$O/needle.log" 2>&1
 echo "rc=$?"
-timeout 120 $P needle --backend cuda --ctx 100k --trials 200 --batch 16 --budget 1024 --haystack coherent \
-  >> "$O/needle.log" 2>&1
-echo "rc=$?"
-timeout 120 $P needle --backend cuda --ctx 100k --trials 200 --batch 16 --budget 64 --adaptive 0.01,1024 \
+timeout 50 $P needle --backend cuda --ctx 100k --trials 200 --batch 16 --budget 64 --adaptive 0.01,1024 \
   --haystack coherent >> "$O/needle.log" 2>&1
 echo "rc=$?"
 grep -v "^\[prune-bench\]" "$O/needle.log"
 # a 1M-token stream under a 4k-token budget
-timeout 150 $P evict --backend cuda --tokens 1M --keep-tokens 4096 --hq 32 --hkv 8 --check-every 256 \
-  > "$O/evict.log" 2>&1
+timeout ${PRUNE_EVICT_S:-100} $P evict --backend cuda --tokens 1M --keep-tokens 4096 --hq 32 --hkv 8 \
+  --check-every 256 > "$O/evict.log" 2>&1
 echo "rc=$?"
 cat "$O/evict.log"
+# 128k, batch 16 (target 15x needs a two-level bound; this is the one-level scheme)
+timeout ${PRUNE_128K_S:-90} $D --backend cuda --batch 16 --ctx 128k --page 16 --dtype f16 --select 2k \
+  --check-seqs 0 --warmup 2 --iters 5 --reps 3 > "$O/prune_128k.log" 2>&1
+echo "rc=$?"
+grep -vE "^\[decode-bench\]" "$O/prune_128k.log"
 fi
 
 if want decode-portable; then

@@ -439,8 +439,8 @@ template <int FMT, int D> QA_DEV void score_body(const qa_select_params &p)
     /* the same thread wrote each page's score: turn it into its key */
     for (int base = begin; base < end; base += PPI) {
         const int lp = base + slot;
-        if (lp < end && part == 0)
-            p.keys[item * tb.max_pages + lp] = score_key(score[lp]);
+        if (lp < end && part == 0) /* no query rows: every score is -inf, as the reference's */
+            p.keys[item * tb.max_pages + lp] = score_key(rows > 0 ? score[lp] : -inf_f32());
     }
 }
 

@@ -179,6 +179,7 @@ typedef struct qa_select_params {
     int64_t budget_pages, sink_pages, recent_pages, max_budget_pages;
     float budget_fraction, epsilon;
     int32_t chunk_pages; /* pages per scoring block (16 to QA_SELECT_CHUNK_PAGES) */
+    int32_t score_rows;  /* query rows a scoring block holds at once: min(group * max_q_len, QA_SELECT_SCORE_ROWS) */
     int32_t chunks;      /* scoring blocks per (b, hk): ceil(max_pages / chunk_pages) */
     uint32_t *keys;      /* [B * Hkv][max_pages]: order-preserving keys of the pages' scores */
     int32_t *counts;     /* ws.select_counts */

@@ -332,6 +332,9 @@ qattn_status qa_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
         while (chunk < QA_SELECT_CHUNK_PAGES && (int64_t)chunk * 1024 < all)
             chunk *= 2;
         sp.chunk_pages = chunk;
+        /* shared memory for the rows there are (decode: the group's heads), so that many blocks stay resident */
+        const int64_t qrows = pp->group * pp->max_q_len;
+        sp.score_rows = (int32_t)(qrows < QA_SELECT_SCORE_ROWS ? qrows : QA_SELECT_SCORE_ROWS);
         sp.chunks = (int32_t)qattn_ceil_div(pp->max_pages_per_seq, chunk);
         sp.keys = (uint32_t *)(region + sc.keys);
         sp.phys = (int32_t *)(region + sc.phys);

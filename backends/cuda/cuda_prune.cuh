@@ -355,7 +355,7 @@ template <int FMT> QA_DEV void decode16(const uint32_t w[4], float scale, float 
     }
 }
 
-/* Loads the group's scaled query rows [r0, r0 + n) into qs[QA_SELECT_SCORE_ROWS][D]. */
+/* Loads the group's scaled query rows [r0, r0 + n) into qs[n][D]. */
 QA_DEV void load_rows(const qa_select_params &p, const Seq &s, int hk, int r0, int n, int D, float *qs)
 {
     const int G = p.group;
@@ -389,8 +389,8 @@ template <int FMT, int D> QA_DEV void score_body(const qa_select_params &p)
     float *qs = (float *)dynamic_smem();
     const int rows = s.q_len * p.group, slot = tid() / TP, part = tid() % TP;
     float *score = (float *)p.keys + item * tb.max_pages; /* running maxima as floats, keys at the end */
-    for (int r0 = 0; r0 < rows; r0 += QA_SELECT_SCORE_ROWS) {
-        const int nr = imin(QA_SELECT_SCORE_ROWS, rows - r0);
+    for (int r0 = 0; r0 < rows; r0 += p.score_rows) {
+        const int nr = imin(p.score_rows, rows - r0);
         sync_block();
         load_rows(p, s, hk, r0, nr, D, qs);
         sync_block();
@@ -404,15 +404,18 @@ template <int FMT, int D> QA_DEV void score_body(const qa_select_params &p)
             const int lp = base + slot;
             const bool valid = lp < end;
             const float sc = meta_scale(p, FMT, page, hk);
-            float lo[CH], hi[CH];
-            decode16<FMT>(wl, sc, lo);
-            decode16<FMT>(wh, sc, hi);
-            if (base + PPI < end) {
+            uint32_t cl[4], chh[4];
+            for (int i = 0; i < 4; i++)
+                cl[i] = wl[i], chh[i] = wh[i];
+            if (base + PPI < end) { /* issued before this page's data is used: two pages in flight */
                 page = phys_page(tb, s, imin(lp + PPI, end - 1));
                 at = (((long long)page * p.heads_kv + hk) * 2 * D + part * CH) * ES;
                 load16(p.meta + at, wl);
                 load16(p.meta + at + D * ES, wh);
             }
+            float lo[CH], hi[CH];
+            decode16<FMT>(cl, sc, lo);
+            decode16<FMT>(chh, sc, hi);
             float best = -inf_f32();
             for (int r = 0; r < nr; r++) {
                 const float *q = qs + r * D + part * CH;
@@ -479,12 +482,12 @@ QA_DEV uint64_t block_sum_u64(uint64_t v, uint64_t *sm)
 constexpr int kRegKeys = 16; /* candidates a thread holds in registers: 2048 per block */
 
 /* A thread's contiguous slice [first, first + len) of the candidates' keys: the first kRegKeys in
- * registers, the rest (more than 2048 candidates) read from memory. */
+ * registers (indexed by constants only, so they stay registers), the rest (more than 2048 candidates)
+ * read from memory. */
 struct Slice {
     uint32_t r[kRegKeys];
     const uint32_t *mem;
     int first, len;
-    QA_DEV uint32_t at(int j) const { return j < kRegKeys ? r[j] : mem[first + j]; }
 };
 QA_DEV void slice_load(Slice &sl, const uint32_t *keys, int n)
 {
@@ -496,6 +499,16 @@ QA_DEV void slice_load(Slice &sl, const uint32_t *keys, int n)
     for (int j = 0; j < kRegKeys; j++)
         sl.r[j] = j < sl.len ? keys[sl.first + j] : 0u;
 }
+/* f(j, key) for the slice's keys in order. */
+template <typename F> QA_DEV void slice_each(const Slice &sl, F &&f)
+{
+    QA_UNROLL
+    for (int j = 0; j < kRegKeys; j++)
+        if (j < sl.len)
+            f(j, sl.r[j]);
+    for (int j = kRegKeys; j < sl.len; j++)
+        f(j, sl.mem[sl.first + j]);
+}
 
 /* The threshold key T of the k-th best candidate (k >= 1) by an MSB-first radix select of 2 bits a step
  * (the three counts of a step packed in one 64-bit block sum), and how many of those equal to T are taken. */
@@ -505,21 +518,12 @@ QA_DEV void radix_select(const Slice &sl, int k, TopkSmem &sm, uint32_t *T, int 
     uint64_t rem = (uint64_t)k;
     for (int shift = 30; shift >= 0; shift -= 2) {
         uint64_t c = 0;
-        QA_UNROLL
-        for (int j = 0; j < kRegKeys; j++) {
-            const uint32_t key = sl.r[j];
-            if (j < sl.len && (key & mask) == prefix) {
-                const uint32_t d = (key >> shift) & 3u;
-                c += (uint64_t)(d >= 1) | ((uint64_t)(d >= 2) << 21) | ((uint64_t)(d >= 3) << 42);
-            }
-        }
-        for (int j = kRegKeys; j < sl.len; j++) {
-            const uint32_t key = sl.mem[sl.first + j];
+        slice_each(sl, [&](int, uint32_t key) {
             if ((key & mask) == prefix) {
                 const uint32_t d = (key >> shift) & 3u;
                 c += (uint64_t)(d >= 1) | ((uint64_t)(d >= 2) << 21) | ((uint64_t)(d >= 3) << 42);
             }
-        }
+        });
         c = block_sum_u64(c, sm.uv);
         const uint64_t c1 = c & 0x1fffffu, c2 = (c >> 21) & 0x1fffffu, c3 = c >> 42;
         uint32_t digit;
@@ -546,11 +550,7 @@ QA_DEV void radix_select(const Slice &sl, int k, TopkSmem &sm, uint32_t *T, int 
 QA_DEV int nth_equal(const Slice &sl, uint32_t T, int need, TopkSmem &sm)
 {
     int mine = 0;
-    QA_UNROLL
-    for (int j = 0; j < kRegKeys; j++)
-        mine += j < sl.len && sl.r[j] == T;
-    for (int j = kRegKeys; j < sl.len; j++)
-        mine += sl.mem[sl.first + j] == T;
+    slice_each(sl, [&](int, uint32_t key) { mine += key == T; });
     int total;
     const int before = block_scan(mine, sm.scan, &total);
     if (tid() == 0)
@@ -558,11 +558,10 @@ QA_DEV int nth_equal(const Slice &sl, uint32_t T, int need, TopkSmem &sm)
     sync_block();
     if (before < need && need <= before + mine) {
         int seen = before;
-        for (int j = 0; j < sl.len; j++)
-            if (sl.at(j) == T && ++seen == need) {
+        slice_each(sl, [&](int j, uint32_t key) {
+            if (key == T && ++seen == need)
                 sm.fi[0] = sl.first + j;
-                break;
-            }
+        });
     }
     sync_block();
     const int r = sm.fi[0];
@@ -727,19 +726,19 @@ QA_DEV void topk_body(const qa_select_params &p)
             phys[at] = s.pages[lp];
         }
     if (c.taken > 0) {
+        auto take = [&](int j, uint32_t key) { return key > c.T || (key == c.T && g.sinks + sl.first + j <= c.last_eq); };
         int mine = 0;
-        for (int j = 0; j < sl.len; j++)
-            mine += chosen(c, keys, g.sinks + sl.first + j);
+        slice_each(sl, [&](int j, uint32_t key) { mine += take(j, key); });
         int total;
         int at = g.sinks + block_scan(mine, sm.scan, &total);
-        for (int j = 0; j < sl.len; j++) {
-            const int lp = g.sinks + sl.first + j;
-            if (chosen(c, keys, lp)) {
+        slice_each(sl, [&](int j, uint32_t key) {
+            if (take(j, key)) {
+                const int lp = g.sinks + sl.first + j;
                 out[at] = lp;
                 phys[at] = s.pages[lp];
                 at++;
             }
-        }
+        });
     }
     if (tid() == 0)
         p.counts[item] = forced + imax(c.taken, 0);

@@ -345,7 +345,7 @@ struct LaunchScore {
     template <int FMT, int D> void operator()()
     {
         auto fn = &prune::score_kernel<FMT, D>;
-        QA_LAUNCH(fn, (unsigned)grid, QA_PAGED_THREADS, QA_SELECT_SCORE_ROWS * D * 4, stream, *p);
+        QA_LAUNCH(fn, (unsigned)grid, QA_PAGED_THREADS, p->score_rows * D * 4, stream, *p);
     }
 };
 

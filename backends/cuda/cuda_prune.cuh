@@ -13,8 +13,9 @@
  *    score = max over rows of sum_d max(qs_d lo_d, qs_d hi_d), qs = q * sm_scale.
  *    Scores are written as order-preserving uint32 keys (NaN lowest, -0 as +0).
  *  - topk_body: one block per (b, hk). The unforced pages [sinks, recent_begin)
- *    are ranked by an MSB-first radix select, 2 bits a step (16 steps, each one
- *    packed 64-bit block sum of three counts over the keys the threads hold in
+ *    are ranked by an MSB-first radix select, 2 bits a step (at most 16 steps,
+ *    from the highest bit the candidates do not all share, each one packed
+ *    64-bit block sum of three counts over the keys the threads hold in
  *    registers as contiguous slices of up to 16), for the threshold key T of
  *    the k-th best; one block scan finds the lowest pages among those equal to
  *    T, another places the selected logical pages ascending (and their
@@ -514,9 +515,40 @@ template <typename F> QA_DEV void slice_each(const Slice &sl, F &&f)
  * (the three counts of a step packed in one 64-bit block sum), and how many of those equal to T are taken. */
 QA_DEV void radix_select(const Slice &sl, int k, TopkSmem &sm, uint32_t *T, int *need)
 {
-    uint32_t prefix = 0, mask = 0;
+    /* the bits every candidate shares (scores of one magnitude share sign and exponent) need no step */
+    uint32_t all_and = ~0u, all_or = 0u;
+    slice_each(sl, [&](int, uint32_t key) {
+        all_and &= key;
+        all_or |= key;
+    });
+    for (int m = 16; m; m >>= 1) {
+        all_and &= shfl_xor(all_and, m);
+        all_or |= shfl_xor(all_or, m);
+    }
+    if ((tid() & 31) == 0) {
+        sm.scan[tid() >> 5] = (int)all_and;
+        sm.fi[tid() >> 5] = (int)all_or;
+    }
+    sync_block();
+    all_and = ~0u, all_or = 0u;
+    for (int w = 0; w < kWarps; w++) {
+        all_and &= (uint32_t)sm.scan[w];
+        all_or |= (uint32_t)sm.fi[w];
+    }
+    sync_block();
+    const uint32_t diff = all_and ^ all_or;
+    if (diff == 0) { /* every candidate has the same key */
+        *T = all_and;
+        *need = k;
+        return;
+    }
+    int top = 31;
+    while (!(diff >> top))
+        top--;
+    const int start = top & ~1; /* the step holding the highest differing bit */
+    uint32_t mask = start + 2 >= 32 ? 0u : ~((1u << (start + 2)) - 1u), prefix = all_and & mask;
     uint64_t rem = (uint64_t)k;
-    for (int shift = 30; shift >= 0; shift -= 2) {
+    for (int shift = start; shift >= 0; shift -= 2) {
         uint64_t c = 0;
         slice_each(sl, [&](int, uint32_t key) {
             if ((key & mask) == prefix) {

@@ -382,12 +382,18 @@ QA_UNROLL
                 cells = walk.cell_mask(it);
             float x[NT][4];
             if constexpr (UNIFORM_K) {
-                /* The raw scores (see online_softmax_raw). */
+                /* The raw scores (see online_softmax_raw). A zero scale (a Q row
+                 * or K block of zeros or values below QATTN_QUANT_MIN_AMAX: all its
+                 * codes are 0, so every unmasked raw score is exactly 1.5 * 2^23)
+                 * would turn the masked -inf scores into NaN (-inf * 0); any
+                 * positive stand-in gives the same, exact, zero scores. */
                 float sc[2][NB];
 QA_UNROLL
                 for (int b = 0; b < NB; b++) {
                     sc[0][b] = q_scale[0] * k_scale[b][0][0];
                     sc[1][b] = q_scale[1] * k_scale[b][0][0];
+                    sc[0][b] = sc[0][b] != 0.f ? sc[0][b] : 1e-30f;
+                    sc[1][b] = sc[1][b] != 0.f ? sc[1][b] : 1e-30f;
                 }
 QA_UNROLL
                 for (int j = 0; j < NT; j++)

@@ -48,6 +48,7 @@ typedef struct conf_case {
     qattn_precision prec;
     qattn_granularity gran;
     qattn_toggle smooth;
+    float sm_scale; /* 0: 1/sqrt(D) */
 } conf_case;
 
 /* [B, H, N, D] with `pad` extra elements after every row, in HND or NHD order. */
@@ -187,6 +188,7 @@ static void run_case(void **state)
         .precision = c->prec,
         .granularity = c->gran,
         .smooth_k = c->smooth,
+        .sm_scale = c->sm_scale,
     };
     void *host[3];
     const qattn_tensor_desc *in_descs[3] = {&desc.q, &desc.k, &desc.v};
@@ -224,7 +226,7 @@ static void run_case(void **state)
         fail_msg("%s: %s: %s", c->name, qattn_status_str(s), qattn_last_error(ctx));
 
     ref_problem rp = {.q = &desc.q, .k = &desc.k, .v = &desc.v, .qd = host[0], .kd = host[1], .vd = host[2],
-                      .causal = c->causal != 0};
+                      .causal = c->causal != 0, .sm_scale = c->sm_scale};
     ref_compare cmp = ref_check(&rp, got.o, &desc.o, got.lse, 0, &rng);
     bars bar = accuracy_bars(info.precision, c->in, c->out);
     print_message("  %-28s %-16s %-22s cos %.7f relL1 %.5f rmse %.2e max %.2e lse %.2e\n", c->name,
@@ -390,70 +392,76 @@ static void nonfinite_case(void **state)
 
 /* name, b, hq, hkv, nq, nk, d, in, out, causal, nhd, pad, data, precision, granularity, smooth */
 static const conf_case cases[] = {
-    {"exact_d64", 2, 4, 4, 197, 197, 64, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_d128_causal", 1, 4, 4, 300, 300, 128, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_d128_kbias", 1, 2, 2, 256, 256, 128, F16, F16, 0, 0, 0, DATA_KBIAS, EXACT, 0, 0},
-    {"exact_bf16_d128", 1, 2, 2, 129, 129, 128, BF16, BF16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_f32_d64", 1, 2, 2, 77, 77, 64, F32, F32, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_f16_in_f32_out", 1, 2, 2, 100, 100, 64, F16, F32, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_n1", 1, 2, 2, 1, 1, 64, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_decode_causal", 2, 4, 4, 1, 333, 128, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_causal_nq_gt_nk", 1, 2, 2, 150, 70, 64, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_causal_nq_lt_nk", 1, 2, 2, 70, 250, 128, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_gqa", 1, 8, 2, 100, 100, 64, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_mqa_causal", 2, 4, 1, 90, 90, 128, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_nhd_padded", 2, 4, 2, 123, 123, 64, F16, F16, 0, 1, 8, DATA_RANDN, EXACT, 0, 0},
-    {"exact_hnd_padded", 1, 2, 2, 65, 65, 128, F16, F16, 1, 0, 8, DATA_RANDN, EXACT, 0, 0},
-    {"exact_d32", 1, 2, 2, 70, 70, 32, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_d96", 1, 2, 2, 70, 70, 96, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_d256", 1, 2, 2, 70, 70, 256, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
+    {"exact_d64", 2, 4, 4, 197, 197, 64, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_d128_causal", 1, 4, 4, 300, 300, 128, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_d128_kbias", 1, 2, 2, 256, 256, 128, F16, F16, 0, 0, 0, DATA_KBIAS, EXACT, 0, 0, 0.f},
+    {"exact_bf16_d128", 1, 2, 2, 129, 129, 128, BF16, BF16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_f32_d64", 1, 2, 2, 77, 77, 64, F32, F32, 0, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_f16_in_f32_out", 1, 2, 2, 100, 100, 64, F16, F32, 1, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_n1", 1, 2, 2, 1, 1, 64, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_decode_causal", 2, 4, 4, 1, 333, 128, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_causal_nq_gt_nk", 1, 2, 2, 150, 70, 64, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_causal_nq_lt_nk", 1, 2, 2, 70, 250, 128, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_gqa", 1, 8, 2, 100, 100, 64, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_mqa_causal", 2, 4, 1, 90, 90, 128, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_nhd_padded", 2, 4, 2, 123, 123, 64, F16, F16, 0, 1, 8, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_hnd_padded", 1, 2, 2, 65, 65, 128, F16, F16, 1, 0, 8, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_d32", 1, 2, 2, 70, 70, 32, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_d96", 1, 2, 2, 70, 70, 96, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_d256", 1, 2, 2, 70, 70, 256, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
     /* Longer than the TMA kernels' stage rings, D = 256 in both dtypes, and a
      * token stride that is not a multiple of 8 (the cp.async kernel on sm_90). */
-    {"exact_d128_long", 1, 2, 2, 1000, 1000, 128, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_d64_causal_long", 1, 2, 1, 700, 1100, 64, F16, F16, 1, 0, 0, DATA_KBIAS, EXACT, 0, 0},
-    {"exact_d256_bf16_causal_gqa", 1, 4, 2, 200, 333, 256, BF16, BF16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"exact_d256_nhd_f32_out", 2, 2, 1, 130, 130, 256, F16, F32, 0, 1, 8, DATA_KBIAS, EXACT, 0, 0},
-    {"exact_hnd_pad4", 1, 2, 2, 100, 100, 128, F16, F16, 1, 0, 4, DATA_RANDN, EXACT, 0, 0},
-    {"int8_fp16_d64", 2, 2, 2, 200, 200, 64, F16, F16, 0, 0, 0, DATA_RANDN, I8F16, 0, 0},
-    {"int8_fp16_d128_kbias_causal", 1, 4, 2, 260, 260, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F16, 0, 0},
+    {"exact_d128_long", 1, 2, 2, 1000, 1000, 128, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_d64_causal_long", 1, 2, 1, 700, 1100, 64, F16, F16, 1, 0, 0, DATA_KBIAS, EXACT, 0, 0, 0.f},
+    {"exact_d256_bf16_causal_gqa", 1, 4, 2, 200, 333, 256, BF16, BF16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"exact_d256_nhd_f32_out", 2, 2, 1, 130, 130, 256, F16, F32, 0, 1, 8, DATA_KBIAS, EXACT, 0, 0, 0.f},
+    {"exact_hnd_pad4", 1, 2, 2, 100, 100, 128, F16, F16, 1, 0, 4, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"int8_fp16_d64", 2, 2, 2, 200, 200, 64, F16, F16, 0, 0, 0, DATA_RANDN, I8F16, 0, 0, 0.f},
+    {"int8_fp16_d128_kbias_causal", 1, 4, 2, 260, 260, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F16, 0, 0, 0.f},
     /* INT8_FP16 on the sm_90a TMA kernel: more 128-key steps than stages,
      * per-thread and per-block K scales, bf16 NHD input, decode. */
-    {"int8_fp16_long_gqa", 1, 4, 2, 1000, 1040, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F16, 0, 0},
-    {"int8_fp16_bf16_nhd_per_thread_causal", 1, 2, 2, 300, 333, 64, BF16, BF16, 1, 1, 8, DATA_RANDN, I8F16, THREAD, 0},
-    {"int8_fp16_decode_per_block", 3, 4, 1, 1, 700, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F16, BLOCK, 0},
-    {"int8_fp8_d128", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, 0, 0},
-    {"int8_fp8_d128_kbias", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, 0, 0},
-    {"int8_fp8_d64_kbias_causal", 2, 4, 2, 333, 333, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0},
-    {"int8_fp8_per_block", 1, 2, 2, 257, 257, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, BLOCK, 0},
-    {"int8_fp8_per_thread", 1, 2, 2, 257, 257, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, THREAD, 0},
-    {"int8_fp8_no_smooth", 1, 2, 2, 200, 200, 64, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, WARP, QATTN_OFF},
-    {"int8_fp8_bf16_nhd_padded", 1, 4, 2, 150, 150, 128, BF16, BF16, 0, 1, 8, DATA_RANDN, I8F8, 0, 0},
-    {"int8_fp8_causal_nq_gt_nk", 1, 2, 2, 140, 60, 128, F16, F16, 1, 0, 0, DATA_RANDN, I8F8, 0, 0},
-    {"int8_fp8_decode", 4, 4, 1, 1, 500, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0},
-    {"int8_fp8_f16acc_d128", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8H, 0, 0},
-    {"int8_fp8_f16acc_d64_kbias", 1, 4, 2, 222, 222, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8H, 0, 0},
+    {"int8_fp16_long_gqa", 1, 4, 2, 1000, 1040, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F16, 0, 0, 0.f},
+    {"int8_fp16_bf16_nhd_per_thread_causal", 1, 2, 2, 300, 333, 64, BF16, BF16, 1, 1, 8, DATA_RANDN, I8F16, THREAD, 0, 0.f},
+    {"int8_fp16_decode_per_block", 3, 4, 1, 1, 700, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F16, BLOCK, 0, 0.f},
+    {"int8_fp8_d128", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, 0, 0, 0.f},
+    {"int8_fp8_d128_kbias", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, 0, 0, 0.f},
+    {"int8_fp8_d64_kbias_causal", 2, 4, 2, 333, 333, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0, 0.f},
+    {"int8_fp8_per_block", 1, 2, 2, 257, 257, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, BLOCK, 0, 0.f},
+    {"int8_fp8_per_thread", 1, 2, 2, 257, 257, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, THREAD, 0, 0.f},
+    {"int8_fp8_no_smooth", 1, 2, 2, 200, 200, 64, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, WARP, QATTN_OFF, 0.f},
+    {"int8_fp8_bf16_nhd_padded", 1, 4, 2, 150, 150, 128, BF16, BF16, 0, 1, 8, DATA_RANDN, I8F8, 0, 0, 0.f},
+    {"int8_fp8_causal_nq_gt_nk", 1, 2, 2, 140, 60, 128, F16, F16, 1, 0, 0, DATA_RANDN, I8F8, 0, 0, 0.f},
+    {"int8_fp8_decode", 4, 4, 1, 1, 500, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0, 0.f},
+    {"int8_fp8_f16acc_d128", 1, 4, 4, 300, 300, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8H, 0, 0, 0.f},
+    {"int8_fp8_f16acc_d64_kbias", 1, 4, 2, 222, 222, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8H, 0, 0, 0.f},
     /* Nk a multiple of 16: the sm_90a TMA kernel's cases (a partial last tile
      * that reads into the next head, GQA, more tiles than pipeline stages,
      * per-thread K scales, both accumulators, D 64 and 128). */
-    {"int8_fp8_tma_gqa_tail", 2, 4, 2, 300, 272, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, 0, 0},
-    {"int8_fp8_tma_causal_kbias", 1, 4, 4, 400, 400, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0},
-    {"int8_fp8_tma_d64_causal_nq_lt_nk", 2, 2, 1, 100, 208, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0},
-    {"int8_fp8_tma_per_thread", 1, 2, 2, 200, 336, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, THREAD, 0},
-    {"int8_fp8_tma_long_per_block", 1, 2, 2, 1100, 1088, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, BLOCK, 0},
-    {"int8_fp8_f16acc_tma_nhd", 1, 4, 2, 256, 528, 128, F16, F16, 0, 1, 8, DATA_RANDN, I8F8H, 0, 0},
-    {"int8_fp8_f16acc_tma_d64_causal", 2, 2, 2, 130, 1040, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8H, 0, 0},
+    {"int8_fp8_tma_gqa_tail", 2, 4, 2, 300, 272, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, 0, 0, 0.f},
+    {"int8_fp8_tma_causal_kbias", 1, 4, 4, 400, 400, 128, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0, 0.f},
+    {"int8_fp8_tma_d64_causal_nq_lt_nk", 2, 2, 1, 100, 208, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8, 0, 0, 0.f},
+    {"int8_fp8_tma_per_thread", 1, 2, 2, 200, 336, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, THREAD, 0, 0.f},
+    {"int8_fp8_tma_long_per_block", 1, 2, 2, 1100, 1088, 128, F16, F16, 0, 0, 0, DATA_KBIAS, I8F8, BLOCK, 0, 0.f},
+    {"int8_fp8_f16acc_tma_nhd", 1, 4, 2, 256, 528, 128, F16, F16, 0, 1, 8, DATA_RANDN, I8F8H, 0, 0, 0.f},
+    {"int8_fp8_f16acc_tma_d64_causal", 2, 2, 2, 130, 1040, 64, F16, F16, 1, 0, 0, DATA_KBIAS, I8F8H, 0, 0, 0.f},
+    /* A negative sm_scale (the API allows any finite scale): softmax of -|s| q.k,
+     * in every mode, masked and not, on the TMA kernels' shapes (Nk % 16 == 0). */
+    {"exact_negative_scale_causal", 1, 2, 2, 130, 160, 64, F16, F16, 1, 0, 0, DATA_RANDN, EXACT, 0, 0, -0.11f},
+    {"int8_fp16_negative_scale_causal", 1, 2, 2, 130, 160, 128, F16, F16, 1, 0, 0, DATA_RANDN, I8F16, 0, 0, -0.07f},
+    {"int8_fp8_negative_scale_causal", 1, 2, 2, 130, 160, 128, F16, F16, 1, 0, 0, DATA_RANDN, I8F8, 0, 0, -0.07f},
+    {"int8_fp8_f16acc_negative_scale", 1, 2, 1, 100, 208, 64, F16, F16, 0, 0, 0, DATA_RANDN, I8F8H, 0, 0, -0.1f},
     /* Groups of tiny values and zeros: scales floor to zero, never NaN. */
-    {"int8_fp8_bf16_tiny_groups", 1, 2, 2, 200, 200, 128, BF16, BF16, 0, 0, 0, DATA_TINY, I8F8, 0, 0},
-    {"int8_fp8_f16acc_bf16_tiny_groups", 1, 2, 1, 150, 272, 64, BF16, BF16, 1, 0, 0, DATA_TINY, I8F8H, 0, 0},
-    {"int8_fp16_bf16_tiny_no_smooth", 1, 2, 2, 200, 200, 128, BF16, BF16, 0, 0, 0, DATA_TINY, I8F16, WARP, QATTN_OFF},
-    {"int8_fp8_f32_tiny_groups", 1, 2, 2, 140, 140, 64, F32, F32, 0, 0, 0, DATA_TINY, I8F8, BLOCK, QATTN_OFF},
-    {"auto_d128", 1, 4, 4, 256, 256, 128, F16, F16, 0, 0, 0, DATA_KBIAS, QATTN_PRECISION_AUTO, 0, 0},
+    {"int8_fp8_bf16_tiny_groups", 1, 2, 2, 200, 200, 128, BF16, BF16, 0, 0, 0, DATA_TINY, I8F8, 0, 0, 0.f},
+    {"int8_fp8_f16acc_bf16_tiny_groups", 1, 2, 1, 150, 272, 64, BF16, BF16, 1, 0, 0, DATA_TINY, I8F8H, 0, 0, 0.f},
+    {"int8_fp16_bf16_tiny_no_smooth", 1, 2, 2, 200, 200, 128, BF16, BF16, 0, 0, 0, DATA_TINY, I8F16, WARP, QATTN_OFF, 0.f},
+    {"int8_fp8_f32_tiny_groups", 1, 2, 2, 140, 140, 64, F32, F32, 0, 0, 0, DATA_TINY, I8F8, BLOCK, QATTN_OFF, 0.f},
+    {"auto_d128", 1, 4, 4, 256, 256, 128, F16, F16, 0, 0, 0, DATA_KBIAS, QATTN_PRECISION_AUTO, 0, 0, 0.f},
 };
 
 static const conf_case nonfinite_cases[] = {
-    {"nonfinite_exact", 1, 2, 2, 64, 64, 64, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0},
-    {"nonfinite_int8_fp8", 1, 2, 2, 64, 64, 64, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, 0, 0},
-    {"nonfinite_int8_fp16", 1, 2, 2, 64, 64, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F16, 0, 0},
+    {"nonfinite_exact", 1, 2, 2, 64, 64, 64, F16, F16, 0, 0, 0, DATA_RANDN, EXACT, 0, 0, 0.f},
+    {"nonfinite_int8_fp8", 1, 2, 2, 64, 64, 64, F16, F16, 0, 0, 0, DATA_RANDN, I8F8, 0, 0, 0.f},
+    {"nonfinite_int8_fp16", 1, 2, 2, 64, 64, 128, F16, F16, 0, 0, 0, DATA_RANDN, I8F16, 0, 0, 0.f},
 };
 
 int main(int argc, char **argv)

@@ -386,12 +386,16 @@ QA_UNROLL
                  * or K block of zeros or values below QATTN_QUANT_MIN_AMAX: all its
                  * codes are 0, so every unmasked raw score is exactly 1.5 * 2^23)
                  * would turn the masked -inf scores into NaN (-inf * 0); any
-                 * positive stand-in gives the same, exact, zero scores. */
+                 * positive stand-in gives the same, exact, zero scores.
+                 * A negative sm_scale (every scale then has its sign: Q and K scales
+                 * are >= 0) mirrors the raw scores, r' = 3 * 2^23 - r (exact), so
+                 * that (r' - 1.5 * 2^23) |sc| = s sc and the maximum stays the maximum. */
+                const bool mirror = p.scale_log2 < 0.f;
                 float sc[2][NB];
 QA_UNROLL
                 for (int b = 0; b < NB; b++) {
-                    sc[0][b] = q_scale[0] * k_scale[b][0][0];
-                    sc[1][b] = q_scale[1] * k_scale[b][0][0];
+                    sc[0][b] = fabsf(q_scale[0] * k_scale[b][0][0]);
+                    sc[1][b] = fabsf(q_scale[1] * k_scale[b][0][0]);
                     sc[0][b] = sc[0][b] != 0.f ? sc[0][b] : 1e-30f;
                     sc[1][b] = sc[1][b] != 0.f ? sc[1][b] : 1e-30f;
                 }
@@ -400,6 +404,8 @@ QA_UNROLL
 QA_UNROLL
                     for (int i = 0; i < 4; i++) {
                         float v = __int_as_float(s[4 * j + i] + 0x4B400000);
+                        if (mirror)
+                            v = 25165824.0f - v;
                         x[j][i] = MASK ? masked(v, j0, j, i) : v;
                     }
                 online_softmax_raw(x, sc, m, alpha, kLog2P8);

@@ -244,6 +244,9 @@ san_all() {
   for g in 'exact*' 'int8_fp16*' 'int8_fp8*'; do
     SAN_ENV="QATTN_CUDA_WGMMA=0 QATTN_TEST_FILTER=$g" san "$tool" dense-mma 60 "$T/test_conformance" cuda
   done
+  # The opt-in families: page metadata, selection, page mass; sparse prefill.
+  SAN_ENV="QATTN_CUDA_PRUNE=1" san "$tool" prune 90 "$T/test_prune" cuda
+  SAN_ENV="QATTN_CUDA_SPARSE=1" san "$tool" sparse 90 "$T/test_sparse" cuda
 }
 # racecheck and initcheck are slower: a few cases per family, one run each (QATTN_TEST_FILTER).
 san_some() {
@@ -267,6 +270,10 @@ san_some() {
   for c in append_fp8_f32 append_int8_row_f32 garbage_dense_split odd_page_mqa_prefill; do
     SAN_ENV=QATTN_TEST_FILTER=$c san "$tool" paged-vs-cpu 40 "$T/test_paged_vs_cpu" cuda 0 0 0
   done
+  # '?' stands for the spaces in the case names (SAN_ENV is split on whitespace).
+  for c in meta_case 'decode?i8?row*' 'chunked?prefill*' 'adaptive*' page_mass_case; do
+    SAN_ENV="QATTN_CUDA_PRUNE=1 QATTN_TEST_FILTER=$c" san "$tool" prune 40 "$T/test_prune" cuda
+  done
 }
 # The Vulkan suites under VK_LAYER_KHRONOS_validation (bookworm's 1.3.239, carried by the kit;
 # it predates VK_KHR_cooperative_matrix, so the portable kernels run).
@@ -275,6 +282,7 @@ san_vulkan() {
   san vkval workspace 60 "$T/test_workspace" vulkan
   san vkval paged 60 "$T/test_paged" vulkan
   san vkval paged-vs-cpu 120 "$T/test_paged_vs_cpu" vulkan
+  san vkval prune 120 "$T/test_prune" vulkan
 }
 rm -f "$O"/sanitize_*
 if [[ -x $CS ]]; then

@@ -238,12 +238,12 @@ static float merge_one(int64_t S, int D, const void *v, qattn_dtype vdt, int64_t
     return (float)(m + log(total));
 }
 
-qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a)
+/* A run's tables (host memory on the CPU), checked: host tables are cheap to
+ * check, so the CPU always does and never reads outside the cache. */
+static qattn_status checked_tables(qattn_ctx *ctx, const qattn_paged_problem *pp, const qattn_paged_args *a,
+                                   qattn_page_tables *t)
 {
-    const qattn_paged_problem *pp = &plan->pp;
-    if (a->stream)
-        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the cpu backend");
-    const qattn_page_tables tables = {
+    *t = (qattn_page_tables){
         .qo_indptr = a->qo_indptr->host,
         .block_table = a->block_table ? a->block_table->host : NULL,
         .seq_lens = a->seq_lens ? a->seq_lens->host : NULL,
@@ -252,8 +252,16 @@ qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_p
         .last_page_len = a->last_page_len ? a->last_page_len->host : NULL,
         .indices_count = a->indices ? (int64_t)(a->indices->size / 4) : 0,
     };
-    /* Host tables are cheap to check: the CPU always does, so it never reads outside the cache. */
-    qattn_status s = qattn_paged_check_tables(ctx, pp, &tables);
+    return qattn_paged_check_tables(ctx, pp, t);
+}
+
+qattn_status cpu_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a)
+{
+    const qattn_paged_problem *pp = &plan->pp;
+    if (a->stream)
+        return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the cpu backend");
+    qattn_page_tables tables;
+    qattn_status s = checked_tables(ctx, pp, a, &tables);
     if (s)
         return s;
     const char *q = host_at(a->q, a->q_offset);
@@ -387,16 +395,8 @@ qattn_status cpu_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const q
     const qattn_paged_problem *pp = &plan->pp;
     if (a->stream)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "args.stream must be NULL on the cpu backend");
-    const qattn_page_tables tables = {
-        .qo_indptr = a->qo_indptr->host,
-        .block_table = a->block_table ? a->block_table->host : NULL,
-        .seq_lens = a->seq_lens ? a->seq_lens->host : NULL,
-        .indptr = a->indptr ? a->indptr->host : NULL,
-        .indices = a->indices ? a->indices->host : NULL,
-        .last_page_len = a->last_page_len ? a->last_page_len->host : NULL,
-        .indices_count = a->indices ? (int64_t)(a->indices->size / 4) : 0,
-    };
-    qattn_status s = qattn_paged_check_tables(ctx, pp, &tables);
+    qattn_page_tables tables;
+    qattn_status s = checked_tables(ctx, pp, a, &tables);
     if (s)
         return s;
     const qattn_kv_cache_desc *c = &pp->cache;

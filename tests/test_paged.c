@@ -83,18 +83,9 @@ static qattn_buffer *upload(const void *data, size_t bytes)
 static double cache_value(const paged_case *c, const uint8_t *cache, const float *scales, int64_t page, int64_t off,
                           int64_t h, int64_t d)
 {
-    int64_t within = c->layout == QATTN_KV_NHD ? off * c->heads_kv + h : h * c->page_size + off;
-    int64_t at = (page * c->page_size * c->heads_kv + within) * c->head_dim + d;
-    switch (c->dtype) {
-    case QATTN_DTYPE_F16: return qattn_f16_to_f32(((const uint16_t *)cache)[at]);
-    case QATTN_DTYPE_BF16: return qattn_bf16_to_f32(((const uint16_t *)cache)[at]);
-    case QATTN_DTYPE_FP8_E4M3: return qattn_e4m3_to_f32(cache[at]) * (double)scales[h];
-    default: {
-        float scale = c->scales == QATTN_KV_SCALES_PER_ROW ? scales[(page * c->page_size + off) * c->heads_kv + h]
-                                                           : scales[h];
-        return ((const int8_t *)cache)[at] * (double)scale;
-    }
-    }
+    const qattn_kv_cache_desc desc = {.page_size = c->page_size, .heads_kv = c->heads_kv, .head_dim = c->head_dim,
+                                      .dtype = c->dtype, .layout = c->layout, .scales = c->scales};
+    return ref_kv_value(&desc, cache, scales, page, off, h, d);
 }
 
 static void run_paged_case(void **state)

@@ -191,21 +191,7 @@ static void cache_download(paged_cache *pc)
 /* Dequantized element d of (page, off, head) of the K (which 0) or V cache. */
 static double cached(const paged_cache *pc, int which, int64_t page, int64_t off, int64_t h, int64_t d)
 {
-    const cache_case *c = pc->cc;
-    const uint8_t *cache = which ? pc->v : pc->k;
-    const float *scales = which ? pc->v_scale : pc->k_scale;
-    int64_t within = c->layout == QATTN_KV_NHD ? off * c->heads_kv + h : h * c->page_size + off;
-    int64_t at = (page * c->page_size * c->heads_kv + within) * c->head_dim + d;
-    switch (c->dtype) {
-    case QATTN_DTYPE_F16: return qattn_f16_to_f32(((const uint16_t *)cache)[at]);
-    case QATTN_DTYPE_BF16: return qattn_bf16_to_f32(((const uint16_t *)cache)[at]);
-    case QATTN_DTYPE_FP8_E4M3: return qattn_e4m3_to_f32(cache[at]) * (double)scales[h];
-    default: {
-        float scale = c->scales == QATTN_KV_SCALES_PER_ROW ? scales[(page * c->page_size + off) * c->heads_kv + h]
-                                                           : scales[h];
-        return ((const int8_t *)cache)[at] * (double)scale;
-    }
-    }
+    return ref_kv_value(&pc->desc, which ? pc->v : pc->k, which ? pc->v_scale : pc->k_scale, page, off, h, d);
 }
 
 /* The metadata's dequantized min (which 0) or max (1) of channel d of (page, head). */
@@ -1049,6 +1035,17 @@ static void bad_inputs_case(void **state)
     expect(qattn_paged_select_plan_create(ctx, &pd, &sel, &plan), QATTN_ERR_INVALID_ARGUMENT, "epsilon");
     sel = (qattn_page_select_desc){.budget_tokens = 64, .max_budget_tokens = 128};
     expect(qattn_paged_select_plan_create(ctx, &pd, &sel, &plan), QATTN_ERR_INVALID_ARGUMENT, "max_budget_tokens");
+    /* Huge budgets are valid (the whole sequence): rounding them up to pages overflowed int64 (UBSan; found by
+     * fuzz_prune with budget_tokens = INT64_MAX). */
+    sel = (qattn_page_select_desc){.budget_tokens = INT64_MAX};
+    assert_ok(qattn_paged_select_plan_create(ctx, &pd, &sel, &plan));
+    qattn_plan_destroy(plan);
+    sel = (qattn_page_select_desc){.budget_tokens = INT64_MAX - 3, .epsilon = 0.5f, .max_budget_tokens = INT64_MAX};
+    qattn_status huge = qattn_paged_select_plan_create(ctx, &pd, &sel, &plan);
+    if (!unsupported(huge, "adaptive page selection")) {
+        assert_ok(huge);
+        qattn_plan_destroy(plan);
+    }
     expect(qattn_paged_select_plan_create(NULL, &pd, &good, &plan), QATTN_ERR_INVALID_ARGUMENT, NULL);
     expect(qattn_paged_select_plan_create(ctx, NULL, &good, &plan), QATTN_ERR_INVALID_ARGUMENT, "desc");
     expect(qattn_kv_meta_bytes(ctx, &pd.cache, NULL), QATTN_ERR_INVALID_ARGUMENT, "sizes");

@@ -344,3 +344,21 @@ void ref_fill_structured(void *q, const qattn_tensor_desc *qd, void *k, const qa
     free(sinkdir);
     free(needle);
 }
+
+double ref_kv_value(const qattn_kv_cache_desc *c, const void *cache, const float *scales, int64_t page, int64_t off,
+                    int64_t h, int64_t d)
+{
+    const int64_t within = c->layout == QATTN_KV_NHD ? off * c->heads_kv + h : h * c->page_size + off;
+    const int64_t at = (page * c->page_size * c->heads_kv + within) * c->head_dim + d;
+    switch (c->dtype) {
+    case QATTN_DTYPE_F16: return qattn_f16_to_f32(((const uint16_t *)cache)[at]);
+    case QATTN_DTYPE_BF16: return qattn_bf16_to_f32(((const uint16_t *)cache)[at]);
+    case QATTN_DTYPE_FP8_E4M3: return qattn_e4m3_to_f32(((const uint8_t *)cache)[at]) * (double)scales[h];
+    default: {
+        const float scale = c->scales == QATTN_KV_SCALES_PER_ROW
+                                ? scales[(page * c->page_size + off) * c->heads_kv + h]
+                                : scales[h];
+        return ((const int8_t *)cache)[at] * (double)scale;
+    }
+    }
+}

@@ -70,6 +70,12 @@ ref_structure ref_structure_default(int64_t nk);
 void ref_fill_structured(void *q, const qattn_tensor_desc *qd, void *k, const qattn_tensor_desc *kd, void *v,
                          const qattn_tensor_desc *vd, ref_rng *rng, ref_structure *st);
 
+/* Element d of (page, offset in page, KV head) of a paged cache's K or V
+ * buffer (host copy), dequantized as the page format defines (scales: the
+ * buffer's fp32 scales, NULL for f16/bf16 pages). */
+double ref_kv_value(const qattn_kv_cache_desc *c, const void *cache, const float *scales, int64_t page, int64_t off,
+                    int64_t h, int64_t d);
+
 /* Element (b, h, n, d) of a f32/f16/bf16 tensor as double. */
 double ref_load(const void *base, const qattn_tensor_desc *t, int64_t b, int64_t h, int64_t n, int64_t d);
 

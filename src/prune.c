@@ -14,6 +14,13 @@
 
 /* ------------------------------------------------------------- metadata */
 
+/* Bytes of the codes [num_pages][Hkv][2][D]; the per-row INT8 scales start at
+ * the next 256-byte boundary. */
+static size_t meta_codes_bytes(const qattn_kv_cache_desc *c)
+{
+    return (size_t)c->num_pages * (size_t)c->heads_kv * 2u * (size_t)c->head_dim * qattn_kv_meta_elem(c);
+}
+
 qattn_status qattn_kv_meta_validate(qattn_ctx *ctx, const qattn_kv_cache_desc *desc, qattn_kv_meta_sizes *sizes)
 {
     qattn_kv_cache_sizes cs;
@@ -22,8 +29,7 @@ qattn_status qattn_kv_meta_validate(qattn_ctx *ctx, const qattn_kv_cache_desc *d
         return s;
     /* The cache's validation bounds num_pages * page_size * Hkv * D * elem by
      * size_t; the metadata is smaller per page (2 * D <= page_size * D * 2). */
-    const size_t codes = (size_t)desc->num_pages * (size_t)desc->heads_kv * 2u * (size_t)desc->head_dim *
-                         qattn_kv_meta_elem(desc);
+    const size_t codes = meta_codes_bytes(desc);
     sizes->meta_bytes = codes;
     sizes->scale_offset = 0;
     if (qattn_kv_format_of(desc) == QATTN_KV_FMT_I8_ROW) {
@@ -104,11 +110,8 @@ void qattn_kv_meta_update_host(const qattn_kv_cache_desc *c, const void *k, cons
         }
         }
     }
-    if (fmt == QATTN_KV_FMT_I8_ROW) {
-        qattn_kv_meta_sizes ms;
-        ms.scale_offset = qattn_round_up((size_t)c->num_pages * (size_t)H * 2u * (size_t)D, 256);
-        ((float *)((char *)meta + ms.scale_offset))[page * H + head] = row_scale_max;
-    }
+    if (fmt == QATTN_KV_FMT_I8_ROW)
+        ((float *)((char *)meta + qattn_round_up(meta_codes_bytes(c), 256)))[page * H + head] = row_scale_max;
 }
 
 void qattn_kv_meta_read_host(const qattn_kv_cache_desc *c, const void *meta, const float *k_scale, int64_t page,
@@ -121,8 +124,7 @@ void qattn_kv_meta_read_host(const qattn_kv_cache_desc *c, const void *meta, con
     if (fmt == QATTN_KV_FMT_FP8 || fmt == QATTN_KV_FMT_I8)
         scale = k_scale[head];
     else if (fmt == QATTN_KV_FMT_I8_ROW)
-        scale = ((const float *)((const char *)meta +
-                                 qattn_round_up((size_t)c->num_pages * (size_t)H * 2u * (size_t)D, 256)))[page * H + head];
+        scale = ((const float *)((const char *)meta + qattn_round_up(meta_codes_bytes(c), 256)))[page * H + head];
     for (int64_t d = 0; d < D; d++) {
         const size_t i = row + (size_t)d, j = row + (size_t)(D + d);
         switch (fmt) {
@@ -375,13 +377,14 @@ qattn_status qattn_paged_select_plan_create(qattn_ctx *ctx, const qattn_paged_de
     if (!desc)
         return qattn_set_error(ctx, QATTN_ERR_INVALID_ARGUMENT, "desc is NULL");
     const int64_t P = desc->cache.page_size > 0 ? desc->cache.page_size : 1;
-    sp.budget_pages = sel->budget_tokens > 0 ? qattn_ceil_div(sel->budget_tokens, P) : 0;
+    /* Tokens to pages, rounded up without overflow (budget_tokens may be INT64_MAX: "the whole sequence"). */
+    sp.budget_pages = sel->budget_tokens > 0 ? sel->budget_tokens / P + (sel->budget_tokens % P != 0) : 0;
     sp.budget_fraction = sel->budget_fraction;
     sp.sink_pages = sel->sink_pages;
     sp.recent_pages = sel->recent_pages;
     sp.epsilon = sel->epsilon;
     sp.adaptive = sel->epsilon > 0.f;
-    sp.max_budget_pages = sel->max_budget_tokens > 0 ? qattn_ceil_div(sel->max_budget_tokens, P) : 0;
+    sp.max_budget_pages = sel->max_budget_tokens > 0 ? sel->max_budget_tokens / P + (sel->max_budget_tokens % P != 0) : 0;
     const uint32_t need = QATTN_PRUNE_CAP_SELECT | (sp.adaptive ? QATTN_PRUNE_CAP_ADAPTIVE : 0u);
     if ((ctx->backend->prune & need) != need)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "backend %s does not run %s page selection",

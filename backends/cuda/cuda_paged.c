@@ -216,6 +216,27 @@ static qa_paged_tables tables_of(const qattn_paged_problem *pp, const qattn_page
 
 static bool misaligned(const void *p, size_t align) { return p && (uintptr_t)p % align; }
 
+/* Zeroes the status words and enqueues the check of a run's tables and queries
+ * (the finite scan of Q and the page-table bounds), on the run's stream. */
+static int enqueue_table_check(const qa_rt *rt, const qattn_paged_problem *pp, const qa_paged_tables *tab,
+                               const void *q, uint32_t *status, void *stream)
+{
+    qa_paged_check_params cp;
+    memset(&cp, 0, sizeof(cp));
+    cp.tab = *tab;
+    cp.q = q;
+    cp.q_stride0 = pp->q_stride[0];
+    cp.q_stride1 = pp->q_stride[1];
+    cp.q_elem = elem_of(pp->q_dtype);
+    cp.heads_q = (int32_t)pp->heads_q;
+    cp.head_dim = (int32_t)pp->cache.head_dim;
+    cp.status = status;
+    int64_t scan = qattn_ceil_div(pp->total_q * pp->heads_q * pp->cache.head_dim, QA_PAGED_THREADS);
+    scan = scan < 1 ? 1 : scan > 1024 ? 1024 : scan;
+    int e = rt->memset_async(status, 0, QATTN_STATUS_BYTES, stream);
+    return e ? e : rt->paged_check(pp->batch + scan, &cp, stream);
+}
+
 qattn_status qa_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_paged_args *a)
 {
     const qattn_paged_problem *pp = &plan->pp;
@@ -271,20 +292,7 @@ qattn_status qa_paged_run(qattn_ctx *ctx, const qattn_plan *plan, const qattn_pa
 
     int e;
     if (status) {
-        qa_paged_check_params cp;
-        memset(&cp, 0, sizeof(cp));
-        cp.tab = ap.tab;
-        cp.q = ap.q;
-        cp.q_stride0 = ap.q_stride0;
-        cp.q_stride1 = ap.q_stride1;
-        cp.q_elem = ap.q_elem;
-        cp.heads_q = ap.heads_q;
-        cp.head_dim = cfg.head_dim;
-        cp.status = status;
-        int64_t scan = qattn_ceil_div(pp->total_q * pp->heads_q * pp->cache.head_dim, QA_PAGED_THREADS);
-        scan = scan < 1 ? 1 : scan > 1024 ? 1024 : scan;
-        if ((e = rt->memset_async(status, 0, QATTN_STATUS_BYTES, stream)) ||
-            (e = rt->paged_check(pp->batch + scan, &cp, stream)))
+        if ((e = enqueue_table_check(rt, pp, &ap.tab, ap.q, status, stream)))
             return qa_fail(ctx, e, "launching the paged-table check");
     }
     if (select) { /* score every page, then each (b, hk)'s top-k: no host synchronization between them */
@@ -520,21 +528,8 @@ qattn_status qa_paged_page_mass(qattn_ctx *ctx, const qattn_plan *plan, const qa
     int e;
     if (pp->check && a->workspace) { /* the tables first: the mass kernel only clamps */
         uint32_t *status = (uint32_t *)((uint8_t *)device_ptr(a->workspace, a->workspace_offset) + plan->ws.status);
-        qa_paged_check_params cp;
-        memset(&cp, 0, sizeof(cp));
-        cp.tab = mp.tab;
-        cp.q = mp.q;
-        cp.q_stride0 = mp.q_stride0;
-        cp.q_stride1 = mp.q_stride1;
-        cp.q_elem = mp.q_elem;
-        cp.heads_q = mp.heads_q;
-        cp.head_dim = cfg.head_dim;
-        cp.status = status;
-        int64_t scan = qattn_ceil_div(pp->total_q * pp->heads_q * pp->cache.head_dim, QA_PAGED_THREADS);
-        scan = scan < 1 ? 1 : scan > 1024 ? 1024 : scan;
         uint32_t words[QATTN_STATUS_WORDS];
-        if ((e = rt->memset_async(status, 0, QATTN_STATUS_BYTES, stream)) ||
-            (e = rt->paged_check(pp->batch + scan, &cp, stream)) ||
+        if ((e = enqueue_table_check(rt, pp, &mp.tab, mp.q, status, stream)) ||
             (e = rt->read_sync(words, status, QATTN_STATUS_BYTES, stream)))
             return qa_fail(ctx, e, "checking the page mass's tables");
         if ((s = qattn_paged_status_error(ctx, plan, a, words)))

@@ -477,7 +477,7 @@ qattn_status qattn_evict_pages(qattn_page_pool *pool, const qattn_evict_policy *
                                !pool ? "pool" : !pol ? "policy" : !pages ? "pages" : "num_pages");
     const int64_t n = *num_pages;
     if (pol->sink_pages < 0 || pol->recent_pages < 1 || pol->keep_pages < 1 ||
-        pol->keep_pages < pol->sink_pages + pol->recent_pages)
+        pol->keep_pages - pol->recent_pages < pol->sink_pages) /* no overflow: both >= 1 here */
         return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT,
                                "policy: keep_pages=%lld must be >= 1 and >= sink_pages (%lld, >= 0) + recent_pages "
                                "(%lld, >= 1)",

@@ -1100,6 +1100,11 @@ static void bad_inputs_case(void **state)
     expect_in(NULL, qattn_evict_pages(pc.pool, &pol, pages, &count, NULL, &freed), QATTN_ERR_INVALID_ARGUMENT, "keep_pages");
     pol = (qattn_evict_policy){.keep_pages = 2, .sink_pages = 0, .recent_pages = 0};
     expect_in(NULL, qattn_evict_pages(pc.pool, &pol, pages, &count, NULL, &freed), QATTN_ERR_INVALID_ARGUMENT, "recent_pages");
+    /* sink_pages + recent_pages overflowed int64 in the check (UBSan; found by fuzz_prune) */
+    pol = (qattn_evict_policy){.keep_pages = 2, .sink_pages = INT64_MAX, .recent_pages = 2};
+    expect_in(NULL, qattn_evict_pages(pc.pool, &pol, pages, &count, NULL, &freed), QATTN_ERR_INVALID_ARGUMENT, "keep_pages");
+    pol = (qattn_evict_policy){.keep_pages = INT64_MAX, .sink_pages = INT64_MAX, .recent_pages = 1};
+    expect_in(NULL, qattn_evict_pages(pc.pool, &pol, pages, &count, NULL, &freed), QATTN_ERR_INVALID_ARGUMENT, "keep_pages");
     pol = (qattn_evict_policy){.keep_pages = 2, .sink_pages = 0, .recent_pages = 1};
     expect_in(NULL, qattn_evict_pages(NULL, &pol, pages, &count, NULL, &freed), QATTN_ERR_INVALID_ARGUMENT, "pool");
     int32_t foreign[3] = {7, pages[1], pages[2]}; /* the oldest, the victim, was never handed out */

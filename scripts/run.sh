@@ -46,7 +46,7 @@ fuzz_targets() {
     -Dopenmp=disabled -Dtests=false -Dbench=false
   ninja -C build-fuzz
   local target runs passed=0
-  for target in dense:50000 paged:20000 append:80000 merge:80000 pool:200000; do
+  for target in dense:50000 paged:20000 append:80000 merge:80000 pool:200000 prune:5000; do
     runs=${target#*:}
     target=${target%%:*}
     mkdir -p "build-fuzz/corpus/$target"

@@ -133,9 +133,38 @@ def pool():
     return seeds
 
 
+def prune():
+    seeds = []
+    # header: format+layout+page size, heads+D, flags (batch, table, causal, lse, no-check, q dtype), selection
+    # mode (fraction, adaptive, cap, rewrite, stale scales, splits), budget, sinks+recent, epsilon+cap, eviction
+    # policy, eviction scores+extra pages; then (kv_len, q_len) per sequence, values, seed, arrangement
+    for fmt in range(5):
+        for variant in range(6):
+            f = fmt | (8 * (variant & 1)) | (16 * [0, 2, 4, 5, 6, 7][variant])
+            heads = [0, 1, 2, 3, 5, 8][variant]
+            flags = [0x00, 0x1d, 0x4e, 0x17, 0xaf, 0x1a][variant]
+            mode = [0x00, 0x02, 0x04, 0x0e, 0x16, 0x64][variant]
+            lens = []
+            for _ in range(3):
+                lens += [rng.choice([0, 1, 2, rng.randrange(200), rng.randrange(200, 256)]), rng.randrange(256)]
+            values = [rng.randrange(6), rng.randrange(20), rng.randrange(6), rng.randrange(20)]
+            arrangement = [rng.randrange(32) for _ in range(19)]
+            seeds.append(bytes([f, heads, flags, mode, rng.randrange(256), rng.randrange(256), rng.randrange(256),
+                                rng.randrange(256), rng.randrange(256)] + lens + values) + seed_bytes() +
+                         bytes(arrangement))
+    base = seeds[7]
+    for m in ([0, 27], [0, 1], [1, 0], [1, 1], [1, 12], [2, 0], [2, 2], [2, 12], [3, 5], [3, 27],
+              [4, 1, 27], [4, 0, 1], [5, 1, 0, 200, 28], [6, 0, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0], [8, 0], [8, 1],
+              [8, 2, 0], [8, 2, 1], [8, 3], [9, 0, 1], [9, 1, 27], [9, 2, 0], [10, 1, 0, 210], [10, 0, 1],
+              [11, 3, 4], [12, 0, 4, 0, 40], [13, 4, 18]):
+        seeds.append(base + bytes(m))
+    return seeds
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
-    for name, make in (("dense", dense), ("paged", paged), ("append", append), ("merge", merge), ("pool", pool)):
+    for name, make in (("dense", dense), ("paged", paged), ("append", append), ("merge", merge), ("pool", pool),
+                       ("prune", prune)):
         folder = os.path.join(out, name)
         os.makedirs(folder, exist_ok=True)
         for seed in make():

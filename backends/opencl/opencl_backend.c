@@ -269,10 +269,7 @@ const qattn_backend_iface qattn_backend_opencl = {
     .plan_release = qattn_opencl_plan_release,
     .run = qattn_opencl_run,
     .tensor_alignment = 1,
-    /* Not QATTN_SPARSE_CAP_PREDICT yet: the prediction kernels (sparse.cl) pass alone but picked
-     * over-pruned layouts when several processes ran PoCL at once; until that is understood the core
-     * refuses predicted layouts here (QATTN_ERR_UNSUPPORTED). */
-    .sparse = QATTN_SPARSE_CAP_WINDOW | QATTN_SPARSE_CAP_BLOCKS | QATTN_SPARSE_CAP_PV_SKIP,
+    .sparse = QATTN_SPARSE_CAP_WINDOW | QATTN_SPARSE_CAP_BLOCKS | QATTN_SPARSE_CAP_PV_SKIP | QATTN_SPARSE_CAP_PREDICT,
     .kv_append = qattn_opencl_kv_append,
     .paged_plan_init = qattn_opencl_paged_plan_init,
     .paged_plan_release = qattn_opencl_paged_plan_release,

@@ -252,46 +252,20 @@ static inline bool sp_block_visible(long kb, long k_block, long nk, long lo, lon
     return k0 < sinks || (k0 < hi && k1 > lo);
 }
 
-/* Local reductions over SEL_WG work-items (every work-item gets the result). */
-static inline int sel_sum_i(local int *red, int x)
-{
-    const int lid = get_local_id(0);
-    barrier(CLK_LOCAL_MEM_FENCE);
-    red[lid] = x;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int s = SEL_WG / 2; s > 0; s >>= 1) {
-        if (lid < s)
-            red[lid] += red[lid + s];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    return red[0];
-}
-static inline int sel_min_i(local int *red, int x)
-{
-    const int lid = get_local_id(0);
-    barrier(CLK_LOCAL_MEM_FENCE);
-    red[lid] = x;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int s = SEL_WG / 2; s > 0; s >>= 1) {
-        if (lid < s)
-            red[lid] = min(red[lid], red[lid + s]);
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    return red[0];
-}
-static inline acc_t sel_reduce_a(local acc_t *red, acc_t x, bool is_max)
-{
-    const int lid = get_local_id(0);
-    barrier(CLK_LOCAL_MEM_FENCE);
-    red[lid] = x;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int s = SEL_WG / 2; s > 0; s >>= 1) {
-        if (lid < s)
-            red[lid] = is_max ? max(red[lid], red[lid + s]) : red[lid] + red[lid + s];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    return red[0];
-}
+/* Local reductions over SEL_WG work-items, in place: every work-item gets the result in var. */
+#define SEL_ADD(x, y) ((x) + (y))
+#define SEL_REDUCE(red, var, OP)                                                                                      \
+    do {                                                                                                               \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                                                  \
+        red[lid] = (var);                                                                                              \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                                                  \
+        for (int s_ = SEL_WG / 2; s_ > 0; s_ >>= 1) {                                                                  \
+            if (lid < s_)                                                                                              \
+                red[lid] = OP(red[lid], red[lid + s_]);                                                                \
+            barrier(CLK_LOCAL_MEM_FENCE);                                                                              \
+        }                                                                                                              \
+        (var) = red[0];                                                                                                \
+    } while (0)
 
 /*
  * One layout row (b, hkv, q block) per work-group: qattn_sparse_select_host.
@@ -336,9 +310,15 @@ kernel __attribute__((reqd_work_group_size(SEL_WG, 1, 1))) void sparse_select(
             last_neg = min(last_neg, -(int)kb);
         }
     }
-    nvis = sel_sum_i(redi, nvis);
-    first = sel_min_i(redi, first);
-    const int last = nvis ? -sel_min_i(redi, last_neg) : -1;
+    /* Inline on the kernel's own local arrays, and never under a condition. As static inline
+     * helpers taking a `local int *` (one of them inside `nvis ? ... : -1`), PoCL 3.1 returned
+     * minima over stale entries whenever two or more of its threads ran work-groups at once
+     * (every work-item's operand right, red[0] wrong): `last` fell short and rows were pruned to
+     * their sink block. One PoCL thread, or this form: no failure. */
+    SEL_REDUCE(redi, nvis, SEL_ADD);
+    SEL_REDUCE(redi, first, min);
+    SEL_REDUCE(redi, last_neg, min);
+    const int last = nvis ? -last_neg : -1;
     if (!nvis)
         first = 0;
     const bool whole = qb >= q_blocks - last_q_blocks;
@@ -366,7 +346,7 @@ kernel __attribute__((reqd_work_group_size(SEL_WG, 1, 1))) void sparse_select(
             slot[kb] = as_uint((float)w);
             mx = max(mx, (acc_t)(float)w);
         }
-        mx = sel_reduce_a(reda, mx, true);
+        SEL_REDUCE(reda, mx, max);
         acc_t sum = 0;
         for (long kb = first + lid; kb <= last; kb += SEL_WG) {
             if (!sp_block_visible(kb, k_block, nk, lo, hi, sinks))
@@ -375,7 +355,7 @@ kernel __attribute__((reqd_work_group_size(SEL_WG, 1, 1))) void sparse_select(
             slot[kb] = as_uint(e);
             sum += (acc_t)e;
         }
-        sum = sel_reduce_a(reda, sum, false);
+        SEL_REDUCE(reda, sum, SEL_ADD);
         barrier(CLK_GLOBAL_MEM_FENCE); /* every weight written */
         const long want = topk > 0.0f ? (long)ceil((acc_t)topk * (acc_t)nvis) : 0;
         const acc_t bar = (acc_t)cdf_threshold * sum;

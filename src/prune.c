@@ -385,6 +385,14 @@ qattn_status qattn_paged_select_plan_create(qattn_ctx *ctx, const qattn_paged_de
     sp.epsilon = sel->epsilon;
     sp.adaptive = sel->epsilon > 0.f;
     sp.max_budget_pages = sel->max_budget_tokens > 0 ? sel->max_budget_tokens / P + (sel->max_budget_tokens % P != 0) : 0;
+    /* The adaptive bound counts every key of the selected full pages as read; a
+     * causal row of a chunk does not see the later query tokens' pages, so the
+     * certificate would not hold for it. */
+    if (sp.adaptive && desc->causal && desc->max_q_len > 1)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "select: the adaptive budget is for decode (max_q_len 1) or non-causal plans; a "
+                               "causal chunk (max_q_len=%lld) takes a fixed budget",
+                               (long long)desc->max_q_len);
     const uint32_t need = QATTN_PRUNE_CAP_SELECT | (sp.adaptive ? QATTN_PRUNE_CAP_ADAPTIVE : 0u);
     if ((ctx->backend->prune & need) != need)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "backend %s does not run %s page selection",

@@ -1046,6 +1046,15 @@ static void bad_inputs_case(void **state)
         assert_ok(huge);
         qattn_plan_destroy(plan);
     }
+    sel = (qattn_page_select_desc){.budget_tokens = 64, .epsilon = 0.01f};
+    pd.causal = 1;
+    pd.max_q_len = 2;
+    pd.total_q = 2;
+    expect(qattn_paged_select_plan_create(ctx, &pd, &sel, &plan), QATTN_ERR_UNSUPPORTED, "causal chunk");
+    assert_null(plan);
+    pd.causal = 0;
+    pd.max_q_len = 1;
+    pd.total_q = 1;
     expect(qattn_paged_select_plan_create(NULL, &pd, &good, &plan), QATTN_ERR_INVALID_ARGUMENT, NULL);
     expect(qattn_paged_select_plan_create(ctx, NULL, &good, &plan), QATTN_ERR_INVALID_ARGUMENT, "desc");
     expect(qattn_kv_meta_bytes(ctx, &pd.cache, NULL), QATTN_ERR_INVALID_ARGUMENT, "sizes");

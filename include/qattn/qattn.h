@@ -521,7 +521,8 @@ typedef struct qattn_kv_cache_buffers {
  * against a scale per (page, head), rounded outward (min down, max up) so the
  * bound stays a bound: fp32 [num_pages][Hkv] at byte offset scale_offset.
  * Its size is exactly 1/page_size of the K+V bytes it describes (f16, bf16,
- * FP8, INT8 per head) and at most that (INT8 per row, scales counted).
+ * FP8, INT8 per head) and at most that for INT8 per row (scales counted),
+ * apart from up to 255 bytes of alignment before the scales.
  */
 typedef struct qattn_kv_meta_sizes {
     size_t meta_bytes;   /* the whole k_meta buffer */
@@ -625,8 +626,9 @@ QATTN_API qattn_status qattn_paged_sparse_plan_create(qattn_ctx *ctx, const qatt
  * Query-aware page selection (Quest-style) on a paged plan: before attending,
  * each (sequence b, KV head hk) picks the pages to read from the cache's
  * metadata (buffers->k_meta must be kept), and attention reads only those.
- *   Bound of page p for query row i and query head h of hk's group:
- *     ub = sum_d max(q_d * kmin_d, q_d * kmax_d) >= q . k for every key of p.
+ *   Bound of page p for query row i and query head h of hk's group, with
+ *   q scaled by sm_scale (s):
+ *     ub = sum_d max(s q_d kmin_d, s q_d kmax_d) >= s q . k for every key of p.
  *   Score of p: the largest ub over the sequence's query rows and the group's
  *   query heads (a page any head needs is kept for the group).
  *   Forced pages: the first sink_pages, and the last max(recent_pages, pages
@@ -637,12 +639,16 @@ QATTN_API qattn_status qattn_paged_sparse_plan_create(qattn_ctx *ctx, const qatt
  *   forced pages, never more than the sequence has. The rest of the budget
  *   goes to the unforced pages of highest score; equal scores: the lower page
  *   index first. A sequence within its budget reads every page (dense).
- *   Adaptive (epsilon > 0): the budget doubles (up to max_budget_tokens, 0:
- *   no cap) until, for every query row and head, the unread pages' weight
- *   bound U / (L + U) <= epsilon, where U sums n_p exp(s * ub) over unread
- *   pages and L sums n_p exp(s * lb) over the selected full pages (lb =
- *   sum_d min(q_d kmin_d, q_d kmax_d), s = sm_scale, n_p the page's tokens):
- *   a true bound on the softmax weight attention leaves out.
+ *   Adaptive (0 < epsilon < 1): the budget doubles (up to max_budget_tokens,
+ *   0: no cap) until, for every query row and head, the unread pages' weight
+ *   bound U / (L + U) <= epsilon, where U sums n_p exp(ub) over unread
+ *   pages and L bounds the read weight from below: the exact weight of the 4
+ *   selected full pages of highest ub (their keys are read) plus n_p exp(lb)
+ *   of the other selected full pages (lb = sum_d min(s q_d kmin_d, s q_d
+ *   kmax_d), n_p the page's tokens): a true bound on the softmax weight
+ *   attention leaves out. Decode (max_q_len 1) or non-causal plans only (a
+ *   causal chunk's early rows do not see all of L's keys: refused). Giving
+ *   both budget_tokens and budget_fraction is refused.
  * Attention then runs over each (b, hk)'s selected pages in page order, as
  * if they were the sequence's whole cache. No window or sinks on the same
  * plan. qattn_paged_selection_read returns the selected page lists.
@@ -730,9 +736,10 @@ QATTN_API int64_t qattn_page_pool_free_count(const qattn_page_pool *pool);
  * sink_pages nor the last recent_pages; among the others, without scores the
  * oldest go first (StreamingLLM: sinks + a recent window), with scores
  * (one per page, e.g. accumulated qattn_paged_page_mass) the lowest score
- * first, equal scores the older first. The survivors stay in order, compacted
- * to the front of pages (and of scores, so they can keep accumulating);
- * *num_pages and *freed (may be NULL) say how many remain and went.
+ * first, equal scores the older first, NaN scores last. The survivors stay
+ * in order, compacted to the front of pages (and of scores, so they can keep
+ * accumulating); *num_pages and *freed (may be NULL) say how many remain and
+ * went. A refused call changes nothing but *freed, which it sets to 0.
  * Attention over the kept pages treats them as the sequence's cache.
  */
 typedef struct qattn_evict_policy {

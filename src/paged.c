@@ -334,6 +334,14 @@ qattn_status qattn_paged_plan_create_internal(qattn_ctx *ctx, const qattn_paged_
                                    "backend %s does not run a window or sinks over a paged cache",
                                    ctx->backend->name);
     }
+    /* The adaptive bound counts every key of the selected full pages as read; a
+     * causal row of a chunk does not see the later query tokens' pages, so the
+     * certificate would not hold for it. */
+    if (select && select->adaptive && pp.causal && pp.max_q_len > 1)
+        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
+                               "select: the adaptive budget is for decode (max_q_len 1) or non-causal plans; a "
+                               "causal chunk (max_q_len=%lld) takes a fixed budget",
+                               (long long)pp.max_q_len);
     qattn_plan *plan = calloc(1, sizeof(*plan));
     if (!plan)
         return qattn_set_error(ctx, QATTN_ERR_OUT_OF_MEMORY, "out of host memory for the plan");

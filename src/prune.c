@@ -385,14 +385,6 @@ qattn_status qattn_paged_select_plan_create(qattn_ctx *ctx, const qattn_paged_de
     sp.epsilon = sel->epsilon;
     sp.adaptive = sel->epsilon > 0.f;
     sp.max_budget_pages = sel->max_budget_tokens > 0 ? sel->max_budget_tokens / P + (sel->max_budget_tokens % P != 0) : 0;
-    /* The adaptive bound counts every key of the selected full pages as read; a
-     * causal row of a chunk does not see the later query tokens' pages, so the
-     * certificate would not hold for it. */
-    if (sp.adaptive && desc->causal && desc->max_q_len > 1)
-        return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED,
-                               "select: the adaptive budget is for decode (max_q_len 1) or non-causal plans; a "
-                               "causal chunk (max_q_len=%lld) takes a fixed budget",
-                               (long long)desc->max_q_len);
     const uint32_t need = QATTN_PRUNE_CAP_SELECT | (sp.adaptive ? QATTN_PRUNE_CAP_ADAPTIVE : 0u);
     if ((ctx->backend->prune & need) != need)
         return qattn_set_error(ctx, QATTN_ERR_UNSUPPORTED, "backend %s does not run %s page selection",
@@ -475,6 +467,12 @@ qattn_status qattn_paged_page_mass(const qattn_plan *plan, const qattn_paged_arg
 
 /* ------------------------------------------------------------- eviction */
 
+static int cmp_i32(const void *a, const void *b)
+{
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
 qattn_status qattn_evict_pages(qattn_page_pool *pool, const qattn_evict_policy *pol, int32_t *pages,
                                int64_t *num_pages, float *scores, int64_t *freed)
 {
@@ -492,6 +490,21 @@ qattn_status qattn_evict_pages(qattn_page_pool *pool, const qattn_evict_policy *
                                (long long)pol->keep_pages, (long long)pol->sink_pages, (long long)pol->recent_pages);
     if (n < 0 || n > INT32_MAX)
         return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT, "*num_pages=%lld must be in [0, 2^31)", (long long)n);
+    { /* distinct pages: evicting one copy of a page listed twice would free a page the list still holds */
+        int32_t *sorted = malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
+        if (!sorted)
+            return qattn_set_error(NULL, QATTN_ERR_OUT_OF_MEMORY, "out of host memory checking the page list");
+        memcpy(sorted, pages, (size_t)n * sizeof(int32_t));
+        qsort(sorted, (size_t)n, sizeof(int32_t), cmp_i32);
+        int64_t twice = -1;
+        for (int64_t i = 1; i < n && twice < 0; i++)
+            if (sorted[i] == sorted[i - 1])
+                twice = sorted[i];
+        free(sorted);
+        if (twice >= 0)
+            return qattn_set_error(NULL, QATTN_ERR_INVALID_ARGUMENT, "pages: page %lld is listed twice",
+                                   (long long)twice);
+    }
     if (n <= pol->keep_pages)
         return QATTN_OK;
     /* Candidates: the pages between the sinks and the recent window; drop the n - keep lowest. */

@@ -1116,6 +1116,12 @@ static void bad_inputs_case(void **state)
     expect_in(NULL, qattn_evict_pages(pc.pool, &pol, pages, &count, NULL, &freed), QATTN_ERR_INVALID_ARGUMENT, "keep_pages");
     pol = (qattn_evict_policy){.keep_pages = 2, .sink_pages = 0, .recent_pages = 1};
     expect_in(NULL, qattn_evict_pages(NULL, &pol, pages, &count, NULL, &freed), QATTN_ERR_INVALID_ARGUMENT, "pool");
+    int32_t twice[3] = {pages[0], pages[1], pages[0]}; /* a page listed twice: refused, nothing changes */
+    int64_t tc = 3;
+    expect_in(NULL, qattn_evict_pages(pc.pool, &pol, twice, &tc, NULL, &freed), QATTN_ERR_INVALID_ARGUMENT,
+              "listed twice");
+    assert_int_equal(tc, 3);
+    assert_int_equal(qattn_page_pool_free_count(pc.pool), free_before);
     int32_t foreign[3] = {7, pages[1], pages[2]}; /* the oldest, the victim, was never handed out */
     int64_t fc = 3;
     expect_in(NULL, qattn_evict_pages(pc.pool, &pol, foreign, &fc, NULL, &freed), QATTN_ERR_INVALID_ARGUMENT, NULL);

@@ -739,7 +739,8 @@ QATTN_API int64_t qattn_page_pool_free_count(const qattn_page_pool *pool);
  * first, equal scores the older first, NaN scores last. The survivors stay
  * in order, compacted to the front of pages (and of scores, so they can keep
  * accumulating); *num_pages and *freed (may be NULL) say how many remain and
- * went. A refused call changes nothing but *freed, which it sets to 0.
+ * went. The list's pages must be distinct. A refused call changes nothing
+ * but *freed, which it sets to 0.
  * Attention over the kept pages treats them as the sequence's cache.
  */
 typedef struct qattn_evict_policy {

@@ -645,14 +645,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (sel_given) {
         if (sel->budget_tokens < 0 || (sel->budget_tokens == 0 && !(sel->budget_fraction > 0.f && sel->budget_fraction <= 1.f)) ||
             (sel->budget_tokens > 0 && sel->budget_fraction != 0.f) || sel->sink_pages < 0 || sel->recent_pages < 0 ||
-            sel->max_budget_tokens < 0 || !(sel->epsilon >= 0.f) || sel->epsilon > 1.f ||
+            sel->max_budget_tokens < 0 || !(sel->epsilon >= 0.f) || sel->epsilon >= 1.f ||
             (sel->max_budget_tokens > 0 && sel->epsilon == 0.f))
             pv = FZ_INVALID;
-        else if (sel->epsilon == 1.f)
-            pv = FZ_EITHER; /* the header does not say whether epsilon 1 is adaptive or refused */
     }
+    /* The adaptive budget is refused (QATTN_ERR_UNSUPPORTED) for a causal chunk of a valid plan. */
+    const bool adaptive_chunk = sel_given && pv == FZ_VALID && sel->epsilon > 0.f && d->causal && d->max_q_len > 1;
     qattn_plan *plan = (qattn_plan *)(uintptr_t)1;
     s = sel_given ? qattn_paged_select_plan_create(ctx, d, sel, &plan) : qattn_paged_select_plan_create(ctx, d, NULL, &plan);
+    if (s == QATTN_ERR_UNSUPPORTED && adaptive_chunk) {
+        FUZZ_CHECK(plan == NULL, "a failed qattn_paged_select_plan_create left *out set");
+        fuzz_check_message(ctx, s, "qattn_paged_select_plan_create");
+        qattn_page_pool_destroy(pool);
+        return 0;
+    }
+    FUZZ_CHECK(!(s == QATTN_OK && adaptive_chunk), "an adaptive selection plan was made for a causal chunk");
     if (s) {
         FUZZ_CHECK(pv != FZ_VALID, "qattn_paged_select_plan_create refused a valid request: %s: %s",
                    qattn_status_str(s), qattn_last_error(ctx));
@@ -1135,6 +1142,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         const int64_t free0 = qattn_page_pool_free_count(pool), count0 = count;
         /* The model: the victims, oldest or lowest-scored first among [sinks, n - recent). */
         fz_verdict ev = pol_ok && count >= 0 && count <= INT32_MAX ? FZ_VALID : FZ_INVALID;
+        for (int64_t i = 0; ev == FZ_VALID && i < count; i++) /* a page listed twice is refused */
+            for (int64_t j = 0; j < i; j++)
+                if (pages[i] == pages[j])
+                    ev = FZ_INVALID;
         bool victim[MAX_LEN] = {false}, nan_choice = false;
         int64_t drop = 0;
         if (ev == FZ_VALID && count > pol->keep_pages) {
